@@ -1,0 +1,16 @@
+"""uamt_fast: fast uncertainty-aware mean teacher (UA-MT, Yu et al., MICCAI 2019) on one GPU."""
+import os as _os
+
+# Source-checkout shim. The repo-root kernels/ folder is installed as `uamt_fast.kernels`
+# (pyproject package-dir). In a git checkout there is no uamt_fast/kernels/, so we add the repo
+# root to this package's search path; `uamt_fast.kernels` then resolves to ../kernels.
+# In an installed wheel uamt_fast/kernels/ exists and this is a no-op. Side effect in a checkout
+# only: uamt_fast.tests / uamt_fast.benchmarks also become importable names (harmless).
+_here = _os.path.dirname(__file__)
+if not _os.path.isdir(_os.path.join(_here, "kernels")):
+    __path__.append(_os.path.normpath(_os.path.join(_here, _os.pardir)))
+
+from uamt_fast.vnet import VNet, mc_dropout  # noqa: E402
+
+__all__ = ["VNet", "mc_dropout"]
+__version__ = "0.1.0"

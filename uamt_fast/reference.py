@@ -1,0 +1,141 @@
+"""Reference UA-MT math in plain PyTorch: the definitions every fast path is tested against.
+
+Each function reproduces the authors' released code (github.com/yulequan/UA-MT,
+``code/train_LA_meanteacher_certainty_unlabel.py``, ``code/utils/{ramps,losses}.py``), quirks
+included, with shapes generalised: any batch B, any class count C >= 2, any number of stochastic
+passes T >= 1, and 2D or 3D spatial dims (written ``*S`` below). Logits are channel-first.
+
+These functions are also the CPU path of the public ops and the ``--reference-ops`` path of the
+trainer, so they stay obvious rather than fast.
+"""
+from __future__ import annotations
+
+import math
+import torch
+import torch.nn.functional as F
+
+ENTROPY_EPS = 1e-6  # inside the log of the predictive entropy, as released
+MASK_EPS = 1e-16  # added to the masked-mean denominator, as released
+DICE_SMOOTH = 1e-5
+
+
+def sigmoid_rampup(x: float, length: float) -> float:
+    """``exp(-5 (1 - clip(x / length, 0, 1))^2)``; 1 when ``length`` is 0 (Laine & Aila 2017)."""
+    if length == 0:
+        return 1.0
+    phase = 1.0 - min(max(x / length, 0.0), 1.0)
+    return float(math.exp(-5.0 * phase * phase))
+
+
+def consistency_weight(iteration: int, weight: float = 0.1, rampup: float = 40.0, period: int = 150) -> float:
+    """``lambda(i) = weight * sigmoid_rampup(i // period, rampup)``: 0.1, ramped over 40 "epochs" of 150 iterations."""
+    return weight * sigmoid_rampup(iteration // period, rampup)
+
+
+def uncertainty_threshold(iteration: int, max_iterations: int, num_classes: int = 2) -> float:
+    """``H(i) = (0.75 + 0.25 * sigmoid_rampup(i, I)) * ln(C)``: from 0.75 ln C up to the maximal entropy ln C."""
+    return (0.75 + 0.25 * sigmoid_rampup(iteration, max_iterations)) * math.log(num_classes)
+
+
+def learning_rate(iteration: int, base_lr: float = 0.01, step: int = 2500, gamma: float = 0.1) -> float:
+    """``lr(i) = base_lr * gamma ** (i // step)``: 0.01, divided by 10 every 2500 iterations."""
+    return base_lr * gamma ** (iteration // step)
+
+
+def teacher_noise(x: torch.Tensor, std: float = 0.1, clip: float = 0.2, generator: torch.Generator | None = None):
+    """``clamp(N(0, std^2), -clip, clip)``, shaped like ``x``; the teacher sees ``x + noise``."""
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.clamp(noise * std, -clip, clip)
+
+
+def predictive_entropy(mc_logits: torch.Tensor) -> torch.Tensor:
+    """Uncertainty of T stochastic passes, logits ``(T, B, C, *S)`` -> ``(B, *S)``.
+
+    ``mu = mean_t softmax(logits_t)`` over classes, ``u = -sum_c mu_c * ln(mu_c + 1e-6)``.
+    """
+    mu = F.softmax(mc_logits, dim=2).mean(dim=0)
+    return -torch.sum(mu * torch.log(mu + ENTROPY_EPS), dim=1)
+
+
+def softmax_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``(softmax(s) - softmax(t))^2`` per class and voxel, ``(B, C, *S)``; the teacher is detached."""
+    return (F.softmax(student_logits, dim=1) - F.softmax(teacher_logits.detach(), dim=1)) ** 2
+
+
+def uncertainty_consistency_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mc_logits: torch.Tensor, threshold
+) -> torch.Tensor:
+    """Uncertainty-masked consistency (the paper's Eq. 3, normalised as released).
+
+    With ``p = softmax(student)``, ``q = softmax(teacher)``, ``u = predictive_entropy(mc_logits)``
+    and ``m_v = 1[u_v < H]``::
+
+        loss = sum_v m_v sum_c (p_vc - q_vc)^2 / (C * sum_v m_v + 1e-16)
+
+    Gradients flow to ``student_logits`` only. An empty mask gives exactly 0.
+    """
+    num_classes = student_logits.shape[1]
+    with torch.no_grad():
+        mask = (predictive_entropy(mc_logits) < threshold).to(student_logits.dtype).unsqueeze(1)
+    dist = softmax_mse(student_logits, teacher_logits)
+    return torch.sum(mask * dist) / (num_classes * torch.sum(mask) + MASK_EPS)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean voxel-wise cross-entropy, logits ``(B, C, *S)``, integer labels ``(B, *S)``."""
+    return F.cross_entropy(logits, labels.long())
+
+
+def dice_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Soft Dice on the foreground (class 1) over the whole batch, as released::
+
+    dice = 1 - (2 sum(p1 y) + 1e-5) / (sum(p1^2) + sum(y^2) + 1e-5),  p1 = softmax(logits)[:, 1], y = [labels == 1]
+    """
+    p1 = F.softmax(logits, dim=1)[:, 1]
+    y = (labels == 1).to(p1.dtype)
+    intersect = torch.sum(p1 * y)
+    return 1.0 - (2.0 * intersect + DICE_SMOOTH) / (torch.sum(p1 * p1) + torch.sum(y * y) + DICE_SMOOTH)
+
+
+def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``0.5 * (cross_entropy + dice)`` on the labeled crops."""
+    return 0.5 * (cross_entropy(logits, labels) + dice_loss(logits, labels))
+
+
+def ema_alpha(decay: float, step: int | None = None) -> float:
+    """``alpha = min(1 - 1/(step + 1), decay)`` (warm-up) when ``step`` is given, else ``decay``."""
+    return decay if step is None else min(1.0 - 1.0 / (step + 1), decay)
+
+
+def _parameters(x) -> list[torch.Tensor]:
+    return list(x.parameters()) if isinstance(x, torch.nn.Module) else list(x)
+
+
+@torch.no_grad()
+def ema_update_(teacher, student, decay: float, step: int | None = None) -> None:
+    """``theta' <- alpha theta' + (1 - alpha) theta`` over parameters only, the released per-tensor loop.
+
+    ``teacher``/``student`` are modules or equal-length parameter iterables. Batch-norm buffers
+    are not touched: the teacher keeps its own.
+    """
+    alpha = ema_alpha(decay, step)
+    for t, s in zip(_parameters(teacher), _parameters(student), strict=True):
+        t.mul_(alpha).add_(s, alpha=1.0 - alpha)
+
+
+__all__ = [
+    "sigmoid_rampup",
+    "consistency_weight",
+    "uncertainty_threshold",
+    "learning_rate",
+    "teacher_noise",
+    "predictive_entropy",
+    "softmax_mse",
+    "uncertainty_consistency_loss",
+    "cross_entropy",
+    "dice_loss",
+    "supervised_loss",
+    "ema_alpha",
+    "ema_update_",
+]
+
