@@ -10,7 +10,18 @@ _here = _os.path.dirname(__file__)
 if not _os.path.isdir(_os.path.join(_here, "kernels")):
     __path__.append(_os.path.normpath(_os.path.join(_here, _os.pardir)))
 
+from uamt_fast.consistency import ConsistencyStats, predictive_entropy, uncertainty_consistency_loss  # noqa: E402
+from uamt_fast.ema import ema_update_, flat_parameters, flatten_parameters_  # noqa: E402
 from uamt_fast.vnet import VNet, mc_dropout  # noqa: E402
 
-__all__ = ["VNet", "mc_dropout"]
+__all__ = [
+    "VNet",
+    "mc_dropout",
+    "uncertainty_consistency_loss",
+    "predictive_entropy",
+    "ConsistencyStats",
+    "ema_update_",
+    "flatten_parameters_",
+    "flat_parameters",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,452 @@
+"""Fused UA-MT uncertainty-masked consistency loss (forward + student gradient) and predictive entropy.
+
+Math (per voxel ``v`` of sample ``b``; ``x_t`` = logits of stochastic teacher pass ``t``, ``s`` =
+student logits, ``q`` = softmax(teacher logits); all in fp32)::
+
+    mu_v   = (1/T) sum_t softmax(x_t,v)                    mean prediction of the T passes
+    u_v    = -sum_c mu_vc ln(mu_vc + 1e-6)                  predictive entropy (the uncertainty)
+    m_v    = 1[u_v < H]                                     keep the confident voxels
+    p_v    = softmax(s_v),  d_v = p_v - q_v
+    loss   = sum_v m_v sum_c d_vc^2 / (C N + 1e-16),        N = sum_v m_v (voxels, not voxels x classes)
+    dL/ds_vj = 2 m_v p_vj (d_vj - sum_k d_vk p_vk) / (C N + 1e-16)
+
+Kernels, top to bottom:
+
+- ``_uncertainty_loss_fwd_kernel``: grid (voxel blocks, B). Reads every input element exactly once
+  (the T passes, the student, the teacher), writes the *unnormalised* student gradient
+  ``g = 2 m p (d - <d, p>)`` and one row of per-program partials: masked squared-difference sum,
+  mask count, uncertainty sum / min / max, and a NaN probe (``sum x * 0`` over every logit read:
+  0 when all are finite, NaN otherwise; a NaN uncertainty would otherwise just fail ``u < H`` and
+  drop out of the mask, giving a silent finite loss).
+- ``_finalize_kernel``: one program reduces the partials in a fixed order (no float atomics, so a
+  given input gives a bit-identical loss on every run) and writes the loss, the backward scale
+  ``1 / (C N + 1e-16)`` and the stats (mask fraction, uncertainty mean / min / max).
+- ``_scale_grad_kernel`` (backward): ``grad_student = g * grad_output * scale``, one light pass.
+- ``_predictive_entropy_kernel``: the same per-voxel entropy, written as a (B, V) fp32 map.
+
+Gradient strategy. The loss is the last op of its branch, so the gradient is produced during the
+forward pass (as Liger's cross-entropy does) and only scaled in backward. The alternative, saving a
+1-byte mask and recomputing softmax(s), softmax(t) in backward, moves more bytes. At the paper's
+shapes (T=8, B=2, C=2, 112x112x80, V = 1,003,520 voxels per sample, fp32; E = B*C*V = 4,014,080
+elements per logits tensor, 16.06 MB):
+
+    inputs read once (both strategies):     mc 8*E*4 = 128.5 MB + student 16.1 + teacher 16.1 = 160.6 MB
+    (a) gradient in forward (chosen):       fwd write g 16.1 MB; bwd read g 16.1 + write grad 16.1  -> 208.8 MB
+    (b) 1-byte mask + recompute in bwd:     fwd write mask 2.0 MB; bwd read s, t 32.1 + mask 2.0
+                                            + write grad 16.1                                        -> 212.8 MB
+
+(a) moves fewer bytes, keeps the backward a trivial elementwise kernel, and holds 16 MB between
+forward and backward where (b) holds student + teacher + mask (34 MB). With bf16 teacher passes
+(the AMP case) mc is 64.2 MB and (a) moves 144.6 MB. Partials (7 floats per 1,024 voxels) are
+noise. At ~3 TB/s (H100 device-copy bandwidth, measured by benchmarks/) the floor for fwd + bwd
+is 208.8 MB / 3 TB/s ~ 70 us: the kernels are memory-bound (~20 flops per mc element; exp and log
+dominate and stay well under the SFU limit).
+
+Strides. Every logits tensor is addressed as (B, C, V) with a batch, class and voxel stride (mc
+has a pass stride in front), so a channels_last_3d student (class stride 1, voxel stride C) or a
+batch slice is read in place, without a copy. Spatial dims that cannot be merged into one voxel
+stride (e.g. a slice along W) are copied with ``.contiguous()`` first: that costs one extra read +
+write of that tensor.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Runs the kernels on CPU tensors through the Triton interpreter (what CI does). Triton reads the
+# same variable when it is imported; a compiled kernel cannot take CPU tensors ("0 active drivers").
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+ENTROPY_EPS = 1e-6  # inside the log, as released
+MASK_EPS = 1e-16  # added to C * N, as released
+NUM_PARTIALS = 5  # float partials per program: masked sq sum, u sum, u min, u max, NaN probe
+
+# Launch parameters. A program owns BLOCK_V voxels x C_PAD classes; the tile is capped at
+# TILE_ELEMS elements so registers stay bounded for C up to 16+ (C=2: 1,024 voxels, 2,048 elements,
+# 16 fp32 per thread at 4 warps). 1,960 programs at the paper's shapes: ~15 per SM on an H100.
+# The interpreter gets small blocks so CPU tests cover several programs and ragged tails.
+TILE_ELEMS = 2048
+MAX_BLOCK_V = 1024
+NUM_WARPS = 4
+FINALIZE_BLOCK = 1024
+ELEMENTWISE_BLOCK = 4096
+ELEMENTWISE_WARPS = 8
+if TRITON_INTERPRET:
+    TILE_ELEMS, MAX_BLOCK_V, FINALIZE_BLOCK, ELEMENTWISE_BLOCK = 256, 64, 4, 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _softmax_over_classes(x, class_ok):
+    """Softmax along axis 0 of a [C_PAD, BLOCK_V] fp32 tile; padded classes get probability 0."""
+    x = tl.where(class_ok, x, float("-inf"))
+    e = tl.exp(x - tl.max(x, axis=0)[None, :])
+    return e / tl.sum(e, axis=0)[None, :]
+
+
+@triton.jit
+def _mean_softmax_entropy(
+    mc_ptr,  # logits of pass 0, sample b, already offset: mc[0, b]
+    stride_t,  # int, pass stride of mc
+    offs2d,  # [C_PAD, BLOCK_V] int64, c * stride_c + v * stride_v
+    ld_mask,  # [C_PAD, BLOCK_V] bool, real class and voxel in range
+    class_ok,  # [C_PAD, 1] bool, real class
+    T,  # int, number of passes
+):
+    """Per-voxel entropy of the mean softmax of T passes, and a NaN probe (sum of x * 0)."""
+    mu = tl.zeros(offs2d.shape, dtype=tl.float32)
+    probe = tl.zeros(offs2d.shape, dtype=tl.float32)
+    ptr = mc_ptr
+    t = 0
+    while t < T:  # `while`, not range(T): Triton 3.6's interpreter cannot index a runtime int under NumPy 2
+        x = tl.load(ptr + offs2d, mask=ld_mask, other=0.0).to(tl.float32)
+        probe += x * 0.0  # 0 for finite logits, NaN for NaN / +-Inf
+        mu += _softmax_over_classes(x, class_ok)
+        ptr += stride_t  # pointer increments: no int32 product t * stride_t can overflow
+        t += 1
+    mu = mu / T
+    # Padded classes have mu = 0 and contribute 0 * ln(1e-6) = 0.
+    u = -tl.sum(mu * tl.log(mu + 1e-6), axis=0)
+    return u, tl.sum(probe, axis=0)
+
+
+@triton.jit
+def _uncertainty_loss_fwd_kernel(
+    s_ptr,  # student logits (B, C, V), any float dtype, strides s_sb, s_sc, s_sv
+    s_sb, s_sc, s_sv,
+    q_ptr,  # teacher logits (B, C, V)
+    q_sb, q_sc, q_sv,
+    mc_ptr,  # teacher passes (T, B, C, V)
+    mc_st, mc_sb, mc_sc, mc_sv,
+    g_ptr,  # out: unnormalised student gradient (B, C, V), student dtype (unused if not WRITE_GRAD)
+    g_sb, g_sc, g_sv,
+    part_ptr,  # out: fp32 (NUM_PARTIALS, P) partials, P = B * num_programs(0)
+    count_ptr,  # out: int32 (P,) mask counts
+    thr_ptr,  # 0-dim threshold tensor (read if THR_FROM_PTR)
+    thr_value,  # float threshold (used if not THR_FROM_PTR)
+    T, C, V,
+    THR_FROM_PTR: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    C_PAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    pid_v = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)
+    P = tl.num_programs(0) * tl.num_programs(1)
+    prog = pid_b * tl.num_programs(0) + pid_v
+
+    offs_c = tl.arange(0, C_PAD).to(tl.int64)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    class_ok = (offs_c < C)[:, None]
+    vox_ok = offs_v < V
+    ld_mask = class_ok & vox_ok[None, :]
+
+    # 1. Uncertainty of the T passes; the mask.
+    u, probe = _mean_softmax_entropy(
+        mc_ptr + pid_b * mc_sb, mc_st, offs_c[:, None] * mc_sc + offs_v[None, :] * mc_sv, ld_mask, class_ok, T
+    )
+    if THR_FROM_PTR:
+        thr = tl.load(thr_ptr).to(tl.float32)
+    else:
+        thr = thr_value
+    keep = (u < thr) & vox_ok
+
+    # 2. Student and teacher softmax, masked squared difference summed over classes.
+    s = tl.load(s_ptr + pid_b * s_sb + offs_c[:, None] * s_sc + offs_v[None, :] * s_sv, mask=ld_mask, other=0.0)
+    s = s.to(tl.float32)
+    q = tl.load(q_ptr + pid_b * q_sb + offs_c[:, None] * q_sc + offs_v[None, :] * q_sv, mask=ld_mask, other=0.0)
+    q = q.to(tl.float32)
+    probe += tl.sum(s * 0.0 + q * 0.0, axis=0)
+    p = _softmax_over_classes(s, class_ok)
+    d = p - _softmax_over_classes(q, class_ok)  # padded classes: 0 - 0
+    sq = tl.sum(d * d, axis=0)
+
+    # 3. Unnormalised gradient: dL/ds_j = 2 m p_j (d_j - sum_k d_k p_k) / (C N + eps); the division
+    #    waits for backward, which knows N. Unkept voxels get an exact 0.
+    if WRITE_GRAD:
+        dp = tl.sum(d * p, axis=0)
+        g = tl.where(keep[None, :], 2.0 * p * (d - dp[None, :]), 0.0)
+        g_off = pid_b * g_sb + offs_c[:, None] * g_sc + offs_v[None, :] * g_sv
+        tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=ld_mask)
+
+    # 4. This program's partials (finished in _finalize_kernel in a fixed order).
+    tl.store(part_ptr + 0 * P + prog, tl.sum(tl.where(keep, sq, 0.0), axis=0))
+    tl.store(part_ptr + 1 * P + prog, tl.sum(tl.where(vox_ok, u, 0.0), axis=0))
+    tl.store(part_ptr + 2 * P + prog, tl.min(tl.where(vox_ok, u, float("inf")), axis=0))
+    tl.store(part_ptr + 3 * P + prog, tl.max(tl.where(vox_ok, u, float("-inf")), axis=0))
+    tl.store(part_ptr + 4 * P + prog, tl.sum(probe, axis=0))
+    tl.store(count_ptr + prog, tl.sum(keep.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _finalize_kernel(
+    part_ptr,  # fp32 (NUM_PARTIALS, P)
+    count_ptr,  # int32 (P,)
+    loss_ptr,  # out: fp32 0-dim loss
+    scale_ptr,  # out: fp32 0-dim backward scale 1 / (C N + 1e-16) (+ NaN probe)
+    stats_ptr,  # out: fp32 (4,): mask fraction, uncertainty mean, min, max
+    P, C, num_voxels,  # num_voxels = B * V
+    BLOCK_P: tl.constexpr,
+):
+    """Single program: fixed-order reduction of the partials (deterministic, no atomics)."""
+    sq = tl.zeros([BLOCK_P], dtype=tl.float32)
+    u_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
+    u_min = tl.full([BLOCK_P], float("inf"), dtype=tl.float32)
+    u_max = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
+    probe = tl.zeros([BLOCK_P], dtype=tl.float32)
+    count = tl.zeros([BLOCK_P], dtype=tl.int64)
+    start = 0
+    while start < P:  # fixed order, chunk by chunk (see the note on `while` above)
+        offs = start + tl.arange(0, BLOCK_P)
+        ok = offs < P
+        sq += tl.load(part_ptr + 0 * P + offs, mask=ok, other=0.0)
+        u_sum += tl.load(part_ptr + 1 * P + offs, mask=ok, other=0.0)
+        u_min = tl.minimum(u_min, tl.load(part_ptr + 2 * P + offs, mask=ok, other=float("inf")))
+        u_max = tl.maximum(u_max, tl.load(part_ptr + 3 * P + offs, mask=ok, other=float("-inf")))
+        probe += tl.load(part_ptr + 4 * P + offs, mask=ok, other=0.0)
+        count += tl.load(count_ptr + offs, mask=ok, other=0).to(tl.int64)
+        start += BLOCK_P
+    n = tl.sum(count, axis=0).to(tl.float32)
+    nan_probe = tl.sum(probe, axis=0)  # 0 or NaN
+    denom = C * n + 1e-16  # empty mask: 0 / 1e-16 = 0 exactly
+    tl.store(loss_ptr, tl.sum(sq, axis=0) / denom + nan_probe)
+    tl.store(scale_ptr, 1.0 / denom + nan_probe)
+    tl.store(stats_ptr + 0, n / num_voxels)
+    tl.store(stats_ptr + 1, tl.sum(u_sum, axis=0) / num_voxels + nan_probe)
+    tl.store(stats_ptr + 2, tl.min(u_min, axis=0) + nan_probe)
+    tl.store(stats_ptr + 3, tl.max(u_max, axis=0) + nan_probe)
+
+
+@triton.jit
+def _scale_grad_kernel(
+    g_ptr,  # unnormalised gradient, dense (any layout; addressed as its flat storage)
+    out_ptr,  # out: gradient, same dtype and strides as g
+    scale_ptr,  # fp32 0-dim, 1 / (C N + 1e-16) (+ NaN probe)
+    grad_out_ptr,  # 0-dim dL_total / dloss
+    numel,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    factor = tl.load(scale_ptr) * tl.load(grad_out_ptr).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (g * factor).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _predictive_entropy_kernel(
+    mc_ptr,  # teacher passes (T, B, C, V)
+    mc_st, mc_sb, mc_sc, mc_sv,
+    u_ptr,  # out: fp32 (B, V) contiguous
+    T, C, V,
+    C_PAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    pid_v = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_c = tl.arange(0, C_PAD).to(tl.int64)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    class_ok = (offs_c < C)[:, None]
+    vox_ok = offs_v < V
+    u, _ = _mean_softmax_entropy(
+        mc_ptr + pid_b * mc_sb, mc_st, offs_c[:, None] * mc_sc + offs_v[None, :] * mc_sv,
+        class_ok & vox_ok[None, :], class_ok, T,
+    )
+    tl.store(u_ptr + pid_b * V + offs_v, u, mask=vox_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers (inputs are validated by uamt_fast.consistency; these check only what a launch needs)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_launchable(*tensors: torch.Tensor) -> None:
+    for x in tensors:
+        if not (x.is_cuda or (TRITON_INTERPRET and x.device.type == "cpu")):
+            raise RuntimeError(
+                f"uamt_fast kernels: tensor on {x.device} cannot run a Triton kernel; CUDA tensors run the "
+                "kernels, CPU tensors only under TRITON_INTERPRET=1 (uamt_fast.uncertainty_consistency_loss "
+                "routes CPU tensors to the reference math otherwise)"
+            )
+
+
+def _voxel_view(x: torch.Tensor, lead: int) -> torch.Tensor:
+    """``x`` of shape (*lead dims, C, *S) as (*lead dims, C, V): a view when the spatial dims merge
+    into one stride (contiguous, channels_last_3d, batch slices), else a contiguous copy."""
+    try:
+        return x.view(*x.shape[: lead + 1], -1)
+    except RuntimeError:
+        return x.contiguous().view(*x.shape[: lead + 1], -1)
+
+
+def _grad_buffer(student: torch.Tensor, need_grad: bool) -> torch.Tensor:
+    """The student-gradient buffer: the student's dtype and layout when that layout is dense and
+    voxel-flattenable (contiguous, channels_last_3d), else contiguous; (0,) without gradient.
+    Shared by the real and the fake kernel so torch.compile sees the strides the kernel writes."""
+    if not need_grad:
+        return student.new_empty(0)
+    grad = torch.empty_like(student)
+    try:
+        grad.view(*student.shape[:2], -1)
+        return grad
+    except RuntimeError:  # dense but not flattenable (e.g. permuted spatial dims)
+        return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _block_sizes(num_classes: int) -> tuple[int, int]:
+    c_pad = triton.next_power_of_2(num_classes)
+    return c_pad, max(1, min(MAX_BLOCK_V, TILE_ELEMS // c_pad))
+
+
+def uncertainty_loss_forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mc_logits: torch.Tensor,
+    threshold: Optional[torch.Tensor],
+    threshold_value: float,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the fused forward. Returns ``(loss, stats, grad_unscaled, bwd_scale)``.
+
+    ``loss`` fp32 0-dim; ``stats`` fp32 (4,) = mask fraction, uncertainty mean, min, max;
+    ``grad_unscaled`` like ``student`` (empty (0,) when ``need_grad`` is False); ``bwd_scale`` fp32
+    0-dim. ``threshold`` (0-dim tensor on the logits' device) wins over ``threshold_value``.
+    """
+    _check_launchable(student, teacher, mc_logits)
+    T, B, C = mc_logits.shape[:3]
+    s3, q3, mc4 = _voxel_view(student, 1), _voxel_view(teacher, 1), _voxel_view(mc_logits, 2)
+    V = s3.shape[2]
+    device = student.device
+    c_pad, block_v = _block_sizes(C)
+    grid = (triton.cdiv(V, block_v), B)
+    num_programs = grid[0] * grid[1]
+
+    grad = _grad_buffer(student, need_grad)
+    g3 = grad.view(B, C, -1) if need_grad else grad.view(1, 1, 0)
+    partials = torch.empty(NUM_PARTIALS, num_programs, device=device, dtype=torch.float32)
+    counts = torch.empty(num_programs, device=device, dtype=torch.int32)
+    loss = torch.empty((), device=device, dtype=torch.float32)
+    bwd_scale = torch.empty((), device=device, dtype=torch.float32)
+    stats = torch.empty(4, device=device, dtype=torch.float32)
+    thr_from_ptr = threshold is not None
+
+    _uncertainty_loss_fwd_kernel[grid](
+        s3, *s3.stride(),
+        q3, *q3.stride(),
+        mc4, *mc4.stride(),
+        g3, *g3.stride(),
+        partials, counts,
+        threshold if thr_from_ptr else loss, float(threshold_value),
+        T, C, V,
+        THR_FROM_PTR=thr_from_ptr, WRITE_GRAD=need_grad, C_PAD=c_pad, BLOCK_V=block_v,
+        num_warps=NUM_WARPS,
+    )
+    _finalize_kernel[(1,)](
+        partials, counts, loss, bwd_scale, stats, num_programs, C, B * V, BLOCK_P=FINALIZE_BLOCK, num_warps=4
+    )
+    return loss, stats, grad, bwd_scale
+
+
+def uncertainty_loss_backward(
+    grad_unscaled: torch.Tensor, bwd_scale: torch.Tensor, grad_output: torch.Tensor
+) -> torch.Tensor:
+    """``grad_unscaled * grad_output * bwd_scale`` in one pass; output has grad_unscaled's dtype and layout."""
+    if grad_unscaled.numel() == 0:
+        raise RuntimeError(
+            "uamt_fast: backward through uncertainty_consistency_loss, but its forward ran without "
+            "gradient (student_logits did not require grad, or grad mode was off)"
+        )
+    _check_launchable(grad_unscaled, bwd_scale, grad_output)
+    out = torch.empty_like(grad_unscaled)  # grad_unscaled is dense, so out has its strides
+    n = grad_unscaled.numel()
+    _scale_grad_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](
+        grad_unscaled, out, bwd_scale, grad_output, n, BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS
+    )
+    return out
+
+
+def predictive_entropy_forward(mc_logits: torch.Tensor) -> torch.Tensor:
+    """(T, B, C, *S) logits -> (B, *S) fp32 entropy of the mean softmax."""
+    _check_launchable(mc_logits)
+    T, B, C = mc_logits.shape[:3]
+    mc4 = _voxel_view(mc_logits, 2)
+    V = mc4.shape[3]
+    out = torch.empty((B, *mc_logits.shape[3:]), device=mc_logits.device, dtype=torch.float32)
+    c_pad, block_v = _block_sizes(C)
+    _predictive_entropy_kernel[(triton.cdiv(V, block_v), B)](
+        mc4, *mc4.stride(), out, T, C, V, C_PAD=c_pad, BLOCK_V=block_v, num_warps=NUM_WARPS
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration: opaque ops that torch.compile keeps in the graph
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("uamt_fast::uncertainty_consistency_loss", mutates_args=())
+def uncertainty_consistency_loss_op(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mc_logits: torch.Tensor,
+    threshold: Optional[torch.Tensor],
+    threshold_value: float,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused forward; outputs ``(loss, stats, grad_unscaled, bwd_scale)`` (see uncertainty_loss_forward)."""
+    return uncertainty_loss_forward(student, teacher, mc_logits, threshold, threshold_value, need_grad)
+
+
+@uncertainty_consistency_loss_op.register_fake
+def _(student, teacher, mc_logits, threshold, threshold_value, need_grad):
+    scalar = student.new_empty((), dtype=torch.float32)
+    return scalar, student.new_empty(4, dtype=torch.float32), _grad_buffer(student, need_grad), torch.empty_like(scalar)
+
+
+@torch.library.custom_op("uamt_fast::uncertainty_consistency_loss_backward", mutates_args=())
+def uncertainty_consistency_loss_backward_op(
+    grad_unscaled: torch.Tensor, bwd_scale: torch.Tensor, grad_output: torch.Tensor
+) -> torch.Tensor:
+    """``grad_unscaled * grad_output * bwd_scale``."""
+    return uncertainty_loss_backward(grad_unscaled, bwd_scale, grad_output)
+
+
+@uncertainty_consistency_loss_backward_op.register_fake
+def _(grad_unscaled, bwd_scale, grad_output):
+    return torch.empty_like(grad_unscaled)
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, grad_unscaled, bwd_scale = output
+    ctx.save_for_backward(grad_unscaled, bwd_scale)
+
+
+def _backward(ctx, grad_loss, grad_stats, grad_grad, grad_scale):
+    grad_unscaled, bwd_scale = ctx.saved_tensors
+    grad_student = None
+    if grad_loss is not None:
+        grad_student = uncertainty_consistency_loss_backward_op(grad_unscaled, bwd_scale, grad_loss)
+    # One gradient per input: student, teacher (target, detached), mc_logits, threshold, value, need_grad.
+    return grad_student, None, None, None, None, None
+
+
+uncertainty_consistency_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("uamt_fast::predictive_entropy", mutates_args=())
+def predictive_entropy_op(mc_logits: torch.Tensor) -> torch.Tensor:
+    """(T, B, C, *S) -> (B, *S) fp32 entropy of the mean softmax over the T passes (no gradient)."""
+    return predictive_entropy_forward(mc_logits)
+
+
+@predictive_entropy_op.register_fake
+def _(mc_logits):
+    return mc_logits.new_empty((mc_logits.shape[1], *mc_logits.shape[3:]), dtype=torch.float32)

@@ -1,0 +1,210 @@
+"""Public UA-MT consistency ops: input checks and device dispatch in front of the fused kernels.
+
+- CUDA tensors run the Triton kernels (``uamt_fast.kernels.uncertainty_loss``), registered as
+  ``torch.ops.uamt_fast.*`` so ``torch.compile(fullgraph=True)`` keeps them in the graph.
+- CPU tensors run the same kernels through the Triton interpreter when ``TRITON_INTERPRET=1`` was
+  set before import (how CI tests them), else the reference math of ``uamt_fast.reference`` in
+  fp32. Other devices use the reference math.
+
+Everything is checked before any launch; bad input raises ``TypeError`` / ``ValueError`` naming
+the argument, what was expected and what came.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+
+from uamt_fast import reference
+
+try:
+    from uamt_fast.kernels import uncertainty_loss as _kernels
+except ImportError:  # no triton (e.g. macOS): CPU tensors use the reference math
+    _kernels = None
+
+# Read once, like Triton itself reads it at import: CPU tensors run the kernels in the interpreter.
+TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1" and _kernels is not None
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class ConsistencyStats(NamedTuple):
+    """What a trainer logs about the uncertainty mask; each a 0-dim fp32 tensor on the logits' device
+    (reading them with ``.item()`` is the caller's host sync, never ours).
+
+    Attributes:
+        mask_fraction: fraction of the B * prod(spatial) voxels with uncertainty < threshold.
+        uncertainty_mean: mean predictive entropy over all voxels.
+        uncertainty_min: its minimum.
+        uncertainty_max: its maximum.
+    """
+
+    mask_fraction: torch.Tensor
+    uncertainty_mean: torch.Tensor
+    uncertainty_min: torch.Tensor
+    uncertainty_max: torch.Tensor
+
+
+def _uses_kernels(x: torch.Tensor) -> bool:
+    return _kernels is not None and (x.is_cuda or (TRITON_ON_CPU and x.device.type == "cpu"))
+
+
+def _check_float_tensor(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor of logits, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(x.shape)}")
+
+
+def _check_mc_logits(mc_logits) -> None:
+    _check_float_tensor("mc_logits", mc_logits)
+    if not 4 <= mc_logits.dim() <= 6:
+        raise ValueError(
+            "mc_logits: expected (T, B, C, *spatial) with 1 to 3 spatial dims (rank 4 to 6), "
+            f"got shape {tuple(mc_logits.shape)}"
+        )
+    if mc_logits.shape[2] < 2:
+        raise ValueError(f"mc_logits: expected C >= 2 classes at dim 2, got shape {tuple(mc_logits.shape)}")
+
+
+def _check_logits(student_logits, teacher_logits, mc_logits) -> None:
+    _check_float_tensor("student_logits", student_logits)
+    _check_float_tensor("teacher_logits", teacher_logits)
+    _check_float_tensor("mc_logits", mc_logits)
+    shape = tuple(student_logits.shape)
+    if not 3 <= len(shape) <= 5:
+        raise ValueError(
+            f"student_logits: expected (B, C, *spatial) with 1 to 3 spatial dims (rank 3 to 5), got shape {shape}"
+        )
+    if shape[1] < 2:
+        raise ValueError(f"student_logits: expected C >= 2 classes at dim 1, got shape {shape}")
+    if tuple(teacher_logits.shape) != shape:
+        raise ValueError(
+            f"teacher_logits: expected the student's shape {shape}, got {tuple(teacher_logits.shape)}"
+        )
+    if mc_logits.dim() != len(shape) + 1 or tuple(mc_logits.shape[1:]) != shape:
+        raise ValueError(
+            f"mc_logits: expected (T, *student shape) = (T, {', '.join(map(str, shape))}), "
+            f"got {tuple(mc_logits.shape)}"
+        )
+    devices = {x.device for x in (student_logits, teacher_logits, mc_logits)}
+    if len(devices) > 1:
+        raise ValueError(
+            "student_logits, teacher_logits, mc_logits: expected one device, got "
+            f"{student_logits.device}, {teacher_logits.device}, {mc_logits.device}"
+        )
+
+
+def _check_threshold_value(value: float) -> None:
+    if not 0.0 < value < math.inf:  # also rejects NaN; plain comparisons stay traceable by torch.compile
+        raise ValueError(f"threshold: expected a finite positive entropy threshold, got {value}")
+
+
+def _threshold_args(threshold, device: torch.device) -> tuple[torch.Tensor | None, float]:
+    """``(tensor or None, float)`` for the kernel.
+
+    A tensor on the logits' device is passed by pointer: no host sync, and so a CUDA tensor is not
+    range-checked (a CPU one is, outside torch.compile tracing). A Python number is checked and
+    passed by value; a CPU tensor with CUDA logits is read (no device sync) and passed by value.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, torch.Tensor)):
+        raise TypeError(f"threshold: expected a float or a 0-dim float tensor, got {type(threshold).__name__}")
+    if not isinstance(threshold, torch.Tensor):
+        _check_threshold_value(threshold)
+        if torch.compiler.is_compiling():
+            # A float op argument would be specialised: one recompile per value of the ramped-up
+            # threshold. As a traced 0-dim tensor it is a graph input instead.
+            return torch.full((), threshold, dtype=torch.float32, device=device), 0.0
+        return None, float(threshold)
+    if threshold.dim() != 0:
+        raise ValueError(f"threshold: expected a 0-dim tensor, got shape {tuple(threshold.shape)}")
+    if not threshold.is_floating_point():
+        raise TypeError(f"threshold: expected a floating-point tensor, got {threshold.dtype}")
+    if threshold.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_threshold_value(float(threshold))
+    if threshold.device == device:
+        return threshold.detach(), 0.0
+    if threshold.device.type != "cpu":
+        raise ValueError(f"threshold: expected a tensor on {device} or on the CPU, got one on {threshold.device}")
+    return None, float(threshold)
+
+
+def uncertainty_consistency_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mc_logits: torch.Tensor,
+    threshold,
+    *,
+    return_stats: bool = False,
+):
+    """UA-MT uncertainty-masked consistency loss (Yu et al. 2019, Eq. 3, normalised as released)::
+
+        u = -sum_c mu_c ln(mu_c + 1e-6),  mu = mean_t softmax(mc_logits[t])      (uncertainty)
+        loss = sum_v [u_v < H] sum_c (softmax(s)_vc - softmax(t)_vc)^2 / (C * sum_v [u_v < H] + 1e-16)
+
+    One fused pass on GPU (every input read once, arithmetic in fp32 whatever the input dtypes,
+    deterministic); the gradient reaches ``student_logits`` only.
+
+    Args:
+        student_logits: (B, C, *spatial), 1 to 3 spatial dims, C >= 2; fp32/bf16/fp16/fp64, any
+            strides (a channels_last_3d tensor is read in place).
+        teacher_logits: (B, C, *spatial), the target (no gradient).
+        mc_logits: (T, B, C, *spatial), T >= 1 stochastic teacher passes (no gradient).
+        threshold: H > 0, a float or a 0-dim tensor. A CPU tensor or a Python number is checked
+            (finite, positive); a CUDA tensor is used as is, since checking it would sync the host.
+        return_stats: also return a :class:`ConsistencyStats` of device tensors.
+
+    Returns:
+        The 0-dim fp32 loss, or ``(loss, stats)``. An empty mask gives exactly 0 (and a zero
+        gradient); NaN or Inf in any of the logits gives NaN (loss, gradient and uncertainty stats).
+    """
+    _check_logits(student_logits, teacher_logits, mc_logits)
+    thr_tensor, thr_value = _threshold_args(threshold, student_logits.device)
+    if _uses_kernels(student_logits):
+        need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+        loss, stats, _, _ = torch.ops.uamt_fast.uncertainty_consistency_loss(
+            student_logits, teacher_logits, mc_logits, thr_tensor, thr_value, need_grad
+        )
+        stats = stats.detach()
+    else:
+        loss, stats = _reference_loss(student_logits, teacher_logits, mc_logits, thr_tensor, thr_value)
+    if not return_stats:
+        return loss
+    return loss, ConsistencyStats(stats[0], stats[1], stats[2], stats[3])
+
+
+def _reference_loss(student, teacher, mc, thr_tensor, thr_value):
+    """The reference math in fp32, with the kernels' NaN propagation and stats."""
+    threshold = thr_tensor if thr_tensor is not None else thr_value
+    loss = reference.uncertainty_consistency_loss(student.float(), teacher.float(), mc.float(), threshold)
+    with torch.no_grad():
+        # A NaN uncertainty just drops out of the mask; make non-finite logits visible instead.
+        nan_probe = (student.float().sum() + teacher.float().sum() + mc.float().sum()) * 0.0
+        u = reference.predictive_entropy(mc.float())
+        stats = torch.stack(
+            [(u < threshold).float().mean(), u.mean() + nan_probe, u.min() + nan_probe, u.max() + nan_probe]
+        )
+    return loss + nan_probe, stats
+
+
+def predictive_entropy(mc_logits: torch.Tensor) -> torch.Tensor:
+    """Uncertainty map of T stochastic passes: ``-sum_c mu_c ln(mu_c + 1e-6)``, ``mu = mean_t softmax``.
+
+    Args:
+        mc_logits: (T, B, C, *spatial) logits, 1 to 3 spatial dims, C >= 2, any float dtype and strides.
+
+    Returns:
+        (B, *spatial) fp32 tensor (no gradient). One fused pass on GPU.
+    """
+    _check_mc_logits(mc_logits)
+    mc_logits = mc_logits.detach()
+    if _uses_kernels(mc_logits):
+        return torch.ops.uamt_fast.predictive_entropy(mc_logits)
+    return reference.predictive_entropy(mc_logits.float())
+
+
+__all__ = ["ConsistencyStats", "uncertainty_consistency_loss", "predictive_entropy"]

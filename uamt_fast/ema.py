@@ -1,0 +1,218 @@
+"""Mean-teacher EMA of parameters: one fused launch over flat parameter buffers, any layout otherwise.
+
+Typical use::
+
+    flatten_parameters_(student)            # once, after building the models and before the optimizer
+    flatten_parameters_(teacher)
+    optimizer = torch.optim.SGD(student.parameters(), ...)
+    ...
+    ema_update_(teacher, student, decay=0.99, step=iteration)   # one kernel launch
+
+``ema_update_`` runs eagerly (outside any compiled region); it never syncs the host.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+
+from uamt_fast import reference
+
+try:
+    from uamt_fast.kernels.ema_update import ema_update_flat_ as _ema_update_flat_kernel
+except ImportError:  # no triton: the flat update falls back to torch ops
+    _ema_update_flat_kernel = None
+
+TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1" and _ema_update_flat_kernel is not None
+ALIGN = 16  # elements (64 bytes): every parameter view starts aligned for vectorised kernels
+
+_FLAT_ATTR = "_uamt_flat_parameters"
+
+
+class _FlatRecord(NamedTuple):
+    """What flatten_parameters_ leaves on a module to find its buffer again in O(#tensors), without
+    walking the module tree: (owner module, attribute name, parameter, element offset) per tensor,
+    and the (shape, stride) signature two models must share to be updated element-for-element."""
+
+    buffer: torch.Tensor
+    entries: tuple
+    signature: tuple
+
+
+def flatten_parameters_(module: torch.nn.Module) -> torch.Tensor:
+    """Give ``module`` one contiguous fp32 parameter buffer; each parameter becomes a view into it.
+
+    The ``Parameter`` objects stay the same (their ``.data`` is re-pointed), so ``named_parameters``,
+    ``state_dict``/``load_state_dict`` (which copies in place) and optimizers, created before or after,
+    keep working; each view keeps its parameter's strides (channels_last weights stay channels_last)
+    and starts on a 64-byte boundary. Call it once the model is built and on its device: anything that
+    re-binds parameters afterwards (``.to(dtype)``, ``.to(device)``, ``load_state_dict(assign=True)``,
+    ``deepcopy``) ends the sharing, which ``ema_update_`` detects (it then warns and takes the
+    per-tensor path). Parameters registered after this call are not in the buffer.
+
+    Args:
+        module: a model whose parameters are float32 and all on one device.
+
+    Returns:
+        The flat buffer, 1-D fp32 (padding between tensors holds zeros).
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"flatten_parameters_: expected an nn.Module, got {type(module).__name__}")
+    owned = []  # (owner, name, param) in module.parameters() order, shared parameters once
+    seen = set()
+    for prefix, owner in module.named_modules():
+        for name, p in owner._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.dtype != torch.float32:
+                raise ValueError(f"flatten_parameters_: expected float32 parameters, got {p.dtype} at "
+                                 f"'{prefix + '.' if prefix else ''}{name}'")
+            owned.append((owner, name, p))
+    if not owned:
+        raise ValueError("flatten_parameters_: the module has no parameters")
+    devices = {p.device for _, _, p in owned}
+    if len(devices) > 1:
+        raise ValueError(f"flatten_parameters_: expected parameters on one device, got {sorted(map(str, devices))}")
+
+    offsets, total = [], 0
+    for _, _, p in owned:
+        offsets.append(total)
+        total += -(-p.numel() // ALIGN) * ALIGN
+    buffer = torch.zeros(total, dtype=torch.float32, device=owned[0][2].device)
+    entries, signature = [], []
+    with torch.no_grad():
+        for (owner, name, p), offset in zip(owned, offsets):
+            # empty_like keeps a dense layout's strides (contiguous, channels_last, ...); a dense
+            # layout spans exactly numel elements, so the view stays inside its slot.
+            strides = torch.empty_like(p, device="meta").stride()
+            view = buffer.as_strided(p.shape, strides, offset)
+            view.copy_(p)
+            p.data = view
+            entries.append((owner, name, p, offset))
+            signature.append((tuple(p.shape), strides))
+    record = _FlatRecord(buffer, tuple(entries), tuple(signature))
+    object.__setattr__(module, _FLAT_ATTR, record)
+    return buffer
+
+
+def flat_parameters(module: torch.nn.Module) -> torch.Tensor | None:
+    """The flat buffer of ``module`` if every parameter is still a view of it, else None."""
+    record = _valid_record(module)
+    return None if record is None else record.buffer
+
+
+def _valid_record(module) -> _FlatRecord | None:
+    record = getattr(module, _FLAT_ATTR, None)
+    if record is None:
+        return None
+    base, itemsize = record.buffer.data_ptr(), record.buffer.element_size()
+    for owner, name, p, offset in record.entries:
+        if owner._parameters.get(name) is not p or p.data_ptr() != base + offset * itemsize:
+            return None
+    return record
+
+
+def _alpha(decay, step) -> float:
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+        raise TypeError(f"ema_update_: decay must be a float in [0, 1], got {type(decay).__name__}")
+    if not (math.isfinite(decay) and 0.0 <= decay <= 1.0):
+        raise ValueError(f"ema_update_: decay must be in [0, 1], got {decay}")
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"ema_update_: step must be an int >= 0 or None, got {type(step).__name__}")
+        if step < 0:
+            raise ValueError(f"ema_update_: step must be >= 0, got {step}")
+    return reference.ema_alpha(float(decay), step)
+
+
+def _as_tensor_list(x, role: str) -> list[torch.Tensor]:
+    if isinstance(x, torch.nn.Module):
+        return list(x.parameters())
+    if isinstance(x, torch.Tensor):
+        return [x]
+    try:
+        params = list(x)
+    except TypeError:
+        raise TypeError(f"ema_update_: {role} must be an nn.Module, a tensor or an iterable of tensors, "
+                        f"got {type(x).__name__}") from None
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"ema_update_: {role}[{i}] is a {type(p).__name__}, expected a tensor")
+    return params
+
+
+def _uses_kernel(x: torch.Tensor) -> bool:
+    return _ema_update_flat_kernel is not None and (x.is_cuda or (TRITON_ON_CPU and x.device.type == "cpu"))
+
+
+def _update_flat_(teacher: torch.Tensor, student: torch.Tensor, alpha: float) -> None:
+    if _uses_kernel(teacher):
+        _ema_update_flat_kernel(teacher, student, alpha)
+    else:
+        teacher.mul_(alpha).add_(student, alpha=1.0 - alpha)
+
+
+@torch.compiler.disable
+@torch.no_grad()
+def ema_update_(teacher, student, decay: float, step: int | None = None) -> None:
+    """Mean-teacher update ``theta' <- alpha theta' + (1 - alpha) theta`` of parameters, in place.
+
+    ``alpha = decay``, or ``min(1 - 1/(step + 1), decay)`` when ``step`` is given (UA-MT's warm-up).
+    Only parameters move; batch-norm buffers are the teacher's own. Arithmetic is fp32.
+
+    Paths, fastest first:
+
+    - both modules flattened with :func:`flatten_parameters_` (and still sharing their buffers, with
+      identical parameter shapes and strides): one fused Triton launch over the flat buffers;
+    - two single tensors (e.g. the flat buffers themselves), contiguous, same shape and dtype: the same launch;
+    - otherwise ``torch._foreach_lerp_`` over the parameter lists (a few multi-tensor launches).
+
+    Args:
+        teacher: module, tensor, or iterable of tensors; updated in place.
+        student: the same kind of thing with matching shapes.
+        decay: in [0, 1].
+        step: global step for the warm-up, or None.
+    """
+    alpha = _alpha(decay, step)
+    if isinstance(teacher, torch.nn.Module) and isinstance(student, torch.nn.Module):
+        t_rec, s_rec = _valid_record(teacher), _valid_record(student)
+        if t_rec is not None and s_rec is not None and t_rec.signature == s_rec.signature \
+                and t_rec.buffer.device == s_rec.buffer.device:
+            _update_flat_(t_rec.buffer, s_rec.buffer, alpha)
+            return
+        for role, module, rec in (("teacher", teacher, t_rec), ("student", student, s_rec)):
+            if rec is None and hasattr(module, _FLAT_ATTR):
+                warnings.warn(
+                    f"ema_update_: the {role}'s parameters no longer share the buffer of flatten_parameters_ "
+                    "(re-bound by .to(), load_state_dict(assign=True) or deepcopy?); using the per-tensor "
+                    "path. Call flatten_parameters_ again to get the single-launch update back.",
+                    stacklevel=3,
+                )
+
+    t_params, s_params = _as_tensor_list(teacher, "teacher"), _as_tensor_list(student, "student")
+    if len(t_params) != len(s_params):
+        raise ValueError(
+            f"ema_update_: teacher has {len(t_params)} parameter tensors, student has {len(s_params)}"
+        )
+    for i, (t, s) in enumerate(zip(t_params, s_params)):
+        if t.shape != s.shape:
+            raise ValueError(f"ema_update_: parameter {i}: teacher shape {tuple(t.shape)} != student "
+                             f"shape {tuple(s.shape)}")
+        if not (t.is_floating_point() and t.dtype == s.dtype):
+            raise ValueError(f"ema_update_: parameter {i}: expected one float dtype, got teacher {t.dtype} "
+                             f"and student {s.dtype}")
+        if t.device != s.device:
+            raise ValueError(f"ema_update_: parameter {i}: teacher on {t.device}, student on {s.device}")
+    if not t_params:
+        return
+    if len(t_params) == 1 and t_params[0].is_contiguous() and s_params[0].is_contiguous():
+        _update_flat_(t_params[0].detach(), s_params[0].detach(), alpha)
+        return
+    torch._foreach_lerp_([t.detach() for t in t_params], [s.detach() for s in s_params], 1.0 - alpha)
+
+
+__all__ = ["flatten_parameters_", "flat_parameters", "ema_update_"]
