@@ -1,0 +1,251 @@
+"""Sliding-window inference and evaluation: the protocol of the UA-MT release (``code/test_util.py``).
+
+For a volume (X, Y, Z) and a model trained on 112x112x80 crops:
+
+1. Zero-pad every axis shorter than the window, centred: ``lo = pad // 2``, ``hi = pad - lo``.
+2. Window starts per axis (size W after padding, window p, stride s)::
+
+       starts = [min(s * i, W - p) for i in range(ceil((W - p) / s) + 1)]
+
+   stride 18 in-plane, 4 along the last axis; windows visited x-major, then y, then z.
+3. ``probs = sum_windows softmax(model(window)) / count`` (count = windows covering the voxel),
+   ``labels = argmax_c probs``; crop the padding back off.
+
+Here several windows go through one forward (``batch_size``), and the sums are kept in fp32 on the
+model's device, added window by window in the release's order: in fp32 the result equals a
+one-window-at-a-time loop exactly (tests/test_inference.py checks it).
+
+``evaluate`` runs this over a split and scores each case with ``uamt_fast.metrics.case_metrics``
+(Dice/Jaccard as fractions, 95HD/ASD in voxels), returning the ``eval.json`` layout::
+
+    {"cases": [{"case": id, "dice": f, "jaccard": f, "hd95": f, "asd": f}, ...],
+     "mean": {"dice": f, "jaccard": f, "hd95": f, "asd": f}, "nan_cases": n}
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from uamt_fast.metrics import METRIC_NAMES, case_metrics, summarize
+
+PATCH_SIZE = (112, 112, 80)  # the paper's training crop and test window
+
+
+def window_starts(size: int, patch: int, stride: int) -> list[int]:
+    """Start indices of the windows along one axis: ``min(stride * i, size - patch)`` for
+    ``i in range(ceil((size - patch) / stride) + 1)``; requires ``size >= patch``."""
+    if size < patch:
+        raise ValueError(f"window_starts: axis of size {size} is shorter than the window {patch} (pad it first)")
+    return [min(stride * i, size - patch) for i in range(math.ceil((size - patch) / stride) + 1)]
+
+
+def _centred_padding(shape: Sequence[int], patch_size: Sequence[int]) -> list[tuple[int, int]]:
+    """(lo, hi) zero padding per axis that brings every axis up to the window, centred as in the release."""
+    pads = [max(p - s, 0) for s, p in zip(shape, patch_size)]
+    return [(pad // 2, pad - pad // 2) for pad in pads]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@torch.inference_mode()
+def sliding_window_predict(
+    model: nn.Module,
+    image: np.ndarray | torch.Tensor,
+    patch_size: Sequence[int] = PATCH_SIZE,
+    stride_xy: int = 18,
+    stride_z: int = 4,
+    num_classes: int = 2,
+    batch_size: int = 4,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Segment one volume with overlapping windows, averaging their softmax (the release's protocol).
+
+    The model is used as it is (call ``model.eval()`` first for deterministic inference; ``evaluate``
+    does) and called as ``model(x)`` with ``x`` of shape ``(n, 1, *patch_size)``, float32, on the
+    model's device, ``n <= batch_size``; it must return logits ``(n, num_classes, *patch_size)``.
+
+    Args:
+        image: (X, Y, Z) float volume, numpy or torch (any device).
+        patch_size: window (px, py, pz).
+        stride_xy: window stride along X and Y.
+        stride_z: window stride along Z.
+        num_classes: channels the model outputs.
+        batch_size: windows per forward.
+        autocast_dtype: e.g. ``torch.bfloat16`` to run the forward under ``torch.autocast``; the
+            softmax and the sums stay fp32. ``None``: plain fp32.
+
+    Returns:
+        ``labels``: np.uint8 (X, Y, Z), the argmax class per voxel.
+        ``probs``: torch.float32 (num_classes, X, Y, Z) on the model's device, the averaged softmax.
+    """
+    if image.ndim != 3:
+        raise ValueError(f"sliding_window_predict: expected an image (X, Y, Z), got shape {tuple(image.shape)}")
+    patch_size = tuple(int(p) for p in patch_size)
+    if len(patch_size) != 3 or min(patch_size) < 1:
+        raise ValueError(f"sliding_window_predict: patch_size must be 3 positive ints, got {patch_size}")
+    for name, value in (("stride_xy", stride_xy), ("stride_z", stride_z), ("batch_size", batch_size)):
+        if int(value) < 1:
+            raise ValueError(f"sliding_window_predict: {name} must be a positive integer, got {value!r}")
+    if num_classes < 1:
+        raise ValueError(f"sliding_window_predict: num_classes must be >= 1, got {num_classes}")
+
+    device = _model_device(model)
+    volume = torch.as_tensor(image, dtype=torch.float32).to(device)
+    size = tuple(volume.shape)
+    padding = _centred_padding(size, patch_size)
+    # F.pad lists axes last-first.
+    volume = nn.functional.pad(volume, [p for lo_hi in reversed(padding) for p in lo_hi])
+    strides = (stride_xy, stride_xy, stride_z)
+    starts = [window_starts(s, p, st) for s, p, st in zip(volume.shape, patch_size, strides)]
+    windows = list(itertools.product(*starts))  # x-major, then y, then z: the release's loop order
+
+    score = torch.zeros((num_classes, *volume.shape), dtype=torch.float32, device=device)
+    # Windows covering each voxel, as an outer product of per-axis counts (exact small integers in
+    # fp32, the same values the release accumulates one window at a time).
+    counts = []
+    for axis, (axis_starts, p) in enumerate(zip(starts, patch_size)):
+        c = torch.zeros(volume.shape[axis], dtype=torch.float32, device=device)
+        for s in axis_starts:
+            c[s : s + p] += 1
+        counts.append(c)
+    count = counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
+
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    px, py, pz = patch_size
+    for first in range(0, len(windows), batch_size):
+        batch = windows[first : first + batch_size]
+        x = torch.stack([volume[xs : xs + px, ys : ys + py, zs : zs + pz] for xs, ys, zs in batch])[:, None]
+        with autocast:
+            logits = model(x)
+        expected = (len(batch), num_classes, *patch_size)
+        if tuple(logits.shape) != expected:
+            raise ValueError(
+                f"sliding_window_predict: model returned logits of shape {tuple(logits.shape)}, expected {expected} "
+                f"(num_classes={num_classes})"
+            )
+        probs = torch.softmax(logits.float(), dim=1)
+        for k, (xs, ys, zs) in enumerate(batch):  # in window order, so the fp32 sums match the release
+            score[:, xs : xs + px, ys : ys + py, zs : zs + pz] += probs[k]
+
+    score /= count
+    crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(padding, size))
+    score = score[(slice(None), *crop)]
+    labels = score.argmax(0).to(torch.uint8).cpu().numpy()
+    return labels, score
+
+
+def _iter_cases(data: Any, split: str) -> tuple[int, Iterable[Any]]:
+    """(number of cases, iterable of objects with .id/.image/.label); a folder is read lazily, one case at a time."""
+    if isinstance(data, (str, os.PathLike)):
+        from uamt_fast.data import load_case, read_list  # lazy: the data module is optional for in-memory use
+
+        ids = read_list(data, split)
+        return len(ids), (load_case(data, case_id) for case_id in ids)
+    if not isinstance(data, Sequence):
+        raise TypeError(
+            f"evaluate: data must be a data-set folder or a sequence of cases with .id/.image/.label, "
+            f"got {type(data).__name__}"
+        )
+    for i, case in enumerate(data):
+        missing = [a for a in ("id", "image", "label") if not hasattr(case, a)]
+        if missing:
+            raise TypeError(f"evaluate: data[{i}] ({type(case).__name__}) lacks attribute(s) {missing}")
+    return len(data), iter(data)
+
+
+def evaluate(
+    model: nn.Module,
+    data: str | os.PathLike | Sequence[Any],
+    split: str = "test",
+    patch_size: Sequence[int] = PATCH_SIZE,
+    stride_xy: int = 18,
+    stride_z: int = 4,
+    num_classes: int = 2,
+    batch_size: int = 4,
+    autocast_dtype: torch.dtype | None = None,
+    progress: Callable[[dict], Any] | None = None,
+) -> dict:
+    """Sliding-window predictions of every case of a split, scored like the paper's table.
+
+    Args:
+        model: segmentation network; put in eval mode for the run (dropout off, running batch-norm
+            statistics) and restored to each module's previous mode afterwards.
+        data: a data-set root (the release layout; cases from ``uamt_fast.data.read_list(root, split)``,
+            each loaded by ``uamt_fast.data.load_case``) or a sequence of objects with ``.id``,
+            ``.image`` (X, Y, Z) and ``.label`` (X, Y, Z).
+        split: list name when ``data`` is a folder (``"test"`` reads test.list); unused otherwise.
+        patch_size, stride_xy, stride_z, num_classes, batch_size, autocast_dtype: as in
+            ``sliding_window_predict``.
+        progress: called with each case's row once it is scored (e.g. ``progress=print``).
+
+    Returns:
+        ``{"cases": [{"case", "dice", "jaccard", "hd95", "asd"}, ...], "mean": {...}, "nan_cases": n}``;
+        foreground is every nonzero predicted class. Dice/Jaccard are fractions, 95HD/ASD voxels;
+        an empty prediction gives NaN distances (see ``uamt_fast.metrics``).
+    """
+    n_cases, cases = _iter_cases(data, split)
+    if n_cases == 0:
+        raise ValueError(f"evaluate: no cases to evaluate (split {split!r})")
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    rows = []
+    try:
+        for case in cases:
+            if tuple(case.image.shape) != tuple(case.label.shape):
+                raise ValueError(
+                    f"evaluate: case {case.id!r}: image shape {tuple(case.image.shape)} does not match "
+                    f"label shape {tuple(case.label.shape)}"
+                )
+            labels, _ = sliding_window_predict(
+                model, case.image, patch_size, stride_xy, stride_z, num_classes, batch_size, autocast_dtype
+            )
+            row = {"case": str(case.id), **case_metrics(labels, case.label)}
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+    finally:
+        for m, training in modes:
+            m.train(training)
+    return summarize(rows)
+
+
+def format_table(result: dict) -> str:
+    """The ``evaluate`` result as a text table like the paper's: Dice %, Jaccard %, 95HD and ASD (voxels)."""
+    missing = [k for k in ("cases", "mean", "nan_cases") if k not in result]
+    if missing:
+        raise ValueError(f"format_table: result lacks {missing}; expected the output of evaluate()/summarize()")
+    width = max([len("case")] + [len(str(row.get("case", ""))) for row in result["cases"]] + [len("mean (000)")])
+    header = f"{'case':<{width}}  {'Dice(%)':>8}  {'Jaccard(%)':>10}  {'95HD(vox)':>9}  {'ASD(vox)':>8}"
+
+    def line(name: str, m: dict) -> str:
+        return (
+            f"{name:<{width}}  {100 * m['dice']:>8.2f}  {100 * m['jaccard']:>10.2f}  "
+            f"{m['hd95']:>9.2f}  {m['asd']:>8.2f}"
+        )
+
+    lines = [header, "-" * len(header)]
+    lines += [line(str(row.get("case", i)), row) for i, row in enumerate(result["cases"])]
+    lines += ["-" * len(header), line(f"mean ({len(result['cases'])})", result["mean"])]
+    if result["nan_cases"]:
+        lines.append(
+            f"{result['nan_cases']} case(s) with an empty prediction or label: NaN distances, left out of "
+            f"the distance means"
+        )
+    return "\n".join(lines)
+
+
+__all__ = ["PATCH_SIZE", "METRIC_NAMES", "evaluate", "format_table", "sliding_window_predict", "window_starts"]
