@@ -78,6 +78,11 @@ ELEMENTWISE_WARPS = 8
 if TRITON_INTERPRET:
     TILE_ELEMS, MAX_BLOCK_V, FINALIZE_BLOCK, ELEMENTWISE_BLOCK = 256, 64, 4, 256
 
+# Every output buffer of the launchers comes from these two; tests swap in NaN-filled versions to
+# prove that the kernels write every element.
+_empty = torch.empty
+_empty_like = torch.empty_like
+
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
@@ -293,12 +298,12 @@ def _grad_buffer(student: torch.Tensor, need_grad: bool) -> torch.Tensor:
     Shared by the real and the fake kernel so torch.compile sees the strides the kernel writes."""
     if not need_grad:
         return student.new_empty(0)
-    grad = torch.empty_like(student)
+    grad = _empty_like(student)
     try:
         grad.view(*student.shape[:2], -1)
         return grad
     except RuntimeError:  # dense but not flattenable (e.g. permuted spatial dims)
-        return torch.empty_like(student, memory_format=torch.contiguous_format)
+        return _empty_like(student, memory_format=torch.contiguous_format)
 
 
 def _block_sizes(num_classes: int) -> tuple[int, int]:
@@ -331,11 +336,11 @@ def uncertainty_loss_forward(
 
     grad = _grad_buffer(student, need_grad)
     g3 = grad.view(B, C, -1) if need_grad else grad.view(1, 1, 0)
-    partials = torch.empty(NUM_PARTIALS, num_programs, device=device, dtype=torch.float32)
-    counts = torch.empty(num_programs, device=device, dtype=torch.int32)
-    loss = torch.empty((), device=device, dtype=torch.float32)
-    bwd_scale = torch.empty((), device=device, dtype=torch.float32)
-    stats = torch.empty(4, device=device, dtype=torch.float32)
+    partials = _empty(NUM_PARTIALS, num_programs, device=device, dtype=torch.float32)
+    counts = _empty(num_programs, device=device, dtype=torch.int32)
+    loss = _empty((), device=device, dtype=torch.float32)
+    bwd_scale = _empty((), device=device, dtype=torch.float32)
+    stats = _empty(4, device=device, dtype=torch.float32)
     thr_from_ptr = threshold is not None
 
     _uncertainty_loss_fwd_kernel[grid](
@@ -365,7 +370,7 @@ def uncertainty_loss_backward(
             "gradient (student_logits did not require grad, or grad mode was off)"
         )
     _check_launchable(grad_unscaled, bwd_scale, grad_output)
-    out = torch.empty_like(grad_unscaled)  # grad_unscaled is dense, so out has its strides
+    out = _empty_like(grad_unscaled)  # grad_unscaled is dense, so out has its strides
     n = grad_unscaled.numel()
     _scale_grad_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](
         grad_unscaled, out, bwd_scale, grad_output, n, BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS
@@ -379,7 +384,7 @@ def predictive_entropy_forward(mc_logits: torch.Tensor) -> torch.Tensor:
     T, B, C = mc_logits.shape[:3]
     mc4 = _voxel_view(mc_logits, 2)
     V = mc4.shape[3]
-    out = torch.empty((B, *mc_logits.shape[3:]), device=mc_logits.device, dtype=torch.float32)
+    out = _empty((B, *mc_logits.shape[3:]), device=mc_logits.device, dtype=torch.float32)
     c_pad, block_v = _block_sizes(C)
     _predictive_entropy_kernel[(triton.cdiv(V, block_v), B)](
         mc4, *mc4.stride(), out, T, C, V, C_PAD=c_pad, BLOCK_V=block_v, num_warps=NUM_WARPS
