@@ -1,0 +1,157 @@
+"""pytest set-up of the micro-benchmarks: ``python -m pytest benchmarks/`` (pytest-benchmark).
+
+- Collects ``bench_*.py`` (the project's tests are ``tests/test_*.py``; the suites stay apart).
+- Never sets ``TRITON_INTERPRET`` (``tests/conftest.py`` does, for CPU correctness tests): an
+  interpreted kernel's time means nothing. On a CPU the fused rows skip with a reason and only
+  the reference rows run; on a GPU with ``TRITON_INTERPRET=1`` in the environment the run stops.
+- The ``bench`` fixture (one per session) knows the device, measures its copy bandwidth once and
+  collects one row per benchmark. At the end a table is printed (median, p20-p80, arithmetic
+  floor, GB/s, % of copy bandwidth, peak memory, speedup over each baseline of the same group)
+  and, with ``--bench-json PATH``, written with the environment header as JSON.
+
+Options: ``--bench-json PATH``; ``--bench-tiny`` (tiny shapes: the CPU dry run of gpu_check.sh; with
+``TRITON_INTERPRET=1`` exported beforehand the fused rows then run in the Triton interpreter, which
+checks their wiring, not their speed); ``UAMT_BENCH_DEVICE=cpu`` forces the CPU on a GPU machine.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from functools import cached_property
+
+import pytest
+import torch
+
+from benchmarks import measure
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("uamt_fast benchmarks")
+    group.addoption("--bench-json", default=None, help="write every row and the environment as JSON to this path")
+    group.addoption("--bench-tiny", action="store_true", help="tiny shapes (wiring check, e.g. gpu_check.sh --cpu)")
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def _device() -> torch.device:
+    want = os.environ.get("UAMT_BENCH_DEVICE", "auto")
+    if want not in ("auto", "cpu", "cuda"):
+        raise pytest.UsageError(f"UAMT_BENCH_DEVICE must be auto, cpu or cuda; got {want!r}")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("UAMT_BENCH_DEVICE=cuda but torch sees no CUDA device")
+    return torch.device("cuda" if want != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def pytest_configure(config):
+    if _device().type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+        raise pytest.UsageError(
+            "TRITON_INTERPRET=1 is set on a CUDA machine: the Triton kernels would run in the CPU "
+            "interpreter and every fused timing would be meaningless. Unset it for benchmarks/."
+        )
+
+
+class BenchSession:
+    """Device, ceilings and the rows measured in this pytest session."""
+
+    def __init__(self, device: torch.device, tiny: bool):
+        self.device = device
+        self.tiny = tiny
+        self.rows: list[dict] = []
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @cached_property
+    def env(self) -> dict:
+        return measure.environment(self.device)
+
+    @cached_property
+    def copy_gbps(self) -> float:
+        return measure.copy_bandwidth(self.device, None if not self.tiny else 64 * measure.MiB)
+
+    @property
+    def interpreted(self) -> bool:
+        """Tiny CPU dry run with TRITON_INTERPRET=1: fused rows run the kernels in the interpreter, to
+        check their wiring (their times mean nothing and are marked so)."""
+        return not self.cuda and self.tiny and os.environ.get("TRITON_INTERPRET") == "1"
+
+    def require_cuda(self, what: str, wiring_row: bool = False) -> None:
+        """Skip a fused row off CUDA: on a CPU the public ops run the reference math, so its time
+        would say nothing. In the ``interpreted`` dry run the rows marked ``wiring_row`` (one per op
+        and mode) still run, once each: an interpreted call takes seconds."""
+        if self.cuda:
+            return
+        if not self.interpreted:
+            pytest.skip(f"{what}: the fused Triton kernels run on CUDA only; on the CPU only reference rows are timed")
+        if not wiring_row:
+            pytest.skip(f"{what}: the interpreted dry run checks one row per op and mode")
+
+    def run(self, benchmark, *, group: str, provider: str, fn, arg_sets: list[tuple], bytes_moved: int | None,
+            baseline: bool, peak: bool = False, **meta) -> dict:
+        """Time ``fn(*args)`` over the rotated ``arg_sets``; record and return the row.
+
+        GPU: the row's median comes from CUDA events (``measure.time_cuda``); pytest-benchmark then
+        times ``fn + synchronize`` too (its table: host wall time per call, sync included). CPU:
+        the row's median is pytest-benchmark's own. ``peak``: also record the extra device memory
+        of one call (forward + backward rows).
+        """
+        benchmark.group = group
+        cycle = itertools.cycle(arg_sets)
+        row = {"group": group, "provider": provider, "baseline": baseline, "bytes": bytes_moved, **meta}
+        if self.interpreted and not baseline:
+            row["provider"] = provider = f"{provider} (interpreter)"
+        if self.cuda:
+            timing = measure.time_cuda(fn, arg_sets)
+            row.update(timing.as_dict(), timer="cuda-events")
+            if peak:
+                row["peak_bytes"] = measure.peak_memory_bytes(lambda: fn(*arg_sets[0]), self.device)
+
+            def synced():
+                fn(*next(cycle))
+                torch.cuda.synchronize()
+
+            benchmark(synced)
+        elif self.interpreted and not baseline:
+            benchmark.pedantic(lambda: fn(*next(cycle)), rounds=1, iterations=1)
+        else:
+            benchmark(lambda: fn(*next(cycle)))
+            stats = getattr(benchmark, "stats", None)
+            if stats is not None:  # None under --benchmark-disable
+                timing = measure.quantiles_ms([t * 1e3 for t in stats.stats.sorted_data], len(arg_sets))
+                row.update(timing.as_dict(), timer="pytest-benchmark perf_counter")
+        measure.add_roofline(row, self.copy_gbps)
+        benchmark.extra_info.update({k: v for k, v in row.items() if isinstance(v, (int, float, str, bool))})
+        self.rows.append(row)
+        return row
+
+
+_SESSION: BenchSession | None = None
+
+
+@pytest.fixture(scope="session")
+def bench(request) -> BenchSession:
+    global _SESSION
+    _SESSION = BenchSession(_device(), request.config.getoption("--bench-tiny"))
+    return _SESSION
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _SESSION is None or not _SESSION.rows:
+        return
+    rows = measure.add_speedups(sorted(_SESSION.rows, key=lambda r: r["group"]))
+    tr = terminalreporter
+    tr.write_sep("=", "uamt_fast micro-benchmarks")
+    tr.write_line(measure.environment_line(_SESSION.env))
+    tr.write_line(f"copy bandwidth (read + write), same run: {_SESSION.copy_gbps:.1f} GB/s; "
+                  f"timer: {'CUDA events, median' if _SESSION.cuda else 'perf_counter via pytest-benchmark, median'}")
+    tr.write_line(measure.format_table(rows))
+    path = config.getoption("--bench-json")
+    if path:
+        measure.write_json(path, {"environment": _SESSION.env, "copy_gbps": _SESSION.copy_gbps,
+                                  "tiny": _SESSION.tiny, "rows": rows})
+        tr.write_line(f"rows written to {path}")
