@@ -57,7 +57,7 @@ def _model_device(model: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: callers may still update the returned probs in place
 def sliding_window_predict(
     model: nn.Module,
     image: np.ndarray | torch.Tensor,
