@@ -239,6 +239,26 @@ def test_rebound_parameters_are_detected_and_updated_correctly(launches):
     assert uamt_fast.flat_parameters(replaced) is None
 
 
+def test_parameters_added_after_flattening_are_not_skipped():
+    student, teacher, _ = twins()
+    extra_head = nn.Linear(7, 2).to(DEVICE)  # built before flattening, attached after
+    for model in (student, teacher):
+        uamt_fast.flatten_parameters_(model)
+        assert uamt_fast.flat_parameters(model) is not None
+    teacher.add_module("head", copy.deepcopy(extra_head))
+    student.add_module("head", extra_head)
+    assert uamt_fast.flat_parameters(teacher) is None
+    with pytest.warns(UserWarning, match="no longer share the buffer"):
+        uamt_fast.ema_update_(teacher, student, 0.0)  # alpha 0: the teacher becomes the student
+    for p, q in zip(teacher.parameters(), student.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+    other = small_model()
+    uamt_fast.flatten_parameters_(other)
+    other[-1].scale = nn.Parameter(torch.ones(1, device=DEVICE))  # a new parameter on a submodule
+    assert uamt_fast.flat_parameters(other) is None
+
+
 def test_custom_op_updates_flat_buffers():
     teacher, student = torch.randn(300, device=DEVICE), torch.randn(300, device=DEVICE)
     expected = teacher.clone().mul_(0.9).add_(student, alpha=0.1)

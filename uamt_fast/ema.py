@@ -13,9 +13,9 @@ Typical use::
 from __future__ import annotations
 
 import math
+import operator
 import os
 import warnings
-from typing import NamedTuple
 
 import torch
 
@@ -32,14 +32,65 @@ ALIGN = 16  # elements (64 bytes): every parameter view starts aligned for vecto
 _FLAT_ATTR = "_uamt_flat_parameters"
 
 
-class _FlatRecord(NamedTuple):
-    """What flatten_parameters_ leaves on a module to find its buffer again in O(#tensors), without
-    walking the module tree: (owner module, attribute name, parameter, element offset) per tensor,
-    and the (shape, stride) signature two models must share to be updated element-for-element."""
+# Parameter / submodule registrations anywhere in the process, counted by two global nn.Module
+# hooks installed by the first flatten_parameters_ call. While the count is unchanged no flattened
+# model can have gained a parameter, so the per-call check skips walking the module tree.
+_registrations = 0
+_hooks_installed = False
 
-    buffer: torch.Tensor
-    entries: tuple
-    signature: tuple
+
+def _count_registration(*args) -> None:
+    global _registrations
+    _registrations += 1
+
+
+def _install_registration_hooks() -> None:
+    global _hooks_installed
+    if not _hooks_installed:
+        torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+        torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+        _hooks_installed = True
+
+
+class _FlatRecord:
+    """What flatten_parameters_ leaves on a module to find its buffer again without walking the
+    module tree: per tensor the owner's ``_parameters`` dict, the attribute name, the Parameter and
+    its element offset; and the (shape, stride) signature two models must share to be updated
+    element for element (interned: equal signatures share their items, so comparing is quick)."""
+
+    __slots__ = ("buffer", "owner_dicts", "names", "params", "offsets", "signature", "_base", "_expected",
+                 "_registrations_seen")
+
+    def __init__(self, buffer, owners, names, params, offsets, signature):
+        self.buffer = buffer
+        self.owner_dicts = tuple(owner._parameters for owner in owners)
+        self.names, self.params, self.offsets = tuple(names), tuple(params), tuple(offsets)
+        self.signature = _SIGNATURES.setdefault(signature, signature)
+        self._base, self._expected = None, None
+        self._registrations_seen = _registrations
+
+    def is_valid(self, module: torch.nn.Module) -> bool:
+        """Every parameter of ``module`` is one of ours, still registered under its name and still
+        a view at its offset. O(#tensors) in C-speed loops; the module tree is walked only after a
+        parameter or submodule was registered somewhere since the last check."""
+        base = self.buffer.data_ptr()
+        if base != self._base:  # first call, or the buffer was re-created (unpickled module)
+            size = self.buffer.element_size()
+            self._base, self._expected = base, [base + off * size for off in self.offsets]
+        if not (
+            all(map(operator.is_, map(dict.get, self.owner_dicts, self.names), self.params))
+            and list(map(torch.Tensor.data_ptr, self.params)) == self._expected
+        ):
+            return False
+        if self._registrations_seen != _registrations:
+            current = tuple(module.parameters())
+            if len(current) != len(self.params) or not all(map(operator.is_, current, self.params)):
+                return False
+            self._registrations_seen = _registrations
+        return True
+
+
+_SIGNATURES: dict = {}
 
 
 def flatten_parameters_(module: torch.nn.Module) -> torch.Tensor:
@@ -50,8 +101,9 @@ def flatten_parameters_(module: torch.nn.Module) -> torch.Tensor:
     keep working; each view keeps its parameter's strides (channels_last weights stay channels_last)
     and starts on a 64-byte boundary. Call it once the model is built and on its device: anything that
     re-binds parameters afterwards (``.to(dtype)``, ``.to(device)``, ``load_state_dict(assign=True)``,
-    ``deepcopy``) ends the sharing, which ``ema_update_`` detects (it then warns and takes the
-    per-tensor path). Parameters registered after this call are not in the buffer.
+    ``deepcopy``, a new parameter or submodule) ends the sharing, which ``ema_update_`` detects (it
+    then warns and takes the per-tensor path). To notice new parameters cheaply, the first call
+    installs two global ``nn.Module`` registration hooks that only count registrations.
 
     Args:
         module: a model whose parameters are float32 and all on one device.
@@ -74,6 +126,7 @@ def flatten_parameters_(module: torch.nn.Module) -> torch.Tensor:
             owned.append((owner, name, p))
     if not owned:
         raise ValueError("flatten_parameters_: the module has no parameters")
+    _install_registration_hooks()
     devices = {p.device for _, _, p in owned}
     if len(devices) > 1:
         raise ValueError(f"flatten_parameters_: expected parameters on one device, got {sorted(map(str, devices))}")
@@ -83,19 +136,18 @@ def flatten_parameters_(module: torch.nn.Module) -> torch.Tensor:
         offsets.append(total)
         total += -(-p.numel() // ALIGN) * ALIGN
     buffer = torch.zeros(total, dtype=torch.float32, device=owned[0][2].device)
-    entries, signature = [], []
+    signature = []
     with torch.no_grad():
-        for (owner, name, p), offset in zip(owned, offsets):
+        for (_, _, p), offset in zip(owned, offsets):
             # empty_like keeps a dense layout's strides (contiguous, channels_last, ...); a dense
             # layout spans exactly numel elements, so the view stays inside its slot.
             strides = torch.empty_like(p, device="meta").stride()
             view = buffer.as_strided(p.shape, strides, offset)
             view.copy_(p)
             p.data = view
-            entries.append((owner, name, p, offset))
             signature.append((tuple(p.shape), strides))
-    record = _FlatRecord(buffer, tuple(entries), tuple(signature))
-    object.__setattr__(module, _FLAT_ATTR, record)
+    owners, names, params = zip(*owned)
+    object.__setattr__(module, _FLAT_ATTR, _FlatRecord(buffer, owners, names, params, offsets, tuple(signature)))
     return buffer
 
 
@@ -107,13 +159,7 @@ def flat_parameters(module: torch.nn.Module) -> torch.Tensor | None:
 
 def _valid_record(module) -> _FlatRecord | None:
     record = getattr(module, _FLAT_ATTR, None)
-    if record is None:
-        return None
-    base, itemsize = record.buffer.data_ptr(), record.buffer.element_size()
-    for owner, name, p, offset in record.entries:
-        if owner._parameters.get(name) is not p or p.data_ptr() != base + offset * itemsize:
-            return None
-    return record
+    return record if record is not None and record.is_valid(module) else None
 
 
 def _alpha(decay, step) -> float:
