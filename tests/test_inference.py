@@ -109,7 +109,7 @@ def test_padding_is_centred_and_torch_input_accepted():
     net = tiny_net()
     image = torch.randn(5, 8, 3)  # x pads 3 -> (1, 2); z pads 3 -> (1, 2)
     labels, probs = sliding_window_predict(net, image, PATCH, 3, 2)
-    expected_labels, expected_probs = release_test_single_case(net, image.numpy(), 3, 2, PATCH, 2)
+    expected_labels, _ = release_test_single_case(net, image.numpy(), 3, 2, PATCH, 2)
     np.testing.assert_array_equal(labels, expected_labels)
     assert inference._centred_padding((5, 8, 3), PATCH) == [(1, 2), (0, 0), (1, 2)]
 

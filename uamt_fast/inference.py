@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from uamt_fast.metrics import METRIC_NAMES, case_metrics, summarize
+from uamt_fast.metrics import case_metrics, summarize
 
 PATCH_SIZE = (112, 112, 80)  # the paper's training crop and test window
 
@@ -248,4 +248,4 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PATCH_SIZE", "METRIC_NAMES", "evaluate", "format_table", "sliding_window_predict", "window_starts"]
+__all__ = ["PATCH_SIZE", "evaluate", "format_table", "sliding_window_predict", "window_starts"]

@@ -284,7 +284,8 @@ def _hd95(d_pg: np.ndarray, d_gp: np.ndarray) -> float:
 
 
 def hd95(pred: ArrayLike, gt: ArrayLike) -> float:
-    """95th percentile of the symmetric surface distances in voxels (medpy ``hd95``); NaN + warning if a mask is empty."""
+    """95th percentile of the symmetric surface distances in voxels (medpy ``hd95``); NaN + warning if a
+    mask is empty."""
     p, g = _mask_pair(pred, gt, "hd95")
     which = _empty_which(p, g)
     if which:
