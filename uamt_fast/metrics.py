@@ -15,8 +15,8 @@ the whole volume. Here only the ~1e4 border voxels are queried, with exact integ
 (``sqrt`` of the float64 integer is the only rounding, as in scipy, so results agree bit for bit):
 a nearest-first search over integer offsets in growing shells settles almost every query within a
 few voxels, and a separable brute-force squared EDT inside the borders' bounding box settles the
-rest when that is cheaper. On a real LA volume (~200x150x88, ~3e4 border voxels) a case takes ~50 ms
-against medpy's ~1 s (benchmarks/RESULTS.md).
+rest when that is cheaper. On real LA volumes (~200x140x88, ~3e4 border voxels) a case takes
+0.09-0.14 s against medpy's 1.7-4.7 s on a shared 2-core CPU, 20-36x (benchmarks/RESULTS.md).
 
 Empty masks: medpy raises for distances and gives Dice 1 when both masks are empty. Here an empty
 prediction or ground truth gives Dice = Jaccard = 0 and NaN distances with an ``EmptyMaskWarning``
