@@ -257,7 +257,7 @@ class ReferenceTrainer:
             "uncertainty/mean": uncertainty[0, 0].mean().item(), "uncertainty/max": uncertainty[0, 0].max().item(),
             "uncertainty/min": uncertainty[0, 0].min().item(), "uncertainty/mask_per": (torch.sum(mask) / mask.numel()).item(),
             "loss/loss": loss.item(), "loss/loss_seg": loss_seg.item(), "loss/loss_seg_dice": loss_seg_dice.item(),
-            "train/consistency_loss": float(consistency_loss), "train/consistency_dist": consistency_dist.item(),
+            "train/consistency_loss": consistency_loss.item(), "train/consistency_dist": consistency_dist.item(),
         }
         if iter_num % 2500 == 0:
             for param_group in self.optimizer.param_groups:
