@@ -31,16 +31,16 @@ shapes (T=8, B=2, C=2, 112x112x80, V = 1,003,520 voxels per sample, fp32; E = B*
 elements per logits tensor, 16.06 MB):
 
     inputs read once (both strategies):     mc 8*E*4 = 128.5 MB + student 16.1 + teacher 16.1 = 160.6 MB
-    (a) gradient in forward (chosen):       fwd write g 16.1 MB; bwd read g 16.1 + write grad 16.1  -> 208.8 MB
+    (a) gradient in forward (chosen):       fwd write g 16.1 MB; bwd read g 16.1 + write grad 16.1  -> 208.7 MB
     (b) 1-byte mask + recompute in bwd:     fwd write mask 2.0 MB; bwd read s, t 32.1 + mask 2.0
                                             + write grad 16.1                                        -> 212.8 MB
 
 (a) moves fewer bytes, keeps the backward a trivial elementwise kernel, and holds 16 MB between
 forward and backward where (b) holds student + teacher + mask (34 MB). With bf16 teacher passes
-(the AMP case) mc is 64.2 MB and (a) moves 144.6 MB. Partials (7 floats per 1,024 voxels) are
-noise. At ~3 TB/s (H100 device-copy bandwidth, measured by benchmarks/) the floor for fwd + bwd
-is 208.8 MB / 3 TB/s ~ 70 us: the kernels are memory-bound (~20 flops per mc element; exp and log
-dominate and stay well under the SFU limit).
+(the AMP case, fp32 student and teacher) mc is 64.2 MB and (a) moves 144.5 MB. Partials (6 values
+per 1,024 voxels) are noise. At ~3 TB/s (H100 device-copy bandwidth, measured by benchmarks/) the
+floor for fwd + bwd is 208.7 MB / 3 TB/s ~ 70 us: the kernels are memory-bound (about ten
+arithmetic ops and one exp per mc element, far below the H100's compute and SFU rates).
 
 Strides. Every logits tensor is addressed as (B, C, V) with a batch, class and voxel stride (mc
 has a pass stride in front), so a channels_last_3d student (class stride 1, voxel stride C) or a
@@ -67,11 +67,15 @@ NUM_PARTIALS = 5  # float partials per program: masked sq sum, u sum, u min, u m
 
 # Launch parameters. A program owns BLOCK_V voxels x C_PAD classes; the tile is capped at
 # TILE_ELEMS elements so registers stay bounded for C up to 16+ (C=2: 1,024 voxels, 2,048 elements,
-# 16 fp32 per thread at 4 warps). 1,960 programs at the paper's shapes: ~15 per SM on an H100.
-# The interpreter gets small blocks so CPU tests cover several programs and ragged tails.
+# 8 fp32 per thread at 8 warps, loaded as 128-bit vectors). Compiled for sm_90 (see the test
+# test_kernels_compile_for_hopper_without_spills) the fp32 forward takes 48 registers: 5 programs
+# (1,280 threads, 40 kB of mc tiles in flight) per SM; 4 warps would take 116 registers and fit 4
+# programs of 128 threads. 1,960 programs at the paper's shapes, ~3 waves on 132 SMs. To be tuned
+# by the benchmark on the GPU. The interpreter gets small blocks so CPU tests cover several
+# programs and ragged tails.
 TILE_ELEMS = 2048
 MAX_BLOCK_V = 1024
-NUM_WARPS = 4
+NUM_WARPS = 8
 FINALIZE_BLOCK = 1024
 ELEMENTWISE_BLOCK = 4096
 ELEMENTWISE_WARPS = 8

@@ -338,6 +338,82 @@ def test_torch_compile_fullgraph_keeps_the_fused_op():
 
 
 # ---------------------------------------------------------------------------------------------
+# the GPU build: the interpreter never compiles, so compile every kernel for Hopper (no GPU needed)
+# ---------------------------------------------------------------------------------------------
+
+_COMPILE_FOR_SM90 = r"""
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from uamt_fast.kernels import ema_update as E, uncertainty_loss as K
+
+tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+if not os.path.isfile(os.path.join(tools, "ptxas")):
+    print(json.dumps(None)); sys.exit()
+
+def usage(fn, dtype, constexprs, aligned, num_warps):
+    # Specialised like a runtime launch: 16-byte-aligned pointers, 16-divisible ints in `aligned`.
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs: sig[name] = "constexpr"
+        elif name == "count_ptr": sig[name] = "*i32"
+        elif name in ("s_ptr", "q_ptr", "mc_ptr", "g_ptr", "out_ptr", "teacher_ptr", "student_ptr"): sig[name] = "*" + dtype
+        elif name.endswith("_ptr"): sig[name] = "*fp32"
+        elif name in ("thr_value", "alpha", "one_minus_alpha"): sig[name] = "fp32"
+        else: sig[name] = "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith("*") or n in aligned}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        open(path, "wb").write(k.asm["cubin"])
+        out = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", path],
+                             capture_output=True, text=True, check=True).stdout
+    line = next(l for l in out.splitlines() if "REG:" in l)
+    return {f.split(":")[0]: int(f.split(":")[1]) for f in line.split() if f.split(":")[-1].isdigit()}
+
+strides = ("s_sb", "s_sc", "q_sb", "q_sc", "mc_st", "mc_sb", "mc_sc", "g_sb", "g_sc", "V")
+unit = {"s_sv": 1, "q_sv": 1, "mc_sv": 1, "g_sv": 1}
+report = {}
+for dtype, c in (("fp32", 2), ("bf16", 2), ("fp32", 16)):
+    block_v = min(K.MAX_BLOCK_V, K.TILE_ELEMS // c)
+    report[f"loss_fwd {dtype} C={c}"] = usage(K._uncertainty_loss_fwd_kernel, dtype, {
+        "THR_FROM_PTR": dtype == "bf16", "WRITE_GRAD": True, "C_PAD": c, "BLOCK_V": block_v, **unit}, strides, K.NUM_WARPS)
+    report[f"entropy {dtype} C={c}"] = usage(K._predictive_entropy_kernel, dtype, {
+        "C_PAD": c, "BLOCK_V": block_v, "mc_sv": 1}, ("mc_st", "mc_sb", "mc_sc", "V"), K.NUM_WARPS)
+report["finalize"] = usage(K._finalize_kernel, "fp32", {"BLOCK_P": K.FINALIZE_BLOCK}, (), 4)
+report["scale_grad"] = usage(K._scale_grad_kernel, "fp32", {"BLOCK": K.ELEMENTWISE_BLOCK}, ("numel",), K.ELEMENTWISE_WARPS)
+report["ema_update"] = usage(E._ema_update_kernel, "fp32", {"BLOCK": E.BLOCK}, ("n",), E.NUM_WARPS)
+print(json.dumps(report))
+"""
+
+
+def test_kernels_compile_for_hopper_without_spills():
+    """Every kernel (loss, entropy, finalize, backward scale, EMA) at the launchers' GPU settings
+    compiles to an sm_90 cubin with Triton's bundled ptxas: no local-memory spills, and the loss
+    kernel leaves room for several 8-warp programs per SM. Runs in a subprocess because this one
+    runs the interpreter, which never compiles."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], cwd=Path(__file__).resolve().parents[1],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    if report is None:
+        pytest.skip("this Triton install has no bundled ptxas")
+    for kernel, usage in report.items():
+        assert usage["LOCAL"] == 0, (kernel, usage)
+    for kernel in ("loss_fwd fp32 C=2", "loss_fwd bf16 C=2", "loss_fwd fp32 C=16"):
+        assert report[kernel]["REG"] <= 96, (kernel, report[kernel])  # >= 2 programs of 8 warps per SM
+
+
+# ---------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------
 
