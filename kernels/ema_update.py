@@ -6,7 +6,7 @@ whatever the buffers' dtypes. With both models' parameters laid out in one conti
 the released per-tensor ``mul_().add_()`` loop (2 launches and 5 passes over memory per tensor).
 
 Bytes at the paper's model (V-Net, 9,448,866 fp32 parameters, 37.8 MB per copy; the flat buffer
-pads each tensor to 16 elements, +1.4 kB):
+starts each tensor on a 16-element boundary: 14 elements of padding):
 
     read teacher 37.8 MB + read student 37.8 MB + write teacher 37.8 MB = 113.4 MB
 
