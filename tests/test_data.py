@@ -1,0 +1,351 @@
+"""uamt_fast.data: lists, split, loading and its errors, synthetic scans, packing, the two-stream sampler."""
+import re
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from uamt_fast import data
+from uamt_fast.data import Case, DataError, TwoStreamSampler
+
+
+def write_case(root, case_id, image=None, label=None, **extra):
+    """One h5 case in the release layout; ``image=None`` / ``label=None`` leave that dataset out."""
+    folder = root / data.IMAGES_DIR / case_id
+    folder.mkdir(parents=True, exist_ok=True)
+    with h5py.File(folder / data.H5_NAME, "w") as f:
+        for name, array in {"image": image, "label": label, **extra}.items():
+            if array is not None:
+                f.create_dataset(name, data=array)
+    return folder / data.H5_NAME
+
+
+def constant_case(case_id, value, shape=(12, 10, 7)):
+    """A case whose every voxel is ``value``: any crop of it names the case it came from."""
+    return Case(case_id, np.full(shape, value, np.float32), np.zeros(shape, np.uint8))
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    return data.write_synthetic_la(tmp_path_factory.mktemp("synth"), n_train=3, n_test=2, shape=(24, 20, 12), seed=5)
+
+
+# ----------------------------------------------------------------------------- lists and split
+def test_read_list_keeps_file_order_and_ignores_blank_lines(tmp_path):
+    (tmp_path / "train.list").write_text("b\n\na \n c\n")
+    assert data.read_list(tmp_path, "train") == ["b", "a", "c"]
+
+
+def test_semi_supervised_split_takes_the_first_n_as_labeled():
+    ids = [f"id{i}" for i in range(80)]
+    labeled, unlabeled = data.semi_supervised_split(ids, 16)
+    assert labeled == ids[:16] and unlabeled == ids[16:]
+    assert data.semi_supervised_split(ids, 80) == (ids, [])
+    for bad in (0, -1, 81):
+        with pytest.raises(DataError, match=f"labeled={bad}"):
+            data.semi_supervised_split(ids, bad)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_list_errors_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="root not found: .*nowhere"):
+        data.read_list(tmp_path / "nowhere", "train")
+    with pytest.raises(DataError, match="list not found: .*test.list"):
+        data.read_list(tmp_path, "test")
+    (tmp_path / "train.list").write_text("\n\n")
+    with pytest.raises(DataError, match="train.list: the case list is empty"):
+        data.read_list(tmp_path, "train")
+    (tmp_path / "train.list").write_text("a\nb\na\n")
+    with pytest.raises(DataError, match=r"train.list: duplicate case ids \['a'\]"):
+        data.read_list(tmp_path, "train")
+
+
+GOOD_IMAGE, GOOD_LABEL = np.zeros((4, 5, 6), np.float32), np.zeros((4, 5, 6), np.uint8)
+BAD_CASES = {  # name: (datasets written, expected message after the file name)
+    "no image": (dict(image=None, label=GOOD_LABEL), "no dataset 'image'"),
+    "no label": (dict(image=GOOD_IMAGE, label=None, other=GOOD_LABEL), "no dataset 'label'"),
+    "shape mismatch": (dict(image=GOOD_IMAGE, label=np.zeros((4, 5, 7), np.uint8)), r"image shape \(4, 5, 6\) != label"),
+    "label value 2": (dict(image=GOOD_IMAGE, label=GOOD_LABEL + 2), r"label values \[2\] outside"),
+    "negative label": (dict(image=GOOD_IMAGE, label=GOOD_LABEL.astype(np.int8) - 1), r"label values \[-1\] outside"),
+    "float label": (dict(image=GOOD_IMAGE, label=GOOD_IMAGE), "label dtype float32"),
+    "2D arrays": (dict(image=GOOD_IMAGE[0], label=GOOD_LABEL[0]), "must both be non-empty 3D"),
+    "integer image": (dict(image=GOOD_LABEL, label=GOOD_LABEL), "image dtype uint8"),
+    "NaN in image": (dict(image=np.where(GOOD_LABEL == 0, np.nan, 0).astype(np.float32), label=GOOD_LABEL),
+                     "120 non-finite values"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_CASES)
+def test_bad_case_contents_raise_naming_the_file(tmp_path, name):
+    datasets, message = BAD_CASES[name]
+    path = write_case(tmp_path, "c1", **datasets)
+    with pytest.raises(DataError, match=re.escape(f"{path}: ") + ".*" + message):
+        data.load_case(tmp_path, "c1")
+
+
+def test_missing_or_truncated_case_files_raise_naming_the_file(tmp_path):
+    with pytest.raises(DataError, match="root not found"):
+        data.load_case(tmp_path / "nowhere", "c1")
+    with pytest.raises(DataError, match=re.escape(f"case folder not found: {tmp_path / data.IMAGES_DIR / 'c1'}")):
+        data.load_case(tmp_path, "c1")
+    (tmp_path / data.IMAGES_DIR / "c1").mkdir(parents=True)
+    with pytest.raises(DataError, match=f"case file not found: .*c1/{data.H5_NAME}"):
+        data.load_case(tmp_path, "c1")
+    path = write_case(tmp_path, "c1", image=np.random.rand(16, 16, 16).astype(np.float32), label=np.ones((16,) * 3, np.uint8))
+    assert data.load_case(tmp_path, "c1").image.shape == (16, 16, 16)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a truncated copy
+    with pytest.raises(DataError, match=re.escape(f"{path}: unreadable HDF5 file")):
+        data.load_case(tmp_path, "c1")
+    with pytest.raises(DataError, match=re.escape(f"{path}: unreadable HDF5 file")):  # load_cases raises too, nothing skipped
+        data.load_cases(tmp_path, ["c1"])
+
+
+def test_truncated_packed_case_raises_naming_the_file(synthetic_root, tmp_path):
+    data.pack_dataset(synthetic_root, tmp_path, case_ids=["synth0000"])
+    path = tmp_path / data.IMAGES_DIR / "synth0000" / data.PACKED_NAME
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match=re.escape(f"{path}: unreadable packed case")):
+        data.load_case(tmp_path, "synth0000")
+
+
+def test_sampler_rejects_bad_options():
+    cases = [constant_case(f"c{i}", i) for i in range(4)]
+    bad = {
+        "patch_size .*3 positive sizes": dict(patch_size=(8, 0, 4)),
+        "patch_size .*need 3": dict(patch_size=(8, 8)),
+        "larger than every volume": dict(patch_size=(8, 8, 8)),  # depth 7 everywhere
+        "batch_labeled=0 must be >= 1": dict(batch_labeled=0),
+        "batch_unlabeled=-1": dict(batch_unlabeled=-1),
+        "3 labeled cases cannot fill batch_labeled=4": dict(batch_labeled=4),
+    }
+    for message, options in bad.items():
+        with pytest.raises(DataError, match=message):
+            TwoStreamSampler(cases[:3], cases[3:], **{"patch_size": (8, 8, 4), **options})
+    with pytest.raises(DataError, match="batch_unlabeled=0 with 1 unlabeled"):
+        TwoStreamSampler(cases[:3], cases[3:], patch_size=(8, 8, 4), batch_unlabeled=0)
+    with pytest.raises(DataError, match="batch_unlabeled=2 with 0 unlabeled"):
+        TwoStreamSampler(cases, [], patch_size=(8, 8, 4))
+    with pytest.raises(DataError, match="case bad: image .* equal 3D shapes"):
+        Case("bad", np.zeros((2, 2, 2), np.float32), np.zeros((2, 2, 3), np.uint8))
+
+
+# ----------------------------------------------------------------------------- sampler streams
+def test_labeled_cases_cycle_once_per_epoch_and_unlabeled_forever():
+    labeled = [constant_case(f"L{i}", i) for i in range(7)]  # 7 // 2 = 3 batches an epoch, one left out
+    unlabeled = [constant_case(f"U{i}", 100 + i) for i in range(5)]
+    sampler = TwoStreamSampler(labeled, unlabeled, patch_size=(8, 8, 4), batch_labeled=2, batch_unlabeled=2, seed=1)
+    assert sampler.batches_per_epoch == 3
+    epochs, stream = [], []
+    for epoch in range(6):
+        seen = []
+        for _ in range(sampler.batches_per_epoch):
+            images, labels = sampler.next()
+            assert images.shape == (4, 1, 8, 8, 4) and labels.shape == (4, 8, 8, 4)
+            assert images.dtype == torch.float32 and labels.dtype == torch.int64
+            values = images.flatten(1)
+            assert (values == values[:, :1]).all()  # each row is one case (no padding here)...
+            assert [f"{'L' if v < 100 else 'U'}{int(v) % 100}" for v in values[:, 0]] == sampler.last_case_ids  # ...named
+            seen += sampler.last_case_ids[:2]
+            stream += sampler.last_case_ids[2:]
+            assert sampler.epoch == epoch
+        assert len(set(seen)) == 6 and all(i.startswith("L") for i in seen)  # each labeled case at most once
+        epochs.append(seen)
+    assert len({tuple(e) for e in epochs}) == len(epochs)  # a fresh random order every epoch
+    assert {i for e in epochs for i in e} == {c.id for c in labeled}  # the left-out case changes too
+    # The unlabeled stream runs across epochs: every aligned block of 5 is a permutation of the 5 cases,
+    # and blocks straddle batches (36 draws = 7 full passes + 1).
+    passes = [stream[j:j + 5] for j in range(0, len(stream) - 4, 5)]
+    assert len(passes) == 7 and all(sorted(p) == [f"U{i}" for i in range(5)] for p in passes)
+    assert len({tuple(p) for p in passes}) > 1
+
+
+def test_supervised_only_batches():
+    sampler = TwoStreamSampler([constant_case(f"L{i}", i) for i in range(3)], [], patch_size=(8, 8, 4),
+                               batch_labeled=3, batch_unlabeled=0)
+    images, labels = sampler.next()
+    assert images.shape == (3, 1, 8, 8, 4) and sorted(sampler.last_case_ids) == ["L0", "L1", "L2"]
+
+
+# ----------------------------------------------------------------------------- augmentation
+def released_rot_flip_crop(volume, k, axis, start, patch):
+    """The released RandomRotFlip + RandomCrop on a full numpy volume, with given draws."""
+    rotated = np.flip(np.rot90(volume, k), axis=axis)
+    pad = data.padding(rotated.shape, patch)
+    rotated = np.pad(rotated, [(p, p) for p in pad])
+    return rotated[tuple(slice(s, s + p) for s, p in zip(start, patch))], rotated
+
+
+@pytest.mark.parametrize("shape, patch", [((13, 9, 7), (5, 4, 3)),  # crops inside the volume
+                                          ((7, 9, 5), (8, 6, 6)),  # padding: some dims smaller than the patch
+                                          ((9, 9, 12), (9, 4, 6))])  # a dim equal to the patch pads too
+def test_rot_flip_crop_matches_the_released_numpy_transforms(shape, patch):
+    volume = np.random.default_rng(0).random(shape).astype(np.float32)
+    rng = np.random.default_rng(1)
+    for k in range(4):
+        for axis in range(2):
+            _, padded = released_rot_flip_crop(volume, k, axis, (0, 0, 0), patch)
+            for _ in range(4):
+                start = [int(rng.integers(0, n - p)) for n, p in zip(padded.shape, patch)]
+                expected, _ = released_rot_flip_crop(volume, k, axis, start, patch)
+                got = data.rot_flip_crop(torch.from_numpy(volume), k, axis, start, patch)
+                np.testing.assert_array_equal(got.numpy(), expected, err_msg=f"k={k} axis={axis} start={start}")
+
+
+def locate_crop(volume, crop, patch):
+    """(k, axis) for which ``crop`` is an exact sub-block of the released transform of ``volume``
+    (whose values are unique and non-zero, padding being 0) at a start the released draw allows."""
+    found = []
+    nonzero = np.argwhere(crop != 0)[0]
+    for k in range(4):
+        for axis in range(2):
+            _, padded = released_rot_flip_crop(volume, k, axis, (0, 0, 0), patch)
+            start = np.argwhere(padded == crop[tuple(nonzero)])[0] - nonzero
+            if (start >= 0).all() and (start < np.array(padded.shape) - patch).all():
+                block = padded[tuple(slice(s, s + p) for s, p in zip(start, patch))]
+                if np.array_equal(block, crop):
+                    found.append((k, axis))
+    return found
+
+
+@pytest.mark.parametrize("shape, patch, padded", [((14, 11, 9), (6, 6, 5), False),
+                                                 ((6, 11, 5), (8, 8, 5), True)])  # 6 < 8 in-plane: always padding
+def test_sampler_crops_are_sub_blocks_of_a_rotated_flipped_volume_with_labels_aligned(shape, patch, padded):
+    n = int(np.prod(shape))
+    cases = []
+    for i in range(3):  # unique values per voxel (offset per case); label = a fixed function of the value
+        image = (np.arange(n, dtype=np.float32) + 1 + i * n).reshape(shape)
+        cases.append(Case(f"c{i}", image, (image % 3 == 0).astype(np.uint8)))
+    sampler = TwoStreamSampler(cases[:2], cases[2:], patch_size=patch, batch_labeled=2, batch_unlabeled=2, seed=3)
+    transforms = set()
+    for _ in range(10):
+        images, labels = sampler.next()
+        for row, case_id in enumerate(sampler.last_case_ids):
+            crop, label = images[row, 0].numpy(), labels[row].numpy()
+            np.testing.assert_array_equal(label, (crop % 3 == 0) & (crop > 0))  # aligned; padding is background
+            found = locate_crop(cases[int(case_id[1:])].image, crop, patch)
+            assert found, f"row {row} ({case_id}) is not a crop of any rotated/flipped {case_id}"
+            transforms.add(frozenset(found))
+            assert (crop == 0).any() == padded  # the zero-padding path is taken exactly when needed
+    # rot90 by k then a flip is always one of 4 reflections, each reached by 2 of the 8 (k, axis) draws
+    assert len(transforms) == 4 and all(len(t) == 2 for t in transforms)
+
+
+# ----------------------------------------------------------------------------- determinism and resume
+def batches(sampler, n):
+    return [(*sampler.next(), list(sampler.last_case_ids), sampler.epoch) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+    for (x1, y1, ids1, e1), (x2, y2, ids2, e2) in zip(a, b, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2) and ids1 == ids2 and e1 == e2
+
+
+def test_same_seed_same_batches_and_resume_continues_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    cases = [Case(f"c{i}", rng.random((12, 10, 8), np.float32), (rng.random((12, 10, 8)) > 0.5).astype(np.uint8))
+             for i in range(8)]
+
+    def make(seed=7):
+        return TwoStreamSampler(cases[:5], cases[5:], patch_size=(6, 6, 4), seed=seed)
+
+    a, b = make(), make()
+    assert_same_batches(batches(a, 5), batches(b, 5))
+    first = batches(make(seed=8), 1)[0]
+    assert not torch.equal(first[0], batches(make(), 1)[0][0])  # another seed, other crops
+
+    uninterrupted = make()
+    expected = batches(uninterrupted, 13)  # crosses epochs (2 batches each) and unlabeled passes
+    interrupted = make()
+    batches(interrupted, 6)
+    torch.save(interrupted.state_dict(), tmp_path / "sampler.pt")
+    resumed = make(seed=123)  # the loaded state replaces the seed
+    resumed.load_state_dict(torch.load(tmp_path / "sampler.pt", weights_only=True))
+    assert_same_batches(batches(resumed, 7), expected[6:])
+    with pytest.raises(DataError, match="does not fit this sampler"):
+        TwoStreamSampler(cases[:4], cases[4:], patch_size=(6, 6, 4)).load_state_dict(interrupted.state_dict())
+
+
+# ----------------------------------------------------------------------------- synthetic data
+def test_synthetic_data_round_trips_through_the_loader(synthetic_root, tmp_path):
+    train, test = data.read_list(synthetic_root, "train"), data.read_list(synthetic_root, "test")
+    assert train == ["synth0000", "synth0001", "synth0002"] and test == ["synth0003", "synth0004"]
+    for case in data.load_cases(synthetic_root, train + test):
+        assert case.image.shape == (24, 20, 12) and case.image.dtype == np.float32 and case.label.dtype == np.uint8
+        assert abs(case.image.mean()) < 1e-4 and abs(case.image.std() - 1) < 1e-3  # normalized per scan
+        assert 0.005 < case.label.mean() < 0.2 and set(np.unique(case.label)) == {0, 1}
+        assert case.image[case.label == 1].mean() > case.image[case.label == 0].mean() + 1  # a bright atrium
+        assert np.unique(case.image).size <= 256  # 8-bit scans, so they pack
+    again = data.write_synthetic_la(tmp_path / "again", n_train=2, n_test=1, shape=(24, 20, 12), seed=5)
+    for case_id in ("synth0000", "synth0001"):  # case i depends on (seed, i) only
+        a, b = data.load_case(synthetic_root, case_id), data.load_case(again, case_id)
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label)
+    other = data.write_synthetic_la(tmp_path / "other", n_train=1, n_test=1, shape=(24, 20, 12), seed=6)
+    assert not np.array_equal(data.load_case(other, "synth0000").image, data.load_case(synthetic_root, "synth0000").image)
+
+
+def test_synth_command_line(tmp_path):
+    assert data.main(["synth", str(tmp_path), "--train", "2", "--test", "1", "--shape", "9", "8", "7", "--seed", "2"]) == 0
+    assert data.load_case(tmp_path, data.read_list(tmp_path, "test")[0]).image.shape == (9, 8, 7)
+
+
+# ----------------------------------------------------------------------------- packing
+def test_pack_round_trip_is_bit_exact_on_synthetic_data(synthetic_root, tmp_path, capsys):
+    assert data.main(["pack", str(synthetic_root), str(tmp_path), "--train", "1", "--unlabeled", "1", "--test", "1"]) == 0
+    assert "read back bit-exact; the first 3 fit in 60 MiB" in capsys.readouterr().out
+    assert data.read_list(tmp_path, "train") == ["synth0000", "synth0001"]
+    assert data.read_list(tmp_path, "test") == ["synth0003"]
+    assert not list(tmp_path.rglob("*.h5"))
+    for case_id in ("synth0000", "synth0001", "synth0003"):
+        packed, source = data.load_case(tmp_path, case_id), data.load_case(synthetic_root, case_id)
+        assert np.array_equal(packed.image.view(np.uint32), source.image.view(np.uint32))
+        assert np.array_equal(packed.label, source.label)
+    picked = data.pack_dataset(synthetic_root, tmp_path / "picked", case_ids=["synth0004", "synth0002"])
+    assert [case_id for case_id, _, _ in picked] == ["synth0002", "synth0004"]  # each in its own list, list order
+    assert data.read_list(tmp_path / "picked", "train") == ["synth0002"]
+
+
+def test_quantize_finds_the_affine_map_and_refuses_lossy_packing(synthetic_root, tmp_path):
+    raw = np.random.default_rng(0).integers(3, 200, (10, 10, 10)).astype(np.float64)
+    image = ((raw - raw.mean()) / raw.std()).astype(np.float32)
+    q, levels, offset, scale, error = data.quantize(image, "test image")
+    assert np.array_equal(levels[q].view(np.uint32), image.view(np.uint32))
+    assert scale == pytest.approx(1 / raw.std(), rel=1e-6) and error <= 4 * np.finfo(np.float32).eps * np.abs(image).max()
+    bent = image.copy()
+    bent[image == image.max()] += np.float32(0.4 * scale)  # one level moved by 0.4 of a step: 197 levels, not affine
+    with pytest.raises(DataError, match="case bent: image is not an affine map"):
+        data.pack_case(Case("bent", bent, np.zeros(image.shape, np.uint8)), tmp_path)
+    with pytest.raises(DataError, match="case float: 1000 distinct image values"):
+        data.pack_case(Case("float", np.random.rand(10, 10, 10).astype(np.float32), np.zeros((10,) * 3, np.uint8)), tmp_path)
+    with pytest.raises(DataError, match="neither train.list nor test.list"):
+        data.pack_dataset(synthetic_root, tmp_path, case_ids=["synth0000", "nope"])
+    with pytest.raises(DataError, match="asked for"):
+        data.pack_dataset(synthetic_root, tmp_path, n_train=3, n_unlabeled=1)
+
+
+# ----------------------------------------------------------------------------- real LA data
+@pytest.mark.real_data
+def test_real_cases_load_and_crop_at_the_paper_patch(la_root):
+    train, test = data.read_list(la_root, "train"), data.read_list(la_root, "test")
+    assert len(train) == 80 and len(test) == 20 and not set(train) & set(test)
+    cases = data.load_cases(la_root, train[:2] + test[:1])
+    for case in cases:
+        assert case.image.shape[2] == 88 and min(case.image.shape[:2]) > 112
+        # normalized before the release cropped around the heart: background < 0 < the bright atrium
+        assert -1.5 < case.image.min() < 0 < case.image[case.label == 1].mean() < case.image.max() < 20
+        assert 0.02 < case.label.mean() < 0.2 and np.unique(case.image).size <= 256  # an 8-bit scan
+    sampler = TwoStreamSampler(cases[:2], cases[2:], patch_size=(112, 112, 80), seed=0)
+    images, labels = sampler.next()
+    assert images.shape == (4, 1, 112, 112, 80) and labels.shape == (4, 112, 112, 80)
+
+
+@pytest.mark.real_data
+def test_real_cases_pack_bit_exact(la_root, tmp_path):
+    ids = data.read_list(la_root, "train")[:1] + data.read_list(la_root, "test")[:1]
+    report = data.pack_dataset(la_root, tmp_path, case_ids=ids)
+    for case_id, size, error in report:
+        packed, source = data.load_case(tmp_path, case_id), data.load_case(la_root, case_id)
+        assert np.array_equal(packed.image.view(np.uint32), source.image.view(np.uint32))
+        assert np.array_equal(packed.label, source.label)
+        assert size < 0.7 * (la_root / data.IMAGES_DIR / case_id / data.H5_NAME).stat().st_size
+        assert error <= 4 * np.finfo(np.float32).eps * np.abs(source.image).max()
