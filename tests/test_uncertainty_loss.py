@@ -235,6 +235,7 @@ def test_exact_boundary_voxels_are_masked_the_same_in_forward_and_backward():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NumPy, in the interpreter
 @pytest.mark.parametrize(
     "where, value",
     [("mc", math.nan), ("mc", math.inf), ("student", -math.inf), ("teacher", math.nan), ("student", math.nan)],

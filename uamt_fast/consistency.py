@@ -156,6 +156,8 @@ def uncertainty_consistency_loss(
         mc_logits: (T, B, C, *spatial), T >= 1 stochastic teacher passes (no gradient).
         threshold: H > 0, a float or a 0-dim tensor. A CPU tensor or a Python number is checked
             (finite, positive); a CUDA tensor is used as is, since checking it would sync the host.
+            Inside ``torch.compile`` pass a float or a tensor on the logits' device (a float
+            becomes a graph input, so the ramped-up threshold does not recompile).
         return_stats: also return a :class:`ConsistencyStats` of device tensors.
 
     Returns:
