@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import os
 from functools import cached_property
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +33,8 @@ def pytest_addoption(parser):
 
 
 def pytest_collect_file(file_path, parent):
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # Files named on the command line are collected by pytest itself; collect them only once.
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
@@ -92,20 +94,21 @@ class BenchSession:
             pytest.skip(f"{what}: the interpreted dry run checks one row per op and mode")
 
     def run(self, benchmark, *, group: str, provider: str, fn, arg_sets: list[tuple], bytes_moved: int | None,
-            baseline: bool, peak: bool = False, **meta) -> dict:
+            baseline: bool, peak: bool = False, host: bool = False, **meta) -> dict:
         """Time ``fn(*args)`` over the rotated ``arg_sets``; record and return the row.
 
         GPU: the row's median comes from CUDA events (``measure.time_cuda``); pytest-benchmark then
         times ``fn + synchronize`` too (its table: host wall time per call, sync included). CPU:
         the row's median is pytest-benchmark's own. ``peak``: also record the extra device memory
-        of one call (forward + backward rows).
+        of one call (forward + backward rows). ``host``: the callable does host work only (a CPU
+        data loader): timed with ``perf_counter`` on any device.
         """
         benchmark.group = group
         cycle = itertools.cycle(arg_sets)
         row = {"group": group, "provider": provider, "baseline": baseline, "bytes": bytes_moved, **meta}
         if self.interpreted and not baseline:
             row["provider"] = provider = f"{provider} (interpreter)"
-        if self.cuda:
+        if self.cuda and not host:
             timing = measure.time_cuda(fn, arg_sets)
             row.update(timing.as_dict(), timer="cuda-events")
             if peak:
@@ -131,6 +134,16 @@ class BenchSession:
 
 
 _SESSION: BenchSession | None = None
+
+# LA data for the data-pipeline rows: the release root or a `python -m uamt_fast.data pack` folder.
+LA_ROOT = Path(os.environ.get("UAMT_LA_ROOT", Path(__file__).resolve().parents[2] / "shared" / "data" / "LA"))
+
+
+@pytest.fixture(scope="session")
+def la_root() -> Path:
+    if not (LA_ROOT / "train.list").is_file():
+        pytest.skip(f"LA data not found at {LA_ROOT} (set UAMT_LA_ROOT to the LA root or a packed copy)")
+    return LA_ROOT
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -276,20 +277,21 @@ def add_speedups(rows: list[dict]) -> list[dict]:
 
 
 def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+    width = int(re.match(r"\d*", spec).group() or 0)
+    return "-".rjust(width) if x is None else format(x, spec)
 
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table: one line per row, grouped, with speedups over each baseline."""
-    head = f"{'group':<44} {'provider':<14} {'median ms':>10} {'p20-p80':>15} {'floor ms':>9} " \
-           f"{'GB/s':>8} {'%copy':>6} {'peak MiB':>9}  speedup"
+    head = f"{'group':<48} {'provider':<20} {'median ms':>10} {'p20-p80':>15} {'floor ms':>9} " \
+           f"{'GB/s':>8} {'%copy':>6} {'peak MiB':>9}  speedup / note"
     lines = [head, "-" * len(head)]
     for r in rows:
         spread = f"{_fmt(r.get('p20_ms'), '.3f')}-{_fmt(r.get('p80_ms'), '.3f')}"
         peak = r.get("peak_bytes")
-        sp = ", ".join(f"{v:.2f}x vs {k}" for k, v in (r.get("speedup") or {}).items())
+        sp = ", ".join([f"{v:.2f}x vs {k}" for k, v in (r.get("speedup") or {}).items()] + ([r["note"]] if r.get("note") else []))
         lines.append(
-            f"{r['group'][:44]:<44} {r['provider'][:14]:<14} {_fmt(r.get('median_ms'), '10.3f')} {spread:>15} "
+            f"{r['group'][:48]:<48} {r['provider'][:20]:<20} {_fmt(r.get('median_ms'), '10.3f')} {spread:>15} "
             f"{_fmt(r.get('floor_ms'), '9.3f')} {_fmt(r.get('gbps'), '8.1f')} {_fmt(r.get('pct_copy'), '6.1f')} "
             f"{_fmt(None if peak is None else peak / MiB, '9.1f')}  {sp}"
         )

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +118,49 @@ def _grouper(iterable, n):
     return zip(*args)
 
 
+def released_loader(base_dir, labeled_ids, unlabeled_ids, patch, batch_size=4, labeled_bs=2, num_workers=4, seed=1337,
+                    pin_memory=True) -> DataLoader:
+    """The release's training ``DataLoader``: labeled ids first, then unlabeled; batches of
+    ``labeled_bs`` labeled + ``batch_size - labeled_bs`` unlabeled crops (dicts of 'image' (B, 1, *patch)
+    float32 and 'label' (B, *patch) int64)."""
+    ids = list(labeled_ids) + list(unlabeled_ids)
+    n_lab = len(labeled_ids)
+    db_train = LAHeart(base_dir, ids, transform=_Compose([RandomRotFlip(), RandomCrop(tuple(patch)), ToTensor()]))
+    sampler = TwoStreamBatchSampler(list(range(n_lab)), list(range(n_lab, len(ids))), batch_size, batch_size - labeled_bs)
+    return DataLoader(db_train, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      worker_init_fn=_WorkerInit(seed))
+
+
+def endless(loader):
+    """Epoch after epoch of ``loader``, as the release's ``for epoch ...: for batch in trainloader`` (the
+    workers start again every epoch)."""
+    while True:
+        yield from loader
+
+
+def write_release_h5(job) -> None:
+    """Write one case as the release stores it: ``(path, image, label)`` -> ``mri_norm2.h5``, gzip level 4."""
+    path, image, label = job
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("image", data=np.asarray(image, dtype=np.float32), compression="gzip", compression_opts=4)
+        f.create_dataset("label", data=np.asarray(label, dtype=np.uint8), compression="gzip", compression_opts=4)
+
+
+def release_h5_folder(root, cases, workdir) -> Path:
+    """Folder of ``<id>/mri_norm2.h5`` for the released loader: the LA release itself when ``root`` holds
+    these cases as h5, else ``cases`` (``uamt_fast.data.Case``) written there as the release stores
+    them, by a process pool (HDF5 serialises threads). Call it before CUDA is initialised (the pool forks)."""
+    release = Path(root) / "2018LA_Seg_Training Set"
+    if all((release / c.id / "mri_norm2.h5").is_file() for c in cases):
+        return release
+    out = Path(workdir) / "h5"
+    with ProcessPoolExecutor(max_workers=max(1, min(len(cases), os.cpu_count() or 1))) as pool:
+        list(pool.map(write_release_h5, [(out / c.id / "mri_norm2.h5", c.image, c.label) for c in cases]))
+    return out
+
+
 # ----------------------------------------------------------------------------- losses and ramps, as released
 def sigmoid_rampup(current, rampup_length):
     if rampup_length == 0:
@@ -172,13 +217,8 @@ class ReferenceTrainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        ids = list(cfg.labeled_ids) + list(cfg.unlabeled_ids)
-        n_lab = len(cfg.labeled_ids)
-        db_train = LAHeart(cfg.base_dir, ids, transform=_Compose([RandomRotFlip(), RandomCrop(cfg.patch), ToTensor()]))
-        sampler = TwoStreamBatchSampler(list(range(n_lab)), list(range(n_lab, len(ids))), cfg.batch_size,
-                                        cfg.batch_size - cfg.labeled_bs)
-        self.loader = DataLoader(db_train, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                 pin_memory=self.device.type == "cuda", worker_init_fn=_WorkerInit(cfg.seed))
+        self.loader = released_loader(cfg.base_dir, cfg.labeled_ids, cfg.unlabeled_ids, cfg.patch, cfg.batch_size,
+                                      cfg.labeled_bs, cfg.num_workers, cfg.seed, pin_memory=self.device.type == "cuda")
         self.model = self._create_model()
         self.ema_model = self._create_model(ema=True)
         self.model.train()
@@ -196,8 +236,7 @@ class ReferenceTrainer:
         return model
 
     def _epochs(self):
-        while True:
-            yield from self.loader
+        return endless(self.loader)
 
     def cudnn_flags(self):
         """The cuDNN flags this trainer runs under (set them around ``step``)."""

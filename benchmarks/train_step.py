@@ -27,20 +27,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import h5py
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import measure
-from benchmarks.reference_trainer import ReferenceConfig, ReferenceTrainer
+from benchmarks.reference_trainer import ReferenceConfig, ReferenceTrainer, release_h5_folder
 
 # Our variants: train.Config overrides, in the order they run (the most telling first, so a time
 # budget cuts the least important ones). "ours" has every option on.
@@ -99,27 +95,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- data shared by all variants
-def reference_h5_dir(root: Path, cases, workdir: Path) -> Path:
-    """Folder of ``<id>/mri_norm2.h5`` for the released loader: the LA release itself when ``root``
-    is one, else the loaded cases written out as the release stores them (gzip level 4), by a
-    process pool (HDF5 serialises threads). Call it before CUDA is initialised (the pool forks)."""
-    release = root / "2018LA_Seg_Training Set"
-    if all((release / c.id / "mri_norm2.h5").is_file() for c in cases):
-        return release
-    out = workdir / "h5"
-    with ProcessPoolExecutor(max_workers=min(len(cases), os.cpu_count() or 1)) as pool:
-        list(pool.map(_write_h5, [(out / c.id / "mri_norm2.h5", c.image, c.label) for c in cases]))
-    return out
-
-
-def _write_h5(job) -> None:
-    path, image, label = job
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("image", data=np.asarray(image, dtype=np.float32), compression="gzip", compression_opts=4)
-        f.create_dataset("label", data=np.asarray(label, dtype=np.uint8), compression="gzip", compression_opts=4)
-
-
 @contextlib.contextmanager
 def cudnn_flags(benchmark: bool, deterministic: bool):
     saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
@@ -240,7 +215,7 @@ def main(argv=None) -> int:
     cfg0 = train_mod.Config(**base_cfg)
     cases = train_mod.load_split(cfg0, "train")
     labeled_ids, unlabeled_ids = data.semi_supervised_split([c.id for c in cases], cfg0.labeled)
-    h5_dir = reference_h5_dir(root, cases, Path(workdir.name))
+    h5_dir = release_h5_folder(root, cases, workdir.name)
     print(f"{len(cases)} training cases ({len(labeled_ids)} labeled), crop {sizes['patch']}, n_filters "
           f"{sizes['n_filters']}; reference reads h5 from {h5_dir}", flush=True)
     env = measure.environment(device)  # from here on CUDA is initialised
