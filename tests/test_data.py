@@ -65,7 +65,8 @@ GOOD_IMAGE, GOOD_LABEL = np.zeros((4, 5, 6), np.float32), np.zeros((4, 5, 6), np
 BAD_CASES = {  # name: (datasets written, expected message after the file name)
     "no image": (dict(image=None, label=GOOD_LABEL), "no dataset 'image'"),
     "no label": (dict(image=GOOD_IMAGE, label=None, other=GOOD_LABEL), "no dataset 'label'"),
-    "shape mismatch": (dict(image=GOOD_IMAGE, label=np.zeros((4, 5, 7), np.uint8)), r"image shape \(4, 5, 6\) != label"),
+    "shape mismatch": (dict(image=GOOD_IMAGE, label=np.zeros((4, 5, 7), np.uint8)),
+                       r"image shape \(4, 5, 6\) != label"),
     "label value 2": (dict(image=GOOD_IMAGE, label=GOOD_LABEL + 2), r"label values \[2\] outside"),
     "negative label": (dict(image=GOOD_IMAGE, label=GOOD_LABEL.astype(np.int8) - 1), r"label values \[-1\] outside"),
     "float label": (dict(image=GOOD_IMAGE, label=GOOD_IMAGE), "label dtype float32"),
@@ -92,12 +93,13 @@ def test_missing_or_truncated_case_files_raise_naming_the_file(tmp_path):
     (tmp_path / data.IMAGES_DIR / "c1").mkdir(parents=True)
     with pytest.raises(DataError, match=f"case file not found: .*c1/{data.H5_NAME}"):
         data.load_case(tmp_path, "c1")
-    path = write_case(tmp_path, "c1", image=np.random.rand(16, 16, 16).astype(np.float32), label=np.ones((16,) * 3, np.uint8))
+    path = write_case(tmp_path, "c1", image=np.random.rand(16, 16, 16).astype(np.float32),
+                      label=np.ones((16, 16, 16), np.uint8))
     assert data.load_case(tmp_path, "c1").image.shape == (16, 16, 16)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a truncated copy
     with pytest.raises(DataError, match=re.escape(f"{path}: unreadable HDF5 file")):
         data.load_case(tmp_path, "c1")
-    with pytest.raises(DataError, match=re.escape(f"{path}: unreadable HDF5 file")):  # load_cases raises too, nothing skipped
+    with pytest.raises(DataError, match=re.escape(f"{path}: unreadable HDF5 file")):  # load_cases too: nothing skipped
         data.load_cases(tmp_path, ["c1"])
 
 
@@ -145,7 +147,8 @@ def test_labeled_cases_cycle_once_per_epoch_and_unlabeled_forever():
             assert images.dtype == torch.float32 and labels.dtype == torch.int64
             values = images.flatten(1)
             assert (values == values[:, :1]).all()  # each row is one case (no padding here)...
-            assert [f"{'L' if v < 100 else 'U'}{int(v) % 100}" for v in values[:, 0]] == sampler.last_case_ids  # ...named
+            names = [f"{'L' if v < 100 else 'U'}{int(v) % 100}" for v in values[:, 0]]
+            assert names == sampler.last_case_ids  # ...and named in last_case_ids
             seen += sampler.last_case_ids[:2]
             stream += sampler.last_case_ids[2:]
             assert sampler.epoch == epoch
@@ -164,7 +167,8 @@ def test_supervised_only_batches():
     sampler = TwoStreamSampler([constant_case(f"L{i}", i) for i in range(3)], [], patch_size=(8, 8, 4),
                                batch_labeled=3, batch_unlabeled=0)
     images, labels = sampler.next()
-    assert images.shape == (3, 1, 8, 8, 4) and sorted(sampler.last_case_ids) == ["L0", "L1", "L2"]
+    assert images.shape == (3, 1, 8, 8, 4) and labels.shape == (3, 8, 8, 4)
+    assert sorted(sampler.last_case_ids) == ["L0", "L1", "L2"]
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -281,17 +285,20 @@ def test_synthetic_data_round_trips_through_the_loader(synthetic_root, tmp_path)
         a, b = data.load_case(synthetic_root, case_id), data.load_case(again, case_id)
         assert np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label)
     other = data.write_synthetic_la(tmp_path / "other", n_train=1, n_test=1, shape=(24, 20, 12), seed=6)
-    assert not np.array_equal(data.load_case(other, "synth0000").image, data.load_case(synthetic_root, "synth0000").image)
+    assert not np.array_equal(data.load_case(other, "synth0000").image,
+                              data.load_case(synthetic_root, "synth0000").image)
 
 
 def test_synth_command_line(tmp_path):
-    assert data.main(["synth", str(tmp_path), "--train", "2", "--test", "1", "--shape", "9", "8", "7", "--seed", "2"]) == 0
+    assert data.main(["synth", str(tmp_path), "--train", "2", "--test", "1", "--shape", "9", "8", "7", "--seed", "2"]) \
+        == 0
     assert data.load_case(tmp_path, data.read_list(tmp_path, "test")[0]).image.shape == (9, 8, 7)
 
 
 # ----------------------------------------------------------------------------- packing
 def test_pack_round_trip_is_bit_exact_on_synthetic_data(synthetic_root, tmp_path, capsys):
-    assert data.main(["pack", str(synthetic_root), str(tmp_path), "--train", "1", "--unlabeled", "1", "--test", "1"]) == 0
+    argv = ["pack", str(synthetic_root), str(tmp_path), "--train", "1", "--unlabeled", "1", "--test", "1"]
+    assert data.main(argv) == 0
     assert "read back bit-exact; the first 3 fit in 60 MiB" in capsys.readouterr().out
     assert data.read_list(tmp_path, "train") == ["synth0000", "synth0001"]
     assert data.read_list(tmp_path, "test") == ["synth0003"]
@@ -309,14 +316,17 @@ def test_quantize_finds_the_affine_map_and_refuses_lossy_packing(synthetic_root,
     raw = np.random.default_rng(0).integers(3, 200, (10, 10, 10)).astype(np.float64)
     image = ((raw - raw.mean()) / raw.std()).astype(np.float32)
     q, levels, offset, scale, error = data.quantize(image, "test image")
+    assert offset == pytest.approx(-raw.mean() / raw.std() + 3 * scale, rel=1e-6)  # code 0 <-> raw value 3
     assert np.array_equal(levels[q].view(np.uint32), image.view(np.uint32))
-    assert scale == pytest.approx(1 / raw.std(), rel=1e-6) and error <= 4 * np.finfo(np.float32).eps * np.abs(image).max()
+    assert scale == pytest.approx(1 / raw.std(), rel=1e-6)
+    assert error <= 4 * np.finfo(np.float32).eps * np.abs(image).max()
     bent = image.copy()
     bent[image == image.max()] += np.float32(0.4 * scale)  # one level moved by 0.4 of a step: 197 levels, not affine
     with pytest.raises(DataError, match="case bent: image is not an affine map"):
         data.pack_case(Case("bent", bent, np.zeros(image.shape, np.uint8)), tmp_path)
     with pytest.raises(DataError, match="case float: 1000 distinct image values"):
-        data.pack_case(Case("float", np.random.rand(10, 10, 10).astype(np.float32), np.zeros((10,) * 3, np.uint8)), tmp_path)
+        data.pack_case(Case("float", np.random.rand(10, 10, 10).astype(np.float32), np.zeros((10, 10, 10), np.uint8)),
+                       tmp_path)
     with pytest.raises(DataError, match="neither train.list nor test.list"):
         data.pack_dataset(synthetic_root, tmp_path, case_ids=["synth0000", "nope"])
     with pytest.raises(DataError, match="asked for"):
