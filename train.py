@@ -1,0 +1,624 @@
+"""Train UA-MT (Yu et al., MICCAI 2019) on the left atrium MRI data set, fast, and evaluate it.
+
+    python train.py --demo                                 # synthetic data, reduced sizes, CPU, ~1 minute
+    python train.py --data ../shared/data/LA               # the paper's run: 16 labeled, 6000 iterations
+    python train.py --data ../shared/data/LA --labeled 8 --consistency-on all   # the paper's "UA-MT" rows
+    python train.py --data ../shared/data/LA --method mt   # mean teacher without the uncertainty mask
+    python train.py --data ../shared/data/LA --method supervised [--no-dropout]  # Bayesian / vanilla V-Net
+    python train.py --resume runs/<run>                    # continue a run from its last checkpoint
+    python train.py --eval runs/<run>/student.pt --data ../shared/data/LA       # evaluate only
+    # reduced real-data run on a CPU (volumes downsampled 2x, narrower V-Net, shorter schedule):
+    python train.py --data ../shared/data/LA --downsample 2 --n-filters 8 --patch 64 48 32 --iterations 600
+
+Every setting is a field of ``Config`` below (defaults = the paper's); ``--help`` lists them. One
+iteration (``train_step``): sample 2 labeled + 2 unlabeled crops -> the EMA teacher makes T=8 noisy
+MC-dropout passes plus one target pass, batched into one forward with per-pass ("ghost") batch norm ->
+the student forward -> 0.5 (CE + Dice) on the labeled crops + lambda(i) * uncertainty-masked consistency
+(fused Triton loss) -> SGD step -> EMA of the teacher (one fused launch). The loop never waits for the
+GPU except every --log-every iterations. A run folder holds config.json, metrics.jsonl, checkpoint.pt
+(rolling, atomic), student.pt / teacher.pt and eval.json. The student is the evaluated model.
+
+Schedules shorter than the paper's 6000 iterations keep its shape: the lr step (2500) and the consistency
+ramp period (150 iterations per ramp "epoch", 40 epochs) scale with --iterations unless given.
+With --downsample k the model trains and is evaluated on k-times downsampled volumes: Dice/Jaccard are
+measured at that resolution and 95HD/ASD are in reduced voxels (multiply by k for full-resolution voxels).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import uamt_fast
+from uamt_fast import data, inference, metrics, reference
+from uamt_fast.vnet import VNet
+
+TERMS = ("cross-entropy", "dice", "consistency")  # the loss terms, in the order train_step returns them
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class Config:
+    # I/O
+    data: str = ""  # LA root: holds train.list, test.list and "2018LA_Seg_Training Set/<id>/mri_norm2.h5"
+    out: str = ""  # run folder; default runs/<timestamp>-<method>
+    resume: str = ""  # run folder to continue from its checkpoint.pt (the saved config is reused)
+    eval: str = ""  # evaluate this checkpoint (student.pt, teacher.pt or checkpoint.pt) on the test list and exit
+    demo: bool = False  # synthetic LA-like data in a temp folder + reduced sizes: the whole pipeline in ~1 min on CPU
+    # method
+    method: str = "uamt"  # uamt | mt (no uncertainty mask) | supervised (labeled crops only, no teacher)
+    consistency_on: str = "unlabeled"  # unlabeled (released code, paper's UA-MT-UN) | all (paper's UA-MT)
+    labeled: int = 16  # the first N ids of train.list are labeled, the rest unlabeled (paper: 8, 16, 24)
+    dropout: bool = True  # Dropout3d(0.5) in the V-Net ("Bayesian V-Net"); --no-dropout = vanilla V-Net
+    n_filters: int = 16  # V-Net width of the first stage
+    patch: tuple = (112, 112, 80)  # training crop (X Y Z), multiples of 16; also the sliding-window size
+    downsample: int = 1  # average-pool images / majority-pool labels by this factor once at load (CPU runs)
+    batch_labeled: int = 2  # labeled crops per batch
+    batch_unlabeled: int = 2  # unlabeled crops per batch
+    # optimisation (SGD, lr / 10 every lr_step iterations)
+    iterations: int = 6000  # training iterations
+    lr: float = 0.01  # base learning rate
+    lr_step: int = 0  # divide lr by 10 every this many iterations; 0: 2500 * iterations / 6000
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # SGD weight decay
+    # mean teacher
+    ema_decay: float = 0.99  # teacher EMA decay, warm-up alpha = min(1 - 1/(i+1), decay)
+    consistency: float = 0.1  # final consistency weight lambda
+    consistency_rampup: float = 40.0  # lambda ramps over this many periods: 0.1 * sigmoid_rampup(i // period, 40)
+    consistency_period: int = 0  # iterations per ramp period (released: 150); 0: 150 * iterations / 6000
+    mc_passes: int = 8  # T stochastic teacher passes for the uncertainty
+    noise_std: float = 0.1  # teacher input noise clamp(N(0, std^2), -clip, clip)
+    noise_clip: float = 0.2  # clip of the teacher input noise
+    # speed (each can be switched off alone, for benchmarks/train_step.py)
+    device: str = "auto"  # auto | cuda | cpu
+    teacher_chunks: int = 1  # forward calls for the T+1 teacher passes: 1 = one batch of (T+1)*B; T+1 = released
+    amp: bool = True  # bf16 autocast for student and teacher (CUDA only; fp32 master weights)
+    channels_last: bool | None = None  # channels_last_3d activations and weights; default: on for CUDA
+    compile: bool | None = None  # torch.compile the student loss and the teacher forward; default: on for CUDA
+    fused_loss: bool = True  # fused Triton uncertainty-consistency loss (CPU tensors use the reference math)
+    fused_ema: bool = True  # single-launch EMA over a flat parameter buffer
+    reference_ops: bool = False  # the plain PyTorch reference loss and EMA (sets --no-fused-loss --no-fused-ema)
+    data_device: str = "auto"  # where volumes live and crops are cut: auto (= training device) | cuda | cpu
+    # logging, checkpoints, evaluation
+    seed: int = 1337  # seeds the model init, the sampler generator and the noise/dropout streams (released: 1337)
+    log_every: int = 50  # iterations between log lines (the only host-device syncs in the loop)
+    save_every: int = 1000  # iterations between checkpoints
+    stop_at: int = 0  # stop after this iteration with a checkpoint (continue later with --resume); 0: never
+    eval_stride_xy: int = 18  # sliding-window stride in the axial plane (paper: 18)
+    eval_stride_z: int = 4  # sliding-window stride along the last axis (paper: 4)
+    eval_batch: int = 4  # windows per forward in the evaluation
+
+    def __post_init__(self):
+        self.patch = tuple(int(p) for p in self.patch)
+        if self.reference_ops:
+            self.fused_loss = self.fused_ema = False
+        if self.method not in ("uamt", "mt", "supervised"):
+            raise ValueError(f"--method must be one of uamt, mt, supervised; got {self.method!r}")
+        if self.consistency_on not in ("unlabeled", "all"):
+            raise ValueError(f"--consistency-on must be 'unlabeled' or 'all'; got {self.consistency_on!r}")
+        if self.device not in ("auto", "cuda", "cpu") or self.data_device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"--device/--data-device must be auto, cuda or cpu; got {self.device!r}/{self.data_device!r}")
+        if len(self.patch) != 3 or any(p < 16 or p % 16 for p in self.patch):
+            raise ValueError(f"--patch must be three positive multiples of 16 (four stride-2 V-Net stages); got {self.patch}")
+        for name in ("labeled", "n_filters", "downsample", "batch_labeled", "iterations", "mc_passes",
+                     "teacher_chunks", "log_every", "save_every", "eval_stride_xy", "eval_stride_z", "eval_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+        if self.batch_unlabeled < 1 and self.method != "supervised":
+            raise ValueError(f"--batch-unlabeled must be >= 1 for --method {self.method}; got {self.batch_unlabeled}")
+        # Derived schedule lengths: the paper's shape, scaled to the run length.
+        self.lr_step = self.lr_step or max(1, round(2500 * self.iterations / 6000))
+        self.consistency_period = self.consistency_period or max(1, round(150 * self.iterations / 6000))
+
+
+# The --demo sizes: same code path, smaller everything. Flags given on the command line still win.
+DEMO = dict(n_filters=4, patch=(32, 32, 16), labeled=4, iterations=120, log_every=20, save_every=60,
+            eval_stride_xy=16, eval_stride_z=8)
+DEMO_DATA = dict(n_train=12, n_test=4, shape=(48, 48, 32), seed=0)
+# On --resume these may differ from the saved config; everything else must match (same run).
+RESUME_OVERRIDABLE = {"data", "resume", "out", "device", "compile", "log_every", "save_every", "stop_at",
+                      "eval_stride_xy", "eval_stride_z", "eval_batch", "data_device"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse's default also prints the usage)
+        raise ValueError(message)
+
+
+def parse_args(argv=None) -> dict:
+    """The command line -> {field: value} for the flags actually given (defaults come from Config).
+
+    One flag per Config field, its --help text the field's comment; booleans as --x / --no-x.
+    """
+    comments = dict(re.findall(r"^    (\w+): [^#\n]*# (.*)$", inspect.getsource(Config), re.M))
+    p = _Parser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Config):
+        flag, help = "--" + f.name.replace("_", "-"), comments.get(f.name, "").replace("%", "%%")
+        if f.type in ("bool", "bool | None"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        elif f.name == "patch":
+            p.add_argument(flag, type=int, nargs=3, metavar=("X", "Y", "Z"), help=help)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], help=help)
+    return vars(p.parse_args(argv))
+
+
+# ----------------------------------------------------------------------------- data
+def downsample_case(case, k: int):
+    """Image average-pooled by k (each output voxel = mean of a k^3 block), label by majority (block mean
+    >= 0.5); a remainder smaller than k along an axis is dropped."""
+    if k == 1:
+        return case
+    image = torch.as_tensor(np.asarray(case.image))[None, None]
+    label = torch.as_tensor(np.asarray(case.label)).float()[None, None]
+    image = F.avg_pool3d(image, k)[0, 0].numpy()
+    label = (F.avg_pool3d(label, k)[0, 0] >= 0.5).to(torch.uint8).numpy()
+    return dataclasses.replace(case, image=image, label=label)
+
+
+def load_split(cfg: Config, split: str):
+    """Cases of ``split`` read once; training cases are downsampled once (test cases stay at full
+    resolution: ``evaluate`` scores full-resolution labels)."""
+    cases = data.load_cases(cfg.data, data.read_list(cfg.data, split))
+    return [downsample_case(c, cfg.downsample) for c in cases] if split == "train" else cases
+
+
+# ----------------------------------------------------------------------------- model, optimizer, sampler
+@dataclass
+class Parts:
+    """Everything one training iteration touches (built by ``build``, used by ``train_step``)."""
+
+    cfg: Config
+    device: torch.device
+    student: VNet
+    teacher: VNet | None  # None for --method supervised
+    optimizer: torch.optim.SGD
+    sampler: object  # the data module's two-stream batch sampler
+    student_losses: object  # student_losses, or its torch.compile'd version
+    teacher_forward: object  # teacher, or its torch.compile'd version
+    memory_format: torch.memory_format = torch.contiguous_format
+    test_cases: list = field(default_factory=list)
+
+
+def pick_device(cfg: Config) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu"))
+
+
+def build(cfg: Config, train_cases=None) -> Parts:
+    """Model, EMA teacher, optimizer and batch sampler for ``cfg`` (reads the train split unless given)."""
+    device = pick_device(cfg)
+    cuda = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    train_cases = load_split(cfg, "train") if train_cases is None else train_cases
+    labeled_ids, unlabeled_ids = data.semi_supervised_split([c.id for c in train_cases], cfg.labeled)
+    by_id = {c.id: c for c in train_cases}
+    if cfg.method != "supervised" and not unlabeled_ids:
+        raise ValueError(f"--labeled {cfg.labeled} leaves no unlabeled case for --method {cfg.method}")
+    data_device = device if cfg.data_device == "auto" else torch.device(cfg.data_device)
+    # (the sampler refuses a patch larger than every volume: its crops would be mostly zero padding)
+    sampler = data.TwoStreamSampler(
+        [by_id[i] for i in labeled_ids], [by_id[i] for i in unlabeled_ids] if cfg.method != "supervised" else [],
+        patch_size=cfg.patch, batch_labeled=cfg.batch_labeled,
+        batch_unlabeled=cfg.batch_unlabeled if cfg.method != "supervised" else 0,
+        device=data_device, seed=cfg.seed)
+
+    memory_format = torch.channels_last_3d if (cfg.channels_last if cfg.channels_last is not None else cuda) \
+        else torch.contiguous_format
+    student = VNet(n_filters=cfg.n_filters, dropout=cfg.dropout).to(device, memory_format=memory_format)
+    # The teacher starts as a copy of the student (the released code initialises it separately, but the
+    # first EMA step, alpha = 0, overwrites it; only iteration 0's target, weighted 6.7e-4, differs).
+    teacher = None
+    if cfg.method != "supervised":
+        teacher = VNet(n_filters=cfg.n_filters, dropout=cfg.dropout).to(device, memory_format=memory_format)
+        teacher.load_state_dict(student.state_dict())
+        teacher.requires_grad_(False)
+        teacher.train()  # as released: the teacher normalises by batch statistics and keeps dropout on
+    if cfg.fused_ema and teacher is not None:
+        # One contiguous buffer per model (parameters become views) -> the EMA is a single kernel launch.
+        uamt_fast.flatten_parameters_(student)
+        uamt_fast.flatten_parameters_(teacher)
+    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    compile_ = cfg.compile if cfg.compile is not None else cuda
+    losses_fn = torch.compile(student_losses) if compile_ else student_losses
+    teacher_fn = torch.compile(teacher) if compile_ and teacher is not None else teacher
+    return Parts(cfg, device, student, teacher, optimizer, sampler, losses_fn, teacher_fn, memory_format)
+
+
+# ----------------------------------------------------------------------------- one training iteration
+def teacher_passes(teacher_forward, teacher: VNet, x: torch.Tensor, passes: int, chunks: int,
+                   noise_std: float, noise_clip: float) -> torch.Tensor:
+    """``passes`` noisy stochastic teacher predictions of ``x`` (B, 1, *S) -> logits (passes, B, C, *S).
+
+    Each pass sees its own noise clamp(N(0, std^2), +-clip) (drawn here, all at once, on x's device) and
+    its own dropout masks. The passes go through the network in ``chunks`` forward calls; a forward of
+    p stacked passes uses ghost batch norm (``bn_groups = p``), so each pass is normalised by its own
+    batch statistics exactly as in a forward of its own.
+    """
+    noisy = x.unsqueeze(0) + reference.teacher_noise(x.expand(passes, *x.shape), noise_std, noise_clip)  # (P, B, 1, *S)
+    out = []
+    for group in torch.tensor_split(noisy, min(chunks, passes)):  # group: (p, B, 1, *S)
+        teacher.bn_groups = group.shape[0]
+        out.append(teacher_forward(group.flatten(0, 1)).unflatten(0, group.shape[:2]))  # (p, B, C, *S)
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def student_losses(student, images, labels, target, mc_logits, weight, threshold, *,
+                   n_labeled: int, method: str, consistency_on: str, fused_loss: bool):
+    """Student forward and the UA-MT objective.
+
+    images (B, 1, *S), labels (B, *S) with the labeled rows first; target (b, C, *S) and mc_logits
+    (T, b, C, *S) from the teacher for the b rows that get consistency; weight lambda and threshold H
+    are 0-dim device tensors. Returns the total loss, the terms (CE, Dice, consistency) and the
+    uncertainty statistics (mask fraction, mean uncertainty), all device tensors.
+    """
+    logits = student(images)  # (B, C, *S)
+    lab_logits, lab = logits[:n_labeled].float(), labels[:n_labeled]
+    ce, dice = reference.cross_entropy(lab_logits, lab), reference.dice_loss(lab_logits, lab)
+    zero = ce.new_zeros(())
+    consistency, mask_fraction, uncertainty = zero, zero, zero
+    if method != "supervised":
+        s = logits[n_labeled:] if consistency_on == "unlabeled" else logits
+        if method == "mt":  # the mean-teacher baseline: softmax MSE over every voxel, no mask
+            consistency, mask_fraction = reference.softmax_mse(s.float(), target.float()).mean(), ce.new_ones(())
+        elif fused_loss:
+            consistency, stats = uamt_fast.uncertainty_consistency_loss(s, target, mc_logits, threshold, return_stats=True)
+            mask_fraction, uncertainty = stats[0], stats[1]
+        else:
+            consistency = reference.uncertainty_consistency_loss(s.float(), target.float(), mc_logits.float(), threshold)
+            u = reference.predictive_entropy(mc_logits.float())
+            mask_fraction, uncertainty = (u < threshold).float().mean(), u.mean()
+    loss = 0.5 * (ce + dice) + weight * consistency
+    return loss, torch.stack([ce, dice, consistency]), torch.stack([mask_fraction, uncertainty])
+
+
+def schedule(cfg: Config, iteration: int) -> tuple[float, float, float]:
+    """(learning rate, consistency weight lambda, uncertainty threshold H) at 0-based ``iteration``."""
+    lr = reference.learning_rate(iteration, cfg.lr, cfg.lr_step)
+    weight = reference.consistency_weight(iteration, cfg.consistency, cfg.consistency_rampup, cfg.consistency_period)
+    return lr, weight, reference.uncertainty_threshold(iteration, cfg.iterations)
+
+
+def train_step(parts: Parts, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One UA-MT iteration at 0-based ``iteration``; returns (terms (3,), stats (2,)) on the device, no host sync."""
+    cfg, dev = parts.cfg, parts.device
+    lr, weight, threshold = schedule(cfg, iteration)
+    for group in parts.optimizer.param_groups:
+        group["lr"] = lr
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and dev.type == "cuda")
+
+    # data: 2 labeled + 2 unlabeled augmented crops, labeled rows first
+    images, labels = parts.sampler.next()  # (B, 1, *patch) float32, (B, *patch) int64
+    images = images.to(dev, non_blocking=True).contiguous(memory_format=parts.memory_format)
+    labels = labels.to(dev, non_blocking=True)
+
+    # teacher: T MC-dropout passes + 1 target pass on noisy inputs, no grad, batched
+    target = mc_logits = None
+    if cfg.method != "supervised":
+        x = images[cfg.batch_labeled:] if cfg.consistency_on == "unlabeled" else images
+        passes = cfg.mc_passes + 1 if cfg.method == "uamt" else 1
+        with torch.no_grad(), amp:
+            out = teacher_passes(parts.teacher_forward, parts.teacher, x, passes, cfg.teacher_chunks,
+                                 cfg.noise_std, cfg.noise_clip)  # (P, b, C, *S)
+        target, mc_logits = out[0], out[1:]  # pass 0 is the target, as the released code draws it first
+
+    # student: forward, losses, backward, SGD step
+    if cfg.method == "supervised":
+        images, labels = images[: cfg.batch_labeled], labels[: cfg.batch_labeled]
+    with amp:
+        loss, terms, stats = parts.student_losses(
+            parts.student, images, labels, target, mc_logits,
+            torch.full((), weight, device=dev), torch.full((), threshold, device=dev),  # fill kernels, no sync
+            n_labeled=cfg.batch_labeled, method=cfg.method, consistency_on=cfg.consistency_on,
+            fused_loss=cfg.fused_loss)
+    parts.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    parts.optimizer.step()
+
+    # teacher EMA with the warm-up alpha of the global step (alpha = 0 at step 0: teacher := student)
+    if parts.teacher is not None:
+        ema = uamt_fast.ema_update_ if cfg.fused_ema else reference.ema_update_
+        ema(parts.teacher, parts.student, cfg.ema_decay, step=iteration)
+    return terms.detach(), stats.detach()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over ``path``: a crash mid-save
+    leaves the previous file intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_state(parts: Parts, iteration: int) -> dict:
+    """Everything that makes --resume continue the run bit-for-bit (on CPU): weights, teacher BN buffers,
+    optimizer momentum, sampler and RNG states, iteration count and config."""
+    state = {"iteration": iteration, "config": dataclasses.asdict(parts.cfg), "student": parts.student.state_dict(),
+             "optimizer": parts.optimizer.state_dict(), "sampler": parts.sampler.state_dict(),
+             "rng_cpu": torch.get_rng_state()}
+    if parts.teacher is not None:
+        state["teacher"] = parts.teacher.state_dict()
+    if parts.device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(parts.device)
+    return state
+
+
+def restore(parts: Parts, state: dict) -> int:
+    parts.student.load_state_dict(state["student"])
+    if parts.teacher is not None:
+        parts.teacher.load_state_dict(state["teacher"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.sampler.load_state_dict(state["sampler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if "rng_cuda" in state and parts.device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng_cuda"], parts.device)
+    return state["iteration"]
+
+
+def load_model(path: Path, device: torch.device) -> tuple[VNet, dict]:
+    """A V-Net from student.pt / teacher.pt / checkpoint.pt (the student), with the config it was trained with."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+        weights = state.get("model", state.get("student"))
+        cfg = state["config"]
+    except Exception as e:  # missing, truncated, not a torch file, or not ours: all bad input here
+        raise ValueError(f"--eval {path}: not a train.py checkpoint ({type(e).__name__}: {e})") from None
+    model = VNet(n_filters=cfg["n_filters"], dropout=cfg["dropout"]).to(device)
+    model.load_state_dict(weights)
+    return model, cfg
+
+
+# ----------------------------------------------------------------------------- logging helpers
+def environment(device: torch.device) -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "uamt_fast": uamt_fast.__version__, "device": str(device), "argv": sys.argv,
+           "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    with contextlib.suppress(ImportError):
+        import triton
+
+        env["triton"] = triton.__version__
+    if device.type == "cuda":
+        env |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version()}
+    return env
+
+
+def gpu_monitor(device: torch.device):
+    """A function returning {gpu_util, gpu_power_w} via nvidia-ml-py, or {} when unavailable."""
+    if device.type != "cuda":
+        return dict
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+    except Exception:  # nvidia-ml-py missing or NVML not usable: simply not logged
+        return dict
+    return lambda: {"gpu_util": pynvml.nvmlDeviceGetUtilizationRates(handle).gpu,
+                    "gpu_power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000}
+
+
+def progress(done: int, total: int, rate: float, start: int) -> None:
+    """A one-line progress bar with it/s and ETA on stderr (only when it is a terminal)."""
+    if not sys.stderr.isatty():
+        return
+    eta = (total - done) / rate if rate > 0 else math.inf
+    bar = "#" * int(30 * done / total)
+    eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--:--:--"
+    print(f"\r[{bar:<30}] {done}/{total} {rate:.2f} it/s ETA {eta_s}", end="", file=sys.stderr, flush=True)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def evaluate(model: VNet, cfg: Config, cases, out_dir: Path) -> dict:
+    """The paper's sliding-window protocol on ``cases`` (full resolution); prints the table, writes eval.json.
+
+    With --downsample k the windows (``cfg.patch``, strides ``cfg.eval_stride_*``) slide over the
+    k-times downsampled image; the averaged softmax is upsampled trilinearly back to full resolution
+    (each low-resolution voxel sits at the centre of its k^3 block, ``align_corners=False``), the
+    remainder voxels dropped by the pooling take their nearest neighbour's value, and the argmax is
+    scored against the full-resolution label.
+    """
+    model.eval()
+    if cfg.downsample == 1:
+        result = inference.evaluate(model, cases, patch_size=cfg.patch, stride_xy=cfg.eval_stride_xy,
+                                    stride_z=cfg.eval_stride_z, batch_size=cfg.eval_batch)
+    else:
+        rows = []
+        for case in cases:
+            small = downsample_case(case, cfg.downsample).image
+            _, probs = inference.sliding_window_predict(model, small, cfg.patch, cfg.eval_stride_xy, cfg.eval_stride_z,
+                                                        batch_size=cfg.eval_batch)  # (C, x, y, z)
+            probs = F.interpolate(probs[None], scale_factor=cfg.downsample, mode="trilinear")  # (1, C, kx, ky, kz)
+            remainder = [full - up for full, up in zip(case.label.shape, probs.shape[2:])]
+            probs = F.pad(probs, [p for r in reversed(remainder) for p in (0, r)], mode="replicate")
+            rows.append({"case": str(case.id), **metrics.case_metrics(probs[0].argmax(0).cpu().numpy(), case.label)})
+        result = metrics.summarize(rows)
+    print(inference.format_table(result))
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+# ----------------------------------------------------------------------------- main
+def make_config(given: dict) -> tuple[Config, dict | None]:
+    """Config from the flags (+ --demo sizes, or the saved config and checkpoint on --resume)."""
+    if given.get("resume"):
+        path = Path(given["resume"]) / "checkpoint.pt"
+        if not path.is_file():
+            raise ValueError(f"--resume {given['resume']}: no checkpoint.pt in that folder")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved = state["config"]
+        changed = {k for k, v in given.items() if k not in RESUME_OVERRIDABLE and _norm(v) != _norm(saved[k])}
+        if changed:
+            raise ValueError(f"--resume: cannot change {', '.join('--' + k.replace('_', '-') for k in sorted(changed))} "
+                             f"of a run (allowed: {', '.join(sorted(RESUME_OVERRIDABLE))})")
+        return Config(**(saved | given | {"out": given["resume"], "resume": given["resume"]})), state
+    return Config(**((DEMO if given.get("demo") else {}) | given)), None
+
+
+def _norm(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def main(argv=None) -> int:
+    # -- configuration and bad input (one line on stderr, exit code 2)
+    try:
+        given = parse_args(argv)
+        cfg, resume_state = make_config(given)
+        demo_dir = None
+        if cfg.demo and not cfg.data:
+            demo_dir = tempfile.TemporaryDirectory(prefix="uamt_demo_")
+            data.write_synthetic_la(demo_dir.name, **DEMO_DATA)
+            cfg.data = demo_dir.name
+        if not cfg.data:
+            raise ValueError("--data is required (the LA root holding train.list), or use --demo")
+        device = pick_device(cfg)
+        if cfg.eval:
+            model, saved = load_model(Path(cfg.eval), device)
+            ecfg = Config(**(saved | {k: v for k, v in given.items() if k in RESUME_OVERRIDABLE} | {"eval": cfg.eval}))
+            cases = load_split(ecfg, "test")
+            out = Path(cfg.out or Path(cfg.eval).parent)
+            out.mkdir(parents=True, exist_ok=True)
+            evaluate(model, ecfg, cases, out)
+            return 0
+        parts = build(cfg)
+        parts.test_cases = load_split(cfg, "test")
+    except (data.DataError, ValueError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+
+    # -- run folder, config.json, versions
+    out = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}")
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # picks the fastest conv algorithms for the fixed crop size
+        print(f"GPU {env['gpu']}, CUDA {env['cuda']}, cuDNN {env['cudnn']} (bf16 3D convs are slow off cuDNN: "
+              f"pytorch#166122, cuDNN 9.8-9.14; channels_last_3d={parts.memory_format == torch.channels_last_3d})")
+    start = 0
+    if resume_state is not None:
+        start = restore(parts, resume_state)
+        print(f"resumed {out} at iteration {start}")
+    else:
+        (out / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "environment": env}, indent=1))
+    print(f"{cfg.method}: {cfg.labeled} labeled, {cfg.iterations} iterations, patch {cfg.patch}, "
+          f"n_filters {cfg.n_filters}, downsample {cfg.downsample}, device {device} -> {out}")
+
+    # -- the loop (device-side accumulators; the host reads them every --log-every iterations)
+    bad_at = torch.full((), -1, dtype=torch.long, device=device)  # first iteration with a non-finite term
+    bad_term = torch.zeros((), dtype=torch.long, device=device)  # which term (index into TERMS)
+    window = torch.zeros(5, device=device)  # sums of CE, Dice, consistency, mask fraction, uncertainty
+    monitor, stop = gpu_monitor(device), []
+    signal.signal(signal.SIGINT, lambda *_: stop.append("interrupted"))  # finish the iteration, save, exit
+
+    def check_finite():  # a host-device sync point
+        if int(bad_at) >= 0:
+            raise NonFiniteLoss(f"non-finite {TERMS[int(bad_term)]} loss at iteration {int(bad_at)}; "
+                                f"stopping (last good checkpoint: {out / 'checkpoint.pt'})")
+
+    def save_checkpoint(done):
+        check_finite()  # never save weights that went through a non-finite loss
+        atomic_save(checkpoint_state(parts, done), out / "checkpoint.pt")
+
+    t_log = t_bar = t0 = time.perf_counter()
+    n_window = 0
+    try:
+        for iteration in range(start, cfg.iterations):
+            terms, stats = train_step(parts, iteration)
+            done = iteration + 1
+            nonfinite = ~torch.isfinite(terms)
+            first = nonfinite.any() & (bad_at < 0)
+            bad_at = torch.where(first, done, bad_at)
+            bad_term = torch.where(first, nonfinite.int().argmax(), bad_term)
+            window += torch.cat([terms, stats])
+            n_window += 1
+
+            now = time.perf_counter()
+            if now - t_bar > 0.5:
+                progress(done, cfg.iterations, (done - start) / (now - t0), start)
+                t_bar = now
+            if done % cfg.log_every == 0 or done == cfg.iterations:
+                check_finite()
+                ce, dice, cons, mask, unc = (window / n_window).tolist()  # sync
+                now = time.perf_counter()
+                lr, weight, threshold = schedule(cfg, iteration)
+                line = {"iteration": done, "lr": lr, "loss_ce": ce, "loss_dice": dice,
+                        "loss_supervised": 0.5 * (ce + dice), "loss_consistency": cons, "consistency_weight": weight,
+                        "threshold": threshold, "mask_fraction": mask, "uncertainty_mean": unc,
+                        "it_per_s": n_window / (now - t_log)}
+                if device.type == "cuda":
+                    line["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                line |= monitor()
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(line) + "\n")
+                print(f"\riter {done}/{cfg.iterations} | CE {ce:.4f} Dice loss {dice:.4f} | consistency {cons:.2e} "
+                      f"x {weight:.4f} | mask {mask:.3f} H {threshold:.3f} | {line['it_per_s']:.2f} it/s", flush=True)
+                window.zero_()
+                n_window, t_log = 0, now
+            if done % cfg.save_every == 0 and done < cfg.iterations:
+                save_checkpoint(done)
+            if stop or done == cfg.stop_at:
+                save_checkpoint(done)
+                print(f"{stop[0] if stop else 'stopped'} at iteration {done}; continue with --resume {out}")
+                return 130 if stop else 0
+    except NonFiniteLoss as e:
+        print(f"\ntrain.py: {e}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    # -- the end: final weights, speed, evaluation of the student
+    try:
+        check_finite()
+    except NonFiniteLoss as e:
+        print(f"\ntrain.py: {e}", file=sys.stderr)
+        return 1
+    elapsed = time.perf_counter() - t0
+    save_checkpoint(cfg.iterations)
+    atomic_save({"model": parts.student.state_dict(), "config": dataclasses.asdict(cfg)}, out / "student.pt")
+    if parts.teacher is not None:
+        atomic_save({"model": parts.teacher.state_dict(), "config": dataclasses.asdict(cfg)}, out / "teacher.pt")
+    speed = {"train_seconds": elapsed, "it_per_s": (cfg.iterations - start) / elapsed}
+    if device.type == "cuda":
+        speed["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    print(f"trained {cfg.iterations - start} iterations in {elapsed:.1f} s ({speed['it_per_s']:.2f} it/s"
+          + (f", peak GPU memory {speed['peak_gpu_mem_gb']:.2f} GiB)" if device.type == "cuda" else ")"))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"iteration": cfg.iterations, **speed}) + "\n")
+    evaluate(parts.student, cfg, parts.test_cases, out)
+    if demo_dir is not None:
+        demo_dir.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
