@@ -85,4 +85,5 @@ def test_ema_update(benchmark, bench, provider):
     with torch.no_grad():
         bench.run(benchmark, group=f"ema VNet(n_filters={n_filters}) {n_params:,} params fp32", provider=provider,
                   fn=fn, arg_sets=sets, bytes_moved=nbytes, baseline=provider in ("loop", "foreach_lerp"),
+                  kernel=provider not in ("loop", "foreach_lerp"),
                   op="ema_update_", n_params=n_params, n_tensors=len(list(student.parameters())))

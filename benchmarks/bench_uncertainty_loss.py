@@ -102,7 +102,8 @@ def test_uncertainty_loss(benchmark, bench, batch, dtype_name, mode, provider):
             return torch.autograd.grad(op(s, t, mc, THRESHOLD), s)
 
     bench.run(benchmark, group=f"loss {mode} {shape_name(batch, dims)} {dtype_name}", provider=provider, fn=fn,
-              arg_sets=sets, bytes_moved=nbytes, baseline=provider != "fused", peak=mode == "fwd+bwd",
+              arg_sets=sets, bytes_moved=nbytes, baseline=provider != "fused", kernel=provider == "fused",
+              peak=mode == "fwd+bwd",
               op="uncertainty_consistency_loss", mode=mode, batch=batch, dtype=dtype_name,
               shape=shape_name(batch, dims))
 
@@ -125,6 +126,7 @@ def test_predictive_entropy(benchmark, bench, batch, dtype_name, provider):
     sets = [(mc,)] + [(make_inputs(batch, dims, DTYPES[dtype_name], bench.device, seed=k)[2],)
                       for k in range(1, measure.rotation_count(nbytes, bench.device))]
     bench.run(benchmark, group=f"entropy {shape_name(batch, dims)} {dtype_name}", provider=provider, fn=op,
-              arg_sets=sets, bytes_moved=nbytes, baseline=provider != "fused", op="predictive_entropy",
+              arg_sets=sets, bytes_moved=nbytes, baseline=provider != "fused", kernel=provider == "fused",
+              op="predictive_entropy",
               mode="fwd", batch=batch, dtype=dtype_name, shape=shape_name(batch, dims))
 

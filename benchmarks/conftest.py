@@ -94,19 +94,21 @@ class BenchSession:
             pytest.skip(f"{what}: the interpreted dry run checks one row per op and mode")
 
     def run(self, benchmark, *, group: str, provider: str, fn, arg_sets: list[tuple], bytes_moved: int | None,
-            baseline: bool, peak: bool = False, host: bool = False, **meta) -> dict:
+            baseline: bool, peak: bool = False, host: bool = False, kernel: bool = False, **meta) -> dict:
         """Time ``fn(*args)`` over the rotated ``arg_sets``; record and return the row.
 
         GPU: the row's median comes from CUDA events (``measure.time_cuda``); pytest-benchmark then
         times ``fn + synchronize`` too (its table: host wall time per call, sync included). CPU:
         the row's median is pytest-benchmark's own. ``peak``: also record the extra device memory
         of one call (forward + backward rows). ``host``: the callable does host work only (a CPU
-        data loader): timed with ``perf_counter`` on any device.
+        data loader): timed with ``perf_counter`` on any device. ``kernel``: a row of the fused
+        kernels (in the ``interpreted`` dry run it runs once and is marked so).
         """
         benchmark.group = group
         cycle = itertools.cycle(arg_sets)
         row = {"group": group, "provider": provider, "baseline": baseline, "bytes": bytes_moved, **meta}
-        if self.interpreted and not baseline:
+        interpreted = self.interpreted and kernel
+        if interpreted:
             row["provider"] = provider = f"{provider} (interpreter)"
         if self.cuda and not host:
             timing = measure.time_cuda(fn, arg_sets)
@@ -119,10 +121,11 @@ class BenchSession:
                 torch.cuda.synchronize()
 
             benchmark(synced)
-        elif self.interpreted and not baseline:
-            benchmark.pedantic(lambda: fn(*next(cycle)), rounds=1, iterations=1)
         else:
-            benchmark(lambda: fn(*next(cycle)))
+            if interpreted:
+                benchmark.pedantic(lambda: fn(*next(cycle)), rounds=1, iterations=1)
+            else:
+                benchmark(lambda: fn(*next(cycle)))
             stats = getattr(benchmark, "stats", None)
             if stats is not None:  # None under --benchmark-disable
                 timing = measure.quantiles_ms([t * 1e3 for t in stats.stats.sorted_data], len(arg_sets))

@@ -83,8 +83,8 @@ def summarize(result: dict) -> str:
     if ts:
         ref = next((r for r in ts["rows"] if r["variant"] == "reference"), None)
         flops = ts.get("flops_per_iter", {}).get("reference")
-        out.append(f"train step (crop {ts['patch']}, {ts['cases']} cases; {(flops or 0) / 1e12:.2f} TFLOP/iter; "
-                   f"matmul {ts['matmul_tflops']:.0f} TFLOP/s; target ours >= {TARGET_STEP_SPEEDUP:.0f}x reference)")
+        out.append(f"train step (crop {ts['patch']}, {ts['cases']} cases; {(flops or 0) / 1e12:.3g} TFLOP/iter; "
+                   f"matmul {ts['matmul_tflops']:.3g} TFLOP/s; target ours >= {TARGET_STEP_SPEEDUP:.0f}x reference)")
         for r in ts["rows"]:
             sp = f"{r['speedup_vs_reference']:.2f}x" if ref and r.get("speedup_vs_reference") else "-"
             peak = f"{r['peak_gib']:.1f} GiB" if r.get("peak_gib") is not None else "-"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
 import sys
 import tempfile
 import time
@@ -44,13 +45,14 @@ VARIANTS = {
     "ours": {},
     "ours -compile": {"compile": False},
     "ours -fused EMA": {"fused_ema": False},
-    "ours -GPU data": {"data_device": "cpu"},
     "ours -fused loss": {"fused_loss": False},
     "ours -batched teacher": {"teacher_chunks": None},  # None -> T + 1 forward calls, one per pass
+    "ours -GPU data": {"data_device": "cpu"},
     "ours -channels_last_3d": {"channels_last": False},
     "ours -bf16": {"amp": False},
 }
 REFERENCES = ("reference", "reference+cudnn.benchmark")
+ORDER = ("reference", *VARIANTS, "reference+cudnn.benchmark")
 SAME_AS_OURS_ON_CPU = {  # --cpu: these would repeat "ours" exactly, so they are not run
     "ours -compile": "on the CPU 'ours' runs without torch.compile already",
     "ours -GPU data": "on the CPU the volumes are on the CPU already",
@@ -71,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--reference-iters", type=int, default=None,
                    help="timed iterations of the reference (default 24 GPU = 3 loader epochs / 2 CPU)")
     p.add_argument("--variants", default="all",
-                   help=f"comma-separated subset of: {', '.join(REFERENCES + tuple(VARIANTS))}")
+                   help=f"comma-separated subset of: {', '.join(ORDER)}")
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="stop starting new variants after this many seconds (0: no limit); skipped ones are listed")
     p.add_argument("--json", default="", help="write the environment, ceilings and every row here")
@@ -80,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--reference-workers", type=int, default=4, help="DataLoader workers of the reference (released: 4)")
     args = p.parse_args(argv)
     known = set(REFERENCES) | set(VARIANTS)
-    args.variant_list = list(REFERENCES) + list(VARIANTS) if args.variants == "all" else \
+    args.variant_list = list(ORDER) if args.variants == "all" else \
         [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variant_list if v not in known]
     if unknown:
@@ -106,6 +108,10 @@ def cudnn_flags(benchmark: bool, deterministic: bool):
 
 
 def _free(device):
+    # Forget compiled graphs: every variant builds new modules, and recompiles of the same code
+    # objects (VNet.forward, student_losses) would otherwise pile up to dynamo's cache limit, after
+    # which it silently runs eager. Inductor's on-disk cache keeps a repeated compile cheap.
+    torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -194,6 +200,10 @@ def main(argv=None) -> int:
         return 2
     else:
         device = torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("train_step: TRITON_INTERPRET=1 is set: the fused kernels would run in the CPU interpreter "
+              "(minutes per iteration, meaningless times); unset it", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     import train as train_mod  # the repository-root trainer (run from the repo root)
