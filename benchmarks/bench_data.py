@@ -89,7 +89,7 @@ def test_released_loader(benchmark, bench, la_cases, workers):
         row = {"group": group, "provider": provider, "baseline": True, "bytes": None, "median_ms": per_batch_ms,
                "p20_ms": None, "p80_ms": None, "calls": epochs * per_epoch, "timer": "perf_counter, 3 epochs",
                "op": "data", "workers": workers}
-        bench.rows.append(row)
+        bench.add_row(row)
     _note(row)
     benchmark.extra_info.update(crops_per_s=row.get("crops_per_s"))
 

@@ -59,9 +59,10 @@ def pytest_configure(config):
 class BenchSession:
     """Device, ceilings and the rows measured in this pytest session."""
 
-    def __init__(self, device: torch.device, tiny: bool):
+    def __init__(self, device: torch.device, tiny: bool, json_path: str | None = None):
         self.device = device
         self.tiny = tiny
+        self.json_path = json_path
         self.rows: list[dict] = []
 
     @property
@@ -132,8 +133,20 @@ class BenchSession:
                 row.update(timing.as_dict(), timer="pytest-benchmark perf_counter")
         measure.add_roofline(row, self.copy_gbps)
         benchmark.extra_info.update({k: v for k, v in row.items() if isinstance(v, (int, float, str, bool))})
-        self.rows.append(row)
+        self.add_row(row)
         return row
+
+    def add_row(self, row: dict) -> None:
+        """Keep ``row``; with --bench-json the file is rewritten at once, so a run stopped by a time
+        limit still leaves every row measured so far."""
+        self.rows.append(row)
+        if self.json_path:
+            self.write_json(complete=False)
+
+    def write_json(self, complete: bool) -> None:
+        rows = measure.add_speedups(sorted(self.rows, key=lambda r: r["group"]))
+        measure.write_json(self.json_path, {"environment": self.env, "copy_gbps": self.copy_gbps, "tiny": self.tiny,
+                                            "complete": complete, "rows": rows})
 
 
 _SESSION: BenchSession | None = None
@@ -152,7 +165,7 @@ def la_root() -> Path:
 @pytest.fixture(scope="session")
 def bench(request) -> BenchSession:
     global _SESSION
-    _SESSION = BenchSession(_device(), request.config.getoption("--bench-tiny"))
+    _SESSION = BenchSession(_device(), request.config.getoption("--bench-tiny"), request.config.getoption("--bench-json"))
     return _SESSION
 
 
@@ -166,8 +179,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.write_line(f"copy bandwidth (read + write), same run: {_SESSION.copy_gbps:.1f} GB/s; "
                   f"timer: {'CUDA events, median' if _SESSION.cuda else 'perf_counter via pytest-benchmark, median'}")
     tr.write_line(measure.format_table(rows))
-    path = config.getoption("--bench-json")
-    if path:
-        measure.write_json(path, {"environment": _SESSION.env, "copy_gbps": _SESSION.copy_gbps,
-                                  "tiny": _SESSION.tiny, "rows": rows})
-        tr.write_line(f"rows written to {path}")
+    if _SESSION.json_path:
+        _SESSION.write_json(complete=True)
+        tr.write_line(f"rows written to {_SESSION.json_path}")

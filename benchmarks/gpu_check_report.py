@@ -68,7 +68,9 @@ def summarize(result: dict) -> str:
 
     micro = result.get("micro")
     if micro:
-        out.append(f"copy bandwidth {micro['copy_gbps']:.0f} GB/s (target for kernels: >= {TARGET_PCT_COPY:.0f}% of it)")
+        partial = "" if micro.get("complete", True) else "; INCOMPLETE: the run stopped early, rows so far"
+        out.append(f"copy bandwidth {micro['copy_gbps']:.0f} GB/s (target for kernels: >= {TARGET_PCT_COPY:.0f}% of it)"
+                   f"{partial}")
         out.append(f"{'kernel row':<46} {'provider':<20} {'ms':>8} {'floor':>7} {'%copy':>6}  speedup")
         for r in micro["rows"]:
             if r.get("baseline") or r.get("median_ms") is None:
@@ -83,6 +85,8 @@ def summarize(result: dict) -> str:
     if ts:
         ref = next((r for r in ts["rows"] if r["variant"] == "reference"), None)
         flops = ts.get("flops_per_iter", {}).get("reference")
+        if not ts.get("complete", True):
+            out.append("train step: INCOMPLETE, the run stopped early; rows so far:")
         out.append(f"train step (crop {ts['patch']}, {ts['cases']} cases; {(flops or 0) / 1e12:.3g} TFLOP/iter; "
                    f"matmul {ts['matmul_tflops']:.3g} TFLOP/s; target ours >= {TARGET_STEP_SPEEDUP:.0f}x reference)")
         for r in ts["rows"]:

@@ -257,7 +257,19 @@ def main(argv=None) -> int:
         row["wall_s"] = time.perf_counter() - t
         rows.append(row)
         print(f"  {name}: {row['ms_per_iter']:.1f} ms/iter ({row['wall_s']:.0f} s with warm-up)", flush=True)
+        if args.json:  # after every variant: a run stopped by a time limit keeps what it measured
+            measure.write_json(args.json, summarize(rows, flops, rate, env, skipped, cases, labeled_ids, sizes, False))
 
+    result = summarize(rows, flops, rate, env, skipped, cases, labeled_ids, sizes, True)
+    if args.json:
+        measure.write_json(args.json, result)
+    print(format_table(result))
+    workdir.cleanup()
+    return 0
+
+
+def summarize(rows, flops, rate, env, skipped, cases, labeled_ids, sizes, complete: bool) -> dict:
+    """Speedups over the reference, TFLOP/s and MFU for every row; the JSON document of the run."""
     model_flops = flops.get("reference") or flops.get("ours_eager")
     ref = next((r for r in rows if r["variant"] == "reference"), None)
     for r in rows:
@@ -265,13 +277,8 @@ def main(argv=None) -> int:
         if model_flops:
             r["tflops"] = model_flops / (r["ms_per_iter"] * 1e-3) / 1e12
             r["mfu_pct"] = 100 * r["tflops"] / rate
-    result = {"environment": env, "matmul_tflops": rate, "flops_per_iter": flops, "rows": rows, "skipped": skipped,
-              "cases": len(cases), "labeled": len(labeled_ids), **sizes}
-    if args.json:
-        measure.write_json(args.json, result)
-    print(format_table(result))
-    workdir.cleanup()
-    return 0
+    return {"environment": env, "matmul_tflops": rate, "flops_per_iter": dict(flops), "rows": rows,
+            "skipped": list(skipped), "cases": len(cases), "labeled": len(labeled_ids), "complete": complete, **sizes}
 
 
 def format_table(result: dict) -> str:
