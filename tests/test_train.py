@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -225,10 +226,11 @@ def test_atomic_save_survives_a_crash_mid_save(tmp_path, monkeypatch):
         f.write(b"PK\x03\x04 partial")
         raise KeyboardInterrupt
 
+    save = torch.save
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         train.atomic_save({"iteration": 4}, path)
-    monkeypatch.undo()
+    monkeypatch.setattr(torch, "save", save)
     back = torch.load(path, weights_only=False)
     assert back["iteration"] == 3 and torch.equal(back["w"], good["w"])
     assert list(tmp_path.iterdir()) == [path]
@@ -253,6 +255,24 @@ def test_atomic_save_survives_a_killed_process(tmp_path):
     assert os.waitstatus_to_exitcode(status) == 9
     back = torch.load(path, weights_only=False)
     assert back["iteration"] == 1 and torch.equal(back["w"], torch.ones(1000))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits(tiny_root, tmp_path, monkeypatch):
+    """SIGINT mid-iteration: the iteration finishes, a checkpoint is saved, exit code 130, --resume continues."""
+    step = train.train_step
+
+    def interrupted_step(parts, iteration):
+        if iteration == 2:
+            signal.raise_signal(signal.SIGINT)  # as if Ctrl-C arrived during the third iteration
+        return step(parts, iteration)
+
+    monkeypatch.setattr(train, "train_step", interrupted_step)
+    args = ["--data", str(tiny_root), *TINY, "--iterations", "6", "--out", str(tmp_path)]
+    assert train.main(args) == 130
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["iteration"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    monkeypatch.setattr(train, "train_step", step)
+    assert train.main(["--resume", str(tmp_path), "--threads", "1"]) == 0 and (tmp_path / "student.pt").exists()
 
 
 # ----------------------------------------------------------------------------- NaN stop
