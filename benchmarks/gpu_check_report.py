@@ -76,8 +76,9 @@ def summarize(result: dict) -> str:
             if r.get("baseline") or r.get("median_ms") is None:
                 continue
             sp = ", ".join(f"{v:.1f}x {k}" for k, v in (r.get("speedup") or {}).items())
-            out.append(f"{r['group'][:46]:<46} {r['provider'][:20]:<20} {r['median_ms']:8.3f} "
-                       f"{r.get('floor_ms') or 0:7.3f} {r.get('pct_copy') or 0:6.1f}  {sp}")
+            floor = f"{r['floor_ms']:7.3f}" if r.get("floor_ms") is not None else f"{'-':>7}"
+            pct = f"{r['pct_copy']:6.1f}" if r.get("pct_copy") is not None else f"{'-':>6}"
+            out.append(f"{r['group'][:46]:<46} {r['provider'][:20]:<20} {r['median_ms']:8.3f} {floor} {pct}  {sp}")
     else:
         out.append("micro-benchmarks: no micro.json (see micro.log)")
 
