@@ -4,7 +4,7 @@ n_filters=16, batch norm, ReLU, no short residuals; encoder stages of 1,2,3,3,3 
 stride-2 2x2x2 convs between them; decoder of stride-2 transposed convs, skips *added*; decoder
 stages of 3,3,2,1 convs; a 1x1x1 output conv. Optional Dropout3d(p=0.5) after the last encoder
 and the last decoder stage (the paper's "Bayesian V-Net"). Module names follow the release, so its
-checkpoints load with ``load_state_dict``. 1 input channel, 2 classes: 9,448,866 parameters.
+state-dict keys are the released ones. 1 input channel, 2 classes: 9,448,866 parameters.
 
 Two additions for fast UA-MT training, both off by default:
 
