@@ -6,7 +6,8 @@
     python train.py --data ../shared/data/LA --method mt   # mean teacher without the uncertainty mask
     python train.py --data ../shared/data/LA --method supervised [--no-dropout]  # Bayesian / vanilla V-Net
     python train.py --resume runs/<run>                    # continue a run from its last checkpoint
-    python train.py --eval runs/<run>/student.pt --data ../shared/data/LA       # evaluate only
+    python train.py --eval runs/<run>/student.pt --data ../shared/data/LA       # evaluate only: runs/<run>/eval_student.json
+    python train.py --data ../shared/data/LA --out runs/a --overwrite            # replace the run in runs/a
     # reduced real-data run on a 2-core CPU, ~30 min (volumes downsampled 2x, narrower V-Net, shorter schedule):
     python train.py --data ../shared/data/LA --downsample 2 --n-filters 4 --patch 64 48 32 --iterations 800 --threads 1
 
@@ -16,7 +17,9 @@ MC-dropout passes plus one target pass, batched into one forward with per-pass (
 the student forward -> 0.5 (CE + Dice) on the labeled crops + lambda(i) * uncertainty-masked consistency
 (fused Triton loss) -> SGD step -> EMA of the teacher (one fused launch). The loop never waits for the
 GPU except every --log-every iterations. A run folder holds config.json, metrics.jsonl, checkpoint.pt
-(rolling, atomic), student.pt / teacher.pt and eval.json. The student is the evaluated model.
+(rolling, atomic), student.pt / teacher.pt and eval.json. The student is the evaluated model. A folder that
+holds a run is never written over (--resume it, or --overwrite), an --eval never replaces an earlier
+evaluation, and checkpoints are read with torch.load(weights_only=True): opening one never runs code from it.
 
 Shorter runs than the paper's 6000 iterations: the consistency ramp (40 periods of 150 iterations) and the
 threshold ramp (over --iterations, as released) still span the whole run; the lr keeps its absolute
@@ -39,9 +42,9 @@ import os
 import pickle
 import platform
 import re
+import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +68,8 @@ class Config:
     out: str = ""  # run folder; default runs/<timestamp>-<method>
     resume: str = ""  # run folder to continue from its checkpoint.pt (the saved config is reused)
     eval: str = ""  # evaluate this checkpoint (student.pt, teacher.pt or checkpoint.pt) on the test list and exit
-    demo: bool = False  # synthetic LA-like data in a temp folder + reduced sizes: the whole pipeline in ~1 min on CPU
+    demo: bool = False  # synthetic LA-like data (kept in the run folder) + reduced sizes: the whole pipeline in ~1 min on CPU
+    overwrite: bool = False  # replace the run already in --out (its config, metrics, checkpoints, evaluations)
     # method
     method: str = "uamt"  # uamt | mt (no uncertainty mask) | supervised (labeled crops only, no teacher)
     consistency_on: str = "unlabeled"  # unlabeled (released code, paper's UA-MT-UN) | all (paper's UA-MT)
@@ -139,6 +143,7 @@ class Config:
 DEMO = {"n_filters": 4, "patch": (32, 32, 16), "labeled": 4, "iterations": 120, "log_every": 20, "save_every": 60,
         "eval_stride_xy": 16, "eval_stride_z": 8, "threads": 1}
 DEMO_DATA = {"n_train": 12, "n_test": 4, "shape": (48, 48, 32), "seed": 0}
+DEMO_DATA_DIR = "demo_data"  # the --demo data set, inside the run folder
 # On --resume these may differ from the saved config; everything else must match (same run).
 RESUME_OVERRIDABLE = {"data", "resume", "out", "device", "compile", "log_every", "save_every", "stop_at",
                       "eval_stride_xy", "eval_stride_z", "eval_batch", "data_device", "threads"}
@@ -152,12 +157,19 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv=None) -> dict:
     """The command line -> {field: value} for the flags actually given (defaults come from Config).
 
-    One flag per Config field, its --help text the field's comment; booleans as --x / --no-x.
+    One flag per Config field, its --help text the field's comment and default; booleans as --x / --no-x;
+    the usage examples of this file's docstring close the --help text.
     """
     comments = dict(re.findall(r"^    (\w+): [^#\n]*# (.*)$", inspect.getsource(Config), re.MULTILINE))
-    p = _Parser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    examples = __doc__.split("\n\n")[1]
+    p = _Parser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n" + examples)
     for f in dataclasses.fields(Config):
-        flag, help = "--" + f.name.replace("_", "-"), comments.get(f.name, "").replace("%", "%%")
+        flag, help = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
+        if f.default is not None and f.default != "":
+            shown = {True: "on", False: "off"}.get(f.default, f.default) if isinstance(f.default, bool) else f.default
+            help += f" (default: {' '.join(map(str, shown)) if isinstance(shown, tuple) else shown})"
+        help = help.replace("%", "%%")
         if f.type in ("bool", "bool | None"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         elif f.name == "patch":
@@ -377,29 +389,103 @@ def checkpoint_state(parts: Parts, iteration: int) -> dict:
     return state
 
 
-def restore(parts: Parts, state: dict) -> int:
-    parts.student.load_state_dict(state["student"])
+RESUME_KEYS = ("iteration", "config", "student", "optimizer", "sampler", "rng_cpu")
+
+
+def restore(parts: Parts, state: dict, path: Path = Path("checkpoint.pt")) -> int:
+    """Load a checkpoint_state dict into ``parts``; a checkpoint that does not fit is a one-line ValueError."""
+    load_weights(parts.student, state["student"], path, "--resume", "student")
     if parts.teacher is not None:
-        parts.teacher.load_state_dict(state["teacher"])
-    parts.optimizer.load_state_dict(state["optimizer"])
-    parts.sampler.load_state_dict(state["sampler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if "rng_cuda" in state and parts.device.type == "cuda":
-        torch.cuda.set_rng_state(state["rng_cuda"], parts.device)
+        load_weights(parts.teacher, state.get("teacher"), path, "--resume", "teacher")
+    try:
+        parts.optimizer.load_state_dict(state["optimizer"])
+        parts.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and parts.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], parts.device)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        raise ValueError(f"--resume {path}: optimizer, sampler or RNG state does not fit this run "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(state["iteration"], int) or state["iteration"] < 0:
+        raise ValueError(f"--resume {path}: bad iteration {state['iteration']!r}")
     return state["iteration"]
 
 
-def load_model(path: Path, device: torch.device) -> tuple[VNet, dict]:
-    """A V-Net from student.pt / teacher.pt / checkpoint.pt (the student), with the config it was trained with."""
+def read_checkpoint(path: Path, flag: str) -> dict:
+    """A checkpoint file as a dict, read with ``torch.load(weights_only=True)``: tensors, numbers, strings and
+    plain containers only, so opening a file, even a hostile one, never runs code from it. Anything else
+    (a file that needs arbitrary unpickling, a truncated or foreign file) is a ``ValueError`` of one line."""
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: no such file")
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
-        weights = state.get("model", state.get("student"))
-        cfg = state["config"]
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"--eval {path}: not a train.py checkpoint ({type(e).__name__}: {e})") from None
-    model = VNet(n_filters=cfg["n_filters"], dropout=cfg["dropout"]).to(device)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise ValueError(f"{flag} {path}: not a torch checkpoint ({_first_line(e)})") from None
+        raise ValueError(f"{flag} {path}: refused: it holds Python objects beyond tensors, numbers and plain "
+                         "containers, and unpickling those could run code from the file (train.py loads with "
+                         "weights_only=True only; nothing in it was run)") from None
+    except Exception as e:  # the weights-only unpickler fails on garbage in many ways (IndexError, KeyError, ...)
+        raise ValueError(f"{flag} {path}: not a readable torch checkpoint, truncated or another format "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{flag} {path}: expected a dict saved by train.py, got a {type(state).__name__}")
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def saved_config(state: dict, path: Path, flag: str) -> dict:
+    """The ``config`` dict of a train.py checkpoint, checked: a dict, only known fields, the model's own
+    (n_filters, dropout) present. Fields added to Config after the file was written take their defaults."""
+    cfg = state.get("config")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{flag} {path}: not a train.py checkpoint (no 'config' dict; keys: {sorted(map(str, state))})")
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(map(str, set(cfg) - known))
+    if unknown:
+        raise ValueError(f"{flag} {path}: its config has fields this train.py does not know: {', '.join(unknown)}")
+    missing = [k for k in ("n_filters", "dropout") if k not in cfg]
+    if missing:
+        raise ValueError(f"{flag} {path}: its config lacks {', '.join(missing)} (needed to build the V-Net)")
+    return cfg
+
+
+def load_weights(model: torch.nn.Module, weights, path: Path, flag: str, what: str = "model") -> None:
+    """``model.load_state_dict(weights)`` with a one-line error naming the file and the first mismatch."""
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError(f"{flag} {path}: '{what}' is not a state dict of tensors")
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{flag} {path}: '{what}' does not fit this V-Net: {len(missing)} missing tensors "
+                         f"{missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}")
+    for k, v in expected.items():
+        if weights[k].shape != v.shape:
+            raise ValueError(f"{flag} {path}: '{what}' tensor {k} has shape {tuple(weights[k].shape)}, "
+                             f"the V-Net expects {tuple(v.shape)}")
     model.load_state_dict(weights)
-    return model, cfg
+
+
+def load_model(path: Path, device: torch.device) -> tuple[VNet, dict, Path]:
+    """The V-Net of student.pt / teacher.pt / checkpoint.pt (its student), or of a run folder's student.pt,
+    with the config it was trained with and the file read. Never runs code from the file (see read_checkpoint)."""
+    if path.is_dir():
+        if not (path / "student.pt").is_file():
+            raise ValueError(f"--eval {path}: a folder without student.pt (give the checkpoint file to evaluate)")
+        path = path / "student.pt"
+    state = read_checkpoint(path, "--eval")
+    cfg = saved_config(state, path, "--eval")
+    what = "model" if "model" in state else "student"
+    if what not in state:
+        raise ValueError(f"--eval {path}: holds neither 'model' (student.pt, teacher.pt) nor 'student' (checkpoint.pt)")
+    if not isinstance(cfg["n_filters"], int) or cfg["n_filters"] < 1 or not isinstance(cfg["dropout"], bool):
+        raise ValueError(f"--eval {path}: bad model settings n_filters={cfg['n_filters']!r}, dropout={cfg['dropout']!r}")
+    model = VNet(n_filters=cfg["n_filters"], dropout=cfg["dropout"])
+    load_weights(model, state[what], path, "--eval", what)
+    return model.to(device), cfg, path
 
 
 # ----------------------------------------------------------------------------- logging helpers
@@ -445,12 +531,25 @@ def progress(done: int, total: int, rate: float, end: str = "") -> None:
     print(f"\r[{bar:<30}] {done}/{total} {rate:.2f} it/s ETA {eta_s}", end=end, file=sys.stderr, flush=True)
 
 
+def log_line(line: dict, iterations: int) -> str:
+    """One printed line of a metrics.jsonl record: only the fields the method has."""
+    text = f"iter {line['iteration']}/{iterations} | CE {line['loss_ce']:.4f} Dice loss {line['loss_dice']:.4f}"
+    if "loss_consistency" in line:
+        text += f" | consistency {line['loss_consistency']:.2e} x {line['consistency_weight']:.4f}"
+    if "mask_fraction" in line:
+        text += f" | mask {line['mask_fraction']:.3f} H {line['threshold']:.3f}"
+    return text + f" | {line['it_per_s']:.2f} it/s"
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
 
-def evaluate(model: VNet, cfg: Config, cases, out_dir: Path) -> dict:
-    """The paper's sliding-window protocol on ``cases`` (full resolution); prints the table, writes eval.json.
+def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.json", checkpoint: str | None = None) -> dict:
+    """The paper's sliding-window protocol on ``cases`` (full resolution); prints the table and writes it to
+    ``out_dir / name`` (a new file: if that name is taken, ``<stem>-2.json``, ``-3``... so an evaluation never
+    replaces another), with a ``source`` record (checkpoint, data, case ids, settings). Strict JSON: an
+    undefined distance (empty mask) is ``null``, counted in ``nan_cases``.
 
     With --downsample k the windows (``cfg.patch``, strides ``cfg.eval_stride_*``) slide over the
     k-times downsampled image; the averaged softmax is upsampled trilinearly back to full resolution
@@ -476,24 +575,61 @@ def evaluate(model: VNet, cfg: Config, cases, out_dir: Path) -> dict:
         result = metrics.summarize(rows)
     print(inference.format_table(result))
     print(f"evaluated {len(cases)} cases in {time.perf_counter() - t0:.1f} s")
-    (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    result["source"] = {
+        "checkpoint": checkpoint, "data": cfg.data, "split": "test", "case_ids": [str(c.id) for c in cases],
+        "settings": {k: getattr(cfg, k) for k in ("patch", "eval_stride_xy", "eval_stride_z", "eval_batch",
+                                                  "downsample", "n_filters", "dropout")},
+        "uamt_fast": uamt_fast.__version__, "evaluated": datetime.datetime.now().isoformat(timespec="seconds")}
+    path = new_file(out_dir / name)
+    path.write_text(json.dumps(_strict_json(result), indent=1, allow_nan=False))
+    print(f"wrote {path}")
     return result
+
+
+def new_file(path: Path) -> Path:
+    """``path`` if free, else ``<stem>-2<suffix>``, ``-3``, ...: the first name not taken."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def _strict_json(x):
+    """NaN / Inf -> None (JSON null), recursively: strict JSON parsers reject bare NaN."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict_json(v) for v in x]
+    return x
 
 
 # ----------------------------------------------------------------------------- main
 def make_config(given: dict) -> tuple[Config, dict | None]:
     """Config from the flags (+ --demo sizes, or the saved config and checkpoint on --resume)."""
     if given.get("resume"):
+        if given.get("overwrite"):
+            raise ValueError("--resume continues a run and --overwrite would discard it: give one of them")
         path = Path(given["resume"]) / "checkpoint.pt"
         if not path.is_file():
             raise ValueError(f"--resume {given['resume']}: no checkpoint.pt in that folder")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        saved = state["config"]
-        changed = {k for k, v in given.items() if k not in RESUME_OVERRIDABLE and _norm(v) != _norm(saved[k])}
+        state = read_checkpoint(path, "--resume")
+        missing = [k for k in RESUME_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"--resume {path}: not a train.py checkpoint.pt (lacks {', '.join(missing)})")
+        saved = saved_config(state, path, "--resume")
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+        changed = {k for k, v in given.items()
+                   if k not in RESUME_OVERRIDABLE and _norm(v) != _norm(saved.get(k, defaults[k]))}
         if changed:
             raise ValueError(f"--resume: cannot change {', '.join('--' + k.replace('_', '-') for k in sorted(changed))} "
                              f"of a run (allowed: {', '.join(sorted(RESUME_OVERRIDABLE))})")
-        return Config(**(saved | given | {"out": given["resume"], "resume": given["resume"]})), state
+        try:
+            return Config(**(saved | given | {"out": given["resume"], "resume": given["resume"]})), state
+        except TypeError as e:
+            raise ValueError(f"--resume {path}: bad saved config ({e})") from None
     return Config(**((DEMO if given.get("demo") else {}) | given)), None
 
 
@@ -501,46 +637,80 @@ def _norm(v):
     return list(v) if isinstance(v, (tuple, list)) else v
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "student.pt", "teacher.pt", "eval.json")
+
+
+def claim_run_folder(out: Path, overwrite: bool) -> None:
+    """Create the run folder ``out``; refuse one that already holds a run, unless ``overwrite`` (which
+    deletes that run's files, and only those: other files in the folder are left alone)."""
+    found = [n for n in RUN_FILES if (out / n).exists()] + sorted(p.name for p in out.glob("eval_*.json"))
+    if found and not overwrite:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(found)}): continue it with --resume {out}, "
+                         "choose a new --out, or pass --overwrite to replace it")
+    for name in found:
+        (out / name).unlink()
+    if overwrite and (out / DEMO_DATA_DIR / "train.list").is_file():
+        shutil.rmtree(out / DEMO_DATA_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device) -> None:
+    """--eval: the checkpoint's own settings (width, patch, downsample), the data of the command line or of its
+    run, results in a new eval_<checkpoint>.json beside it (or in --out) that never replaces an earlier one."""
+    model, saved, path = load_model(Path(cfg.eval), device)
+    overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}
+    ecfg = Config(**({k: v for k, v in saved.items() if k not in ("out", "resume", "eval", "overwrite")}
+                     | overrides | {"eval": str(path)}))
+    if "data" not in given and not (Path(ecfg.data) / "test.list").is_file():
+        demo = path.parent / DEMO_DATA_DIR  # a --demo run keeps its synthetic data in its folder
+        if (demo / "test.list").is_file():
+            ecfg.data = str(demo)
+        else:
+            raise ValueError(f"--eval {path}: the data it was trained on ({ecfg.data or 'none saved'}) is not there; "
+                             "give --data (for a --demo run: python -m uamt_fast.data synth DIR --train "
+                             f"{DEMO_DATA['n_train']} --test {DEMO_DATA['n_test']} --shape "
+                             f"{' '.join(map(str, DEMO_DATA['shape']))} --seed {DEMO_DATA['seed']})")
+    cases = load_split(ecfg, "test")
+    out = Path(cfg.out) if cfg.out else path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    evaluate(model, ecfg, cases, out, name=f"eval_{path.stem}.json", checkpoint=str(path))
+
+
 def main(argv=None) -> int:
-    # -- configuration and bad input (one line on stderr, exit code 2)
+    # -- configuration, run folder and bad input (one line on stderr, exit code 2)
     try:
         given = parse_args(argv)
         cfg, resume_state = make_config(given)
-        demo_dir = None
-        if cfg.demo and not cfg.data:
-            demo_dir = tempfile.TemporaryDirectory(prefix="uamt_demo_")
-            data.write_synthetic_la(demo_dir.name, **DEMO_DATA)
-            cfg.data = demo_dir.name
         device = pick_device(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if cfg.eval:  # the model's own settings (width, patch, downsample) come from its checkpoint
-            model, saved = load_model(Path(cfg.eval), device)
-            ecfg = Config(**(saved | {k: v for k, v in given.items() if k in RESUME_OVERRIDABLE} | {"eval": cfg.eval}))
-            cases = load_split(ecfg, "test")
-            out = Path(cfg.out or Path(cfg.eval).parent)
-            out.mkdir(parents=True, exist_ok=True)
-            evaluate(model, ecfg, cases, out)
+        if cfg.eval:
+            evaluate_checkpoint(cfg, given, device)
             return 0
+        out = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}")
+        if resume_state is None:
+            claim_run_folder(out, cfg.overwrite)
+        if cfg.demo and not cfg.data:  # kept in the run folder, so the run can be evaluated again later
+            cfg.data = str((out / DEMO_DATA_DIR).resolve())
+            data.write_synthetic_la(cfg.data, **DEMO_DATA)
         if not cfg.data:
             raise ValueError("--data is required (the LA root holding train.list), or use --demo")
         parts = build(cfg)
         parts.test_cases = load_split(cfg, "test")
+        start = 0
+        if resume_state is not None:
+            start = restore(parts, resume_state, out / "checkpoint.pt")
     except (data.DataError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
 
-    # -- run folder, config.json, versions
-    out = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}")
-    out.mkdir(parents=True, exist_ok=True)
+    # -- config.json, versions
     env = environment(device, sys.argv[1:] if argv is None else list(argv))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # picks the fastest conv algorithms for the fixed crop size
         print(f"GPU {env['gpu']}, CUDA {env['cuda']}, cuDNN {env['cudnn']} (bf16 3D convs are slow off cuDNN: "
               f"pytorch#166122, cuDNN 9.8-9.14; channels_last_3d={parts.memory_format == torch.channels_last_3d})")
-    start = 0
     if resume_state is not None:
-        start = restore(parts, resume_state)
         print(f"resumed {out} at iteration {start}")
     else:
         (out / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "environment": env}, indent=1))
@@ -585,17 +755,18 @@ def main(argv=None) -> int:
                 ce, dice, cons, mask, unc = (window / n_window).tolist()  # sync
                 now = time.perf_counter()
                 lr, weight, threshold = schedule(cfg, iteration)
-                line = {"iteration": done, "lr": lr, "loss_ce": ce, "loss_dice": dice,
-                        "loss_supervised": 0.5 * (ce + dice), "loss_consistency": cons, "consistency_weight": weight,
-                        "threshold": threshold, "mask_fraction": mask, "uncertainty_mean": unc,
-                        "it_per_s": n_window / (now - t_log)}
+                line = {"iteration": done, "lr": lr, "loss_ce": ce, "loss_dice": dice, "loss_supervised": 0.5 * (ce + dice)}
+                if cfg.method != "supervised":  # no teacher, no consistency term
+                    line |= {"loss_consistency": cons, "consistency_weight": weight}
+                if cfg.method == "uamt":  # only UA-MT has an uncertainty mask
+                    line |= {"threshold": threshold, "mask_fraction": mask, "uncertainty_mean": unc}
+                line["it_per_s"] = n_window / (now - t_log)
                 if device.type == "cuda":
                     line["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 line |= monitor()
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(line) + "\n")
-                print(f"\riter {done}/{cfg.iterations} | CE {ce:.4f} Dice loss {dice:.4f} | consistency {cons:.2e} "
-                      f"x {weight:.4f} | mask {mask:.3f} H {threshold:.3f} | {line['it_per_s']:.2f} it/s", flush=True)
+                print(f"\r{log_line(line, cfg.iterations)}", flush=True)
                 window.zero_()
                 n_window, t_log = 0, now
             if done % cfg.save_every == 0 and done < cfg.iterations:
@@ -624,9 +795,7 @@ def main(argv=None) -> int:
           + (f", peak GPU memory {speed['peak_gpu_mem_gb']:.2f} GiB)" if device.type == "cuda" else ")"))
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"iteration": cfg.iterations, **speed}) + "\n")
-    evaluate(parts.student, cfg, parts.test_cases, out)
-    if demo_dir is not None:
-        demo_dir.cleanup()
+    evaluate(parts.student, cfg, parts.test_cases, out, name="eval.json", checkpoint=str(out / "student.pt"))
     return 0
 
 

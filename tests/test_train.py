@@ -60,7 +60,7 @@ def run_cli(*args, cwd=ROOT) -> subprocess.CompletedProcess:
 
 
 def weights(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -198,15 +198,15 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_root, tmp_path):
     assert train.main([*map(str, common), "--out", str(tmp_path / "a")]) == 0
     assert train.main([*map(str, common), "--out", str(tmp_path / "b"), "--stop-at", "4"]) == 0
     assert not (tmp_path / "b" / "student.pt").exists()
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["iteration"] == 4
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["iteration"] == 4
     assert train.main(["--resume", str(tmp_path / "b")]) == 0
     for name in ("student.pt", "teacher.pt"):
         a, b = weights(tmp_path / "a" / name), weights(tmp_path / "b" / name)
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), f"{name}: {k} differs after resume"
-    opt_a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["optimizer"]["state"]
-    opt_b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["optimizer"]["state"]
+    opt_a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["optimizer"]["state"]
+    opt_b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["optimizer"]["state"]
     assert all(torch.equal(opt_a[i]["momentum_buffer"], opt_b[i]["momentum_buffer"]) for i in opt_a)
     log = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in log if "loss_ce" in r] == [5, 8]  # logs every 5, and at the end
@@ -234,7 +234,7 @@ def test_atomic_save_survives_a_crash_mid_save(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train.atomic_save({"iteration": 4}, path)
     monkeypatch.setattr(torch, "save", save)
-    back = torch.load(path, weights_only=False)
+    back = torch.load(path, weights_only=True)
     assert back["iteration"] == 3 and torch.equal(back["w"], good["w"])
     assert list(tmp_path.iterdir()) == [path]
 
@@ -256,7 +256,7 @@ def test_atomic_save_survives_a_killed_process(tmp_path):
         os._exit(0)  # not reached
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 9
-    back = torch.load(path, weights_only=False)
+    back = torch.load(path, weights_only=True)
     assert back["iteration"] == 1 and torch.equal(back["w"], torch.ones(1000))
 
 
@@ -272,7 +272,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(tiny_root, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "train_step", interrupted_step)
     args = ["--data", str(tiny_root), *TINY, "--iterations", "6", "--out", str(tmp_path)]
     assert train.main(args) == 130
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["iteration"] == 3
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["iteration"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     monkeypatch.setattr(train, "train_step", step)
     assert train.main(["--resume", str(tmp_path), "--threads", "1"]) == 0 and (tmp_path / "student.pt").exists()
@@ -293,7 +293,7 @@ def test_nan_loss_stops_with_iteration_and_term(tiny_root, tmp_path, monkeypatch
     assert train.main(args) == 1
     err = capsys.readouterr().err
     assert "non-finite dice loss at iteration 7" in err
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["iteration"] == 5  # the last good checkpoint; the one due at 10 was never written
     assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
     assert not (tmp_path / "student.pt").exists() and not (tmp_path / "eval.json").exists()
@@ -395,11 +395,12 @@ def test_cli_run_writes_the_documented_run_folder(tiny_root, tmp_path):
         model = VNet(n_filters=4)
         model.load_state_dict(weights(run / name))
     result = json.loads((run / "eval.json").read_text())
-    assert set(result) == {"cases", "mean", "nan_cases"} and len(result["cases"]) == 2
+    assert set(result) == {"cases", "mean", "nan_cases", "source"} and len(result["cases"]) == 2
+    assert result["source"]["checkpoint"] == str(run / "student.pt") and len(result["source"]["case_ids"]) == 2
     assert set(result["cases"][0]) == {"case", "dice", "jaccard", "hd95", "asd"}
     assert 0 <= result["mean"]["dice"] <= 1
     # evaluation only, from the saved student: the same numbers
     proc = run_cli("--eval", run / "student.pt", "--data", tiny_root, "--out", tmp_path / "again")
     assert proc.returncode == 0, proc.stderr
-    again = json.loads((tmp_path / "again" / "eval.json").read_text())
+    again = json.loads((tmp_path / "again" / "eval_student.json").read_text())
     assert again["mean"] == pytest.approx(result["mean"], nan_ok=True)

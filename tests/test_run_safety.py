@@ -1,0 +1,222 @@
+"""train.py is safe to point at any file or folder: checkpoints never run code, odd files get one line and
+exit code 2, a run folder is never written over, an evaluation never replaces another, eval.json is strict JSON.
+
+Tiny synthetic data and a 4-filter V-Net on the CPU, as in tests/test_train.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+import uamt_fast.consistency  # noqa: E402
+import uamt_fast.ema  # noqa: E402
+from uamt_fast import data  # noqa: E402
+
+TINY = ["--n-filters", "4", "--patch", "16", "16", "16", "--labeled", "2", "--no-compile", "--device", "cpu",
+        "--log-every", "2", "--save-every", "2", "--eval-stride-xy", "16", "--eval-stride-z", "16", "--iterations", "2"]
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def cpu_path(monkeypatch):
+    monkeypatch.setattr(uamt_fast.consistency, "TRITON_ON_CPU", False)
+    monkeypatch.setattr(uamt_fast.ema, "TRITON_ON_CPU", False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_la")
+    data.write_synthetic_la(root, n_train=4, n_test=1, shape=(32, 24, 16), seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tiny_root, tmp_path_factory) -> Path:
+    """A finished 2-iteration run."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert train.main(["--data", str(tiny_root), *TINY, "--out", str(out)]) == 0
+    return out
+
+
+class Payload:
+    """Unpickling this runs ``touch MARKER``: what a hostile checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def one_error_line(capsys, *words) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("train.py: error: "), err
+    assert all(w in err for w in words), err
+    return err
+
+
+# ----------------------------------------------------------------------------- checkpoints never run code
+def test_hostile_checkpoint_is_refused_by_eval_resume_and_the_loading_functions(run, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    torch.save(state | {"config": state["config"] | {"note": Payload(marker)}}, evil)
+
+    assert train.main(["--eval", str(evil), "--out", str(tmp_path / "e")]) == 2
+    one_error_line(capsys, "refused", "evil.pt", "nothing in it was run")
+    folder = tmp_path / "evil_run"  # the same file as a run folder's student.pt and checkpoint.pt
+    folder.mkdir()
+    torch.save({"model": Payload(marker), "config": state["config"]}, folder / "student.pt")
+    torch.save(state | {"student": Payload(marker)}, folder / "checkpoint.pt")
+    assert train.main(["--eval", str(folder)]) == 2
+    one_error_line(capsys, "refused")
+    assert train.main(["--resume", str(folder)]) == 2
+    one_error_line(capsys, "refused", "--resume")
+    for load in (lambda: train.read_checkpoint(evil, "--eval"), lambda: train.load_model(evil, torch.device("cpu"))):
+        with pytest.raises(ValueError, match="refused"):
+            load()
+    assert not marker.exists()
+
+
+def test_hostile_checkpoint_through_the_real_command_line(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": Payload(marker)}, tmp_path / "evil.pt")
+    proc = subprocess.run([sys.executable, "train.py", "--eval", str(tmp_path / "evil.pt")], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "refused" in proc.stderr and not marker.exists()
+
+
+def _odd_files(run: Path, tmp: Path) -> dict:
+    student = torch.load(run / "student.pt", weights_only=True)
+    conv = "block_one.conv.0.weight"
+    files = {
+        "no n_filters": ({"model": {"x": torch.zeros(1)}, "config": {}}, ["n_filters"]),
+        "no config": ({"model": student["model"]}, ["config"]),
+        "no weights": ({"config": student["config"]}, ["neither", "model"]),
+        "foreign weights": ({"model": {"x": torch.zeros(1)}, "config": student["config"]}, ["does not fit", "missing"]),
+        "wrong shape": ({"model": student["model"] | {conv: torch.zeros(3)}, "config": student["config"]},
+                        [conv, "shape"]),
+        "unknown config field": ({"model": student["model"], "config": student["config"] | {"bogus": 1}}, ["bogus"]),
+        "not a dict": (torch.zeros(3), ["dict"]),
+    }
+    paths = {}
+    for name, (obj, words) in files.items():
+        path = tmp / (name.replace(" ", "_") + ".pt")
+        torch.save(obj, path)
+        paths[name] = (path, words)
+    truncated = tmp / "truncated.pt"
+    truncated.write_bytes((run / "student.pt").read_bytes()[:300])
+    text = tmp / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    paths |= {"truncated": (truncated, ["truncated"]), "text file": (text, ["notes.pt"]),
+              "missing file": (tmp / "nowhere.pt", ["no such file"]),
+              "folder without student.pt": (tmp, ["student.pt"])}
+    return paths
+
+
+def test_odd_files_to_eval_give_one_line_and_exit_2(run, tmp_path, capsys):
+    for name, (path, words) in _odd_files(run, tmp_path).items():
+        assert train.main(["--eval", str(path), "--out", str(tmp_path / "e")]) == 2, name
+        one_error_line(capsys, "--eval", *words)
+
+
+def test_odd_checkpoint_to_resume_gives_one_line(run, tmp_path, capsys):
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    for name, bad, words in [("no optimizer", {k: v for k, v in state.items() if k != "optimizer"}, ["optimizer"]),
+                             ("wrong student", state | {"student": {"x": torch.zeros(1)}}, ["student", "does not fit"]),
+                             ("bad sampler", state | {"sampler": {"x": 1}}, ["sampler"])]:
+        folder = tmp_path / name.replace(" ", "_")
+        folder.mkdir()
+        torch.save(bad, folder / "checkpoint.pt")
+        assert train.main(["--resume", str(folder)]) == 2, name
+        one_error_line(capsys, "--resume", *words)
+
+
+# ----------------------------------------------------------------------------- runs and evaluations are never replaced
+def test_out_holding_a_run_is_refused_unless_overwrite(tiny_root, run, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert train.main(["--data", str(tiny_root), *TINY, "--out", str(run)]) == 2
+    one_error_line(capsys, "already holds a run", "--resume", "--overwrite")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    again = tmp_path / "again"
+    assert train.main(["--data", str(tiny_root), *TINY, "--out", str(again)]) == 0
+    (again / "notes.txt").write_text("mine")
+    assert train.main(["--data", str(tiny_root), *TINY, "--out", str(again), "--overwrite", "--iterations", "4"]) == 0
+    log = [json.loads(line) for line in (again / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log if "loss_ce" in r] == [2, 4]  # the new run only, not appended to the old
+    assert (again / "notes.txt").read_text() == "mine"  # files that are not the run's are left alone
+    assert train.main(["--resume", str(again), "--overwrite"]) == 2
+    one_error_line(capsys, "--overwrite")
+
+
+def test_eval_writes_a_new_file_with_its_source_and_never_replaces_one(tiny_root, run, capsys):
+    own = (run / "eval.json").read_text()
+    for expected in ("eval_teacher.json", "eval_teacher-2.json"):
+        assert train.main(["--eval", str(run / "teacher.pt"), "--data", str(tiny_root)]) == 0
+        result = json.loads((run / expected).read_text())
+        assert result["source"]["checkpoint"] == str(run / "teacher.pt")
+        assert result["source"]["data"] == str(tiny_root) and result["source"]["case_ids"] == data.read_list(tiny_root, "test")
+        assert result["source"]["settings"]["patch"] == [16, 16, 16]
+    assert (run / "eval.json").read_text() == own
+    assert train.main(["--eval", str(run), "--data", str(tiny_root)]) == 0  # a run folder: its student.pt
+    assert json.loads((run / "eval_student.json").read_text())["source"]["checkpoint"] == str(run / "student.pt")
+
+
+def test_eval_json_is_strict_json_with_null_for_undefined_distances(tmp_path):
+    label = np.zeros((20, 20, 20), np.uint8)
+    label[5:15, 5:15, 5:15] = 1
+    case = data.Case("c", label.astype(np.float32), label)
+
+    class Empty(torch.nn.Module):  # predicts background everywhere: surface distances are undefined
+        def forward(self, x):
+            return torch.cat([x * 0 + 1, x * 0], dim=1)
+
+    cfg = train.Config(patch=(16, 16, 16), eval_stride_xy=8, eval_stride_z=8)
+    train.evaluate(Empty(), cfg, [case], tmp_path)
+
+    def reject(token):
+        raise AssertionError(f"bare {token} in eval.json")
+
+    result = json.loads((tmp_path / "eval.json").read_text(), parse_constant=reject)
+    assert result["cases"][0]["hd95"] is None and result["mean"]["asd"] is None and result["nan_cases"] == 1
+
+
+def test_demo_run_keeps_its_data_and_can_be_evaluated_again(tmp_path, capsys):
+    out = tmp_path / "demo"
+    small = ["--n-filters", "2", "--patch", "16", "16", "16", "--iterations", "1", "--eval-stride-xy", "32",
+             "--eval-stride-z", "16", "--no-compile", "--device", "cpu"]
+    assert train.main(["--demo", *small, "--out", str(out)]) == 0
+    assert (out / train.DEMO_DATA_DIR / "test.list").is_file()
+    assert train.main(["--eval", str(out / "student.pt")]) == 0  # no --data: the run's own demo data
+    assert (out / "eval_student.json").is_file()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (out / "student.pt").rename(moved / "student.pt")
+    assert train.main(["--eval", str(moved / "student.pt")]) == 0  # its saved (absolute) data path still works
+    saved = json.loads((out / "config.json").read_text())["config"]["data"]
+    os.rename(saved, saved + "_gone")
+    assert train.main(["--eval", str(moved / "student.pt")]) == 2
+    one_error_line(capsys, "--data", "python -m uamt_fast.data synth", "--seed 0")
+
+
+def test_help_shows_defaults_and_the_usage_examples():
+    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    assert "(default: 6000)" in proc.stdout and "(default: 112 112 80)" in proc.stdout
+    assert "python train.py --demo" in proc.stdout and "--overwrite" in proc.stdout
