@@ -12,8 +12,8 @@
 #                       2. python -m benchmarks.kernel_sweep (launch configs; when present)        55 s
 #                       3. micro rows: loss, entropy, EMA; kernel time and eager wall-clock       110 s
 #             step      <= 8 min: every number of issue 9
-#                       1. python -m benchmarks.train_step, every variant and both references    330 s
-#                       2. python -m benchmarks.profile_step (the step's profile; when present)    100 s
+#                       1. python -m benchmarks.train_step, every variant and both references    350 s
+#                       2. python -m benchmarks.profile_step (the step's profile; when present)     95 s
 #             training  <= 10 min: python train.py --data DIR, the paper's 6000 iterations, then the
 #                       evaluation of the data's test cases; wall clock includes the cold start  540 s
 #   --cpu     dry run of the same stages on the CPU at tiny sizes (kernel tests and fused rows in the
@@ -47,7 +47,10 @@ done
 [[ $STAGES == all ]] && STAGES=kernels,step,training
 IFS=, read -r -a STAGE_LIST <<< "$STAGES"
 for s in "${STAGE_LIST[@]}"; do
-  case $s in kernels|step|training) ;; *) echo "gpu_check: unknown stage '$s' (kernels, step, training, all)" >&2; usage ;; esac
+  case $s in
+    kernels|step|training) ;;
+    *) echo "gpu_check: unknown stage '$s' (kernels, step, training, all)" >&2; usage ;;
+  esac
 done
 
 cd "$(dirname "$0")/.."
@@ -90,10 +93,10 @@ if [[ $MODE == gpu ]]; then
   DATA=${DATA:-benchmarks/la_pack}
   KERNEL_ENV=()
   CPU_ENV=()
-  LIM_TEST=60; LIM_SWEEP=55; LIM_MICRO=110; LIM_STEP=330; LIM_PROFILE=100; LIM_TRAIN=540
+  LIM_TEST=60; LIM_SWEEP=55; LIM_MICRO=110; LIM_STEP=350; LIM_PROFILE=95; LIM_TRAIN=540
   SWEEP_ARGS=(--budget-s 40)
   MICRO_ARGS=()                                # the rows' numbers come from their own timers
-  STEP_ARGS=(--budget-s 260)                   # no new variant after 260 s; the one running finishes
+  STEP_ARGS=(--budget-s 280)                   # no new variant after 280 s; the one running finishes
   PROFILE_ARGS=()
   TRAIN_ARGS=()                                # the paper's run: every default
 else
@@ -139,7 +142,8 @@ tail -n 5 "$OUT/header.log"
 stage_kernels() {
   local tests=(tests/test_uncertainty_loss.py tests/test_ema.py)
   [[ -f tests/test_kernel_structure.py ]] && tests+=(tests/test_kernel_structure.py)
-  run_step kernels correctness $LIM_TEST "$OUT/correctness.log" -- $PY -m pytest "${tests[@]}" -q -ra -p no:cacheprovider
+  run_step kernels correctness $LIM_TEST "$OUT/correctness.log" -- \
+    $PY -m pytest "${tests[@]}" -q -ra -p no:cacheprovider
   if [[ -f benchmarks/kernel_sweep.py ]]; then
     run_step kernels sweep $LIM_SWEEP "$OUT/sweep.log" -- env "${KERNEL_ENV[@]}" \
       $PY -m benchmarks.kernel_sweep "${SWEEP_ARGS[@]}" --json "$OUT/sweep.json"

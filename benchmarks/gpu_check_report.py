@@ -46,7 +46,8 @@ def _pytest_counts(log: Path | None) -> dict | None:
         text = log.read_text(errors="replace") if log else ""
     except OSError:
         return None
-    lines = [ln for ln in text.splitlines() if re.search(r"\b(passed|failed|error|errors|skipped)\b.* in [\d.]+s", ln)]
+    summary = re.compile(r"\b(passed|failed|error|errors|skipped)\b.* in [\d.]+s")
+    lines = [ln for ln in text.splitlines() if summary.search(ln)]
     if not lines:
         return None
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)", lines[-1])}
@@ -85,6 +86,22 @@ def _profile(dirs: list[Path]) -> dict | None:
     return out
 
 
+def _header_line(path: Path | None) -> str | None:
+    """One line from header.log: mode, stages, start, commit hash, GPU, versions."""
+    if path is None:
+        return None
+    parts = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("name, driver_version"):  # nvidia-smi's csv header
+            continue
+        if line.startswith("commit "):
+            line = line[:17]  # 'commit ' + 10 hex digits; the subject stays in header.log
+        parts.append(re.sub(r" in /\S*$", "", line))
+        if len(parts) == 4:  # one call's header; later calls append theirs
+            break
+    return " | ".join(parts)
+
+
 def target_check(row: dict, copy_gbps: float | None) -> str:
     """'ok' or 'MISS (...)' against issue 8's targets for a fused row; '' for rows without a target."""
     op, provider = row.get("op"), row.get("provider", "")
@@ -113,15 +130,16 @@ def _micro_lines(micro: dict) -> list[str]:
     partial = "" if micro.get("complete", True) else "; INCOMPLETE: the run stopped early, rows so far"
     out.append(f"copy bandwidth {micro['copy_gbps']:.0f} GB/s{partial}. kernel: CUDA-graph replay; wall: eager per "
                f"call, host included; speedup kernel/wall over each baseline; target per issue 8")
-    out.append(f"{'row':<44} {'provider':<20} {'kernel ms':>9} {'wall ms':>9} {'floor':>7} {'%copy':>6}  speedup  target")
+    out.append(f"{'row':<44} {'provider':<20} {'kernel ms':>9} {'wall ms':>9} {'floor':>7} {'%copy':>6}  "
+               "speedup  target")
     for r in micro["rows"]:
         if r.get("baseline") or r.get("median_ms") is None:
             continue
         r["target"] = target_check(r, micro.get("copy_gbps"))
         fmt = measure.fmt_number
         out.append(f"{r['group'][:44]:<44} {r['provider'][:20]:<20} {fmt(r.get('kernel_ms'), '9.3f')} "
-                   f"{fmt(r.get('wall_ms'), '9.3f')} {fmt(r.get('floor_ms'), '7.3f')} {fmt(r.get('pct_copy'), '6.1f')}  "
-                   f"{measure.speedup_text(r)}  {r['target']}")
+                   f"{fmt(r.get('wall_ms'), '9.3f')} {fmt(r.get('floor_ms'), '7.3f')} "
+                   f"{fmt(r.get('pct_copy'), '6.1f')}  {measure.speedup_text(r)}  {r['target']}")
     return out
 
 
@@ -173,9 +191,11 @@ def summarize(result: dict) -> str:
     if tr.get("eval"):
         m, speed = tr["eval"]["mean"], tr.get("speed") or {}
         wall = f", {tr['wall_s']} s wall clock incl. cold start and evaluation" if tr.get("wall_s") is not None else ""
-        out.append(f"training run: {speed.get('iterations', '?')} iterations at {speed.get('it_per_s', float('nan')):.2f} it/s "
-                   f"({speed.get('train_seconds', float('nan')):.0f} s training{wall}), test Dice {m['dice']:.4f}, "
-                   f"Jaccard {m['jaccard']:.4f}, 95HD {m['hd95']:.2f}, ASD {m['asd']:.2f} on {len(tr['eval']['cases'])} cases")
+        nan = float("nan")
+        out.append(f"training run: {speed.get('iterations', '?')} iterations at {speed.get('it_per_s', nan):.2f} it/s "
+                   f"({speed.get('train_seconds', nan):.0f} s training{wall}), test Dice {m['dice']:.4f}, "
+                   f"Jaccard {m['jaccard']:.4f}, 95HD {m['hd95']:.2f}, ASD {m['asd']:.2f} "
+                   f"on {len(tr['eval']['cases'])} cases")
     else:
         out.append("training run: no eval.json (see train.log)")
     return "\n".join(out)
@@ -191,7 +211,7 @@ def collect(dirs: list[Path], mode: str, elapsed: int) -> dict:
         "mode": mode,
         "elapsed_s": elapsed,
         "dirs": [str(d) for d in dirs],
-        "header": " | ".join(header.read_text(errors="replace").splitlines()[:4]) if header else None,
+        "header": _header_line(header),
         "steps": steps,
         "correctness": _pytest_counts(_first(dirs, "correctness.log")),
         "sweep": _load_json(p) if (p := _first(dirs, "sweep.json")) else None,

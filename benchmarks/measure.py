@@ -154,7 +154,8 @@ def kernel_time(fn: Callable, arg_sets: Sequence[tuple], *, rep_ms: float = 20.0
     except Exception as e:  # noqa: BLE001 - any capture failure falls back to the profiler, and says so
         torch.cuda.synchronize()
         why = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-    return kernel_time_profiler(fn, arg_sets), f"torch.profiler kernel sum, mean of 20 calls (graph capture failed: {why})"
+    how = f"torch.profiler kernel sum, mean of 20 calls (graph capture failed: {why})"
+    return kernel_time_profiler(fn, arg_sets), how
 
 
 def kernel_time_profiler(fn: Callable, arg_sets: Sequence[tuple], *, calls: int = 20) -> Timing:
@@ -347,7 +348,9 @@ def speedup_text(row: dict) -> str:
     parts = []
     for name in dict.fromkeys([*kernel, *wall]):
         k, w = kernel.get(name), wall.get(name)
-        parts.append(f"{fmt_number(k, '.2f')}x/{fmt_number(w, '.2f')}x vs {name}" if "kernel_ms" in row else f"{fmt_number(k, '.2f')}x vs {name}")
+        both = "kernel_ms" in row  # GPU rows: kernel/wall; CPU rows have one number
+        parts.append(f"{fmt_number(k, '.2f')}x/{fmt_number(w, '.2f')}x vs {name}" if both else
+                     f"{fmt_number(k, '.2f')}x vs {name}")
     return ", ".join(parts + ([row["note"]] if row.get("note") else []))
 
 
@@ -366,8 +369,9 @@ def format_table(rows: list[dict]) -> str:
         peak = r.get("peak_bytes")
         lines.append(
             f"{r['group'][:44]:<44} {r['provider'][:20]:<20} {fmt_number(r.get('kernel_ms'), '9.3f')} "
-            f"{fmt_number(r.get('wall_ms', r.get('median_ms')), '9.3f')} {spread:>13} {fmt_number(r.get('floor_ms'), '8.3f')} "
-            f"{fmt_number(r.get('pct_copy'), '6.1f')} {fmt_number(None if peak is None else peak / MiB, '8.1f')}  {speedup_text(r)}"
+            f"{fmt_number(r.get('wall_ms', r.get('median_ms')), '9.3f')} {spread:>13} "
+            f"{fmt_number(r.get('floor_ms'), '8.3f')} {fmt_number(r.get('pct_copy'), '6.1f')} "
+            f"{fmt_number(None if peak is None else peak / MiB, '8.1f')}  {speedup_text(r)}"
         )
     return "\n".join(lines)
 
