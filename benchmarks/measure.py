@@ -137,7 +137,7 @@ def time_host(fn: Callable, arg_sets: Sequence[tuple], *, warmup_calls: int = 1,
     return quantiles_ms(times, n)
 
 
-def kernel_time(fn: Callable, arg_sets: Sequence[tuple], *, rep_ms: float = 20.0) -> tuple[Timing, str]:
+def kernel_time(fn: Callable, arg_sets: Sequence[tuple], *, rep_ms: float = 10.0) -> tuple[Timing, str]:
     """GPU time per call of ``fn(*args)``'s kernels, cycling through ``arg_sets``; returns (timing, how).
 
     CUDA-graph replay (``triton.testing.do_bench_cudagraph``: the calls unrolled into one graph,
@@ -172,12 +172,14 @@ def kernel_time_profiler(fn: Callable, arg_sets: Sequence[tuple], *, calls: int 
     return Timing(mean_ms, None, None, calls, n)
 
 
-def wall_time(fn: Callable, arg_sets: Sequence[tuple], *, min_run_s: float = 0.1, warmup_calls: int = 3) -> Timing:
+def wall_time(fn: Callable, arg_sets: Sequence[tuple], *, min_run_s: float = 0.03, warmup_calls: int = 3) -> Timing:
     """Eager wall-clock per call of ``fn(*args)``, host included, cycling through ``arg_sets``.
 
-    ``torch.utils.benchmark.Timer.blocked_autorange`` over back-to-back calls; its clock syncs the
-    device at each read, so a block's time is the host issuing the calls plus the device draining
-    them (whichever is longer, the user waits for). Median, p20 and p80 over the blocks.
+    ``torch.utils.benchmark.Timer.blocked_autorange`` over blocks of back-to-back calls; its clock
+    syncs the device at each read, so a block's time is the host issuing the calls and the device
+    running them, overlapped as in an eager training loop (the longer of the two sets the pace). Its
+    block-size search grows the block tenfold until it takes ``min_run_s`` (0.03 s: a 0.5 ms call
+    is timed as blocks of 100). Median, p20 and p80 over the blocks (often one).
     """
     from torch.utils.benchmark import Timer
 
