@@ -165,30 +165,35 @@ def _train_step_lines(ts: dict) -> list[str]:
 
 def summarize(result: dict) -> str:
     """The short table: steps, correctness, ceilings, kernel rows, sweep, train step, profile, training."""
-    out = [f"gpu_check ({result['mode']}), {result['elapsed_s']} s: {result.get('header') or '?'}"]
+    out = [f"gpu_check ({result['mode']}), {result['elapsed_s']} s: " + ("\n  ".join(result["headers"]) or "?")]
     out.append("steps: " + ", ".join(f"{s['stage']}/{s['step']} exit {s['exit']} ({s['seconds']} s)"
                                      for s in result["steps"]))
-    c = result.get("correctness")
-    out.append(f"correctness on device: {c['line'] if c else 'no pytest summary found (see correctness.log)'}")
-
-    sweep = result.get("sweep")
-    if sweep is not None:
-        rows = sweep.get("rows") if isinstance(sweep, dict) else sweep
-        out.append(f"kernel sweep: {len(rows) if isinstance(rows, list) else '?'} rows in sweep.json")
-    micro = result.get("micro")
-    out += _micro_lines(micro) if micro else ["micro-benchmarks: no micro.json (see micro.log)"]
-
-    ts = result.get("train_step")
-    out += _train_step_lines(ts) if ts else ["train step: no train_step.json (see train_step.log)"]
-    prof = result.get("profile")
-    if prof:
-        out.append(f"profile: {len(prof['files'])} files in {prof['dir']}")
-        out += ["  " + ln for ln in (prof["markdown"] or "").splitlines()[:40]]
+    ran = {s["stage"] for s in result["steps"]}
+    c, micro, sweep = result.get("correctness"), result.get("micro"), result.get("sweep")
+    if "kernels" in ran or c or micro or sweep is not None:
+        out.append(f"correctness on device: {c['line'] if c else 'no pytest summary found (see correctness.log)'}")
+        if sweep is not None:
+            rows = sweep.get("rows") if isinstance(sweep, dict) else sweep
+            out.append(f"kernel sweep: {len(rows) if isinstance(rows, list) else '?'} rows in sweep.json")
+        out += _micro_lines(micro) if micro else ["micro-benchmarks: no micro.json (see micro.log)"]
     else:
-        out.append("profile: no profile/ folder (see profile.log)")
+        out.append("kernels stage: not run")
+
+    ts, prof = result.get("train_step"), result.get("profile")
+    if "step" in ran or ts or prof:
+        out += _train_step_lines(ts) if ts else ["train step: no train_step.json (see train_step.log)"]
+        if prof:
+            out.append(f"profile: {len(prof['files'])} files in {prof['dir']}")
+            out += ["  " + ln for ln in (prof["markdown"] or "").splitlines()[:40]]
+        else:
+            out.append("profile: no profile/ folder (see profile.log)")
+    else:
+        out.append("step stage: not run")
 
     tr = result.get("training") or {}
-    if tr.get("eval"):
+    if "training" not in ran and not tr.get("eval"):
+        out.append("training stage: not run")
+    elif tr.get("eval"):
         m, speed = tr["eval"]["mean"], tr.get("speed") or {}
         wall = f", {tr['wall_s']} s wall clock incl. cold start and evaluation" if tr.get("wall_s") is not None else ""
         nan = float("nan")
@@ -206,12 +211,11 @@ def collect(dirs: list[Path], mode: str, elapsed: int) -> dict:
     metrics = _metrics(_first(dirs, "metrics.jsonl"))
     speed = next((m for m in reversed(metrics) if "it_per_s" in m and "train_seconds" in m), None)
     train_step = next((s for s in steps if s["stage"] == "training" and s["step"] == "train"), None)
-    header = _first(dirs, "header.log")
     return {
         "mode": mode,
         "elapsed_s": elapsed,
         "dirs": [str(d) for d in dirs],
-        "header": _header_line(header),
+        "headers": [h for d in dirs if (h := _header_line(_first([d], "header.log")))],
         "steps": steps,
         "correctness": _pytest_counts(_first(dirs, "correctness.log")),
         "sweep": _load_json(p) if (p := _first(dirs, "sweep.json")) else None,
