@@ -333,9 +333,13 @@ def add_speedups(rows: list[dict]) -> list[dict]:
     for group_rows in by_group.values():
         baselines = [b for b in group_rows if b.get("baseline")]
         for r in group_rows:
-            for key, field in (("speedup", "median_ms"), ("wall_speedup", "wall_ms")):
+            # kernel time against kernel time only (else the median, a wall time, against the same)
+            first = "kernel_ms" if r.get("kernel_ms") else "median_ms"
+            for key, field in (("speedup", first), ("wall_speedup", "wall_ms")):
+                same = [b for b in baselines if b is not r and b.get(field)
+                        and (field != "median_ms" or not b.get("kernel_ms"))]
                 if r.get(field):
-                    r[key] = {b["provider"]: b[field] / r[field] for b in baselines if b is not r and b.get(field)}
+                    r[key] = {b["provider"]: b[field] / r[field] for b in same}
     return rows
 
 
