@@ -195,11 +195,15 @@ def summarize(result: dict) -> str:
         out.append("training stage: not run")
     elif tr.get("eval"):
         m, speed = tr["eval"]["mean"], tr.get("speed") or {}
+
+        def metric(name: str, spec: str) -> str:  # eval.json writes an undefined distance as null
+            return "n/a" if m.get(name) is None else format(m[name], spec)
+
         wall = f", {tr['wall_s']} s wall clock incl. cold start and evaluation" if tr.get("wall_s") is not None else ""
         nan = float("nan")
         out.append(f"training run: {speed.get('iterations', '?')} iterations at {speed.get('it_per_s', nan):.2f} it/s "
-                   f"({speed.get('train_seconds', nan):.0f} s training{wall}), test Dice {m['dice']:.4f}, "
-                   f"Jaccard {m['jaccard']:.4f}, 95HD {m['hd95']:.2f}, ASD {m['asd']:.2f} "
+                   f"({speed.get('train_seconds', nan):.0f} s training{wall}), test Dice {metric('dice', '.4f')}, "
+                   f"Jaccard {metric('jaccard', '.4f')}, 95HD {metric('hd95', '.2f')}, ASD {metric('asd', '.2f')} "
                    f"on {len(tr['eval']['cases'])} cases")
     else:
         out.append("training run: no eval.json (see train.log)")
