@@ -8,13 +8,15 @@
 - ``list_path``: ``uamt_fast.ema_update_`` on plain parameter lists: its checks, then its
   multi-tensor path (today ``torch._foreach_lerp_``; a pointer-table kernel would slot in here).
 - ``fused_flat``: ``uamt_fast.ema_update_`` on two models whose parameters are views of one flat
-  buffer each (``uamt_fast.flatten_parameters_``): the buffer-sharing check, then a single launch.
+  buffer each (``uamt_fast.flatten_parameters_``), called as ``train.py`` calls it (``step=``): the
+  staleness check (are the parameters still views of the buffer?), then a single launch.
 - ``fused_flat_buffers``: ``uamt_fast.ema_update_`` on the two flat buffers themselves
   (``uamt_fast.flat_parameters``): the single launch without the per-module check, so the gap
   to ``fused_flat`` is that check's host time.
 
-Bytes that must move: read teacher + read student + write teacher, 3 x 4 x P. On a CPU only the
-two baselines run.
+Bytes that must move: read teacher + read student + write teacher, 3 x 4 x P. Each GPU row has the
+kernel time (CUDA-graph replay: the staleness check's host time is not in it) and the eager
+wall-clock per call (it is). On a CPU only the two baselines run.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from uamt_fast import reference
 from uamt_fast.vnet import VNet
 
 DECAY = 0.99
+STEP = 3000  # a mid-run global step: alpha = min(1 - 1/(STEP + 1), DECAY) = DECAY
 PAPER_FILTERS = 16  # 9,448,866 parameters
 TINY_FILTERS = 4
 
@@ -73,7 +76,7 @@ def test_ema_update(benchmark, bench, provider):
         sets = pairs
 
         def fn(t, s):
-            uamt_fast.ema_update_(t, s, DECAY)
+            uamt_fast.ema_update_(t, s, DECAY, step=STEP)
     else:
         sets = [(uamt_fast.flat_parameters(t), uamt_fast.flat_parameters(s)) for t, s in pairs]
         if any(b is None for pair in sets for b in pair):
@@ -85,5 +88,5 @@ def test_ema_update(benchmark, bench, provider):
     with torch.no_grad():
         bench.run(benchmark, group=f"ema VNet(n_filters={n_filters}) {n_params:,} params fp32", provider=provider,
                   fn=fn, arg_sets=sets, bytes_moved=nbytes, baseline=provider in ("loop", "foreach_lerp"),
-                  kernel=provider not in ("loop", "foreach_lerp"),
+                  kernel=provider not in ("loop", "foreach_lerp"), kernel_time=True,
                   op="ema_update_", n_params=n_params, n_tensors=len(list(student.parameters())))

@@ -10,10 +10,22 @@ Providers (one row each, grouped by problem):
 - ``fused``: ``uamt_fast.uncertainty_consistency_loss`` / ``uamt_fast.predictive_entropy``, the
   Triton kernels (GPU only).
 
-Problems: the paper's shapes T=8, C=2, 112x112x80 with B=2 (consistency on the unlabeled half) and
-B=4 ("consistency on all"), fp32 and bf16 logits (all three inputs in that dtype); modes ``fwd``
-(a training forward: the student requires grad) and ``fwd+bwd`` (``torch.autograd.grad`` of the
-loss w.r.t. the student, peak memory recorded).
+Each GPU row has two numbers (``conftest.BenchSession.run``): the kernel time from CUDA-graph replay
+(what a compiled training step pays; %copy and the first speedup are on it) and the eager
+wall-clock per call, host included (what an eager caller pays).
+
+Problems: the paper's shapes T=8, C=2, 112x112x80 with B=2 (consistency on the unlabeled half, the
+trainer's default) and B=4 ("consistency on all"); three input kinds:
+
+- ``fp32``, ``bf16``: all three inputs contiguous in that dtype;
+- ``trainer``: what ``train.py`` hands the loss on CUDA. Under bf16 autocast the V-Net's last layer is
+  a Conv3d, so the student, the teacher target and the T passes all arrive as bf16; with
+  channels_last_3d (on by default on CUDA; cuDNN keeps the input's memory format) each crop is
+  channels-last, the target and the passes are views (pass 0 and passes 1..T) of the one
+  (T+1, B, C, *S) teacher output, and the threshold is a 0-dim device tensor.
+
+Modes ``fwd`` (a training forward: the student requires grad) and ``fwd+bwd``
+(``torch.autograd.grad`` of the loss w.r.t. the student, peak memory recorded).
 
 Bytes that must move (the floor of any implementation): the forward reads the T passes, the
 teacher and the student once; forward + backward also writes the student gradient once.
@@ -31,9 +43,10 @@ T, C = 8, 2
 PAPER_SPATIAL = (112, 112, 80)
 TINY_SPATIAL = (16, 16, 8)  # --bench-tiny: wiring only (the fused rows may run in the interpreter)
 THRESHOLD = reference.uncertainty_threshold(3000, 6000)  # mid-run H: 0.75 ln2 < H < ln2
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+INPUT_KINDS = {"fp32": torch.float32, "bf16": torch.bfloat16, "trainer": torch.bfloat16}
 
 _COMPILED = {}
+_INPUTS: dict = {}  # the input sets of the last (batch, kind, shape, device): rows of one problem share them
 
 
 def _compiled(fn):
@@ -52,16 +65,40 @@ def shape_name(batch: int, spatial_dims) -> str:
     return f"T{T} B{batch} C{C} {'x'.join(map(str, spatial_dims))}"
 
 
-def make_inputs(batch: int, spatial_dims, dtype, device, seed: int):
-    """Student, teacher and T-pass logits that share a per-voxel signal, so the uncertainty map has
-    structure and the mask keeps part of the voxels (neither empty nor full)."""
+def make_inputs(batch: int, spatial_dims, kind: str, device, seed: int):
+    """(student, teacher, mc, threshold): student, teacher and T-pass logits that share a per-voxel
+    signal, so the uncertainty map has structure and the mask keeps part of the voxels (neither empty
+    nor full). ``kind``: a key of INPUT_KINDS (``trainer``: the layout described in the module docstring)."""
     g = torch.Generator(device=device).manual_seed(seed)
+    dtype = INPUT_KINDS[kind]
     shape = (batch, C, *spatial_dims)
     base = 2.0 * torch.randn(shape, generator=g, device=device)
-    mc = (base + torch.randn((T, *shape), generator=g, device=device)).to(dtype)
-    teacher = (base + 0.5 * torch.randn(shape, generator=g, device=device)).to(dtype)
-    student = (base + 0.5 * torch.randn(shape, generator=g, device=device)).to(dtype).requires_grad_()
-    return student, teacher, mc
+    passes = base + torch.randn((T + 1, *shape), generator=g, device=device)
+    passes[0] = base + 0.5 * torch.randn(shape, generator=g, device=device)  # pass 0: the target
+    student = base + 0.5 * torch.randn(shape, generator=g, device=device)
+    if kind == "trainer":
+        cl = torch.channels_last_3d
+        passes = passes.flatten(0, 1).to(dtype).contiguous(memory_format=cl).unflatten(0, (T + 1, batch))
+        teacher, mc = passes[0], passes[1:]
+        student = student.to(dtype).contiguous(memory_format=cl).requires_grad_()
+        return student, teacher, mc, torch.full((), THRESHOLD, device=device)
+    passes = passes.to(dtype)
+    return student.to(dtype).requires_grad_(), passes[0].clone(), passes[1:].clone(), THRESHOLD
+
+
+def input_sets(bench, batch: int, kind: str) -> list[tuple]:
+    """Rotated input sets of one problem (together several times the L2 cache on a GPU), made once
+    and shared by every row of that problem."""
+    if kind == "trainer" and not (bench.cuda or bench.interpreted):
+        pytest.skip("trainer rows: on the CPU train.py hands the loss fp32 contiguous tensors (no autocast, "
+                    "no channels_last_3d), which the fp32 rows time already")
+    key = (batch, kind, spatial(bench), bench.device)
+    if key not in _INPUTS:
+        _INPUTS.clear()  # one problem's inputs at a time: the paper-shape sets are hundreds of MB
+        first = make_inputs(batch, spatial(bench), kind, bench.device, seed=0)
+        n = measure.rotation_count(_loss_bytes(*first[:3], backward=False), bench.device)
+        _INPUTS[key] = [first] + [make_inputs(batch, spatial(bench), kind, bench.device, seed=k) for k in range(1, n)]
+    return _INPUTS[key]
 
 
 def _loss_bytes(student, teacher, mc, backward: bool) -> int:
@@ -69,64 +106,52 @@ def _loss_bytes(student, teacher, mc, backward: bool) -> int:
     return read + (student.numel() * student.element_size() if backward else 0)
 
 
-def _loss_op(provider: str, bench, wiring_row: bool):
+def _op(provider: str, bench, wiring_row: bool, reference_fn, fused_name: str):
     if provider == "reference":
-        return reference.uncertainty_consistency_loss
+        return reference_fn
     if provider == "compile":
         if not bench.cuda:
             pytest.skip("compile rows run on CUDA only (an inductor CPU compile of each shape takes minutes on CI)")
-        return _compiled(reference.uncertainty_consistency_loss)
-    bench.require_cuda("fused loss", wiring_row)
+        return _compiled(reference_fn)
+    bench.require_cuda(f"fused {fused_name}", wiring_row)
     import uamt_fast
 
-    return uamt_fast.uncertainty_consistency_loss
+    return getattr(uamt_fast, fused_name)
 
 
 @pytest.mark.parametrize("provider", ["reference", "compile", "fused"])
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("kind", list(INPUT_KINDS))
 @pytest.mark.parametrize("batch", [2, 4])
-def test_uncertainty_loss(benchmark, bench, batch, dtype_name, mode, provider):
-    op = _loss_op(provider, bench, wiring_row=batch == 2 and dtype_name == "bf16")
-    dims = spatial(bench)
-    first = make_inputs(batch, dims, DTYPES[dtype_name], bench.device, seed=0)
-    nbytes = _loss_bytes(*first, backward=mode == "fwd+bwd")
-    sets = [first] + [make_inputs(batch, dims, DTYPES[dtype_name], bench.device, seed=k)
-                      for k in range(1, measure.rotation_count(nbytes, bench.device))]
-
+def test_uncertainty_loss(benchmark, bench, batch, kind, mode, provider):
+    op = _op(provider, bench, batch == 2 and kind == "trainer", reference.uncertainty_consistency_loss,
+             "uncertainty_consistency_loss")
+    sets = input_sets(bench, batch, kind)
+    nbytes = _loss_bytes(*sets[0][:3], backward=mode == "fwd+bwd")
     if mode == "fwd":
-        def fn(s, t, mc):
-            return op(s, t, mc, THRESHOLD)
+        def fn(s, t, mc, thr):
+            return op(s, t, mc, thr)
     else:
-        def fn(s, t, mc):
-            return torch.autograd.grad(op(s, t, mc, THRESHOLD), s)
+        def fn(s, t, mc, thr):
+            return torch.autograd.grad(op(s, t, mc, thr), s)
 
-    bench.run(benchmark, group=f"loss {mode} {shape_name(batch, dims)} {dtype_name}", provider=provider, fn=fn,
-              arg_sets=sets, bytes_moved=nbytes, baseline=provider != "fused", kernel=provider == "fused",
-              peak=mode == "fwd+bwd",
-              op="uncertainty_consistency_loss", mode=mode, batch=batch, dtype=dtype_name,
-              shape=shape_name(batch, dims))
+    shape = shape_name(batch, spatial(bench))
+    bench.run(benchmark, group=f"loss {mode} {shape} {kind}", provider=provider, fn=fn, arg_sets=sets,
+              bytes_moved=nbytes, baseline=provider != "fused", kernel=provider == "fused", kernel_time=True,
+              peak=mode == "fwd+bwd", op="uncertainty_consistency_loss", mode=mode, batch=batch, dtype=kind,
+              shape=shape)
 
 
-@pytest.mark.parametrize("provider", ["reference", "fused"])
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("provider", ["reference", "compile", "fused"])
+@pytest.mark.parametrize("kind", list(INPUT_KINDS))
 @pytest.mark.parametrize("batch", [2, 4])
-def test_predictive_entropy(benchmark, bench, batch, dtype_name, provider):
-    if provider == "fused":
-        bench.require_cuda("fused entropy", wiring_row=batch == 2 and dtype_name == "bf16")
-        import uamt_fast
-
-        op = uamt_fast.predictive_entropy
-    else:
-        op = reference.predictive_entropy
-    dims = spatial(bench)
-    mc = make_inputs(batch, dims, DTYPES[dtype_name], bench.device, seed=0)[2]
+def test_predictive_entropy(benchmark, bench, batch, kind, provider):
+    op = _op(provider, bench, batch == 2 and kind == "trainer", reference.predictive_entropy, "predictive_entropy")
+    sets = [(s[2],) for s in input_sets(bench, batch, kind)]
+    mc = sets[0][0]
     out_bytes = batch * mc[0, 0, 0].numel() * 4  # the (B, *S) fp32 uncertainty map
     nbytes = mc.numel() * mc.element_size() + out_bytes
-    sets = [(mc,)] + [(make_inputs(batch, dims, DTYPES[dtype_name], bench.device, seed=k)[2],)
-                      for k in range(1, measure.rotation_count(nbytes, bench.device))]
-    bench.run(benchmark, group=f"entropy {shape_name(batch, dims)} {dtype_name}", provider=provider, fn=op,
-              arg_sets=sets, bytes_moved=nbytes, baseline=provider != "fused", kernel=provider == "fused",
-              op="predictive_entropy",
-              mode="fwd", batch=batch, dtype=dtype_name, shape=shape_name(batch, dims))
-
+    shape = shape_name(batch, spatial(bench))
+    bench.run(benchmark, group=f"entropy {shape} {kind}", provider=provider, fn=op, arg_sets=sets,
+              bytes_moved=nbytes, baseline=provider != "fused", kernel=provider == "fused", kernel_time=True,
+              op="predictive_entropy", mode="fwd", batch=batch, dtype=kind, shape=shape)

@@ -5,9 +5,9 @@
   interpreted kernel's time means nothing. On a CPU the fused rows skip with a reason and only
   the reference rows run; on a GPU with ``TRITON_INTERPRET=1`` in the environment the run stops.
 - The ``bench`` fixture (one per session) knows the device, measures its copy bandwidth once and
-  collects one row per benchmark. At the end a table is printed (median, p20-p80, arithmetic
-  floor, GB/s, % of copy bandwidth, peak memory, speedup over each baseline of the same group)
-  and, with ``--bench-json PATH``, written with the environment header as JSON.
+  collects one row per benchmark. At the end a table is printed (kernel time and eager wall-clock
+  per call, p20-p80, arithmetic floor, % of copy bandwidth, peak memory, speedup over each baseline
+  of the same group on both) and, with ``--bench-json PATH``, written with the environment as JSON.
 
 Options: ``--bench-json PATH``; ``--bench-tiny`` (tiny shapes: the CPU dry run of gpu_check.sh; with
 ``TRITON_INTERPRET=1`` exported beforehand the fused rows then run in the Triton interpreter, which
@@ -95,15 +95,19 @@ class BenchSession:
             pytest.skip(f"{what}: the interpreted dry run checks one row per op and mode")
 
     def run(self, benchmark, *, group: str, provider: str, fn, arg_sets: list[tuple], bytes_moved: int | None,
-            baseline: bool, peak: bool = False, host: bool = False, kernel: bool = False, **meta) -> dict:
+            baseline: bool, peak: bool = False, host: bool = False, kernel: bool = False, kernel_time: bool = False,
+            **meta) -> dict:
         """Time ``fn(*args)`` over the rotated ``arg_sets``; record and return the row.
 
-        GPU: the row's median comes from CUDA events (``measure.time_cuda``); pytest-benchmark then
-        times ``fn + synchronize`` too (its table: host wall time per call, sync included). CPU:
-        the row's median is pytest-benchmark's own. ``peak``: also record the extra device memory
-        of one call (forward + backward rows). ``host``: the callable does host work only (a CPU
-        data loader): timed with ``perf_counter`` on any device. ``kernel``: a row of the fused
-        kernels (in the ``interpreted`` dry run it runs once and is marked so).
+        GPU: ``wall_ms``, eager wall-clock per call (``measure.wall_time``, host included), and with
+        ``kernel_time`` also ``kernel_ms``, the kernels alone (``measure.kernel_time``: CUDA-graph
+        replay). The row's ``median_ms`` (and ``%copy``, the first speedups) is the kernel time where
+        there is one, else the wall time. pytest-benchmark's own timer is not used on a GPU. CPU:
+        pytest-benchmark's median is ``wall_ms`` and ``median_ms``; there is no kernel time.
+        ``peak``: also record the extra device memory of one call (forward + backward rows).
+        ``host``: the callable does host work only (a CPU data loader): ``perf_counter`` on any
+        device. ``kernel``: a row of the fused kernels (in the ``interpreted`` dry run it runs once
+        and is marked so).
         """
         benchmark.group = group
         cycle = itertools.cycle(arg_sets)
@@ -112,16 +116,17 @@ class BenchSession:
         if interpreted:
             row["provider"] = provider = f"{provider} (interpreter)"
         if self.cuda and not host:
-            timing = measure.time_cuda(fn, arg_sets)
-            row.update(timing.as_dict(), timer="cuda-events")
+            wall = measure.wall_time(fn, arg_sets)  # warms up first: compilation stays out of both numbers
+            row.update(wall_ms=wall.median_ms, wall_p20_ms=wall.p20_ms, wall_p80_ms=wall.p80_ms, wall_calls=wall.calls,
+                       rotation=wall.rotation, wall_timer="torch.utils.benchmark.Timer, device sync at each clock read")
+            timing, row["timer"] = wall, row["wall_timer"]
+            if kernel_time:
+                timing, row["kernel_timer"] = measure.kernel_time(fn, arg_sets)
+                row.update(kernel_ms=timing.median_ms, kernel_p20_ms=timing.p20_ms, kernel_p80_ms=timing.p80_ms,
+                           timer=row["kernel_timer"])
+            row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms)
             if peak:
                 row["peak_bytes"] = measure.peak_memory_bytes(lambda: fn(*arg_sets[0]), self.device)
-
-            def synced():
-                fn(*next(cycle))
-                torch.cuda.synchronize()
-
-            benchmark(synced)
         else:
             if interpreted:
                 benchmark.pedantic(lambda: fn(*next(cycle)), rounds=1, iterations=1)
@@ -130,7 +135,7 @@ class BenchSession:
             stats = getattr(benchmark, "stats", None)
             if stats is not None:  # None under --benchmark-disable
                 timing = measure.quantiles_ms([t * 1e3 for t in stats.stats.sorted_data], len(arg_sets))
-                row.update(timing.as_dict(), timer="pytest-benchmark perf_counter")
+                row.update(timing.as_dict(), wall_ms=timing.median_ms, timer="pytest-benchmark perf_counter")
         measure.add_roofline(row, self.copy_gbps)
         benchmark.extra_info.update({k: v for k, v in row.items() if isinstance(v, (int, float, str, bool))})
         self.add_row(row)
@@ -176,8 +181,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     tr.write_sep("=", "uamt_fast micro-benchmarks")
     tr.write_line(measure.environment_line(_SESSION.env))
-    tr.write_line(f"copy bandwidth (read + write), same run: {_SESSION.copy_gbps:.1f} GB/s; "
-                  f"timer: {'CUDA events, median' if _SESSION.cuda else 'perf_counter via pytest-benchmark, median'}")
+    timers = "kernel: CUDA-graph replay (do_bench_cudagraph); wall: torch.utils.benchmark.Timer, synced; medians" \
+        if _SESSION.cuda else "wall: perf_counter via pytest-benchmark, median; no kernel time on a CPU"
+    tr.write_line(f"copy bandwidth (read + write), same run: {_SESSION.copy_gbps:.1f} GB/s; {timers}")
     tr.write_line(measure.format_table(rows))
     if _SESSION.json_path:
         _SESSION.write_json(complete=True)

@@ -1,37 +1,55 @@
 #!/usr/bin/env bash
-# Every GPU check of uamt_fast in one run, under 8 minutes on one H100; a short table is printed last.
+# The GPU checks of uamt_fast, in stages that each fit one device call; a short table is printed last.
 #
-#   benchmarks/gpu_check.sh OUT_DIR [--cpu] [--data DIR]
+#   benchmarks/gpu_check.sh OUT_DIR [--stage STAGES] [--cpu] [--data DIR]     (options in any order)
 #
-#   OUT_DIR   gets the full logs and one JSON of every number (8 files, small):
-#             gpu_check.json  summary.txt  correctness.log  micro.log  micro.json
-#             train_step.log  train_step.json  train.log
-#   --cpu     dry run of the same wiring on the CPU at tiny sizes (fused rows in the Triton
-#             interpreter, train step and training at 32^3 crops): checks the script, not the speed.
-#   --data    LA data for the train-step A/B and the training run: a `python -m uamt_fast.data pack`
-#             folder (default benchmarks/la_pack, see benchmarks/README.md for the one prep command)
-#             or the LA release root. With --cpu and no --data, a small pack of the LA release at
-#             ../shared/data/LA (or UAMT_LA_ROOT; a synthetic set when absent) is made in a temp folder.
+#   OUT_DIR   gets each stage's logs and JSON (small files), status.tsv (stage, step, exit code,
+#             seconds), gpu_check.json (every number of the stages found in OUT_DIR) and summary.txt.
+#   --stage   comma-separated, run in this order (default all = kernels,step,training):
+#             kernels   <= 4 min on an H100: every number of issue 8
+#                       1. tests/test_uncertainty_loss.py tests/test_ema.py (+ tests/test_kernel_structure.py
+#                          when present) on the device: kernels vs the float64 reference          60 s
+#                       2. python -m benchmarks.kernel_sweep (launch configs; when present)        55 s
+#                       3. micro rows: loss, entropy, EMA; kernel time and eager wall-clock       110 s
+#             step      <= 8 min: every number of issue 9
+#                       1. python -m benchmarks.train_step, every variant and both references    350 s
+#                       2. python -m benchmarks.profile_step (the step's profile; when present)     95 s
+#             training  <= 10 min: python train.py --data DIR, the paper's 6000 iterations, then the
+#                       evaluation of the data's test cases; wall clock includes the cold start  540 s
+#   --cpu     dry run of the same stages on the CPU at tiny sizes (kernel tests and fused rows in the
+#             Triton interpreter, 32^3 crops, a 6-iteration run): checks the script, not the speed.
+#   --data    LA data for the step and training stages: a `python -m uamt_fast.data pack` folder
+#             (default benchmarks/la_pack, see benchmarks/README.md for the one prep command) or the LA
+#             release root. With --cpu and no --data, a small pack of ../shared/data/LA (or UAMT_LA_ROOT;
+#             a synthetic set when absent) is made in a temp folder.
 #
-# Steps (each under its own time limit, each logged; a failing step does not stop the next):
-#   1. correctness  tests/test_uncertainty_loss.py + tests/test_ema.py on the device (kernels vs the
-#                   float64 reference, edge cases, determinism, compile)                       80 s
-#   2. micro        python -m pytest benchmarks/ (loss, entropy, EMA, data rows; ceilings)    150 s
-#   3. train step   python -m benchmarks.train_step (reference vs ours and ablations)        140 s
-#   4. training     python train.py, 1000 iterations on the pack, then its evaluation        100 s
-#   5. report       merge into gpu_check.json, print the table
+# Each step has its own time limit and log; a step that fails or hits its limit is reported as such and
+# the next one still runs. Steps whose script is absent (written in parallel by other changes) are
+# reported as skipped. Report alone, over one or more OUT_DIRs: python -m benchmarks.gpu_check_report DIR...
 set -uo pipefail
 
-usage() { echo "usage: $0 OUT_DIR [--cpu] [--data DIR]" >&2; exit 2; }
-[[ $# -ge 1 ]] || usage
-OUT=$1; shift
+usage() { echo "usage: $0 OUT_DIR [--stage kernels,step,training|all] [--cpu] [--data DIR]" >&2; exit 2; }
+OUT=""
 MODE=gpu
 DATA=""
+STAGES=all
 while [[ $# -gt 0 ]]; do
   case $1 in
     --cpu) MODE=cpu; shift ;;
     --data) [[ $# -ge 2 ]] || usage; DATA=$2; shift 2 ;;
-    *) usage ;;
+    --stage|--stages) [[ $# -ge 2 ]] || usage; STAGES=$2; shift 2 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "gpu_check: unknown option '$1'" >&2; usage ;;
+    *) [[ -z $OUT ]] || { echo "gpu_check: two output folders given ('$OUT', '$1')" >&2; usage; }; OUT=$1; shift ;;
+  esac
+done
+[[ -n $OUT ]] || usage
+[[ $STAGES == all ]] && STAGES=kernels,step,training
+IFS=, read -r -a STAGE_LIST <<< "$STAGES"
+for s in "${STAGE_LIST[@]}"; do
+  case $s in
+    kernels|step|training) ;;
+    *) echo "gpu_check: unknown stage '$s' (kernels, step, training, all)" >&2; usage ;;
   esac
 done
 
@@ -44,21 +62,25 @@ PY=${PYTHON:-python3}
 WORK=$(mktemp -d -t uamt_gpu_check.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 T0=$(date +%s)
-STATUS="$WORK/status.tsv"   # step <tab> exit code <tab> seconds
-: > "$STATUS"
+STATUS="$OUT/status.tsv"   # stage <tab> step <tab> exit code (or "skipped") <tab> seconds
+touch "$STATUS"
 
-# run_step NAME LIMIT_S LOG -- command...: time-limited, logged (stdout+stderr), status recorded.
+# run_step STAGE NAME LIMIT_S LOG -- command...: time-limited, logged (stdout+stderr), status recorded.
 run_step() {
-  local name=$1 limit=$2 log=$3; shift 4
+  local stage=$1 name=$2 limit=$3 log=$4; shift 5
   local t=$(date +%s)
-  echo "== $name (limit ${limit}s): $*" | tee -a "$log"
+  echo "== $stage/$name (limit ${limit}s): $*" | tee -a "$log"
   timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
   local rc=$?
   local dt=$(( $(date +%s) - t ))
-  printf '%s\t%s\t%s\n' "$name" "$rc" "$dt" >> "$STATUS"
+  printf '%s\t%s\t%s\t%s\n' "$stage" "$name" "$rc" "$dt" >> "$STATUS"
   echo "   -> exit $rc after ${dt}s" | tee -a "$log"
   [[ $rc -eq 124 || $rc -eq 137 ]] && echo "   (stopped at its ${limit}s limit)" | tee -a "$log"
   return 0
+}
+skip_step() {  # STAGE NAME LOG REASON
+  echo "== $1/$2: skipped, $4" | tee -a "$3"
+  printf '%s\t%s\tskipped\t0\n' "$1" "$2" >> "$STATUS"
 }
 
 if [[ $MODE == gpu ]]; then
@@ -69,79 +91,93 @@ if [[ $MODE == gpu ]]; then
     echo "gpu_check: TRITON_INTERPRET=1 is set; unset it, the kernels must run compiled on the GPU" >&2; exit 2
   fi
   DATA=${DATA:-benchmarks/la_pack}
-  MICRO_ENV=()
-  TRAIN_ENV=()
-  LIM_TEST=80; LIM_MICRO=150; LIM_STEP=140; LIM_TRAIN=100
-  STEP_ARGS=(--budget-s 80)
-  TRAIN_ARGS=(--iterations 1000 --log-every 100 --save-every 1000)
-  MICRO_ARGS=(--benchmark-max-time=0.1 --benchmark-min-rounds=3)  # the rows' own numbers are CUDA-event medians
+  KERNEL_ENV=()
+  CPU_ENV=()
+  LIM_TEST=60; LIM_SWEEP=55; LIM_MICRO=110; LIM_STEP=350; LIM_PROFILE=95; LIM_TRAIN=540
+  SWEEP_ARGS=(--budget-s 40)
+  MICRO_ARGS=()                                # the rows' numbers come from their own timers
+  STEP_ARGS=(--budget-s 280)                   # no new variant after 280 s; the one running finishes
+  PROFILE_ARGS=()
+  TRAIN_ARGS=()                                # the paper's run: every default
 else
   # CPU dry run: the kernel tests (tests/conftest.py sets it) and the fused micro rows run in the
-  # Triton interpreter; the train step and the training run use the CPU fallbacks (the interpreter
-  # would take minutes per iteration).
-  MICRO_ENV=(TRITON_INTERPRET=1)
-  TRAIN_ENV=(OMP_NUM_THREADS=1)  # one thread: a shared CPU is oversubscribed otherwise
-  if [[ -z $DATA ]]; then  # a small pack of the real data when it is here, else a synthetic set
+  # Triton interpreter; the train step, profile and training use the CPU paths at tiny sizes.
+  KERNEL_ENV=(TRITON_INTERPRET=1)
+  CPU_ENV=(OMP_NUM_THREADS=1)                  # one thread: a shared CPU is oversubscribed otherwise
+  if [[ -z $DATA && $STAGES =~ step|training ]]; then  # a small pack of the real data when here, else synthetic
     LA=${UAMT_LA_ROOT:-$REPO/../shared/data/LA}
     if [[ -f $LA/train.list ]]; then
-      echo "== pack a small LA subset for the dry run (4 + 2 train ids, 1 test id of $LA)" | tee -a "$OUT/train.log"
-      $PY -m uamt_fast.data pack "$LA" "$WORK/pack" --train 4 --unlabeled 2 --test 1 >> "$OUT/train.log" 2>&1
+      echo "== pack a small LA subset for the dry run (4 + 2 train ids, 1 test id of $LA)"
+      $PY -m uamt_fast.data pack "$LA" "$WORK/pack" --train 4 --unlabeled 2 --test 1 > "$WORK/pack.log" 2>&1
     else
-      echo "== no LA data at $LA: a synthetic set for the dry run" | tee -a "$OUT/train.log"
-      $PY -m uamt_fast.data synth "$WORK/pack" --train 6 --test 1 --shape 96 96 64 >> "$OUT/train.log" 2>&1
+      echo "== no LA data at $LA: a synthetic set for the dry run"
+      $PY -m uamt_fast.data synth "$WORK/pack" --train 6 --test 1 --shape 96 96 64 > "$WORK/pack.log" 2>&1
     fi
     DATA=$WORK/pack
   fi
-  LIM_TEST=600; LIM_MICRO=600; LIM_STEP=600; LIM_TRAIN=600
-  STEP_ARGS=(--cpu --labeled 2 --threads 1)  # one thread: a shared CPU is oversubscribed otherwise
+  LIM_TEST=600; LIM_SWEEP=300; LIM_MICRO=600; LIM_STEP=600; LIM_PROFILE=300; LIM_TRAIN=600
+  SWEEP_ARGS=(--cpu)
+  MICRO_ARGS=(--bench-tiny --benchmark-max-time=0.05 --benchmark-min-rounds=1)
+  STEP_ARGS=(--cpu --labeled 2 --threads 1)
+  PROFILE_ARGS=(--cpu)
   TRAIN_ARGS=(--device cpu --iterations 6 --log-every 3 --save-every 6 --labeled 2 --patch 32 32 32
               --n-filters 4 --downsample 2 --eval-stride-xy 16 --eval-stride-z 16 --no-compile)
-  MICRO_ARGS=(--bench-tiny --benchmark-max-time=0.05 --benchmark-min-rounds=1)
 fi
-
 if [[ -n $DATA && ! -f $DATA/train.list ]]; then
-  echo "gpu_check: no train.list in data folder '$DATA': the train-step A/B and the training run are skipped" \
-       "(prepare it as benchmarks/README.md says)" | tee -a "$OUT/train.log" >&2
+  echo "gpu_check: no train.list in data folder '$DATA': the step and training stages are skipped" \
+       "(prepare it as benchmarks/README.md says)" >&2
   DATA=""
 fi
 
-# Header: device, driver, versions (also the first lines of correctness.log).
+# Header: stages, device, driver, versions.
 {
-  echo "gpu_check mode=$MODE data=${DATA:-<synthetic>} started $(date -u +%FT%TZ) in $REPO"
+  echo "gpu_check mode=$MODE stages=$STAGES data=${DATA:-<none>} started $(date -u +%FT%TZ) in $REPO"
   git -C "$REPO" log -1 --format='commit %H %s' 2>/dev/null || true
   [[ $MODE == gpu ]] && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
   $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 '| triton', triton.__version__, '| cuda', torch.version.cuda, '| cudnn', torch.backends.cudnn.version())"
-} > "$OUT/correctness.log" 2>&1
-cat "$OUT/correctness.log"
+} >> "$OUT/header.log" 2>&1
+tail -n 5 "$OUT/header.log"
 
-# 1. kernel correctness on the device against the float64 reference (edge cases included).
-run_step correctness $LIM_TEST "$OUT/correctness.log" -- \
-  $PY -m pytest tests/test_uncertainty_loss.py tests/test_ema.py -q -ra -p no:cacheprovider
+stage_kernels() {
+  local tests=(tests/test_uncertainty_loss.py tests/test_ema.py)
+  [[ -f tests/test_kernel_structure.py ]] && tests+=(tests/test_kernel_structure.py)
+  run_step kernels correctness $LIM_TEST "$OUT/correctness.log" -- \
+    $PY -m pytest "${tests[@]}" -q -ra -p no:cacheprovider
+  if [[ -f benchmarks/kernel_sweep.py ]]; then
+    run_step kernels sweep $LIM_SWEEP "$OUT/sweep.log" -- env "${KERNEL_ENV[@]}" \
+      $PY -m benchmarks.kernel_sweep "${SWEEP_ARGS[@]}" --json "$OUT/sweep.json"
+  else
+    skip_step kernels sweep "$OUT/sweep.log" "benchmarks/kernel_sweep.py is not in this tree"
+  fi
+  # EMA first: the loss and entropy rows compile per shape, and a stop at the limit keeps the rows so far.
+  run_step kernels micro $LIM_MICRO "$OUT/micro.log" -- env "${KERNEL_ENV[@]}" \
+    $PY -m pytest benchmarks/bench_ema.py benchmarks/bench_uncertainty_loss.py -q -p no:cacheprovider \
+    "${MICRO_ARGS[@]}" --bench-json "$OUT/micro.json"
+}
 
-# 2. micro-benchmarks (loss fwd / fwd+bwd, entropy, EMA) with the copy-bandwidth ceiling.
-run_step micro $LIM_MICRO "$OUT/micro.log" -- env "${MICRO_ENV[@]}" ${DATA:+UAMT_LA_ROOT="$DATA"} \
-  $PY -m pytest benchmarks/ -q -p no:cacheprovider "${MICRO_ARGS[@]}" --bench-json "$OUT/micro.json"
-
-# 3. train-step A/B: the released iteration vs ours, each option off in turn.
-if [[ -n $DATA ]]; then
-  run_step train_step $LIM_STEP "$OUT/train_step.log" -- \
+stage_step() {
+  if [[ -z $DATA ]]; then skip_step step train_step "$OUT/train_step.log" "no data"; skip_step step profile \
+    "$OUT/profile.log" "no data"; return; fi
+  run_step step train_step $LIM_STEP "$OUT/train_step.log" -- env "${CPU_ENV[@]}" \
     $PY -m benchmarks.train_step --data "$DATA" "${STEP_ARGS[@]}" --json "$OUT/train_step.json"
-else
-  printf 'train_step\tskipped\t0\n' >> "$STATUS"
-fi
+  if [[ -f benchmarks/profile_step.py ]]; then
+    run_step step profile $LIM_PROFILE "$OUT/profile.log" -- env "${CPU_ENV[@]}" \
+      $PY -m benchmarks.profile_step --data "$DATA" "${PROFILE_ARGS[@]}" --out "$OUT/profile"
+  else
+    skip_step step profile "$OUT/profile.log" "benchmarks/profile_step.py is not in this tree"
+  fi
+}
 
-# 4. a short real-data training run and its test Dice (the run folder stays out of OUT: checkpoints are big).
-if [[ -n $DATA ]]; then
-  run_step training $LIM_TRAIN "$OUT/train.log" -- env "${TRAIN_ENV[@]}" \
+stage_training() {
+  if [[ -z $DATA ]]; then skip_step training train "$OUT/train.log" "no data"; return; fi
+  # The run folder stays out of OUT (checkpoints are big); its small records are copied back.
+  run_step training train $LIM_TRAIN "$OUT/train.log" -- env "${CPU_ENV[@]}" \
     $PY train.py --data "$DATA" --out "$WORK/run" "${TRAIN_ARGS[@]}"
-  cp "$WORK/run/eval.json" "$WORK/eval.json" 2>/dev/null || true
-  cp "$WORK/run/metrics.jsonl" "$WORK/metrics.jsonl" 2>/dev/null || true
-else
-  echo "training: skipped, no --data and no benchmarks/la_pack" | tee -a "$OUT/train.log"
-  printf 'training\tskipped\t0\n' >> "$STATUS"
-fi
+  for f in config.json metrics.jsonl eval.json; do cp "$WORK/run/$f" "$OUT/$f" 2>/dev/null || true; done
+}
 
-# 5. one JSON of every number, and the short table (printed last).
-$PY -m benchmarks.gpu_check_report "$OUT" --status "$STATUS" --work "$WORK" --mode $MODE \
-  --elapsed $(( $(date +%s) - T0 ))
+for s in "${STAGE_LIST[@]}"; do "stage_$s"; done
+
+# One JSON of every number found in OUT (earlier calls' stages included), and the short table (printed last).
+$PY -m benchmarks.gpu_check_report "$OUT" --mode $MODE --elapsed $(( $(date +%s) - T0 ))

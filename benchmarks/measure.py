@@ -1,17 +1,22 @@
 """Timing and roofline helpers shared by every benchmark in this folder.
 
-How a GPU number is taken (see benchmarks/README.md for the why):
+Two numbers per GPU row, because they answer different questions (see benchmarks/README.md):
 
-- ``time_cuda(fn, arg_sets)``: warm-up calls first (module load, autotuning, torch.compile stay
-  out), then each timed call is bracketed by its own pair of CUDA events, calls run back to back
-  with no host sync between them, and the call ``i`` uses ``arg_sets[i % len(arg_sets)]``. The
-  sets are sized by ``rotation_count`` so that together they are several times the L2 cache: no
-  call finds its inputs in cache left there by the previous one. The median over calls is the
-  number we report; p20/p80 give the spread.
-- The two ceilings of the card are measured in the same process: ``copy_bandwidth`` (a large
-  device-to-device copy, bytes read + bytes written) and ``matmul_tflops`` (an 8192^3 bf16
-  product on random data). A kernel's "% of copy" and a step's MFU are taken against these, not
-  against the datasheet.
+- ``kernel_time(fn, arg_sets)``: the GPU time of the call's kernels alone, as a compiled training
+  step pays it: the calls are captured in one CUDA graph and replayed
+  (``triton.testing.do_bench_cudagraph``), so no host work and no launch latency is in the number.
+  Where a call cannot be captured, the kernel durations from ``torch.profiler`` are summed instead
+  (the row's ``kernel_timer`` says which).
+- ``wall_time(fn, arg_sets)``: eager wall-clock per call, host included, as an eager user pays it:
+  ``torch.utils.benchmark.Timer`` over back-to-back calls, with a device sync at each clock read.
+
+Both cycle through ``arg_sets``, sized by ``rotation_count`` so that together they are several
+times the L2 cache: no call finds its inputs in cache left there by the previous one.
+
+The two ceilings of the card are measured in the same process: ``copy_bandwidth`` (a large
+device-to-device copy, bytes read + bytes written) and ``matmul_tflops`` (an 8192^3 bf16 product on
+random data). A kernel's "% of copy" and a step's MFU are taken against these, not the datasheet.
+``time_cuda`` (CUDA events around each call) times those probes and the train step.
 
 On the CPU the same helpers fall back to ``time.perf_counter`` so that the wiring runs
 everywhere; CPU numbers only say what the reference path costs on that machine.
@@ -19,6 +24,7 @@ everywhere; CPU numbers only say what the reference path costs on that machine.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import math
 import os
@@ -45,8 +51,8 @@ class Timing:
     """Per-call times of one benchmarked callable, in milliseconds."""
 
     median_ms: float
-    p20_ms: float
-    p80_ms: float
+    p20_ms: float | None  # None where the timer gives a mean only (profiler kernel sums)
+    p80_ms: float | None
     calls: int  # timed calls behind the quantiles
     rotation: int  # distinct input sets cycled through
 
@@ -129,6 +135,62 @@ def time_host(fn: Callable, arg_sets: Sequence[tuple], *, warmup_calls: int = 1,
         times.append((time.perf_counter() - t) * 1e3)
         i += 1
     return quantiles_ms(times, n)
+
+
+def kernel_time(fn: Callable, arg_sets: Sequence[tuple], *, rep_ms: float = 10.0) -> tuple[Timing, str]:
+    """GPU time per call of ``fn(*args)``'s kernels, cycling through ``arg_sets``; returns (timing, how).
+
+    CUDA-graph replay (``triton.testing.do_bench_cudagraph``: the calls unrolled into one graph,
+    median, p20, p80 over its 10 replays): what a compiled step pays, host cost and launch gaps
+    removed. If the call cannot be captured (a host sync inside it, say), the kernel durations of
+    20 calls under ``torch.profiler`` are summed instead (a mean: no spread). Warm up ``fn`` first.
+    """
+    from triton.testing import do_bench_cudagraph
+
+    cycle = itertools.cycle(arg_sets)
+    try:
+        median, p20, p80 = do_bench_cudagraph(lambda: fn(*next(cycle)), rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return Timing(median, p20, p80, 10, len(arg_sets)), "CUDA-graph replay (triton.testing.do_bench_cudagraph)"
+    except Exception as e:  # noqa: BLE001 - any capture failure falls back to the profiler, and says so
+        torch.cuda.synchronize()
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+    how = f"torch.profiler kernel sum, mean of 20 calls (graph capture failed: {why})"
+    return kernel_time_profiler(fn, arg_sets), how
+
+
+def kernel_time_profiler(fn: Callable, arg_sets: Sequence[tuple], *, calls: int = 20) -> Timing:
+    """Mean per call of the summed device time of every kernel ``fn(*args)`` launches (``torch.profiler``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n = len(arg_sets)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(calls):
+            fn(*arg_sets[i % n])
+        torch.cuda.synchronize()
+    total_us = sum(e.self_device_time_total for e in prof.key_averages())
+    mean_ms = total_us / 1e3 / calls
+    return Timing(mean_ms, None, None, calls, n)
+
+
+def wall_time(fn: Callable, arg_sets: Sequence[tuple], *, min_run_s: float = 0.03, warmup_calls: int = 3) -> Timing:
+    """Eager wall-clock per call of ``fn(*args)``, host included, cycling through ``arg_sets``.
+
+    ``torch.utils.benchmark.Timer.blocked_autorange`` over blocks of back-to-back calls; its clock
+    syncs the device at each read, so a block's time is the host issuing the calls and the device
+    running them, overlapped as in an eager training loop (the longer of the two sets the pace). Its
+    block-size search grows the block tenfold until it takes ``min_run_s`` (0.03 s: a 0.5 ms call
+    is timed as blocks of 100). Median, p20 and p80 over the blocks (often one).
+    """
+    from torch.utils.benchmark import Timer
+
+    n = len(arg_sets)
+    for i in range(warmup_calls):  # compilation, autotuning, first-touch allocations stay out
+        fn(*arg_sets[i % n])
+    cycle = itertools.cycle(arg_sets)
+    m = Timer(stmt="call()", globals={"call": lambda: fn(*next(cycle))}).blocked_autorange(min_run_time=min_run_s)
+    t = quantiles_ms([x * 1e3 for x in m.times], n)
+    t.calls = len(m.times) * m.number_per_run
+    return t
 
 
 def rotation_count(bytes_per_set: int, device: torch.device, *, cache_multiple: int = 4, max_sets: int = 8) -> int:
@@ -249,7 +311,8 @@ def gbps(nbytes: int | None, ms: float | None) -> float | None:
 
 
 def add_roofline(row: dict, copy_gbps: float | None) -> dict:
-    """Fill ``gbps``, ``pct_copy`` and ``floor_ms`` (bytes / copy bandwidth) from ``bytes`` and ``median_ms``."""
+    """Fill ``gbps``, ``pct_copy`` and ``floor_ms`` (bytes / copy bandwidth) from ``bytes`` and ``median_ms``
+    (the kernel time on a GPU row that has one)."""
     row["gbps"] = gbps(row.get("bytes"), row.get("median_ms"))
     if copy_gbps and row.get("bytes"):
         row["floor_ms"] = row["bytes"] / (copy_gbps * 1e9) * 1e3
@@ -258,7 +321,8 @@ def add_roofline(row: dict, copy_gbps: float | None) -> dict:
 
 
 def add_speedups(rows: list[dict]) -> list[dict]:
-    """For each row, ``speedup[b] = median(b) / median(row)`` for every baseline row ``b`` of its group.
+    """For each row and every baseline row ``b`` of its group: ``speedup[b] = median(b) / median(row)``
+    (kernel time on a GPU) and ``wall_speedup[b]`` on the eager wall-clock, where both rows have one.
 
     A group is one problem (same op, mode, shape, dtype); a baseline is a row whose ``baseline``
     flag is set (the reference ops, torch.compile of them, the per-parameter loop, foreach).
@@ -267,33 +331,53 @@ def add_speedups(rows: list[dict]) -> list[dict]:
     for r in rows:
         by_group.setdefault(r["group"], []).append(r)
     for group_rows in by_group.values():
-        baselines = [b for b in group_rows if b.get("baseline") and b.get("median_ms")]
+        baselines = [b for b in group_rows if b.get("baseline")]
         for r in group_rows:
-            if r.get("median_ms"):
-                r["speedup"] = {
-                    b["provider"]: b["median_ms"] / r["median_ms"] for b in baselines if b is not r
-                }
+            # kernel time against kernel time only (else the median, a wall time, against the same)
+            first = "kernel_ms" if r.get("kernel_ms") else "median_ms"
+            for key, field in (("speedup", first), ("wall_speedup", "wall_ms")):
+                same = [b for b in baselines if b is not r and b.get(field)
+                        and (field != "median_ms" or not b.get("kernel_ms"))]
+                if r.get(field):
+                    r[key] = {b["provider"]: b[field] / r[field] for b in same}
     return rows
 
 
-def _fmt(x, spec: str) -> str:
+def fmt_number(x, spec: str) -> str:
     width = int(re.match(r"\d*", spec).group() or 0)
     return "-".rjust(width) if x is None else format(x, spec)
 
 
+def speedup_text(row: dict) -> str:
+    """'1.52x/0.90x vs compile, ...': kernel-time speedup / wall-clock speedup over each baseline."""
+    kernel, wall = row.get("speedup") or {}, row.get("wall_speedup") or {}
+    parts = []
+    for name in dict.fromkeys([*kernel, *wall]):
+        k, w = kernel.get(name), wall.get(name)
+        both = "kernel_ms" in row  # GPU rows: kernel/wall; CPU rows have one number
+        parts.append(f"{fmt_number(k, '.2f')}x/{fmt_number(w, '.2f')}x vs {name}" if both else
+                     f"{fmt_number(k, '.2f')}x vs {name}")
+    return ", ".join(parts + ([row["note"]] if row.get("note") else []))
+
+
 def format_table(rows: list[dict]) -> str:
-    """A plain-text table: one line per row, grouped, with speedups over each baseline."""
-    head = f"{'group':<48} {'provider':<20} {'median ms':>10} {'p20-p80':>15} {'floor ms':>9} " \
-           f"{'GB/s':>8} {'%copy':>6} {'peak MiB':>9}  speedup / note"
+    """A plain-text table: one line per row, grouped, with speedups over each baseline.
+
+    ``kernel ms``: CUDA-graph (or profiler) kernel time, what a compiled step pays; ``wall ms``: eager
+    wall-clock per call, host included. ``%copy`` and the first speedup are on kernel time (on the
+    CPU, where there is no kernel time, on wall time); the second speedup is on wall-clock.
+    """
+    head = f"{'group':<44} {'provider':<20} {'kernel ms':>9} {'wall ms':>9} {'p20-p80':>13} {'floor ms':>8} " \
+           f"{'%copy':>6} {'peak MiB':>8}  speedup kernel/wall"
     lines = [head, "-" * len(head)]
     for r in rows:
-        spread = f"{_fmt(r.get('p20_ms'), '.3f')}-{_fmt(r.get('p80_ms'), '.3f')}"
+        spread = f"{fmt_number(r.get('p20_ms'), '.3f')}-{fmt_number(r.get('p80_ms'), '.3f')}"
         peak = r.get("peak_bytes")
-        sp = ", ".join([f"{v:.2f}x vs {k}" for k, v in (r.get("speedup") or {}).items()] + ([r["note"]] if r.get("note") else []))
         lines.append(
-            f"{r['group'][:48]:<48} {r['provider'][:20]:<20} {_fmt(r.get('median_ms'), '10.3f')} {spread:>15} "
-            f"{_fmt(r.get('floor_ms'), '9.3f')} {_fmt(r.get('gbps'), '8.1f')} {_fmt(r.get('pct_copy'), '6.1f')} "
-            f"{_fmt(None if peak is None else peak / MiB, '9.1f')}  {sp}"
+            f"{r['group'][:44]:<44} {r['provider'][:20]:<20} {fmt_number(r.get('kernel_ms'), '9.3f')} "
+            f"{fmt_number(r.get('wall_ms', r.get('median_ms')), '9.3f')} {spread:>13} "
+            f"{fmt_number(r.get('floor_ms'), '8.3f')} {fmt_number(r.get('pct_copy'), '6.1f')} "
+            f"{fmt_number(None if peak is None else peak / MiB, '8.1f')}  {speedup_text(r)}"
         )
     return "\n".join(lines)
 
