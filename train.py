@@ -4,9 +4,12 @@
     python train.py --data ../shared/data/LA               # the paper's run: 16 labeled, 6000 iterations
     python train.py --data ../shared/data/LA --labeled 8 --consistency-on all   # the paper's "UA-MT" rows
     python train.py --data ../shared/data/LA --method mt   # mean teacher without the uncertainty mask
+    python train.py --data ../shared/data/LA --method mt-dice   # mean teacher, soft-Dice consistency (paper: MT-Dice)
+    python train.py --data LA_part1 --data LA_part2 --data LA_part3   # the data set in several folders (data.py pack)
     python train.py --data ../shared/data/LA --method supervised [--no-dropout]  # Bayesian / vanilla V-Net
     python train.py --resume runs/<run>                    # continue a run from its last checkpoint
     python train.py --eval runs/<run>/student.pt --data ../shared/data/LA       # evaluate only
+    python train.py --eval runs/<run>/student.pt --data ../shared/data/LA --figures figs --figures-cases 2
     # reduced real-data run on a 2-core CPU, ~30 min (volumes downsampled 2x, narrower V-Net, shorter schedule):
     python train.py --data ../shared/data/LA --downsample 2 --n-filters 4 --patch 64 48 32 --iterations 800 --threads 1
 
@@ -51,23 +54,27 @@ import torch
 import torch.nn.functional as F
 
 import uamt_fast
-from uamt_fast import data, inference, metrics, reference
+from uamt_fast import data, figures, inference, metrics, reference
 from uamt_fast.vnet import VNet
 
-TERMS = ("cross-entropy", "dice", "consistency")  # the loss terms, in the order train_step returns them
+TERMS = ("cross-entropy", "dice", "consistency")
+METHODS = ("uamt", "mt", "mt-dice", "supervised")  # the loss terms, in the order train_step returns them
 
 
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
     # I/O
-    data: str = ""  # LA root: holds train.list, test.list and "2018LA_Seg_Training Set/<id>/mri_norm2.h5"
+    data: list = field(default_factory=list)  # LA root (train.list, test.list, case folders); repeat it for parts
     out: str = ""  # run folder; default runs/<timestamp>-<method>
     resume: str = ""  # run folder to continue from its checkpoint.pt (the saved config is reused)
     eval: str = ""  # evaluate this checkpoint (student.pt, teacher.pt or checkpoint.pt) on the test list and exit
     demo: bool = False  # synthetic LA-like data in a temp folder + reduced sizes: the whole pipeline in ~1 min on CPU
+    figures: str = ""  # write PNG figures here after the evaluation: per-case panels (and the run's training curves)
+    figures_cases: int = 0  # panels for the first N test cases only (0: all); each costs figures_passes evaluations
+    figures_passes: int = 8  # T stochastic (MC-dropout) passes for the uncertainty map of the panels
     # method
-    method: str = "uamt"  # uamt | mt (no uncertainty mask) | supervised (labeled crops only, no teacher)
+    method: str = "uamt"  # uamt | mt (no uncertainty mask) | mt-dice (soft-Dice consistency) | supervised (no teacher)
     consistency_on: str = "unlabeled"  # unlabeled (released code, paper's UA-MT-UN) | all (paper's UA-MT)
     labeled: int = 16  # the first N ids of train.list are labeled, the rest unlabeled (paper: 8, 16, 24)
     dropout: bool = True  # Dropout3d(0.5) in the V-Net ("Bayesian V-Net"); --no-dropout = vanilla V-Net
@@ -112,10 +119,12 @@ class Config:
 
     def __post_init__(self):
         self.patch = tuple(int(p) for p in self.patch)
+        self.data = [self.data] if isinstance(self.data, str) else list(self.data)  # saved configs before: one str
+        self.data = [d for d in self.data if d]
         if self.reference_ops:
             self.fused_loss = self.fused_ema = False
-        if self.method not in ("uamt", "mt", "supervised"):
-            raise ValueError(f"--method must be one of uamt, mt, supervised; got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if self.consistency_on not in ("unlabeled", "all"):
             raise ValueError(f"--consistency-on must be 'unlabeled' or 'all'; got {self.consistency_on!r}")
         if self.device not in ("auto", "cuda", "cpu") or self.data_device not in ("auto", "cuda", "cpu"):
@@ -126,8 +135,9 @@ class Config:
                      "teacher_chunks", "log_every", "save_every", "eval_stride_xy", "eval_stride_z", "eval_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
-        if self.threads < 0 or self.stop_at < 0:
-            raise ValueError(f"--threads and --stop-at must be >= 0; got {self.threads}, {self.stop_at}")
+        if self.threads < 0 or self.stop_at < 0 or self.figures_cases < 0 or self.figures_passes < 1:
+            raise ValueError(f"--threads, --stop-at, --figures-cases must be >= 0 and --figures-passes >= 1; got "
+                             f"{self.threads}, {self.stop_at}, {self.figures_cases}, {self.figures_passes}")
         if self.batch_unlabeled < 1 and self.method != "supervised":
             raise ValueError(f"--batch-unlabeled must be >= 1 for --method {self.method}; got {self.batch_unlabeled}")
         # The consistency ramp spans the run, as in the paper (40 periods of 150 = 6000 iterations).
@@ -141,7 +151,8 @@ DEMO = {"n_filters": 4, "patch": (32, 32, 16), "labeled": 4, "iterations": 120, 
 DEMO_DATA = {"n_train": 12, "n_test": 4, "shape": (48, 48, 32), "seed": 0}
 # On --resume these may differ from the saved config; everything else must match (same run).
 RESUME_OVERRIDABLE = {"data", "resume", "out", "device", "compile", "log_every", "save_every", "stop_at",
-                      "eval_stride_xy", "eval_stride_z", "eval_batch", "data_device", "threads"}
+                      "eval_stride_xy", "eval_stride_z", "eval_batch", "data_device", "threads",
+                      "figures", "figures_cases", "figures_passes"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -160,6 +171,8 @@ def parse_args(argv=None) -> dict:
         flag, help = "--" + f.name.replace("_", "-"), comments.get(f.name, "").replace("%", "%%")
         if f.type in ("bool", "bool | None"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        elif f.name == "data":
+            p.add_argument(flag, action="append", metavar="DIR", help=help)
         elif f.name == "patch":
             p.add_argument(flag, type=int, nargs=3, metavar=("X", "Y", "Z"), help=help)
         else:
@@ -287,6 +300,8 @@ def student_losses(student, images, labels, target, mc_logits, weight, threshold
         s = logits[n_labeled:] if consistency_on == "unlabeled" else logits
         if method == "mt":  # the mean-teacher baseline: softmax MSE over every voxel, no mask
             consistency, mask_fraction = reference.softmax_mse(s.float(), target.float()).mean(), ce.new_ones(())
+        elif method == "mt-dice":  # the paper's MT-Dice: soft Dice between the softmaxes, no mask
+            consistency, mask_fraction = reference.softmax_dice_consistency(s.float(), target.float()), ce.new_ones(())
         elif fused_loss:
             consistency, stats = uamt_fast.uncertainty_consistency_loss(s, target, mc_logits, threshold, return_stats=True)
             mask_fraction, uncertainty = stats[0], stats[1]
@@ -480,6 +495,17 @@ def evaluate(model: VNet, cfg: Config, cases, out_dir: Path) -> dict:
     return result
 
 
+def write_figures(model: VNet, cfg: Config, cases, run_dir: Path) -> None:
+    """--figures: panels of the first --figures-cases test cases, and the run's training curves if it has a log."""
+    out = Path(cfg.figures)
+    name = "UA-MT" if cfg.method == "uamt" else cfg.method
+    for path in figures.write_panels({name: model}, cases[: cfg.figures_cases or None], out, dataclasses.asdict(cfg),
+                                     cfg.figures_passes):
+        print(f"wrote {path}")
+    if (run_dir / "metrics.jsonl").is_file():
+        print(f"wrote {figures.training_curves({run_dir.name: run_dir}, out / 'curves.png')}")
+
+
 # ----------------------------------------------------------------------------- main
 def make_config(given: dict) -> tuple[Config, dict | None]:
     """Config from the flags (+ --demo sizes, or the saved config and checkpoint on --resume)."""
@@ -510,10 +536,12 @@ def main(argv=None) -> int:
         if cfg.demo and not cfg.data:
             demo_dir = tempfile.TemporaryDirectory(prefix="uamt_demo_")
             data.write_synthetic_la(demo_dir.name, **DEMO_DATA)
-            cfg.data = demo_dir.name
+            cfg.data = [demo_dir.name]
         device = pick_device(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if cfg.figures:
+            figures.pyplot()  # fail now, not after training, when the optional matplotlib is missing
         if cfg.eval:  # the model's own settings (width, patch, downsample) come from its checkpoint
             model, saved = load_model(Path(cfg.eval), device)
             ecfg = Config(**(saved | {k: v for k, v in given.items() if k in RESUME_OVERRIDABLE} | {"eval": cfg.eval}))
@@ -521,12 +549,14 @@ def main(argv=None) -> int:
             out = Path(cfg.out or Path(cfg.eval).parent)
             out.mkdir(parents=True, exist_ok=True)
             evaluate(model, ecfg, cases, out)
+            if cfg.figures:
+                write_figures(model, ecfg, cases, Path(cfg.eval).parent)
             return 0
         if not cfg.data:
             raise ValueError("--data is required (the LA root holding train.list), or use --demo")
         parts = build(cfg)
         parts.test_cases = load_split(cfg, "test")
-    except (data.DataError, ValueError) as e:
+    except (data.DataError, ValueError, ImportError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
 
@@ -625,6 +655,8 @@ def main(argv=None) -> int:
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"iteration": cfg.iterations, **speed}) + "\n")
     evaluate(parts.student, cfg, parts.test_cases, out)
+    if cfg.figures:
+        write_figures(parts.student, cfg, parts.test_cases, out)
     if demo_dir is not None:
         demo_dir.cleanup()
     return 0

@@ -48,7 +48,8 @@ def pyplot():
     try:
         import matplotlib
     except ImportError as e:
-        raise ImportError("figures need matplotlib: pip install 'uamt_fast[figures]' (or pip install matplotlib)") from e
+        raise ImportError("figures need matplotlib: pip install 'uamt_fast[figures]' (or: pip install matplotlib)") \
+            from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
