@@ -82,3 +82,24 @@ def test_command_line_panels_from_a_checkpoint(tmp_path, capsys):
     assert figures.main(["panels", "--data", str(root), "--checkpoint", str(tmp_path / "bad.pt"),
                          "--out", str(tmp_path / "figs")]) == 2
     assert "not a train.py checkpoint" in capsys.readouterr().err
+
+
+def test_train_eval_writes_the_panels_and_the_curves_of_its_run(tmp_path, monkeypatch):
+    import dataclasses
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    root = data.write_synthetic_la(tmp_path / "la", n_train=2, n_test=2, shape=(40, 36, 20), seed=4)
+    cfg = train.Config(data=[str(root)], n_filters=2, patch=(32, 32, 16), eval_stride_xy=16, eval_stride_z=8)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": VNet(n_filters=2).state_dict(), "config": dataclasses.asdict(cfg)}, run / "student.pt")
+    (run / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "lr": 0.01, "loss_ce": 0.7, "it_per_s": 2}) + "\n")
+    assert train.main(["--eval", str(run / "student.pt"), "--figures", str(tmp_path / "figs"), "--figures-cases", "1",
+                       "--figures-passes", "1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["curves.png", "panel-synth0002.png"]
+    assert (run / "eval.json").is_file()
