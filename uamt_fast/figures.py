@@ -100,7 +100,8 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
 
     Rows: ``n_slices`` axial slices. Columns: image, then per model the ground truth (red) and its
     prediction (blue) with the case Dice in the title, then the uncertainty of the last model. The
-    PNG is ``PANEL_INCHES * DPI`` pixels a cell.
+    PNG is ``PANEL_INCHES * DPI`` pixels a cell. The uncertainty map may show seams at window borders:
+    each sliding window of each pass draws its own dropout masks.
     """
     plt = pyplot()
     if not models:
