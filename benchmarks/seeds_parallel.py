@@ -1,6 +1,7 @@
 """Seeds in parallel: aggregate training throughput of 1, 2, 3, 4 concurrent train.py runs on one device.
 
     python -m benchmarks.seeds_parallel --data ../shared/data/LA --json seeds.json     # GPU, paper shapes
+    python -m benchmarks.seeds_parallel --counts 1,3 --json seeds.json                 # GPU, synthetic volumes
     python -m benchmarks.seeds_parallel --cpu                                          # wiring check only
 
 One train.py step uses a fraction of an H100 (the first H100 run: MFU 8.5%, 2.9 GiB), so several
@@ -11,7 +12,9 @@ cuDNN autotuning), meet at a barrier, and time ``--iters`` iterations with ``tra
 (between two device syncs). Aggregate it/s = K * iters / (last end - first start): the rate at which
 the K runs progress together; the speedup is over K = 1 in the same invocation. Processes share the
 GPU by time slicing (no MPS assumed; start ``nvidia-cuda-mps-control -d`` beforehand to try MPS).
-``benchmarks.reproduce --parallel K`` is how the result is used.
+``benchmarks.reproduce --parallel K`` is how the result is used. Without ``--data`` the runs train on
+synthetic LA-like volumes (``uamt_fast.data.write_synthetic_la``; 20 of 128 x 128 x 96 on the GPU): the
+same crops, so the same work per step, with no data to carry.
 """
 from __future__ import annotations
 
@@ -83,7 +86,8 @@ def measure_count(k: int, base_cfg: dict, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.seeds_parallel", description=__doc__.split("\n")[0])
-    p.add_argument("--data", action="append", default=[], help="LA root; repeat for a data set in several folders")
+    p.add_argument("--data", action="append", default=[], help="LA root; repeat for a data set in several "
+                   "folders (default: synthetic LA-like volumes)")
     p.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU, one thread a process: wiring only")
     p.add_argument("--counts", default="1,2,3,4", help="numbers of concurrent runs to measure")
     p.add_argument("--iters", type=int, default=None, help="timed iterations per run (default 40 GPU / 2 CPU)")
@@ -111,12 +115,11 @@ def main(argv=None) -> int:
         return 2
     workdir = tempfile.TemporaryDirectory(prefix="uamt_seeds_")
     roots = args.data
-    if not roots:
-        if not args.cpu:
-            print("seeds_parallel: --data is required on the GPU", file=sys.stderr)
-            return 2
-        roots = [str(data.write_synthetic_la(Path(workdir.name) / "synthetic", n_train=6, n_test=1,
-                                             shape=(48, 48, 40), seed=0))]
+    if not roots:  # the step's work depends on the crop size only, not on the scans
+        synthetic = dict(n_train=6, n_test=1, shape=(48, 48, 40)) if args.cpu else \
+            dict(n_train=20, n_test=1, shape=(128, 128, 96))
+        roots = [str(data.write_synthetic_la(Path(workdir.name) / "synthetic", seed=0, **synthetic))]
+        print(f"synthetic data: {synthetic}", flush=True)
     sizes = CPU_SIZES if args.cpu else dict(patch=(112, 112, 80), n_filters=16)
     base_cfg = dict(data=roots, patch=sizes["patch"], n_filters=sizes["n_filters"], labeled=4 if args.cpu else 16,
                     device="cpu" if args.cpu else "cuda")
