@@ -59,7 +59,7 @@ ROWS = {
     "vnet-16": Row("Vanilla V-Net", ("--method", "supervised", "--no-dropout", "--labeled", "16"), 16, "0"),
     "bayes-16": Row("Bayesian V-Net", ("--method", "supervised", "--labeled", "16"), 16, "0"),
     "vnet-80": Row("Vanilla V-Net (full supervision)", ("--method", "supervised", "--no-dropout", "--labeled", "80"),
-                   80, "0", (91.14, 83.82, 5.75, 1.52), quoted=True),
+                   80, "0"),
     "mt": Row("MT", ("--method", "mt", "--consistency-on", "all", "--labeled", "16"), 16, "64"),
     "mt-dice": Row("MT-Dice", ("--method", "mt-dice", "--consistency-on", "all", "--labeled", "16"), 16, "64"),
     "uamt-un": Row("UA-MT-UN", ("--method", "uamt", "--consistency-on", "unlabeled", "--labeled", "16"), 16, "64"),
@@ -71,10 +71,10 @@ ROWS = {
     "bayes-24": Row("Bayesian V-Net", ("--method", "supervised", "--labeled", "24"), 24, "0"),
     "uamt-24": Row("UA-MT", ("--method", "uamt", "--consistency-on", "all", "--labeled", "24"), 24, "56"),
 }
-PAPER_NOTE = ("Paper values: UA-MT on 16 + 64 from the paper (88.88 / 80.21 / 7.32 / 2.26, as every later LA "
-              "paper quotes it). †: as later LA papers' tables list them (e.g. SASSNet, DTC, TraCoCo), not checked "
-              "against the UA-MT paper itself; they may be those papers' re-runs. '—': not transcribed (no copy of "
-              "the paper was at hand).")
+PAPER_NOTE = ("Paper values: UA-MT on 16 + 64 from the paper (88.88 / 80.21 / 7.32 / 2.26, as later LA papers "
+              "quote it). †: UA-MT on 8 + 72 as later LA results tables list it (e.g. the TraCoCo README), not "
+              "checked against the UA-MT paper itself; it may be a re-run. '—': not transcribed (no copy of the "
+              "paper was at hand here).")
 CPU_FLAGS = ("--downsample", "2", "--n-filters", "4", "--patch", "64", "48", "32", "--threads", "1")
 METRICS = (("dice", "Dice %", 100), ("jaccard", "Jaccard %", 100), ("hd95", "95HD", 1), ("asd", "ASD", 1))
 
