@@ -57,8 +57,8 @@ import uamt_fast
 from uamt_fast import data, figures, inference, metrics, reference
 from uamt_fast.vnet import VNet
 
-TERMS = ("cross-entropy", "dice", "consistency")
-METHODS = ("uamt", "mt", "mt-dice", "supervised")  # the loss terms, in the order train_step returns them
+TERMS = ("cross-entropy", "dice", "consistency")  # the loss terms, in the order train_step returns them
+METHODS = ("uamt", "mt", "mt-dice", "supervised")  # --method
 
 
 # ----------------------------------------------------------------------------- config
