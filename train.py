@@ -4,10 +4,13 @@
     python train.py --data ../shared/data/LA               # the paper's run: 16 labeled, 6000 iterations
     python train.py --data ../shared/data/LA --labeled 8 --consistency-on all   # the paper's "UA-MT" rows
     python train.py --data ../shared/data/LA --method mt   # mean teacher without the uncertainty mask
+    python train.py --data ../shared/data/LA --method mt-dice   # mean teacher, soft-Dice consistency (paper: MT-Dice)
+    python train.py --data LA_part1 --data LA_part2 --data LA_part3   # the data set in several folders (data.py pack)
     python train.py --data ../shared/data/LA --method supervised [--no-dropout]  # Bayesian / vanilla V-Net
     python train.py --resume runs/<run>                    # continue a run from its last checkpoint
     python train.py --eval runs/<run>/student.pt --data ../shared/data/LA       # evaluate only: runs/<run>/eval_student.json
     python train.py --data ../shared/data/LA --out runs/a --overwrite            # replace the run in runs/a
+    python train.py --eval runs/<run>/student.pt --data ../shared/data/LA --figures figs --figures-cases 2
     # reduced real-data run on a 2-core CPU, ~30 min (volumes downsampled 2x, narrower V-Net, shorter schedule):
     python train.py --data ../shared/data/LA --downsample 2 --n-filters 4 --patch 64 48 32 --iterations 800 --threads 1
 
@@ -54,24 +57,28 @@ import torch
 import torch.nn.functional as F
 
 import uamt_fast
-from uamt_fast import data, inference, metrics, reference
+from uamt_fast import data, figures, inference, metrics, reference
 from uamt_fast.vnet import VNet
 
 TERMS = ("cross-entropy", "dice", "consistency")  # the loss terms, in the order train_step returns them
+METHODS = ("uamt", "mt", "mt-dice", "supervised")  # --method
 
 
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
     # I/O
-    data: str = ""  # LA root: holds train.list, test.list and "2018LA_Seg_Training Set/<id>/mri_norm2.h5"
+    data: list = field(default_factory=list)  # LA root (train.list, test.list, case folders); repeat it for parts
     out: str = ""  # run folder; default runs/<timestamp>-<method>
     resume: str = ""  # run folder to continue from its checkpoint.pt (the saved config is reused)
     eval: str = ""  # evaluate this checkpoint (student.pt, teacher.pt or checkpoint.pt) on the test list and exit
     demo: bool = False  # synthetic LA-like data (kept in the run folder) + reduced sizes: the whole pipeline in ~1 min on CPU
     overwrite: bool = False  # replace the run already in --out (its config, metrics, checkpoints, evaluations)
+    figures: str = ""  # write PNG figures here after the evaluation: per-case panels (and the run's training curves)
+    figures_cases: int = 0  # panels for the first N test cases only (0: all); each costs figures_passes evaluations
+    figures_passes: int = 8  # T stochastic (MC-dropout) passes for the uncertainty map of the panels
     # method
-    method: str = "uamt"  # uamt | mt (no uncertainty mask) | supervised (labeled crops only, no teacher)
+    method: str = "uamt"  # uamt | mt (no uncertainty mask) | mt-dice (soft-Dice consistency) | supervised (no teacher)
     consistency_on: str = "unlabeled"  # unlabeled (released code, paper's UA-MT-UN) | all (paper's UA-MT)
     labeled: int = 16  # the first N ids of train.list are labeled, the rest unlabeled (paper: 8, 16, 24)
     dropout: bool = True  # Dropout3d(0.5) in the V-Net ("Bayesian V-Net"); --no-dropout = vanilla V-Net
@@ -116,10 +123,12 @@ class Config:
 
     def __post_init__(self):
         self.patch = tuple(int(p) for p in self.patch)
+        self.data = [self.data] if isinstance(self.data, str) else list(self.data)  # saved configs before: one str
+        self.data = [d for d in self.data if d]
         if self.reference_ops:
             self.fused_loss = self.fused_ema = False
-        if self.method not in ("uamt", "mt", "supervised"):
-            raise ValueError(f"--method must be one of uamt, mt, supervised; got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if self.consistency_on not in ("unlabeled", "all"):
             raise ValueError(f"--consistency-on must be 'unlabeled' or 'all'; got {self.consistency_on!r}")
         if self.device not in ("auto", "cuda", "cpu") or self.data_device not in ("auto", "cuda", "cpu"):
@@ -130,8 +139,9 @@ class Config:
                      "teacher_chunks", "log_every", "save_every", "eval_stride_xy", "eval_stride_z", "eval_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
-        if self.threads < 0 or self.stop_at < 0:
-            raise ValueError(f"--threads and --stop-at must be >= 0; got {self.threads}, {self.stop_at}")
+        if self.threads < 0 or self.stop_at < 0 or self.figures_cases < 0 or self.figures_passes < 1:
+            raise ValueError(f"--threads, --stop-at, --figures-cases must be >= 0 and --figures-passes >= 1; got "
+                             f"{self.threads}, {self.stop_at}, {self.figures_cases}, {self.figures_passes}")
         if self.batch_unlabeled < 1 and self.method != "supervised":
             raise ValueError(f"--batch-unlabeled must be >= 1 for --method {self.method}; got {self.batch_unlabeled}")
         # The consistency ramp spans the run, as in the paper (40 periods of 150 = 6000 iterations).
@@ -146,7 +156,8 @@ DEMO_DATA = {"n_train": 12, "n_test": 4, "shape": (48, 48, 32), "seed": 0}
 DEMO_DATA_DIR = "demo_data"  # the --demo data set, inside the run folder
 # On --resume these may differ from the saved config; everything else must match (same run).
 RESUME_OVERRIDABLE = {"data", "resume", "out", "device", "compile", "log_every", "save_every", "stop_at",
-                      "eval_stride_xy", "eval_stride_z", "eval_batch", "data_device", "threads"}
+                      "eval_stride_xy", "eval_stride_z", "eval_batch", "data_device", "threads",
+                      "figures", "figures_cases", "figures_passes"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -172,6 +183,8 @@ def parse_args(argv=None) -> dict:
         help = help.replace("%", "%%")
         if f.type in ("bool", "bool | None"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        elif f.name == "data":
+            p.add_argument(flag, action="append", metavar="DIR", help=help)
         elif f.name == "patch":
             p.add_argument(flag, type=int, nargs=3, metavar=("X", "Y", "Z"), help=help)
         else:
@@ -299,6 +312,8 @@ def student_losses(student, images, labels, target, mc_logits, weight, threshold
         s = logits[n_labeled:] if consistency_on == "unlabeled" else logits
         if method == "mt":  # the mean-teacher baseline: softmax MSE over every voxel, no mask
             consistency, mask_fraction = reference.softmax_mse(s.float(), target.float()).mean(), ce.new_ones(())
+        elif method == "mt-dice":  # the paper's MT-Dice: soft Dice between the softmaxes, no mask
+            consistency, mask_fraction = reference.softmax_dice_consistency(s.float(), target.float()), ce.new_ones(())
         elif fused_loss:
             consistency, stats = uamt_fast.uncertainty_consistency_loss(s, target, mc_logits, threshold, return_stats=True)
             mask_fraction, uncertainty = stats[0], stats[1]
@@ -606,6 +621,17 @@ def _strict_json(x):
     return x
 
 
+def write_figures(model: VNet, cfg: Config, cases, run_dir: Path) -> None:
+    """--figures: panels of the first --figures-cases test cases, and the run's training curves if it has a log."""
+    out = Path(cfg.figures)
+    name = "UA-MT" if cfg.method == "uamt" else cfg.method
+    for path in figures.write_panels({name: model}, cases[: cfg.figures_cases or None], out, dataclasses.asdict(cfg),
+                                     cfg.figures_passes):
+        print(f"wrote {path}")
+    if (run_dir / "metrics.jsonl").is_file():
+        print(f"wrote {figures.training_curves({run_dir.name: run_dir}, out / 'curves.png')}")
+
+
 # ----------------------------------------------------------------------------- main
 def make_config(given: dict) -> tuple[Config, dict | None]:
     """Config from the flags (+ --demo sizes, or the saved config and checkpoint on --resume)."""
@@ -661,12 +687,12 @@ def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device) -> None:
     overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}
     ecfg = Config(**({k: v for k, v in saved.items() if k not in ("out", "resume", "eval", "overwrite")}
                      | overrides | {"eval": str(path)}))
-    if "data" not in given and not (Path(ecfg.data) / "test.list").is_file():
+    if "data" not in given and not all((Path(root) / "test.list").is_file() for root in ecfg.data or [""]):
         demo = path.parent / DEMO_DATA_DIR  # a --demo run keeps its synthetic data in its folder
         if (demo / "test.list").is_file():
-            ecfg.data = str(demo)
+            ecfg.data = [str(demo)]
         else:
-            raise ValueError(f"--eval {path}: the data it was trained on ({ecfg.data or 'none saved'}) is not there; "
+            raise ValueError(f"--eval {path}: the data it was trained on ({', '.join(ecfg.data) or 'none saved'}) is not there; "
                              "give --data (for a --demo run: python -m uamt_fast.data synth DIR --train "
                              f"{DEMO_DATA['n_train']} --test {DEMO_DATA['n_test']} --shape "
                              f"{' '.join(map(str, DEMO_DATA['shape']))} --seed {DEMO_DATA['seed']})")
@@ -674,6 +700,8 @@ def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device) -> None:
     out = Path(cfg.out) if cfg.out else path.parent
     out.mkdir(parents=True, exist_ok=True)
     evaluate(model, ecfg, cases, out, name=f"eval_{path.stem}.json", checkpoint=str(path))
+    if cfg.figures:
+        write_figures(model, ecfg, cases, path.parent)
 
 
 def main(argv=None) -> int:
@@ -684,6 +712,8 @@ def main(argv=None) -> int:
         device = pick_device(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if cfg.figures:
+            figures.pyplot()  # fail now, not after training, when the optional matplotlib is missing
         if cfg.eval:
             evaluate_checkpoint(cfg, given, device)
             return 0
@@ -691,8 +721,8 @@ def main(argv=None) -> int:
         if resume_state is None:
             claim_run_folder(out, cfg.overwrite)
         if cfg.demo and not cfg.data:  # kept in the run folder, so the run can be evaluated again later
-            cfg.data = str((out / DEMO_DATA_DIR).resolve())
-            data.write_synthetic_la(cfg.data, **DEMO_DATA)
+            cfg.data = [str((out / DEMO_DATA_DIR).resolve())]
+            data.write_synthetic_la(cfg.data[0], **DEMO_DATA)
         if not cfg.data:
             raise ValueError("--data is required (the LA root holding train.list), or use --demo")
         parts = build(cfg)
@@ -700,7 +730,7 @@ def main(argv=None) -> int:
         start = 0
         if resume_state is not None:
             start = restore(parts, resume_state, out / "checkpoint.pt")
-    except (data.DataError, ValueError) as e:
+    except (data.DataError, ValueError, ImportError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
 
@@ -796,6 +826,8 @@ def main(argv=None) -> int:
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"iteration": cfg.iterations, **speed}) + "\n")
     evaluate(parts.student, cfg, parts.test_cases, out, name="eval.json", checkpoint=str(out / "student.pt"))
+    if cfg.figures:
+        write_figures(parts.student, cfg, parts.test_cases, out)
     return 0
 
 

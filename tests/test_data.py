@@ -359,3 +359,54 @@ def test_real_cases_pack_bit_exact(la_root, tmp_path):
         assert np.array_equal(packed.label, source.label)
         assert size < 0.7 * (la_root / data.IMAGES_DIR / case_id / data.H5_NAME).stat().st_size
         assert error <= 4 * np.finfo(np.float32).eps * np.abs(source.image).max()
+
+
+# ----------------------------------------------------------------------------- several roots
+def test_parts_give_the_same_lists_and_crops_as_one_root(synthetic_root, tmp_path, capsys):
+    # Packed synthetic cases are ~17 kB: a 0.03 MiB limit makes one part a case or two.
+    assert data.main(["pack", str(synthetic_root), str(tmp_path), "--train", "3", "--test", "2",
+                      "--max-part-mib", "0.03"]) == 0
+    out = capsys.readouterr().out
+    parts = sorted(tmp_path.glob("part*"))
+    assert len(parts) >= 2 and "--data " + str(parts[0]) in out
+    assert not (tmp_path / data.IMAGES_DIR).exists() and not (tmp_path / "train.list").exists()
+    assert sum(len(list((p / data.IMAGES_DIR).iterdir())) for p in parts) == 5  # each case in exactly one part
+    for roots in (parts, parts[::-1]):  # every part holds the full lists: the order of --data does not matter
+        for split in ("train", "test"):
+            assert data.read_list(roots, split) == data.read_list(synthetic_root, split)
+
+    def crops(roots):
+        cases = data.load_cases(roots, data.read_list(roots, "train"))
+        sampler = TwoStreamSampler(cases[:1], cases[1:], patch_size=(16, 16, 8), batch_labeled=1, seed=3)
+        return batches(sampler, 3)
+
+    assert_same_batches(crops(parts), crops([synthetic_root]))
+
+
+def test_several_roots_merge_lists_in_root_order_and_find_each_case(synthetic_root, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    data.pack_dataset(synthetic_root, a, case_ids=["synth0000", "synth0003"])
+    data.pack_dataset(synthetic_root, b, case_ids=["synth0001", "synth0002", "synth0004"])
+    assert data.read_list([a, b], "train") == ["synth0000", "synth0001", "synth0002"]
+    assert data.read_list([b, a], "test") == ["synth0004", "synth0003"]
+    assert data.find_case([a, b], "synth0002") == b
+    assert [c.id for c in data.load_cases([a, str(b)], ["synth0001", "synth0000"])] == ["synth0001", "synth0000"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"case synth0001: no folder .*synth0001 in any of"):
+        data.find_case([a, tmp_path / "empty"], "synth0001")
+    data.pack_dataset(synthetic_root, tmp_path / "c", case_ids=["synth0000"])
+    with pytest.raises(DataError, match=r"case synth0000 is in several roots: \[.*/a', .*/c'\]"):
+        data.load_cases([a, b, tmp_path / "c"], ["synth0000"])
+    with pytest.raises(DataError, match=r"case list not found: train.list in none of"):
+        data.read_list([tmp_path / "empty", tmp_path], "train")
+    with pytest.raises(DataError, match="root not found: .*nowhere"):
+        data.read_list([a, tmp_path / "nowhere"], "train")
+    with pytest.raises(DataError, match="LA data root given twice"):
+        data.read_list([a, a], "train")
+    with pytest.raises(DataError, match="no LA data root given"):
+        data.read_list([], "train")
+
+
+def test_pack_refuses_a_part_smaller_than_a_case(synthetic_root, tmp_path, capsys):
+    assert data.main(["pack", str(synthetic_root), str(tmp_path), "--train", "1", "--max-part-mib", "0.001"]) == 2
+    assert "larger than the part size" in capsys.readouterr().err

@@ -170,7 +170,7 @@ def test_eval_writes_a_new_file_with_its_source_and_never_replaces_one(tiny_root
         assert train.main(["--eval", str(run / "teacher.pt"), "--data", str(tiny_root)]) == 0
         result = json.loads((run / expected).read_text())
         assert result["source"]["checkpoint"] == str(run / "teacher.pt")
-        assert result["source"]["data"] == str(tiny_root) and result["source"]["case_ids"] == data.read_list(tiny_root, "test")
+        assert result["source"]["data"] == [str(tiny_root)] and result["source"]["case_ids"] == data.read_list(tiny_root, "test")
         assert result["source"]["settings"]["patch"] == [16, 16, 16]
     assert (run / "eval.json").read_text() == own
     assert train.main(["--eval", str(run), "--data", str(tiny_root)]) == 0  # a run folder: its student.pt
@@ -208,7 +208,7 @@ def test_demo_run_keeps_its_data_and_can_be_evaluated_again(tmp_path, capsys):
     moved.mkdir()
     (out / "student.pt").rename(moved / "student.pt")
     assert train.main(["--eval", str(moved / "student.pt")]) == 0  # its saved (absolute) data path still works
-    saved = json.loads((out / "config.json").read_text())["config"]["data"]
+    (saved,) = json.loads((out / "config.json").read_text())["config"]["data"]
     os.rename(saved, saved + "_gone")
     assert train.main(["--eval", str(moved / "student.pt")]) == 2
     one_error_line(capsys, "--data", "python -m uamt_fast.data synth", "--seed 0")

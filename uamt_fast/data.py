@@ -12,6 +12,10 @@ A *packed* root (``python -m uamt_fast.data pack``) has the same lists and folde
 affine map of at most 256 levels and stores as uint8 codes plus the 256 float32 level values
 (bit-exact, ~1.2 MiB a case instead of ~2.2 MiB). ``load_case`` reads either transparently.
 
+Several roots (``roots`` = one folder or a list of them, e.g. the parts written by ``pack
+--max-part-mib``) act as one data set: their lists are merged in root order (an id listed by several
+roots counts once) and each case is read from the one root whose image folder holds it.
+
 ``TwoStreamSampler`` draws the training batches exactly as the released code does (its
 TwoStreamBatchSampler, RandomRotFlip and RandomCrop), on any device, from one CPU generator.
 """
@@ -58,19 +62,62 @@ class Case:
 
 
 # ----------------------------------------------------------------------------- lists and cases
-def read_list(root, split: str) -> list[str]:
-    """Case ids of ``<root>/<split>.list`` (``split`` is "train" or "test"), in file order."""
-    root = _existing_root(root)
+def read_list(roots, split: str) -> list[str]:
+    """Case ids of ``<root>/<split>.list`` (``split`` is "train" or "test"), in file order.
+
+    Several roots: their lists concatenated in root order, an id listed by more than one root kept
+    once (at its first place), so parts that each carry the full lists give the full list in any
+    order. A root without that list is skipped; at least one root must have it.
+    """
+    roots = as_roots(roots)
+    lists = [_read_one_list(root, split, required=len(roots) == 1) for root in roots]
+    if all(ids is None for ids in lists):
+        raise DataError(f"case list not found: {split}.list in none of {[str(r) for r in roots]}")
+    merged = {}
+    for ids in lists:
+        merged.update(dict.fromkeys(ids or []))
+    return list(merged)
+
+
+def _read_one_list(root: Path, split: str, required: bool) -> list[str] | None:
     path = root / f"{split}.list"
     if not path.is_file():
-        raise DataError(f"case list not found: {path}")
+        if required:
+            raise DataError(f"case list not found: {path}")
+        return None
     ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not ids:
+    if not ids and required:
         raise DataError(f"{path}: the case list is empty")
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise DataError(f"{path}: duplicate case ids {duplicates}")
     return ids
+
+
+def as_roots(roots) -> list[Path]:
+    """One root (str or Path) or a list of them -> a non-empty list of existing folders, no repeats."""
+    roots = [roots] if isinstance(roots, (str, os.PathLike)) else list(roots)
+    if not roots:
+        raise DataError("no LA data root given")
+    paths = [_existing_root(r) for r in roots]
+    repeated = sorted({str(p) for p in paths if paths.count(p) > 1})
+    if repeated:
+        raise DataError(f"LA data root given twice: {repeated}")
+    return paths
+
+
+def find_case(roots, case_id: str) -> Path:
+    """The one root whose image folder holds ``case_id``; DataError if none or several do."""
+    roots = as_roots(roots)
+    holders = [r for r in roots if (r / IMAGES_DIR / case_id).is_dir()]
+    if not holders:
+        where = roots[0] / IMAGES_DIR / case_id if len(roots) == 1 else f"any of {[str(r) for r in roots]}"
+        raise DataError(f"case folder not found: {where}" if len(roots) == 1 else
+                        f"case {case_id}: no folder {IMAGES_DIR}/{case_id} in {where}")
+    if len(holders) > 1:
+        raise DataError(f"case {case_id} is in several roots: {[str(r) for r in holders]}; "
+                        f"each case must be in exactly one")
+    return holders[0]
 
 
 def semi_supervised_split(train_ids, labeled: int) -> tuple[list[str], list[str]]:
@@ -81,11 +128,9 @@ def semi_supervised_split(train_ids, labeled: int) -> tuple[list[str], list[str]
     return train_ids[:labeled], train_ids[labeled:]
 
 
-def load_case(root, case_id: str) -> Case:
-    """Read and validate one case (``mri_norm2.h5``, or the packed ``mri_norm2.npz``)."""
-    folder = _existing_root(root) / IMAGES_DIR / case_id
-    if not folder.is_dir():
-        raise DataError(f"case folder not found: {folder}")
+def load_case(roots, case_id: str) -> Case:
+    """Read and validate one case (``mri_norm2.h5``, or the packed ``mri_norm2.npz``) from the root holding it."""
+    folder = find_case(roots, case_id) / IMAGES_DIR / case_id
     if (folder / H5_NAME).is_file():
         path = folder / H5_NAME
         image, label = _read_h5(path)
@@ -97,12 +142,12 @@ def load_case(root, case_id: str) -> Case:
     return _validated(case_id, image, label, path)
 
 
-def load_cases(root, ids) -> list[Case]:
+def load_cases(roots, ids) -> list[Case]:
     """``load_case`` for each id, in order. Threads decode packed cases in parallel (bz2 releases the
     GIL); h5 files gain little (h5py serializes HDF5 calls) but lose nothing."""
-    ids = list(ids)
+    ids, roots = list(ids), as_roots(roots)
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(ids), os.cpu_count() or 1))) as pool:
-        return list(pool.map(lambda i: load_case(root, i), ids))
+        return list(pool.map(lambda i: load_case(roots, i), ids))
 
 
 def _existing_root(root) -> Path:
@@ -240,6 +285,38 @@ def pack_dataset(root, out, case_ids=None, n_train=None, n_test=None, n_unlabele
     for split, ids in (("train", train_ids), ("test", test_ids)):
         (out / f"{split}.list").write_text("".join(i + "\n" for i in ids))
     return report
+
+
+def split_into_parts(out, report, max_part_bytes: int) -> list[tuple[Path, list[str], int]]:
+    """Move the packed cases of ``out`` into ``out/part1``, ``out/part2``, ... of <= ``max_part_bytes``
+    each (greedy, in list order: train ids, then test ids) and return ``(folder, ids, bytes)`` per part.
+
+    Every part carries the full train.list and test.list, so ``--data part1 --data part2 ...`` in any
+    order gives the same lists and the same labeled cases; a part alone names the cases it lacks.
+    """
+    out = Path(out)
+    too_big = [(i, n) for i, n, _ in report if n > max_part_bytes]
+    if too_big:
+        raise DataError(f"cases larger than the part size {max_part_bytes / 2**20:.2f} MiB: {too_big}")
+    groups = [[]]
+    for case_id, size, _ in report:
+        if sum(n for _, n in groups[-1]) + size > max_part_bytes:
+            groups.append([])
+        groups[-1].append((case_id, size))
+    lists = {split: (out / f"{split}.list").read_text() for split in ("train", "test")}
+    parts = []
+    for k, group in enumerate(groups, 1):
+        part = out / f"part{k}"
+        (part / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+        for case_id, _ in group:
+            os.replace(out / IMAGES_DIR / case_id, part / IMAGES_DIR / case_id)
+        for split, text in lists.items():
+            (part / f"{split}.list").write_text(text)
+        parts.append((part, [i for i, _ in group], sum(n for _, n in group)))
+    for split in lists:
+        (out / f"{split}.list").unlink()
+    (out / IMAGES_DIR).rmdir()  # empty now: every case moved into a part
+    return parts
 
 
 # ----------------------------------------------------------------------------- synthetic scans
@@ -451,6 +528,8 @@ def main(argv=None) -> int:
     pick.add_argument("--train", type=int, help="the first N ids of train.list (the labeled ones)")
     pack.add_argument("--unlabeled", type=int, default=0, help="with --train: the next K ids of train.list")
     pack.add_argument("--test", type=int, default=0, help="with --train: the first M ids of test.list")
+    pack.add_argument("--max-part-mib", type=float, help="split the output into out/part1, out/part2, ... of at "
+                      "most this many MiB each (every part holds the full lists; train with --data on every part)")
     synth = commands.add_parser("synth", help="write a synthetic LA-like data set")
     synth.add_argument("out")
     synth.add_argument("--train", type=int, default=8)
@@ -465,7 +544,10 @@ def main(argv=None) -> int:
             return 0
         if args.cases and (args.unlabeled or args.test):
             raise DataError("--cases cannot be combined with --unlabeled / --test")
+        if args.max_part_mib is not None and args.max_part_mib <= 0:
+            raise DataError(f"--max-part-mib must be > 0; got {args.max_part_mib}")
         report = pack_dataset(args.root, args.out, args.cases, args.train, args.test, args.unlabeled)
+        parts = split_into_parts(args.out, report, int(args.max_part_mib * 2**20)) if args.max_part_mib else []
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -475,6 +557,10 @@ def main(argv=None) -> int:
     fit = int(np.searchsorted(mib, 60.0, side="right"))
     print(f"{len(report)} cases, {mib[-1]:.2f} MiB ({mib[-1] / len(report):.3f} MiB a case); read back bit-exact; "
           f"the first {fit} fit in 60 MiB; max affine error {max(e for _, _, e in report):.2e}")
+    for folder, ids, size in parts:
+        print(f"{folder}: {len(ids)} cases, {size / 2**20:.2f} MiB")
+    if parts:
+        print("train on all parts together: " + " ".join(f"--data {folder}" for folder, _, _ in parts))
     return 0
 
 

@@ -137,5 +137,23 @@ __all__ = [
     "supervised_loss",
     "ema_alpha",
     "ema_update_",
+    "softmax_dice_consistency",
 ]
+
+
+def softmax_dice_consistency(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """The "MT-Dice" consistency: a soft Dice loss between student and teacher softmax, averaged over classes.
+
+    The released ``softmax_dice_loss`` (``code/utils/losses.py``, with its ``dice_loss1``: plain sums in the
+    denominator, not squares), our reading of the paper's MT-Dice row. With ``p = softmax(student)``,
+    ``q = softmax(teacher)`` (detached) and sums over the batch and every voxel::
+
+        loss = 1/C sum_c [1 - (2 sum_v p_vc q_vc + 1e-5) / (sum_v p_vc + sum_v q_vc + 1e-5)]
+
+    A scalar; 0 when p == q is one-hot, and no uncertainty mask.
+    """
+    p = F.softmax(student_logits, dim=1).movedim(1, 0).flatten(1)  # (C, B * prod(S))
+    q = F.softmax(teacher_logits.detach(), dim=1).movedim(1, 0).flatten(1)
+    dice = (2.0 * (p * q).sum(1) + DICE_SMOOTH) / (p.sum(1) + q.sum(1) + DICE_SMOOTH)
+    return (1.0 - dice).mean()
 

@@ -1,0 +1,279 @@
+"""The paper's Table 1 and Table 2 in one command: every row, several seeds, one markdown table.
+
+    python -m benchmarks.reproduce --data ../shared/data/LA --seeds 3                 # GPU: all rows
+    python -m benchmarks.reproduce --data LA/part1 --data LA/part2 --rows uamt --seeds 3 --parallel 3
+    python -m benchmarks.reproduce --data ../shared/data/LA --cpu --rows bayes-16,uamt   # reduced scale, CPU
+    python -m benchmarks.reproduce --out runs/reproduce --table-only                  # re-write the table
+
+Each (row, seed) is one ``python train.py`` process with its own run folder ``OUT/<row>/seed<k>``
+(config.json, metrics.jsonl, checkpoints, eval.json) and log ``OUT/logs/<row>-seed<k>.log``. The
+command is resumable: a run with an eval.json is finished and skipped; a run with a checkpoint.pt
+continues with ``train.py --resume``; a run folder with neither (killed before its first checkpoint)
+starts again. The scores are those of the *final* student (train.py evaluates the last weights; no
+checkpoint is picked on the test set). ``--parallel K`` runs K processes at once: on one GPU they share
+it (several seeds fill an under-used device), with several GPUs each process gets one
+(``CUDA_VISIBLE_DEVICES``, round robin).
+
+``OUT/results.md``: per row Dice and Jaccard (%), 95HD and ASD (voxels) as mean ± std over the
+finished seeds (sample std, n - 1), the paper's value beside each, and the mean training time.
+``--cpu``: the same path at reduced scale (volumes pooled 2x, V-Net width 4, crops 64x48x32, one
+thread a process, --iterations default 200): minutes a run on a CPU, numbers not comparable to the
+paper's. Arguments after ``--`` go to every train.py call unchanged (e.g. ``-- --eval-stride-xy 32``).
+After the runs, with matplotlib installed: ``OUT/figures/curves-<row>.png`` (the seeds' training
+curves) and ``OUT/figures/panel-<case>.png`` (the first seed of each row side by side on the first
+``--figures-cases`` test cases).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SEED0 = 1337  # the released seed; seed k of a row is SEED0 + k
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str  # the paper's name of the row
+    flags: tuple  # train.py flags
+    labeled: int
+    unlabeled: str  # as the paper's table shows it
+    paper: tuple | None = None  # (Dice %, Jaccard %, 95HD, ASD) as the paper reports them; None: not transcribed
+    quoted: bool = False  # the values as later papers' tables quote them, not checked against the UA-MT paper
+
+
+# Table 1 (16 labeled, 80 labeled) and Table 2 (8, 16, 24 labeled) of Yu et al. 2019. MT and MT-Dice put the
+# consistency on all crops, like the paper's UA-MT row, so that the uncertainty mask is the only difference.
+ROWS = {
+    "vnet-16": Row("Vanilla V-Net", ("--method", "supervised", "--no-dropout", "--labeled", "16"), 16, "0"),
+    "bayes-16": Row("Bayesian V-Net", ("--method", "supervised", "--labeled", "16"), 16, "0"),
+    "vnet-80": Row("Vanilla V-Net (full supervision)", ("--method", "supervised", "--no-dropout", "--labeled", "80"),
+                   80, "0"),
+    "mt": Row("MT", ("--method", "mt", "--consistency-on", "all", "--labeled", "16"), 16, "64"),
+    "mt-dice": Row("MT-Dice", ("--method", "mt-dice", "--consistency-on", "all", "--labeled", "16"), 16, "64"),
+    "uamt-un": Row("UA-MT-UN", ("--method", "uamt", "--consistency-on", "unlabeled", "--labeled", "16"), 16, "64"),
+    "uamt": Row("UA-MT", ("--method", "uamt", "--consistency-on", "all", "--labeled", "16"), 16, "64",
+                (88.88, 80.21, 7.32, 2.26)),
+    "bayes-8": Row("Bayesian V-Net", ("--method", "supervised", "--labeled", "8"), 8, "0"),
+    "uamt-8": Row("UA-MT", ("--method", "uamt", "--consistency-on", "all", "--labeled", "8"), 8, "72",
+                  (84.25, 73.48, 13.84, 3.36), quoted=True),
+    "bayes-24": Row("Bayesian V-Net", ("--method", "supervised", "--labeled", "24"), 24, "0"),
+    "uamt-24": Row("UA-MT", ("--method", "uamt", "--consistency-on", "all", "--labeled", "24"), 24, "56"),
+}
+PAPER_NOTE = ("Paper values: UA-MT on 16 + 64 from the paper (88.88 / 80.21 / 7.32 / 2.26, as later LA papers "
+              "quote it). †: UA-MT on 8 + 72 as later LA results tables list it (e.g. the TraCoCo README), not "
+              "checked against the UA-MT paper itself; it may be a re-run. '—': not transcribed (no copy of the "
+              "paper was at hand here).")
+CPU_FLAGS = ("--downsample", "2", "--n-filters", "4", "--patch", "64", "48", "32", "--threads", "1")
+METRICS = (("dice", "Dice %", 100), ("jaccard", "Jaccard %", 100), ("hd95", "95HD", 1), ("asd", "ASD", 1))
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(prog="python -m benchmarks.reproduce", description=__doc__.split("\n")[0])
+    p.add_argument("--data", action="append", default=[], help="LA root; repeat for a data set in several folders")
+    p.add_argument("--rows", default="all", help=f"comma-separated subset of: {', '.join(ROWS)}")
+    p.add_argument("--seeds", type=int, default=1, help=f"seeds per row (seed k = {SEED0} + k)")
+    p.add_argument("--iterations", type=int, default=None, help="training iterations (default 6000; 200 with --cpu)")
+    p.add_argument("--out", default="runs/reproduce", help="folder of the run folders, logs, table and figures")
+    p.add_argument("--parallel", type=int, default=1, help="train.py processes at once (one GPU shared, or one each)")
+    p.add_argument("--cpu", action="store_true", help="reduced scale on the CPU: " + " ".join(CPU_FLAGS))
+    p.add_argument("--table-only", action="store_true", help="run nothing: write the table of the finished runs")
+    p.add_argument("--no-figures", dest="figures", action="store_false", help="skip the curves and panels")
+    p.add_argument("--figures-cases", type=int, default=2, help="test cases with a panel (0: all)")
+    args = p.parse_args(argv)
+    args.train_args = passthrough
+    args.row_list = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in args.row_list if r not in ROWS]
+    if unknown or not args.row_list:
+        p.error(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
+    if args.seeds < 1 or args.parallel < 1 or (args.iterations is not None and args.iterations < 1):
+        p.error("--seeds, --parallel and --iterations must be >= 1")
+    if not args.data and not args.table_only:
+        p.error("--data is required (the LA root, or several --data for a data set in parts)")
+    args.iterations = args.iterations or (200 if args.cpu else 6000)
+    return args
+
+
+# ----------------------------------------------------------------------------- runs
+def run_dir(out: Path, row: str, seed: int) -> Path:
+    return out / row / f"seed{seed}"
+
+
+def train_command(args, row: str, seed: int) -> tuple[list[str], str]:
+    """The train.py command line for (row, seed) and what it does: 'fresh' or 'resume'."""
+    folder = run_dir(Path(args.out), row, seed)
+    data = [a for d in args.data for a in ("--data", str(Path(d).resolve()))]
+    if (folder / "checkpoint.pt").is_file():  # a killed run: the saved config is reused, data may have moved
+        extra = ("--threads", "1") if args.cpu else ()
+        return [sys.executable, str(REPO / "train.py"), "--resume", str(folder), *data, *extra,
+                *args.train_args], "resume"
+    flags = [*ROWS[row].flags, "--iterations", str(args.iterations), "--seed", str(SEED0 + seed)]
+    return [sys.executable, str(REPO / "train.py"), *data, "--out", str(folder), *flags,
+            *(CPU_FLAGS if args.cpu else ()), *args.train_args], "fresh"
+
+
+def run_one(args, row: str, seed: int, gpu: str | None) -> dict:
+    """One train.py process for (row, seed), its output in the log file; returns what happened."""
+    folder = run_dir(Path(args.out), row, seed)
+    command, mode = train_command(args, row, seed)
+    if mode == "fresh" and folder.exists():  # killed before its first checkpoint: nothing to resume
+        shutil.rmtree(folder)
+    log = Path(args.out) / "logs" / f"{row}-seed{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ) | ({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})
+    t = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(command)}\n")
+        f.flush()
+        rc = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    finished = rc == 0 and (folder / "eval.json").is_file()  # rc 0 without eval.json: stopped (--stop-at, Ctrl-C)
+    return {"row": row, "seed": seed, "mode": mode, "rc": rc, "finished": finished,
+            "wall_s": time.perf_counter() - t, "log": str(log)}
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids to spread the processes over ([] on a machine without CUDA; one id: they share it)."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    listed = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return (listed or [str(i) for i in range(n)])[:n]
+
+
+def run_all(args) -> list[dict]:
+    jobs = [(row, seed) for row in args.row_list for seed in range(args.seeds)]
+    todo = [(row, seed) for row, seed in jobs if not (run_dir(Path(args.out), row, seed) / "eval.json").is_file()]
+    print(f"{len(jobs)} runs, {len(jobs) - len(todo)} finished already, {len(todo)} to run "
+          f"({args.parallel} at a time)", flush=True)
+    gpus = visible_gpus()
+    slots = queue.Queue()  # slot k runs on GPU k mod (number of GPUs); one GPU (or none): all share it
+    for k in range(args.parallel):
+        slots.put(gpus[k % len(gpus)] if len(gpus) > 1 else None)
+
+    def work(job):
+        row, seed = job
+        gpu = slots.get()
+        try:
+            print(f"  start {row} seed {seed}" + (f" on GPU {gpu}" if gpu else ""), flush=True)
+            result = run_one(args, row, seed, gpu)
+        finally:
+            slots.put(gpu)
+        status = ("finished" if result["finished"] else "stopped before the end (no eval.json)" if result["rc"] == 0
+                  else f"FAILED (exit {result['rc']}, see {result['log']})")
+        print(f"  {row} seed {seed}: {status} in {result['wall_s']:.0f} s ({result['mode']})", flush=True)
+        return result
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        return list(pool.map(work, todo))
+
+
+# ----------------------------------------------------------------------------- the table
+def collect(out: Path, row: str, seeds: int) -> dict:
+    """Per metric the values of the finished seeds of ``row``, and their train seconds."""
+    values = {key: [] for key, _, _ in METRICS} | {"train_s": [], "seeds": 0}
+    for seed in range(seeds):
+        folder = run_dir(out, row, seed)
+        if not (folder / "eval.json").is_file():
+            continue
+        mean = json.loads((folder / "eval.json").read_text())["mean"]
+        for key, _, scale in METRICS:
+            values[key].append(scale * mean[key])
+        values["seeds"] += 1
+        speed = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
+                 if "train_seconds" in line] if (folder / "metrics.jsonl").is_file() else []
+        if speed:
+            values["train_s"].append(sum(s["train_seconds"] for s in speed))  # one entry per (resumed) segment
+    return values
+
+
+def mean_std(xs) -> str:
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return "—"
+    return f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+
+
+def markdown_table(out: Path, rows, seeds: int, iterations: int, cpu: bool) -> str:
+    header = ["row", "method", "labeled", "unlabeled", "seeds"]
+    for _, name, _ in METRICS:
+        header += [name, "paper"]
+    header += ["train time (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in rows:
+        row, v = ROWS[key], collect(out, key, seeds)
+        cells = [key, row.name, str(row.labeled), row.unlabeled, f"{v['seeds']}/{seeds}"]
+        for i, (metric, _, _) in enumerate(METRICS):
+            cells += [mean_std(v[metric]), f"{row.paper[i]:.2f}{'†' if row.quoted else ''}" if row.paper else "—"]
+        cells.append(mean_std(v["train_s"]).split(" ±")[0] if v["train_s"] else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    scale = "reduced CPU scale (" + " ".join(CPU_FLAGS) + "): not comparable to the paper" if cpu else "full scale"
+    notes = [f"Mean ± sample std over the finished seeds; final checkpoints (never the best on the test set); "
+             f"{iterations} iterations, {scale}. Dice, Jaccard in %, 95HD and ASD in voxels.", PAPER_NOTE]
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+# ----------------------------------------------------------------------------- figures
+def write_figures(args) -> None:
+    try:
+        from uamt_fast import data, figures
+
+        figures.pyplot()
+    except ImportError as e:
+        print(f"figures skipped: {e}", flush=True)
+        return
+    out = Path(args.out)
+    firsts = {}
+    for row in args.row_list:
+        finished = {f"seed {s}": run_dir(out, row, s) for s in range(args.seeds)
+                    if (run_dir(out, row, s) / "eval.json").is_file()}
+        if finished:
+            print(f"  {figures.training_curves(finished, out / 'figures' / f'curves-{row}.png')}", flush=True)
+            firsts[row] = next(iter(finished.values())) / "student.pt"
+    if not firsts:
+        return
+    models, cfg = {}, None
+    for row, path in firsts.items():
+        models[row], cfg = figures.load_checkpoint(path)
+    ids = data.read_list(args.data, "test")[: args.figures_cases or None]
+    for path in figures.write_panels(models, data.load_cases(args.data, ids), out / "figures", cfg):
+        print(f"  {path}", flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = [] if args.table_only else run_all(args)
+    table = markdown_table(out, args.row_list, args.seeds, args.iterations, args.cpu)
+    (out / "results.md").write_text(table)
+    print(table)
+    print(f"wrote {out / 'results.md'}")
+    if args.figures and args.data and not args.table_only:
+        write_figures(args)
+    failed = [r for r in results if r["rc"] != 0]
+    for r in failed:
+        print(f"FAILED: {r['row']} seed {r['seed']} (exit {r['rc']}); log {r['log']}", file=sys.stderr)
+    unfinished = [f"{r['row']} seed {r['seed']}" for r in results if r["rc"] == 0 and not r["finished"]]
+    if unfinished:
+        print(f"not finished (run the same command again to resume): {', '.join(unfinished)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

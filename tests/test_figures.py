@@ -1,0 +1,105 @@
+"""uamt_fast.figures: the case panels and training curves are written, of the right size, and not blank."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from uamt_fast import data, figures
+from uamt_fast.vnet import VNet
+
+plt = pytest.importorskip("matplotlib.pyplot")
+
+
+def read_png(path):
+    image = plt.imread(path)  # (H, W, 4) floats in 0..1
+    assert image.ndim == 3 and image.shape[2] in (3, 4)
+    return image
+
+
+def assert_not_blank(image):
+    rgb = image[..., :3]
+    assert rgb.std() > 0.05, "the PNG is (nearly) one colour"
+    assert (np.abs(rgb - rgb[0, 0]).sum(-1) > 0.1).mean() > 0.05, "less than 5% of the pixels differ from the corner"
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    root = data.write_synthetic_la(tmp_path_factory.mktemp("synth"), n_train=1, n_test=1, shape=(40, 36, 20), seed=2)
+    return data.load_case(root, "synth0001")
+
+
+def test_case_panel_png_has_one_cell_per_slice_and_column(case, tmp_path):
+    torch.manual_seed(0)
+    models = {"a": VNet(n_filters=2), "b": VNet(n_filters=2)}
+    path = figures.case_panel(models, case, tmp_path / "panel.png", patch=(32, 32, 16), stride_xy=16, stride_z=8,
+                              passes=2, n_slices=2)
+    image = read_png(path)
+    cell = figures.PANEL_INCHES * figures.DPI
+    assert image.shape[:2] == (round(2 * cell), round(4 * cell))  # 2 slices x (image, a, b, uncertainty)
+    assert_not_blank(image)
+
+
+def test_downsampled_prediction_is_full_resolution(case):
+    probs = figures.predict_probs(VNet(n_filters=2).eval(), case.image, (16, 16, 16), 8, 8, downsample=2)
+    assert probs.shape == (2, *case.image.shape)
+    assert torch.allclose(probs.sum(0), torch.ones(()), atol=1e-5)
+
+
+def test_axial_slices_lie_in_the_labeled_extent():
+    label = np.zeros((4, 4, 50), np.uint8)
+    label[1, 1, 10:31] = 1
+    assert figures.axial_slices(label, 3) == [14, 20, 26]
+    assert figures.axial_slices(np.zeros((2, 2, 11), np.uint8), 2) == [2, 8]
+
+
+def test_training_curves_from_metrics_jsonl(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"iteration": i, "lr": 0.01, "loss_ce": 1 / i, "loss_dice": 0.5 / i, "loss_supervised": 0.75 / i,
+              "loss_consistency": 1e-3 * i, "consistency_weight": 0.1 * i / 40, "threshold": 0.5 + i / 200,
+              "mask_fraction": i / 40, "uncertainty_mean": 0.3, "it_per_s": 5 + i % 3} for i in range(1, 41)]
+    lines.append({"iteration": 40, "train_seconds": 8.0, "it_per_s": 5.0})  # the final speed line
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert len(figures.read_metrics(run)) == 40
+    path = figures.training_curves({"seed 1": run, "seed 2": run / "metrics.jsonl"}, tmp_path / "curves.png")
+    image = read_png(path)
+    assert image.shape[:2] == (round(2 * 2.8 * figures.DPI), round(3 * 3.6 * figures.DPI))
+    assert_not_blank(image)
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        figures.read_metrics(tmp_path)
+
+
+def test_command_line_panels_from_a_checkpoint(tmp_path, capsys):
+    root = data.write_synthetic_la(tmp_path / "la", n_train=1, n_test=1, shape=(40, 36, 20), seed=2)
+    cfg = {"n_filters": 2, "dropout": True, "patch": (32, 32, 16), "downsample": 1, "eval_stride_xy": 16,
+           "eval_stride_z": 8, "eval_batch": 4}
+    torch.save({"model": VNet(n_filters=2).state_dict(), "config": cfg}, tmp_path / "student.pt")
+    assert figures.main(["panels", "--data", str(root), "--checkpoint", f"mine={tmp_path / 'student.pt'}",
+                         "--out", str(tmp_path / "figs"), "--passes", "1"]) == 0
+    assert (tmp_path / "figs" / "panel-synth0001.png").is_file()
+    torch.save({"weights": {}}, tmp_path / "bad.pt")
+    assert figures.main(["panels", "--data", str(root), "--checkpoint", str(tmp_path / "bad.pt"),
+                         "--out", str(tmp_path / "figs")]) == 2
+    assert "not a train.py checkpoint" in capsys.readouterr().err
+
+
+def test_train_eval_writes_the_panels_and_the_curves_of_its_run(tmp_path, monkeypatch):
+    import dataclasses
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    root = data.write_synthetic_la(tmp_path / "la", n_train=2, n_test=2, shape=(40, 36, 20), seed=4)
+    cfg = train.Config(data=[str(root)], n_filters=2, patch=(32, 32, 16), eval_stride_xy=16, eval_stride_z=8)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": VNet(n_filters=2).state_dict(), "config": dataclasses.asdict(cfg)}, run / "student.pt")
+    (run / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "lr": 0.01, "loss_ce": 0.7, "it_per_s": 2}) + "\n")
+    assert train.main(["--eval", str(run / "student.pt"), "--figures", str(tmp_path / "figs"), "--figures-cases", "1",
+                       "--figures-passes", "1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["curves.png", "panel-synth0002.png"]
+    assert (run / "eval_student.json").is_file()  # --eval writes a new file beside the checkpoint

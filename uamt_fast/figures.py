@@ -1,0 +1,242 @@
+"""Figures: the paper's Fig. 2 style case panels and training curves, as PNG files (needs matplotlib).
+
+    python -m uamt_fast.figures panels --data LA --checkpoint supervised=runs/a/student.pt \\
+        --checkpoint UA-MT=runs/b/student.pt --out figs --cases 2
+    python -m uamt_fast.figures curves runs/a runs/b --out figs/curves.png
+
+``case_panel``: a grid of axial slices (rows) by columns image | one column per checkpoint with the
+ground truth (red contour) and its prediction (blue contour) | the uncertainty map (predictive entropy
+of T MC-dropout passes, 0..ln 2) of the last checkpoint. Predictions are the paper's sliding-window
+protocol on the full-resolution image (on the pooled image for ``downsample`` > 1 runs, upsampled
+back, as train.py's evaluation does). ``training_curves``: train.py's ``metrics.jsonl`` of one or
+more runs, overlaid: loss terms, lambda(t), threshold H(t), mask fraction, it/s.
+
+matplotlib is an optional extra (``pip install 'uamt_fast[figures]'``); without it the functions raise
+``ImportError`` naming that extra. Checkpoints are read with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from uamt_fast import data as la_data
+from uamt_fast import inference, metrics
+from uamt_fast.vnet import VNet, mc_dropout
+
+PANEL_INCHES = 2.4  # each cell of the panel grid is PANEL_INCHES square
+DPI = 100
+PREDICTION_SETTINGS = ("patch", "downsample", "eval_stride_xy", "eval_stride_z")  # shared by all panel columns
+CURVES = (  # (title, metrics.jsonl keys, log scale)
+    ("supervised loss terms", ("loss_ce", "loss_dice", "loss_supervised"), False),
+    ("consistency loss", ("loss_consistency",), True),
+    ("consistency weight λ(t)", ("consistency_weight",), False),
+    ("uncertainty threshold H(t)", ("threshold",), False),
+    ("mask fraction (voxels kept)", ("mask_fraction",), False),
+    ("speed (it/s)", ("it_per_s",), False),
+)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or an ImportError naming the optional extra."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("figures need matplotlib: pip install 'uamt_fast[figures]' (or: pip install matplotlib)") \
+            from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ----------------------------------------------------------------------------- predictions
+def predict_probs(model, image, patch, stride_xy: int, stride_z: int, downsample: int = 1, batch_size: int = 4):
+    """Averaged sliding-window softmax (C, X, Y, Z) of ``model`` on the full-resolution ``image``.
+
+    With ``downsample`` k the windows slide over the k-pooled image and the softmax is upsampled
+    trilinearly back (remainder voxels take their nearest neighbour), as train.py evaluates.
+    """
+    if downsample == 1:
+        return inference.sliding_window_predict(model, image, patch, stride_xy, stride_z, batch_size=batch_size)[1]
+    small = F.avg_pool3d(torch.as_tensor(np.asarray(image))[None, None], downsample)[0, 0]
+    probs = inference.sliding_window_predict(model, small, patch, stride_xy, stride_z, batch_size=batch_size)[1]
+    probs = F.interpolate(probs[None], scale_factor=downsample, mode="trilinear")
+    remainder = [full - up for full, up in zip(image.shape, probs.shape[2:])]
+    return F.pad(probs, [p for r in reversed(remainder) for p in (0, r)], mode="replicate")[0]
+
+
+@torch.no_grad()
+def uncertainty_map(model, image, passes: int, **predict) -> torch.Tensor:
+    """Predictive entropy ``-sum_c mu_c ln(mu_c + 1e-6)`` of the mean of ``passes`` MC-dropout predictions (X, Y, Z).
+
+    Each pass is a whole sliding-window prediction with dropout on (batch norm in eval mode), so the
+    map costs ``passes`` evaluations of the case.
+    """
+    model.eval()
+    with mc_dropout(model):
+        mean = sum(predict_probs(model, image, **predict) for _ in range(passes)) / passes
+    return -(mean * torch.log(mean + 1e-6)).sum(0)
+
+
+def axial_slices(label: np.ndarray, n: int = 3) -> list[int]:
+    """``n`` axial (last-axis) slice indices spread over the labeled extent (the whole volume if empty)."""
+    z = np.flatnonzero(label.reshape(-1, label.shape[-1]).any(0))
+    lo, hi = (int(z[0]), int(z[-1])) if z.size else (0, label.shape[-1] - 1)
+    return sorted({int(round(lo + (hi - lo) * q)) for q in np.linspace(0.2, 0.8, n)})
+
+
+# ----------------------------------------------------------------------------- figures
+@torch.no_grad()
+def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z: int = 4, downsample: int = 1,
+               passes: int = 8, n_slices: int = 3, batch_size: int = 4) -> Path:
+    """Write the Fig. 2 style panel of ``case`` (``.id``, ``.image``, ``.label``) for ``{name: model}`` to ``path``.
+
+    Rows: ``n_slices`` axial slices. Columns: image, then per model the ground truth (red) and its
+    prediction (blue) with the case Dice in the title, then the uncertainty of the last model. The
+    PNG is ``PANEL_INCHES * DPI`` pixels a cell. The uncertainty map may show seams at window borders:
+    each sliding window of each pass draws its own dropout masks.
+    """
+    plt = pyplot()
+    if not models:
+        raise ValueError("case_panel: no models given")
+    predict = dict(patch=patch, stride_xy=stride_xy, stride_z=stride_z, downsample=downsample, batch_size=batch_size)
+    predictions = {}
+    for name, model in models.items():
+        model.eval()
+        predictions[name] = predict_probs(model, case.image, **predict).argmax(0).to(torch.uint8).cpu().numpy()
+    uncertainty = uncertainty_map(list(models.values())[-1], case.image, passes, **predict).cpu().numpy()
+
+    slices = axial_slices(case.label, n_slices)
+    columns = 2 + len(models)
+    fig, axes = plt.subplots(len(slices), columns, figsize=(PANEL_INCHES * columns, PANEL_INCHES * len(slices)),
+                             dpi=DPI, squeeze=False)
+    for row, z in enumerate(slices):
+        image, label = case.image[:, :, z].T, case.label[:, :, z].T  # x to the right, y down
+        axes[row, 0].imshow(image, cmap="gray")
+        axes[row, 0].set_title(f"{case.id[:12]} z={z}", fontsize=8)
+        for col, (name, pred) in enumerate(predictions.items(), 1):
+            ax = axes[row, col]
+            ax.imshow(image, cmap="gray")
+            for mask, color in ((label, "red"), (pred[:, :, z].T, "blue")):
+                if mask.any() and not mask.all():
+                    ax.contour(mask, levels=[0.5], colors=color, linewidths=0.8)
+            ax.set_title(f"{name}: Dice {100 * metrics.dice(pred, case.label):.1f}%" if row == 0 else name, fontsize=8)
+        shown = axes[row, -1].imshow(uncertainty[:, :, z].T, cmap="inferno", vmin=0, vmax=math.log(2))
+        axes[row, -1].set_title(f"uncertainty ({list(models)[-1]}, T={passes})", fontsize=8)
+        fig.colorbar(shown, ax=axes[row, -1], fraction=0.046, pad=0.02)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def read_metrics(path) -> list[dict]:
+    """The per-log-interval lines of a train.py ``metrics.jsonl`` (the final speed line left out)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl at {path}")
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in lines if "lr" in r]
+    if not rows:
+        raise ValueError(f"{path}: no training log lines (a run logs every --log-every iterations)")
+    return rows
+
+
+def training_curves(runs: dict, path) -> Path:
+    """Write the training curves of ``{name: run folder or metrics.jsonl}`` (overlaid) to ``path``: a 2 x 3 grid."""
+    plt = pyplot()
+    logs = {name: read_metrics(p) for name, p in runs.items()}
+    fig, axes = plt.subplots(2, 3, figsize=(3 * 3.6, 2 * 2.8), dpi=DPI)
+    for ax, (title, keys, log) in zip(axes.flat, CURVES):
+        for name, rows in logs.items():
+            for key in keys:
+                points = [(r["iteration"], r[key]) for r in rows if key in r]
+                if points:
+                    label = f"{name} {key}" if len(keys) > 1 and len(logs) > 1 else (key if len(keys) > 1 else name)
+                    ax.plot(*zip(*points), label=label, linewidth=1)
+        if log and any(line.get_ydata().min() > 0 for line in ax.get_lines()):
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if ax.get_lines() and (len(keys) > 1 or len(logs) > 1):
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- checkpoints and the command line
+def load_checkpoint(path, device="cpu") -> tuple[VNet, dict]:
+    """The student V-Net of a train.py student.pt / teacher.pt / checkpoint.pt and its saved config (weights_only)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        weights, cfg = state.get("model", state.get("student")), state["config"]
+        model = VNet(n_filters=cfg["n_filters"], dropout=cfg["dropout"]).to(device)
+        model.load_state_dict(weights)
+    except (OSError, EOFError, RuntimeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a train.py checkpoint ({type(e).__name__}: {e})") from None
+    return model, cfg
+
+
+def write_panels(models: dict, cases, out_dir, cfg: dict, passes: int = 8) -> list[Path]:
+    """``case_panel`` for each case into ``out_dir/panel-<id>.png``; sizes and strides from a train.py config."""
+    return [case_panel(models, case, Path(out_dir) / f"panel-{case.id}.png", patch=tuple(cfg["patch"]),
+                       stride_xy=cfg["eval_stride_xy"], stride_z=cfg["eval_stride_z"],
+                       downsample=cfg.get("downsample", 1), passes=passes, batch_size=cfg.get("eval_batch", 4))
+            for case in cases]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m uamt_fast.figures", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    panels = commands.add_parser("panels", help="Fig. 2 style panels of test cases for one or more checkpoints")
+    panels.add_argument("--data", action="append", required=True, help="LA root; repeat for a data set in parts")
+    panels.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]PATH",
+                        help="a train.py student.pt (repeat: side by side, the last one's uncertainty is shown)")
+    panels.add_argument("--out", required=True, help="output folder (panel-<case>.png)")
+    panels.add_argument("--cases", type=int, default=0, help="the first N test cases only (0: all)")
+    panels.add_argument("--passes", type=int, default=8, help="MC-dropout passes for the uncertainty map")
+    curves = commands.add_parser("curves", help="training curves of one or more run folders, overlaid")
+    curves.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")
+    curves.add_argument("--out", required=True, help="output PNG")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "curves":
+            print(training_curves({Path(r).name if Path(r).is_dir() else r: r for r in args.runs}, args.out))
+            return 0
+        models, configs = {}, []
+        for spec in args.checkpoint:
+            name, _, path = spec.rpartition("=")
+            models[name or Path(path).parent.name], cfg = load_checkpoint(path)
+            configs.append({k: tuple(cfg[k]) if k == "patch" else cfg[k] for k in PREDICTION_SETTINGS})
+        if any(c != configs[0] for c in configs):
+            raise ValueError(f"the checkpoints were trained with different {PREDICTION_SETTINGS}: {configs}")
+        ids = la_data.read_list(args.data, "test")
+        cases = la_data.load_cases(args.data, ids[: args.cases or None])
+        for path in write_panels(models, cases, args.out, cfg, args.passes):
+            print(path)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
