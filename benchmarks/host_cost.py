@@ -55,8 +55,8 @@ def rows() -> list[tuple[str, float]]:
                     _median_us("uamt_fast.uncertainty_consistency_loss(s, t, mc, 0.5, return_stats=True)", env)))
         try:
             out.append(("predictive_entropy (math stubbed)",
-                        _median_us("uamt_fast.predictive_entropy(mc, passes=2)", env)))
-        except TypeError:  # before the passes= argument
+                        _median_us("uamt_fast.predictive_entropy(mc, spatial_dims=3)", env)))
+        except TypeError:  # before the spatial_dims= argument
             out.append(("predictive_entropy (math stubbed)", _median_us("uamt_fast.predictive_entropy(mc)", env)))
     finally:
         consistency._reference_loss, reference.predictive_entropy = saved

@@ -1,7 +1,8 @@
 """Public UA-MT consistency ops: input checks and device dispatch in front of the fused kernels.
 
 - CUDA tensors run the Triton kernels (``uamt_fast.kernels.uncertainty_loss``), registered as
-  ``torch.ops.uamt_fast.*`` so ``torch.compile(fullgraph=True)`` keeps them in the graph.
+  ``torch.ops.uamt_fast.*`` so ``torch.compile(fullgraph=True)`` keeps them in the graph; eager
+  calls skip the custom-op dispatcher and call the same launchers directly (less host time).
 - CPU tensors run the same kernels through the Triton interpreter when ``TRITON_INTERPRET=1`` was
   set before import (how CI tests them), else the reference math of ``uamt_fast.reference`` in
   fp32. Other devices use the reference math.
@@ -135,7 +136,7 @@ def _threshold_args(threshold, device: torch.device) -> tuple[torch.Tensor | Non
     (no device sync) and passed by value.
     """
     if not isinstance(threshold, torch.Tensor):
-        value = real_value(threshold, "threshold: expected a real number or a 0-dim float tensor")
+        value = real_value(threshold, "threshold: expected a float (any real number type) or a 0-dim float tensor")
         _check_threshold_value(value)
         if torch.compiler.is_compiling():
             # A float op argument would be specialised: one recompile per value of the ramped-up
@@ -191,15 +192,38 @@ def uncertainty_consistency_loss(
     thr_tensor, thr_value = _threshold_args(threshold, student_logits.device)
     if _uses_kernels(student_logits):
         need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-        loss, stats, _, _ = torch.ops.uamt_fast.uncertainty_consistency_loss(
-            student_logits, teacher_logits, mc_logits, thr_tensor, thr_value, need_grad
-        )
+        args = (student_logits, teacher_logits, mc_logits, thr_tensor, thr_value, need_grad)
+        if torch.compiler.is_compiling():
+            loss, stats, _, _ = torch.ops.uamt_fast.uncertainty_consistency_loss(*args)
+        else:
+            loss, stats = _EagerFusedLoss.apply(*args)
         stats = stats.detach()
     else:
         loss, stats = _reference_loss(student_logits, teacher_logits, mc_logits, thr_tensor, thr_value)
     if not return_stats:
         return loss
     return loss, ConsistencyStats(stats[0], stats[1], stats[2], stats[3])
+
+
+class _EagerFusedLoss(torch.autograd.Function):
+    """The fused kernels for an eager caller: the launchers called directly, without the custom-op
+    dispatcher around them (the same kernels and bits; a quarter of the host time per call, see
+    benchmarks/host_cost.py). torch.compile sees the registered ``torch.ops.uamt_fast`` op instead."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, mc, thr_tensor, thr_value, need_grad):
+        loss, stats, grad_unscaled, bwd_scale = _kernels.uncertainty_loss_forward(
+            student, teacher, mc, thr_tensor, thr_value, need_grad
+        )
+        ctx.save_for_backward(grad_unscaled, bwd_scale)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_stats):
+        grad_unscaled, bwd_scale = ctx.saved_tensors
+        return _kernels.uncertainty_loss_backward(grad_unscaled, bwd_scale, grad_loss), None, None, None, None, None
 
 
 def _reference_loss(student, teacher, mc, thr_tensor, thr_value):
@@ -239,7 +263,9 @@ def predictive_entropy(mc_logits: torch.Tensor, *, spatial_dims: int | None = No
     _check_mc_logits(mc_logits, spatial_dims)
     mc_logits = mc_logits.detach()
     if _uses_kernels(mc_logits):
-        return torch.ops.uamt_fast.predictive_entropy(mc_logits)
+        if torch.compiler.is_compiling():
+            return torch.ops.uamt_fast.predictive_entropy(mc_logits)
+        return _kernels.predictive_entropy_forward(mc_logits)  # eager: no dispatcher around the launch
     return reference.predictive_entropy(mc_logits.float())
 
 
