@@ -178,8 +178,8 @@ def uncertainty_consistency_loss(
         teacher_logits: (B, C, *spatial), the target (no gradient).
         mc_logits: (T, B, C, *spatial), T >= 1 stochastic teacher passes (no gradient).
         threshold: H > 0, a real number (int, float, NumPy scalar; not a bool) or a 0-dim float
-            tensor. A CPU tensor or a number is checked
-            (finite, positive); a CUDA tensor is used as is, since checking it would sync the host.
+            tensor. A number or a CPU tensor is checked (finite, positive); a CUDA tensor is used
+            as is, since checking it would sync the host.
             Inside ``torch.compile`` pass a float or a tensor on the logits' device (a float
             becomes a graph input, so the ramped-up threshold does not recompile).
         return_stats: also return a :class:`ConsistencyStats` of device tensors.
