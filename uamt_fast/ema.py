@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import operator
+import os
+import sys
 import warnings
 
 import torch
@@ -245,7 +247,7 @@ def ema_update_(teacher, student, decay: float, step: int | None = None) -> None
                     f"ema_update_: the {role}'s parameters no longer share the buffer of flatten_parameters_ "
                     "(re-bound by .to(), load_state_dict(assign=True) or deepcopy?); using the per-tensor "
                     "path. Call flatten_parameters_ again to get the single-launch update back.",
-                    stacklevel=_CALLER_STACKLEVEL,
+                    stacklevel=_caller_stacklevel(),
                 )
 
     t_params, s_params = _as_tensor_list(teacher, "teacher"), _as_tensor_list(student, "student")
@@ -276,12 +278,17 @@ def ema_update_(teacher, student, decay: float, step: int | None = None) -> None
 # lazy form of torch.compiler.disable: it imports torch._dynamo (~1.5 s) at the first call, not
 # when uamt_fast is imported.
 _eager_update = ema_update_
-if hasattr(torch, "_disable_dynamo"):
-    ema_update_ = torch._disable_dynamo(_eager_update)
-    _CALLER_STACKLEVEL = 4  # warnings name the caller: above ours, torch's lazy wrapper and dynamo's
-else:
-    ema_update_ = torch.compiler.disable(_eager_update)
-    _CALLER_STACKLEVEL = 3
+ema_update_ = (torch._disable_dynamo if hasattr(torch, "_disable_dynamo") else torch.compiler.disable)(_eager_update)
+
+
+def _caller_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel of the first frame outside this file and torch: how many
+    wrapper frames torch puts between the caller and ``_eager_update`` differs between versions."""
+    skip = (__file__, os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 __all__ = ["flatten_parameters_", "flat_parameters", "ema_update_"]
