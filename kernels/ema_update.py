@@ -17,13 +17,11 @@ launches.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from uamt_fast.kernels.device import TRITON_INTERPRET, check_triton_can_take
 
 # 4,096 elements per program (16 per thread at 8 warps, four 128-bit accesses per operand):
 # 2,307 programs for the V-Net, ~17 per SM on an H100. The interpreter gets small blocks so CPU
@@ -57,12 +55,8 @@ def ema_update_flat_(teacher: torch.Tensor, student: torch.Tensor, alpha: float)
     the CPU under ``TRITON_INTERPRET=1``). ``alpha`` is a Python float; it is not range-checked
     here (``uamt_fast.ema_update_`` checks it).
     """
+    check_triton_can_take("ema_update_flat_", teacher, student)
     for name, x in (("teacher", teacher), ("student", student)):
-        if not (x.is_cuda or (TRITON_INTERPRET and x.device.type == "cpu")):
-            raise RuntimeError(
-                f"ema_update_flat_: {name} is on {x.device}; the Triton kernel needs CUDA tensors "
-                "(or CPU tensors under TRITON_INTERPRET=1)"
-            )
         if not (x.is_floating_point() and x.is_contiguous()):
             raise ValueError(f"ema_update_flat_: {name} must be a contiguous float tensor, got {x.dtype}, "
                              f"strides {x.stride()}")

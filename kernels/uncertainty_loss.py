@@ -57,6 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
+from uamt_fast.kernels.device import check_triton_can_take
+
 # Runs the kernels on CPU tensors through the Triton interpreter (what CI does). Triton reads the
 # same variable when it is imported; a compiled kernel cannot take CPU tensors ("0 active drivers").
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -278,13 +280,7 @@ def _predictive_entropy_kernel(
 
 
 def _check_launchable(*tensors: torch.Tensor) -> None:
-    for x in tensors:
-        if not (x.is_cuda or (TRITON_INTERPRET and x.device.type == "cpu")):
-            raise RuntimeError(
-                f"uamt_fast kernels: tensor on {x.device} cannot run a Triton kernel; CUDA tensors run the "
-                "kernels, CPU tensors only under TRITON_INTERPRET=1 (uamt_fast.uncertainty_consistency_loss "
-                "routes CPU tensors to the reference math otherwise)"
-            )
+    check_triton_can_take("uamt_fast kernels", *tensors)
 
 
 def _voxel_view(x: torch.Tensor, lead: int) -> torch.Tensor:

@@ -9,6 +9,9 @@ import copy
 import io
 import math
 
+from fractions import Fraction
+
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -259,6 +262,54 @@ def test_parameters_added_after_flattening_are_not_skipped():
     assert uamt_fast.flat_parameters(other) is None
 
 
+@pytest.mark.parametrize("rebind", ["to_double", "data", "dict", "delete", "submodule"])
+def test_every_way_of_rebinding_a_parameter_is_detected(rebind, launches):
+    """The per-call check reads the tensor registered now under each recorded name: re-pointed
+    (``.to()``, ``p.data = ...``), replaced behind ``setattr`` (``_parameters[name] = ...``),
+    deleted, or a whole submodule swapped."""
+    student, teacher, teacher_ref = twins()
+    for model in (student, teacher):
+        uamt_fast.flatten_parameters_(model)
+    if rebind == "to_double":
+        for model in (student, teacher, teacher_ref):
+            model.double()
+    elif rebind == "data":
+        teacher[3].bias.data = teacher[3].bias.data.clone()
+    elif rebind == "dict":
+        teacher[3]._parameters["bias"] = nn.Parameter(teacher[3].bias.detach().clone())
+    elif rebind == "delete":
+        del teacher[3].bias
+        assert uamt_fast.flat_parameters(teacher) is None
+        return
+    else:
+        teacher[3] = copy.deepcopy(teacher[3])
+    assert uamt_fast.flat_parameters(teacher) is None
+    with pytest.warns(UserWarning, match="teacher's parameters no longer share the buffer") as record:
+        uamt_fast.ema_update_(teacher, student, 0.9)
+    assert record[0].filename == __file__  # the warning names the caller's line
+    reference.ema_update_(teacher_ref, student, 0.9)
+    assert launches == {"flat": 0, "foreach": 1}
+    assert_params_close(teacher, teacher_ref)
+
+
+def test_compiled_caller_runs_the_update_eagerly():
+    """torch.compile does not trace ema_update_ (data pointers, a Triton launch): it runs outside the graph."""
+    student, teacher, teacher_ref = twins()
+    for model in (student, teacher):
+        uamt_fast.flatten_parameters_(model)
+
+    @torch.compile(backend="eager")
+    def step(x):
+        y = x * 2
+        uamt_fast.ema_update_(teacher, student, 0.9, step=5)
+        return y + 1
+
+    assert torch.equal(step(torch.ones(3)), torch.full((3,), 3.0))
+    reference.ema_update_(teacher_ref, student, 0.9, step=5)
+    assert_params_close(teacher, teacher_ref)
+    assert uamt_fast.flat_parameters(teacher) is not None
+
+
 def test_custom_op_updates_flat_buffers():
     teacher, student = torch.randn(300, device=DEVICE), torch.randn(300, device=DEVICE)
     expected = teacher.clone().mul_(0.9).add_(student, alpha=0.1)
@@ -281,12 +332,29 @@ def test_custom_op_updates_flat_buffers():
         ("0.99", None, TypeError, "decay must be a float"),
         (0.99, -1, ValueError, "step must be >= 0"),
         (0.99, 2.0, TypeError, "step must be an int"),
+        (np.bool_(True), None, TypeError, "decay must be a float in \\[0, 1\\], got bool"),
+        (torch.tensor([0.9, 0.9]), None, TypeError, r"got a tensor of shape \(2,\)"),
+        (0.99, True, TypeError, "step must be an int >= 0 or None, got bool"),
+        (0.99, np.float64(3.0), TypeError, "step must be an int"),
+        (0.99, torch.tensor(3.0), TypeError, "step must be an int"),
+        (0.99, np.int64(-1), ValueError, "step must be >= 0"),
     ],
 )
 def test_bad_decay_and_step(decay, step, error, message):
     student, teacher, _ = twins()
     with pytest.raises(error, match=message):
         uamt_fast.ema_update_(teacher, student, decay, step)
+
+
+@pytest.mark.parametrize("decay, step", [(np.float32(0.75), np.int64(3)), (np.float64(0.75), np.int32(3)),
+                                         (torch.tensor(0.75), torch.tensor(3)), (Fraction(3, 4), 3), (1, None)])
+def test_decay_and_step_of_any_numeric_type(decay, step):
+    """Real numbers of any type, as the trainer's numpy / tensor bookkeeping hands them over."""
+    student, teacher, _ = twins()
+    expected = copy.deepcopy(teacher)
+    uamt_fast.ema_update_(expected, student, float(decay), None if step is None else int(step))
+    uamt_fast.ema_update_(teacher, student, decay, step)
+    assert_params_close(teacher, expected, atol=0)
 
 
 def test_bad_parameter_lists():

@@ -1,8 +1,12 @@
 """V-Net: the paper's backbone, pinned by its exact parameter count, plus ghost batch norm and MC dropout."""
+import copy
+
 import pytest
 import torch
+import torch.nn as nn
 
-from uamt_fast import VNet, mc_dropout
+import uamt_fast
+from uamt_fast import GhostBatchNorm2d, GhostBatchNorm3d, VNet, mc_dropout
 
 
 def test_parameter_count_is_the_papers():
@@ -114,3 +118,68 @@ def test_channels_last_3d_matches():
     ref = m(x)
     m_cl = m.to(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(m_cl(x.to(memory_format=torch.channels_last_3d)), ref, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# ghost batch norm, any model: per-pass statistics for 2D and 3D
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ghost_cls, bn_cls, spatial", [(GhostBatchNorm2d, nn.BatchNorm2d, (5, 6)),
+                                                        (GhostBatchNorm3d, nn.BatchNorm3d, (3, 4, 5))])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_ghost_batch_norm_equals_per_pass_batch_norm(ghost_cls, bn_cls, spatial, momentum):
+    """G stacked passes through one ghost layer == each pass through its own nn.BatchNorm (train
+    mode): same outputs; the running statistics move once, to the average of the per-pass ones."""
+    G, b, C = 3, 2, 4
+    ref = bn_cls(C, momentum=momentum).train()
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5), ref.bias.uniform_(-0.5, 0.5)
+        ref.running_mean.uniform_(-1, 1), ref.running_var.uniform_(0.5, 2)
+    ghost = ghost_cls(C, momentum=momentum).train()
+    ghost.load_state_dict(ref.state_dict())
+    ghost.groups = G
+    x = torch.randn(G * b, C, *spatial) * 3 + 1
+    per_pass = [copy.deepcopy(ref) for _ in range(G)]
+    expected = torch.cat([bn(chunk) for bn, chunk in zip(per_pass, x.chunk(G))])
+    torch.testing.assert_close(ghost(x), expected, rtol=1e-5, atol=1e-5)
+    for name in ("running_mean", "running_var"):
+        average = torch.stack([getattr(bn, name) for bn in per_pass]).mean(0)
+        torch.testing.assert_close(getattr(ghost, name), average, rtol=1e-5, atol=1e-6, msg=name)
+    assert int(ghost.num_batches_tracked) == 1
+    ghost.eval(), ref.eval()  # eval: the running statistics, exactly nn.BatchNorm
+    ghost.load_state_dict(ref.state_dict())
+    assert torch.equal(ghost(x), ref(x))
+
+
+def test_ghost_batch_norm_without_affine_or_running_stats():
+    x = torch.randn(4, 3, 5, 5)
+    ghost = GhostBatchNorm2d(3, affine=False, track_running_stats=False)
+    ghost.groups = 2
+    expected = torch.cat([nn.functional.batch_norm(c, None, None, training=True) for c in x.chunk(2)])
+    torch.testing.assert_close(ghost.train()(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ghost.eval()(x), expected, rtol=1e-5, atol=1e-5)  # batch statistics in eval too
+
+
+def test_ghost_batch_norm_conversion_keeps_the_model():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+    params = [id(p) for p in model.parameters()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert uamt_fast.ghost_batch_norm_(model) is model
+    assert [type(model[i]) for i in (1, 4)] == [GhostBatchNorm2d, GhostBatchNorm2d]
+    assert [id(p) for p in model.parameters()] == params
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert uamt_fast.set_bn_groups(model, 2) == 2 and model[4].groups == 2
+    x = torch.randn(4, 1, 8, 8)
+    stacked = model.train()(x)
+    uamt_fast.set_bn_groups(model, 1)
+    torch.testing.assert_close(stacked, torch.cat([model(c) for c in x.chunk(2)]), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="positive integer"):
+        uamt_fast.set_bn_groups(model, 0)
+    with pytest.raises(TypeError, match="positive integer"):
+        uamt_fast.set_bn_groups(model, 2.0)
+    with pytest.raises(ValueError, match="no GhostBatchNorm2d/3d layers"):
+        uamt_fast.set_bn_groups(nn.Sequential(nn.BatchNorm2d(2)), 2)
+    with pytest.raises(ValueError, match="GhostBatchNorm2d: batch of 3 is not divisible into groups=2"):
+        uamt_fast.set_bn_groups(model, 2)
+        model(torch.randn(3, 1, 8, 8))

@@ -12,6 +12,7 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")):
 
 from uamt_fast.consistency import ConsistencyStats, predictive_entropy, uncertainty_consistency_loss  # noqa: E402
 from uamt_fast.ema import ema_update_, flat_parameters, flatten_parameters_  # noqa: E402
+from uamt_fast.ghost_norm import GhostBatchNorm2d, GhostBatchNorm3d, ghost_batch_norm_, set_bn_groups  # noqa: E402
 from uamt_fast.vnet import VNet, mc_dropout  # noqa: E402
 
 __all__ = [
@@ -23,5 +24,9 @@ __all__ = [
     "ema_update_",
     "flatten_parameters_",
     "flat_parameters",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "ghost_batch_norm_",
+    "set_bn_groups",
 ]
 __version__ = "0.1.0"

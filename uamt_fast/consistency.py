@@ -1,7 +1,8 @@
 """Public UA-MT consistency ops: input checks and device dispatch in front of the fused kernels.
 
 - CUDA tensors run the Triton kernels (``uamt_fast.kernels.uncertainty_loss``), registered as
-  ``torch.ops.uamt_fast.*`` so ``torch.compile(fullgraph=True)`` keeps them in the graph.
+  ``torch.ops.uamt_fast.*`` so ``torch.compile(fullgraph=True)`` keeps them in the graph; eager
+  calls skip the custom-op dispatcher and call the same launchers directly (less host time).
 - CPU tensors run the same kernels through the Triton interpreter when ``TRITON_INTERPRET=1`` was
   set before import (how CI tests them), else the reference math of ``uamt_fast.reference`` in
   fp32. Other devices use the reference math.
@@ -12,20 +13,22 @@ the argument, what was expected and what came.
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
 
 from uamt_fast import reference
+from uamt_fast.kernels.device import TRITON_INTERPRET, triton_can_take
+from uamt_fast.scalars import integer_value, real_value
 
 try:
     from uamt_fast.kernels import uncertainty_loss as _kernels
 except ImportError:  # no triton (e.g. macOS): CPU tensors use the reference math
     _kernels = None
 
-# Read once, like Triton itself reads it at import: CPU tensors run the kernels in the interpreter.
-TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1" and _kernels is not None
+# CPU tensors run the kernels in the interpreter (TRITON_INTERPRET=1 before import, as CI does).
+# Tests set this to False to force the reference path.
+TRITON_ON_CPU = TRITON_INTERPRET and _kernels is not None
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -48,7 +51,7 @@ class ConsistencyStats(NamedTuple):
 
 
 def _uses_kernels(x: torch.Tensor) -> bool:
-    return _kernels is not None and (x.is_cuda or (TRITON_ON_CPU and x.device.type == "cpu"))
+    return _kernels is not None and triton_can_take(x, TRITON_ON_CPU)
 
 
 def _check_float_tensor(name: str, x) -> None:
@@ -60,15 +63,35 @@ def _check_float_tensor(name: str, x) -> None:
         raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(x.shape)}")
 
 
-def _check_mc_logits(mc_logits) -> None:
+def _check_mc_logits(mc_logits, spatial_dims) -> None:
+    """(T, B, C, *spatial): 1 to 3 spatial dims, C >= 2. Only rank 6 speaks for itself; rank 4 and 5
+    read just as well as passes stacked in the batch and never unflattened, so the caller says which."""
     _check_float_tensor("mc_logits", mc_logits)
-    if not 4 <= mc_logits.dim() <= 6:
+    shape, rank = tuple(mc_logits.shape), mc_logits.dim()
+    if not 4 <= rank <= 6:
         raise ValueError(
-            "mc_logits: expected (T, B, C, *spatial) with 1 to 3 spatial dims (rank 4 to 6), "
-            f"got shape {tuple(mc_logits.shape)}"
+            f"mc_logits: expected (T, B, C, *spatial) with 1 to 3 spatial dims (rank 4 to 6), got shape {shape}"
         )
-    if mc_logits.shape[2] < 2:
-        raise ValueError(f"mc_logits: expected C >= 2 classes at dim 2, got shape {tuple(mc_logits.shape)}")
+    if shape[2] < 2:
+        raise ValueError(f"mc_logits: expected C >= 2 classes at dim 2, got shape {shape}")
+    if spatial_dims is None:
+        if rank < 6:
+            stacked = ("(T*B, C, H, W) 2D", "(T*B, C, D, H, W) 3D")[rank - 4]
+            raise ValueError(
+                f"mc_logits: shape {shape} is ambiguous: (T, B, C, *spatial) with {rank - 3} spatial "
+                f"dim{'s' if rank > 4 else ''}, or {stacked} passes stacked in the batch. Say which with "
+                f"spatial_dims={rank - 3}; stacked passes must first become (T, B, C, *spatial), e.g. "
+                "mc_logits.unflatten(0, (T, B))"
+            )
+        return
+    dims = integer_value(spatial_dims, "spatial_dims: expected 1, 2 or 3")
+    if dims not in (1, 2, 3):
+        raise ValueError(f"spatial_dims: expected 1, 2 or 3, got {dims}")
+    if rank != 3 + dims:
+        raise ValueError(
+            f"mc_logits: expected (T, B, C, *spatial) with spatial_dims={dims} (rank {3 + dims}), got shape "
+            f"{shape}; stacked passes (T*B, C, *spatial) must first be unflattened: mc_logits.unflatten(0, (T, B))"
+        )
 
 
 def _check_logits(student_logits, teacher_logits, mc_logits) -> None:
@@ -108,27 +131,27 @@ def _threshold_args(threshold, device: torch.device) -> tuple[torch.Tensor | Non
     """``(tensor or None, float)`` for the kernel.
 
     A tensor on the logits' device is passed by pointer: no host sync, and so a CUDA tensor is not
-    range-checked (a CPU one is, outside torch.compile tracing). A Python number is checked and
-    passed by value; a CPU tensor with CUDA logits is read (no device sync) and passed by value.
+    range-checked (a CPU one is, outside torch.compile tracing). A real number of any numeric type
+    (int, float, NumPy scalar) is checked and passed by value; a CPU tensor with CUDA logits is read
+    (no device sync) and passed by value.
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, torch.Tensor)):
-        raise TypeError(f"threshold: expected a float or a 0-dim float tensor, got {type(threshold).__name__}")
     if not isinstance(threshold, torch.Tensor):
-        _check_threshold_value(threshold)
+        value = real_value(threshold, "threshold: expected a float (any real number type) or a 0-dim float tensor")
+        _check_threshold_value(value)
         if torch.compiler.is_compiling():
             # A float op argument would be specialised: one recompile per value of the ramped-up
             # threshold. As a traced 0-dim tensor it is a graph input instead.
-            return torch.full((), threshold, dtype=torch.float32, device=device), 0.0
-        return None, float(threshold)
+            return torch.full((), value, dtype=torch.float32, device=device), 0.0
+        return None, value
     if threshold.dim() != 0:
         raise ValueError(f"threshold: expected a 0-dim tensor, got shape {tuple(threshold.shape)}")
     if not threshold.is_floating_point():
         raise TypeError(f"threshold: expected a floating-point tensor, got {threshold.dtype}")
-    if threshold.device.type == "cpu" and not torch.compiler.is_compiling():
+    if threshold.is_cpu and not torch.compiler.is_compiling():
         _check_threshold_value(float(threshold))
     if threshold.device == device:
         return threshold.detach(), 0.0
-    if threshold.device.type != "cpu":
+    if not threshold.is_cpu:
         raise ValueError(f"threshold: expected a tensor on {device} or on the CPU, got one on {threshold.device}")
     return None, float(threshold)
 
@@ -154,8 +177,9 @@ def uncertainty_consistency_loss(
             strides (a channels_last_3d tensor is read in place).
         teacher_logits: (B, C, *spatial), the target (no gradient).
         mc_logits: (T, B, C, *spatial), T >= 1 stochastic teacher passes (no gradient).
-        threshold: H > 0, a float or a 0-dim tensor. A CPU tensor or a Python number is checked
-            (finite, positive); a CUDA tensor is used as is, since checking it would sync the host.
+        threshold: H > 0, a real number (int, float, NumPy scalar; not a bool) or a 0-dim float
+            tensor. A number or a CPU tensor is checked (finite, positive); a CUDA tensor is used
+            as is, since checking it would sync the host.
             Inside ``torch.compile`` pass a float or a tensor on the logits' device (a float
             becomes a graph input, so the ramped-up threshold does not recompile).
         return_stats: also return a :class:`ConsistencyStats` of device tensors.
@@ -168,9 +192,11 @@ def uncertainty_consistency_loss(
     thr_tensor, thr_value = _threshold_args(threshold, student_logits.device)
     if _uses_kernels(student_logits):
         need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-        loss, stats, _, _ = torch.ops.uamt_fast.uncertainty_consistency_loss(
-            student_logits, teacher_logits, mc_logits, thr_tensor, thr_value, need_grad
-        )
+        args = (student_logits, teacher_logits, mc_logits, thr_tensor, thr_value, need_grad)
+        if torch.compiler.is_compiling():
+            loss, stats, _, _ = torch.ops.uamt_fast.uncertainty_consistency_loss(*args)
+        else:
+            loss, stats = _EagerFusedLoss.apply(*args)
         stats = stats.detach()
     else:
         loss, stats = _reference_loss(student_logits, teacher_logits, mc_logits, thr_tensor, thr_value)
@@ -179,33 +205,67 @@ def uncertainty_consistency_loss(
     return loss, ConsistencyStats(stats[0], stats[1], stats[2], stats[3])
 
 
+class _EagerFusedLoss(torch.autograd.Function):
+    """The fused kernels for an eager caller: the launchers called directly, without the custom-op
+    dispatcher around them (the same kernels and bits; a quarter of the host time per call, see
+    benchmarks/host_cost.py). torch.compile sees the registered ``torch.ops.uamt_fast`` op instead."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, mc, thr_tensor, thr_value, need_grad):
+        loss, stats, grad_unscaled, bwd_scale = _kernels.uncertainty_loss_forward(
+            student, teacher, mc, thr_tensor, thr_value, need_grad
+        )
+        ctx.save_for_backward(grad_unscaled, bwd_scale)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_stats):
+        grad_unscaled, bwd_scale = ctx.saved_tensors
+        return _kernels.uncertainty_loss_backward(grad_unscaled, bwd_scale, grad_loss), None, None, None, None, None
+
+
 def _reference_loss(student, teacher, mc, thr_tensor, thr_value):
     """The reference math in fp32, with the kernels' NaN propagation and stats."""
     threshold = thr_tensor if thr_tensor is not None else thr_value
-    loss = reference.uncertainty_consistency_loss(student.float(), teacher.float(), mc.float(), threshold)
+    student = student.float()
+    loss = reference.uncertainty_consistency_loss(student, teacher.float(), mc.float(), threshold)
     with torch.no_grad():
-        # A NaN uncertainty just drops out of the mask; make non-finite logits visible instead.
-        nan_probe = (student.float().sum() + teacher.float().sum() + mc.float().sum()) * 0.0
+        # 0 when every logit is finite, else NaN (x * 0 is NaN for NaN and +-Inf), as in the kernels:
+        # a NaN uncertainty would otherwise just drop out of the mask and leave a finite loss.
+        nan_probe = sum((x * 0.0).sum(dtype=torch.float32) for x in (student, teacher, mc))
         u = reference.predictive_entropy(mc.float())
         stats = torch.stack(
             [(u < threshold).float().mean(), u.mean() + nan_probe, u.min() + nan_probe, u.max() + nan_probe]
         )
-    return loss + nan_probe, stats
+    # Adds 0 to the loss and to each gradient entry for finite logits, NaN to all of them otherwise.
+    return loss + (student * nan_probe).sum(), stats
 
 
-def predictive_entropy(mc_logits: torch.Tensor) -> torch.Tensor:
+def predictive_entropy(mc_logits: torch.Tensor, *, spatial_dims: int | None = None) -> torch.Tensor:
     """Uncertainty map of T stochastic passes: ``-sum_c mu_c ln(mu_c + 1e-6)``, ``mu = mean_t softmax``.
 
     Args:
-        mc_logits: (T, B, C, *spatial) logits, 1 to 3 spatial dims, C >= 2, any float dtype and strides.
+        mc_logits: (T, B, C, *spatial) logits, C >= 2, any float dtype and strides. Passes that were
+            run stacked in one batch, (T*B, C, *spatial), must first be unflattened:
+            ``mc_logits.unflatten(0, (T, B))``.
+        spatial_dims: 1, 2 or 3, the number of spatial dims. Required for rank 4 and 5 (2D images are
+            (T, B, C, H, W), rank 5, which is also the rank of stacked 3D passes (T*B, C, D, H, W));
+            rank 6, (T, B, C, D, H, W), is read as 3D without it.
 
     Returns:
         (B, *spatial) fp32 tensor (no gradient). One fused pass on GPU.
+
+    Raises:
+        ValueError: for a rank other than 3 + spatial_dims, or rank 4 or 5 without ``spatial_dims``.
     """
-    _check_mc_logits(mc_logits)
+    _check_mc_logits(mc_logits, spatial_dims)
     mc_logits = mc_logits.detach()
     if _uses_kernels(mc_logits):
-        return torch.ops.uamt_fast.predictive_entropy(mc_logits)
+        if torch.compiler.is_compiling():
+            return torch.ops.uamt_fast.predictive_entropy(mc_logits)
+        return _kernels.predictive_entropy_forward(mc_logits)  # eager: no dispatcher around the launch
     return reference.predictive_entropy(mc_logits.float())
 
 

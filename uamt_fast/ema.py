@@ -15,26 +15,34 @@ from __future__ import annotations
 import math
 import operator
 import os
+import sys
 import warnings
 
 import torch
 
 from uamt_fast import reference
+from uamt_fast.kernels.device import TRITON_INTERPRET, triton_can_take
+from uamt_fast.scalars import integer_value, real_value
 
 try:
     from uamt_fast.kernels.ema_update import ema_update_flat_ as _ema_update_flat_kernel
 except ImportError:  # no triton: the flat update falls back to torch ops
     _ema_update_flat_kernel = None
 
-TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1" and _ema_update_flat_kernel is not None
+# CPU tensors run the kernel in the interpreter (TRITON_INTERPRET=1 before import, as CI does).
+# Tests set this to False to force the torch-ops path.
+TRITON_ON_CPU = TRITON_INTERPRET and _ema_update_flat_kernel is not None
 ALIGN = 16  # elements (64 bytes): every parameter view starts aligned for vectorised kernels
 
 _FLAT_ATTR = "_uamt_flat_parameters"
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 # Parameter / submodule registrations anywhere in the process, counted by two global nn.Module
-# hooks installed by the first flatten_parameters_ call. While the count is unchanged no flattened
-# model can have gained a parameter, so the per-call check skips walking the module tree.
+# hooks installed by the first flatten_parameters_ call (register_parameter, and so setattr of a
+# Parameter and load_state_dict(assign=True), add_module, setattr of a Module). While the count is
+# unchanged no flattened model can have gained a parameter, so the per-call check need not walk
+# the module tree.
 _registrations = 0
 _hooks_installed = False
 
@@ -55,32 +63,35 @@ def _install_registration_hooks() -> None:
 class _FlatRecord:
     """What flatten_parameters_ leaves on a module to find its buffer again without walking the
     module tree: per tensor the owner's ``_parameters`` dict, the attribute name, the Parameter and
-    its element offset; and the (shape, stride) signature two models must share to be updated
-    element for element (interned: equal signatures share their items, so comparing is quick)."""
+    its byte offset in the buffer; and the (shape, stride) signature two models must share to be
+    updated element for element (interned: equal signatures share their items, so comparing is quick)."""
 
-    __slots__ = ("buffer", "owner_dicts", "names", "params", "offsets", "signature", "_base", "_expected",
+    __slots__ = ("buffer", "owner_dicts", "names", "params", "byte_offsets", "signature", "_base", "_expected",
                  "_registrations_seen")
 
     def __init__(self, buffer, owners, names, params, offsets, signature):
         self.buffer = buffer
         self.owner_dicts = tuple(owner._parameters for owner in owners)
-        self.names, self.params, self.offsets = tuple(names), tuple(params), tuple(offsets)
+        self.names, self.params = tuple(names), tuple(params)
+        self.byte_offsets = tuple(off * buffer.element_size() for off in offsets)
         self.signature = _SIGNATURES.setdefault(signature, signature)
         self._base, self._expected = None, None
         self._registrations_seen = _registrations
 
     def is_valid(self, module: torch.nn.Module) -> bool:
-        """Every parameter of ``module`` is one of ours, still registered under its name and still
-        a view at its offset. O(#tensors) in C-speed loops; the module tree is walked only after a
-        parameter or submodule was registered somewhere since the last check."""
-        base = self.buffer.data_ptr()
-        if base != self._base:  # first call, or the buffer was re-created (unpickled module)
-            size = self.buffer.element_size()
-            self._base, self._expected = base, [base + off * size for off in self.offsets]
-        if not (
-            all(map(operator.is_, map(dict.get, self.owner_dicts, self.names), self.params))
-            and list(map(torch.Tensor.data_ptr, self.params)) == self._expected
-        ):
+        """Every parameter of ``module`` is still a view of the buffer at its slot.
+
+        One pass over the tensors, in C-speed ``map`` loops: the tensor registered now under each
+        recorded name must start at its slot (a parameter re-pointed by ``.to()`` or ``p.data = ...``,
+        replaced, deleted, or cloned by ``deepcopy`` does not). The module tree is walked only after
+        a parameter or submodule was registered somewhere since the last check (new parameters)."""
+        base = _DATA_PTR(self.buffer)
+        if base != self._base:  # first call, or the buffer was re-created (an unpickled module)
+            self._base, self._expected = base, [base + off for off in self.byte_offsets]
+        try:
+            if list(map(_DATA_PTR, map(dict.get, self.owner_dicts, self.names))) != self._expected:
+                return False
+        except TypeError:  # a parameter was deleted (dict.get gave None)
             return False
         if self._registrations_seen != _registrations:
             current = tuple(module.parameters())
@@ -103,7 +114,8 @@ def flatten_parameters_(module: torch.nn.Module) -> torch.Tensor:
     re-binds parameters afterwards (``.to(dtype)``, ``.to(device)``, ``load_state_dict(assign=True)``,
     ``deepcopy``, a new parameter or submodule) ends the sharing, which ``ema_update_`` detects (it
     then warns and takes the per-tensor path). To notice new parameters cheaply, the first call
-    installs two global ``nn.Module`` registration hooks that only count registrations.
+    installs two global ``nn.Module`` registration hooks that only count registrations. Buffers
+    (batch-norm running statistics) are not flattened: ``ema_update_`` leaves them alone.
 
     Args:
         module: a model whose parameters are float32 and all on one device.
@@ -163,16 +175,14 @@ def _valid_record(module) -> _FlatRecord | None:
 
 
 def _alpha(decay, step) -> float:
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)):
-        raise TypeError(f"ema_update_: decay must be a float in [0, 1], got {type(decay).__name__}")
+    decay = real_value(decay, "ema_update_: decay must be a float in [0, 1]")
     if not (math.isfinite(decay) and 0.0 <= decay <= 1.0):
         raise ValueError(f"ema_update_: decay must be in [0, 1], got {decay}")
     if step is not None:
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise TypeError(f"ema_update_: step must be an int >= 0 or None, got {type(step).__name__}")
+        step = integer_value(step, "ema_update_: step must be an int >= 0 or None")
         if step < 0:
             raise ValueError(f"ema_update_: step must be >= 0, got {step}")
-    return reference.ema_alpha(float(decay), step)
+    return reference.ema_alpha(decay, step)
 
 
 def _as_tensor_list(x, role: str) -> list[torch.Tensor]:
@@ -192,23 +202,24 @@ def _as_tensor_list(x, role: str) -> list[torch.Tensor]:
 
 
 def _uses_kernel(x: torch.Tensor) -> bool:
-    return _ema_update_flat_kernel is not None and (x.is_cuda or (TRITON_ON_CPU and x.device.type == "cpu"))
+    return _ema_update_flat_kernel is not None and triton_can_take(x, TRITON_ON_CPU)
 
 
 def _update_flat_(teacher: torch.Tensor, student: torch.Tensor, alpha: float) -> None:
     if _uses_kernel(teacher):
         _ema_update_flat_kernel(teacher, student, alpha)
     else:
-        teacher.mul_(alpha).add_(student, alpha=1.0 - alpha)
+        with torch.no_grad():
+            teacher.mul_(alpha).add_(student, alpha=1.0 - alpha)
 
 
-@torch.compiler.disable
-@torch.no_grad()
 def ema_update_(teacher, student, decay: float, step: int | None = None) -> None:
     """Mean-teacher update ``theta' <- alpha theta' + (1 - alpha) theta`` of parameters, in place.
 
     ``alpha = decay``, or ``min(1 - 1/(step + 1), decay)`` when ``step`` is given (UA-MT's warm-up).
-    Only parameters move; batch-norm buffers are the teacher's own. Arithmetic is fp32.
+    Only parameters move: buffers, such as the batch-norm running statistics, are the teacher's
+    own (the teacher's BN layers keep the statistics of what the teacher saw, as in the released
+    code). Arithmetic is fp32. Runs eagerly: a ``torch.compile``'d caller runs it outside its graph.
 
     Paths, fastest first:
 
@@ -220,8 +231,8 @@ def ema_update_(teacher, student, decay: float, step: int | None = None) -> None
     Args:
         teacher: module, tensor, or iterable of tensors; updated in place.
         student: the same kind of thing with matching shapes.
-        decay: in [0, 1].
-        step: global step for the warm-up, or None.
+        decay: a real number in [0, 1] (int, float, NumPy scalar, 0-dim CPU tensor; not a bool).
+        step: global step for the warm-up (an integer of any integer type, >= 0), or None.
     """
     alpha = _alpha(decay, step)
     if isinstance(teacher, torch.nn.Module) and isinstance(student, torch.nn.Module):
@@ -236,7 +247,7 @@ def ema_update_(teacher, student, decay: float, step: int | None = None) -> None
                     f"ema_update_: the {role}'s parameters no longer share the buffer of flatten_parameters_ "
                     "(re-bound by .to(), load_state_dict(assign=True) or deepcopy?); using the per-tensor "
                     "path. Call flatten_parameters_ again to get the single-launch update back.",
-                    stacklevel=3,
+                    stacklevel=_caller_stacklevel(),
                 )
 
     t_params, s_params = _as_tensor_list(teacher, "teacher"), _as_tensor_list(student, "student")
@@ -258,7 +269,26 @@ def ema_update_(teacher, student, decay: float, step: int | None = None) -> None
     if len(t_params) == 1 and t_params[0].is_contiguous() and s_params[0].is_contiguous():
         _update_flat_(t_params[0].detach(), s_params[0].detach(), alpha)
         return
-    torch._foreach_lerp_([t.detach() for t in t_params], [s.detach() for s in s_params], 1.0 - alpha)
+    with torch.no_grad():
+        torch._foreach_lerp_([t.detach() for t in t_params], [s.detach() for s in s_params], 1.0 - alpha)
+
+
+# Keep torch.compile from tracing the update (it reads data pointers and launches Triton itself):
+# a compiled caller runs it eagerly, outside its graph. torch._disable_dynamo is torch's own
+# lazy form of torch.compiler.disable: it imports torch._dynamo (~1.5 s) at the first call, not
+# when uamt_fast is imported.
+_eager_update = ema_update_
+ema_update_ = (torch._disable_dynamo if hasattr(torch, "_disable_dynamo") else torch.compiler.disable)(_eager_update)
+
+
+def _caller_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel of the first frame outside this file and torch: how many
+    wrapper frames torch puts between the caller and ``_eager_update`` differs between versions."""
+    skip = (__file__, os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 __all__ = ["flatten_parameters_", "flat_parameters", "ema_update_"]

@@ -10,8 +10,9 @@ Two additions for fast UA-MT training, both off by default:
 
 - ``mc_dropout(model)``: dropout stays on (Monte Carlo passes) whatever ``model.training`` is.
 - ``model.bn_groups = G``: in training mode, batch norm normalises each of G equal chunks of the
-  batch with its own statistics ("ghost" batch norm). A batch of G stacked stochastic passes then
-  sees exactly what G separate forwards would see.
+  batch with its own statistics ("ghost" batch norm, ``uamt_fast.ghost_norm``; its layers are
+  ``GhostBatchNorm3d``). A batch of G stacked stochastic passes then sees exactly what G separate
+  forwards would see.
 """
 from __future__ import annotations
 
@@ -21,39 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class GhostBatchNorm3d(nn.BatchNorm3d):
-    """BatchNorm3d whose training-mode statistics are taken per chunk of the batch.
-
-    With ``groups == 1`` (the default) it is exactly ``nn.BatchNorm3d``. With ``groups = G`` the
-    batch is split into G equal chunks; each is normalised by its own mean and (biased) variance,
-    and the running statistics move once by the chunk average (unbiased variance), like one
-    forward whose batch statistics are the mean of the chunks'. State-dict keys are unchanged.
-    """
-
-    groups: int = 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.groups == 1:
-            return super().forward(x)
-        g = self.groups
-        if x.shape[0] % g:
-            raise ValueError(f"GhostBatchNorm3d: batch of {x.shape[0]} is not divisible into bn_groups={g}")
-        xg = x.unflatten(0, (g, x.shape[0] // g))  # (G, b, C, D, H, W), any memory layout
-        dims = (1, 3, 4, 5)
-        var, mean = torch.var_mean(xg.float(), dim=dims, correction=0, keepdim=True)
-        if self.track_running_stats and self.running_mean is not None:
-            with torch.no_grad():
-                n = xg[0].numel() // xg.shape[2]
-                unbiased = var.flatten(2).mean(0).flatten() * (n / max(n - 1, 1))
-                m = self.momentum if self.momentum is not None else 0.1
-                self.running_mean.lerp_(mean.flatten(2).mean(0).flatten().to(self.running_mean.dtype), m)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
-                self.num_batches_tracked.add_(1)
-        w = self.weight.view(1, 1, -1, 1, 1, 1)
-        b = self.bias.view(1, 1, -1, 1, 1, 1)
-        y = (xg - mean) * torch.rsqrt(var + self.eps) * w + b
-        return y.flatten(0, 1).to(x.dtype)
+from uamt_fast.ghost_norm import GhostBatchNorm3d, set_bn_groups
 
 
 def _conv_bn_relu(conv: nn.Module, channels: int) -> list[nn.Module]:
@@ -144,11 +113,7 @@ class VNet(nn.Module):
 
     @bn_groups.setter
     def bn_groups(self, groups: int) -> None:
-        if int(groups) < 1:
-            raise ValueError(f"VNet.bn_groups: expected a positive integer, got {groups!r}")
-        for m in self.modules():
-            if isinstance(m, GhostBatchNorm3d):
-                m.groups = int(groups)
+        set_bn_groups(self, groups)
 
     def _dropout(self, x):
         if not self.has_dropout:
