@@ -91,14 +91,33 @@ _empty_like = torch.empty_like
 
 
 @triton.jit
-def _load_classes(ptr, class_stride, offs, ok, C: tl.constexpr):
-    """The C class vectors at ``ptr + c * class_stride + offs`` as fp32 (pointer increments: no
-    int32 product ``c * class_stride`` can overflow)."""
-    xs = ()
-    for _ in tl.static_range(C):
-        xs = xs + (tl.load(ptr + offs, mask=ok, other=0.0).to(tl.float32),)
-        ptr += class_stride
+def _load_classes(ptr, class_stride, offs, ok, C: tl.constexpr, PAIRED: tl.constexpr):
+    """The C class vectors of one tensor as a tuple of [BLOCK_V] vectors in the tensor's dtype
+    (converted to fp32 where they are used, so the loads of all passes can be issued first).
+
+    PAIRED (C = 2, class stride 1, voxel stride 2: channels_last_3d): ``offs`` / ``ok`` are the
+    flat offsets of the program's 2 * BLOCK_V interleaved elements; one contiguous (vector) load,
+    then reshape to [BLOCK_V, 2] and split, both of which keep a voxel's pair in its thread.
+    Otherwise ``offs`` / ``ok`` are per voxel and class c is read at ``ptr + c * class_stride + offs``
+    (pointer increments: no int32 product ``c * class_stride`` can overflow)."""
+    if PAIRED:
+        x = tl.load(ptr + offs, mask=ok, other=0.0)
+        a, b = tl.split(tl.reshape(x, [offs.shape[0] // 2, 2]))
+        xs = (a, b)
+    else:
+        xs = ()
+        for _ in tl.static_range(C):
+            xs = xs + (tl.load(ptr + offs, mask=ok, other=0.0),)
+            ptr += class_stride
     return xs
+
+
+@triton.jit
+def _to_fp32(xs, C: tl.constexpr):
+    out = ()
+    for c in tl.static_range(C):
+        out = out + (xs[c].to(tl.float32),)
+    return out
 
 
 @triton.jit
@@ -128,9 +147,9 @@ def _nan_probe(probe, xs, C: tl.constexpr):
 
 
 @triton.jit
-def _add_pass(mu, probe, ptr, class_stride, offs, ok, C: tl.constexpr):
-    """One pass: ``mu_c += softmax(x)_c`` for the C class vectors at ``ptr``; ``probe`` += NaN probe."""
-    xs = _load_classes(ptr, class_stride, offs, ok, C)
+def _add_pass(mu, probe, xs, C: tl.constexpr):
+    """One pass: ``mu_c += softmax(x)_c`` for the C loaded class vectors ``xs``; ``probe`` += NaN probe."""
+    xs = _to_fp32(xs, C)
     ps = _softmax(xs, C)
     acc = ()
     for c in tl.static_range(C):
@@ -139,24 +158,30 @@ def _add_pass(mu, probe, ptr, class_stride, offs, ok, C: tl.constexpr):
 
 
 @triton.jit
-def _mean_softmax_entropy(mc_ptr, mc_st, mc_sc, offs, ok, C: tl.constexpr, T: tl.constexpr):
-    """Per-voxel entropy of the mean softmax of the T passes at ``mc_ptr + t * mc_st + c * mc_sc +
-    offs``, and the NaN probe of every logit read. Up to UNROLL_MAX_LOADS class vectors (C * T) the
-    pass loop is unrolled, so all T * C loads are independent straight-line code that can be in
-    flight together; beyond, a loop of T keeps compile time and code size bounded."""
-    probe = tl.zeros(offs.shape, dtype=tl.float32)
+def _mean_softmax_entropy(mc_ptr, mc_st, mc_sc, offs, ok, C: tl.constexpr, T: tl.constexpr,
+                          PAIRED: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Per-voxel entropy of the mean softmax of the T passes at ``mc_ptr + t * mc_st`` (classes and
+    voxels addressed as in ``_load_classes``), and the NaN probe of every logit read.
+
+    Up to UNROLL_MAX_LOADS class vectors (C * T), all T passes are loaded first and then reduced:
+    every load is issued before the first use of any, so all are in flight together. Beyond, a
+    loop of T (C loads in flight) bounds compile time, code size and registers."""
+    probe = tl.zeros([BLOCK_V], dtype=tl.float32)
     mu = ()
     for _ in tl.static_range(C):
-        mu = mu + (tl.zeros(offs.shape, dtype=tl.float32),)
+        mu = mu + (tl.zeros([BLOCK_V], dtype=tl.float32),)
     if C * T <= UNROLL_MAX_LOADS:
+        passes = ()
         for _ in tl.static_range(T):
-            mu, probe = _add_pass(mu, probe, mc_ptr, mc_sc, offs, ok, C)
+            passes = passes + (_load_classes(mc_ptr, mc_sc, offs, ok, C, PAIRED),)
             mc_ptr += mc_st  # pointer increments: no int32 product t * mc_st can overflow
+        for t in tl.static_range(T):
+            mu, probe = _add_pass(mu, probe, passes[t], C)
     else:
         for _ in tl.range(T):
-            mu, probe = _add_pass(mu, probe, mc_ptr, mc_sc, offs, ok, C)
+            mu, probe = _add_pass(mu, probe, _load_classes(mc_ptr, mc_sc, offs, ok, C, PAIRED), C)
             mc_ptr += mc_st
-    u = tl.zeros(offs.shape, dtype=tl.float32)
+    u = tl.zeros([BLOCK_V], dtype=tl.float32)
     for c in tl.static_range(C):
         mean = mu[c] / T
         u -= mean * tl.log(mean + 1e-6)
@@ -189,6 +214,10 @@ def _uncertainty_loss_fwd_kernel(
     C: tl.constexpr,
     THR_FROM_PTR: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    S_PAIRED: tl.constexpr,  # student, teacher, gradient, passes: C = 2 interleaved (see _load_classes)
+    Q_PAIRED: tl.constexpr,
+    G_PAIRED: tl.constexpr,
+    MC_PAIRED: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     pid_v = tl.program_id(0).to(tl.int64)
@@ -197,9 +226,16 @@ def _uncertainty_loss_fwd_kernel(
     prog = pid_b * tl.num_programs(0) + pid_v
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     vox_ok = offs_v < V
+    flat = pid_v * 2 * BLOCK_V + tl.arange(0, 2 * BLOCK_V).to(tl.int64)  # PAIRED tensors: 2 per voxel
+    flat_ok = flat < 2 * V
 
     # 1. Uncertainty of the T passes; the mask.
-    u, probe = _mean_softmax_entropy(mc_ptr + pid_b * mc_sb, mc_st, mc_sc, offs_v * mc_sv, vox_ok, C, T)
+    if MC_PAIRED:
+        u, probe = _mean_softmax_entropy(mc_ptr + pid_b * mc_sb, mc_st, 1, flat, flat_ok, C, T, True, BLOCK_V)
+    else:
+        u, probe = _mean_softmax_entropy(
+            mc_ptr + pid_b * mc_sb, mc_st, mc_sc, offs_v * mc_sv, vox_ok, C, T, False, BLOCK_V
+        )
     if THR_FROM_PTR:
         thr = tl.load(thr_ptr).to(tl.float32)
     else:
@@ -207,8 +243,15 @@ def _uncertainty_loss_fwd_kernel(
     keep = (u < thr) & vox_ok
 
     # 2. Student and teacher softmax, squared difference summed over classes.
-    s = _load_classes(s_ptr + pid_b * s_sb, s_sc, offs_v * s_sv, vox_ok, C)
-    q = _load_classes(q_ptr + pid_b * q_sb, q_sc, offs_v * q_sv, vox_ok, C)
+    if S_PAIRED:
+        s = _load_classes(s_ptr + pid_b * s_sb, 1, flat, flat_ok, C, True)
+    else:
+        s = _load_classes(s_ptr + pid_b * s_sb, s_sc, offs_v * s_sv, vox_ok, C, False)
+    if Q_PAIRED:
+        q = _load_classes(q_ptr + pid_b * q_sb, 1, flat, flat_ok, C, True)
+    else:
+        q = _load_classes(q_ptr + pid_b * q_sb, q_sc, offs_v * q_sv, vox_ok, C, False)
+    s, q = _to_fp32(s, C), _to_fp32(q, C)
     probe = _nan_probe(_nan_probe(probe, s, C), q, C)
     p = _softmax(s, C)
     pq = _softmax(q, C)
@@ -223,11 +266,16 @@ def _uncertainty_loss_fwd_kernel(
     # 3. Unnormalised gradient: dL/ds_j = 2 m p_j (d_j - sum_k d_k p_k) / (C N + eps); the division
     #    waits for backward, which knows N. Unkept voxels get an exact 0.
     if WRITE_GRAD:
-        g_ptr += pid_b * g_sb
+        g = ()
         for c in tl.static_range(C):
-            g = tl.where(keep, 2.0 * p[c] * (d[c] - dp), 0.0)
-            tl.store(g_ptr + offs_v * g_sv, g.to(g_ptr.dtype.element_ty), mask=vox_ok)
-            g_ptr += g_sc
+            g = g + (tl.where(keep, 2.0 * p[c] * (d[c] - dp), 0.0).to(g_ptr.dtype.element_ty),)
+        g_ptr += pid_b * g_sb
+        if G_PAIRED:  # join the pair back: one contiguous (vector) store
+            tl.store(g_ptr + flat, tl.reshape(tl.join(g[0], g[1]), [2 * BLOCK_V]), mask=flat_ok)
+        else:
+            for c in tl.static_range(C):
+                tl.store(g_ptr + offs_v * g_sv, g[c], mask=vox_ok)
+                g_ptr += g_sc
 
     # 4. This program's partials (finished by _finalize_kernel in a fixed order): the only
     #    reduction across threads, once per program, all six values in one pass through shared memory.
@@ -307,13 +355,18 @@ def _predictive_entropy_kernel(
     V,
     T: tl.constexpr,
     C: tl.constexpr,
+    MC_PAIRED: tl.constexpr,  # C = 2 interleaved passes (see _load_classes)
     BLOCK_V: tl.constexpr,
 ):
     pid_v = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     vox_ok = offs_v < V
-    u, _ = _mean_softmax_entropy(mc_ptr + pid_b * mc_sb, mc_st, mc_sc, offs_v * mc_sv, vox_ok, C, T)
+    if MC_PAIRED:
+        flat = pid_v * 2 * BLOCK_V + tl.arange(0, 2 * BLOCK_V).to(tl.int64)
+        u, _ = _mean_softmax_entropy(mc_ptr + pid_b * mc_sb, mc_st, 1, flat, flat < 2 * V, C, T, True, BLOCK_V)
+    else:
+        u, _ = _mean_softmax_entropy(mc_ptr + pid_b * mc_sb, mc_st, mc_sc, offs_v * mc_sv, vox_ok, C, T, False, BLOCK_V)
     tl.store(u_ptr + pid_b * V + offs_v, u, mask=vox_ok)
 
 
@@ -360,6 +413,11 @@ def _classes_last(x3: torch.Tensor) -> bool:
     return x3.stride(-2) == 1 and x3.shape[-1] > 1 and x3.stride(-1) > 1
 
 
+def _paired(x3: torch.Tensor) -> bool:
+    """Two classes interleaved (class stride 1, voxel stride 2): read as one contiguous run."""
+    return x3.shape[-2] == 2 and x3.stride(-2) == 1 and (x3.stride(-1) == 2 or x3.shape[-1] == 1)
+
+
 def uncertainty_loss_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -402,7 +460,9 @@ def uncertainty_loss_forward(
         g3, *g3.stride(),
         partials, counts,
         threshold if thr_from_ptr else loss, float(threshold_value),
-        V, T=T, C=C, THR_FROM_PTR=thr_from_ptr, WRITE_GRAD=need_grad, BLOCK_V=cfg.block, num_warps=cfg.num_warps,
+        V, T=T, C=C, THR_FROM_PTR=thr_from_ptr, WRITE_GRAD=need_grad,
+        S_PAIRED=_paired(s3), Q_PAIRED=_paired(q3), G_PAIRED=need_grad and _paired(g3), MC_PAIRED=_paired(mc4),
+        BLOCK_V=cfg.block, num_warps=cfg.num_warps,
     )
     _finalize_kernel[(1,)](
         partials, counts, loss, bwd_scale, stats, num_programs, C, B * V, BLOCK_P=FINALIZE_BLOCK, num_warps=4
@@ -440,7 +500,7 @@ def predictive_entropy_forward(mc_logits: torch.Tensor, *, config: Optional[Laun
     out = _empty((B, *mc_logits.shape[3:]), device=mc_logits.device, dtype=torch.float32)
     cfg = config or config_for("entropy", mc_logits.dtype, _classes_last(mc4), C, T, B * V)
     _predictive_entropy_kernel[(triton.cdiv(V, cfg.block), B)](
-        mc4, *mc4.stride(), out, V, T=T, C=C, BLOCK_V=cfg.block, num_warps=cfg.num_warps
+        mc4, *mc4.stride(), out, V, T=T, C=C, MC_PAIRED=_paired(mc4), BLOCK_V=cfg.block, num_warps=cfg.num_warps
     )
     return out
 

@@ -57,8 +57,10 @@ def _variants() -> list[dict]:
     out += [
         v("loss_fwd", "bf16", 2, 2),  # barriers vs T
         v("loss_fwd", "bf16", 16, 8),  # C * T > UNROLL_MAX_LOADS: the pass loop
-        v("loss_fwd", "bf16", 2, 8, " channels_last", classes_last=True),
+        v("loss_fwd", "bf16", 2, 8, " channels_last", classes_last=True),  # C = 2 interleaved: paired loads
         v("entropy", "bf16", 2, 8, " channels_last", classes_last=True),
+        v("loss_fwd", "fp32", 2, 8, " channels_last", classes_last=True),
+        v("loss_fwd", "bf16", 3, 4, " channels_last", classes_last=True),  # C = 3: strided per-class loads
         v("loss_fwd", "bf16", 2, 8, " fp32 student", student="fp32"),
         v("finalize", "fp32"),
         v("ema", "fp32"),
@@ -88,14 +90,17 @@ def _compile(variant: dict) -> dict:
     unit_stride = "sc" if classes_last else "sv"
     if kernel == "loss_fwd":
         fn = K._uncertainty_loss_fwd_kernel
-        constexprs = {"T": T, "C": C, "THR_FROM_PTR": True, "WRITE_GRAD": True, "BLOCK_V": cfg.block}
+        paired = classes_last and C == 2
+        constexprs = {"T": T, "C": C, "THR_FROM_PTR": True, "WRITE_GRAD": True, "BLOCK_V": cfg.block,
+                      "S_PAIRED": paired, "Q_PAIRED": paired, "G_PAIRED": paired, "MC_PAIRED": paired}
         constexprs.update({f"{p}_{unit_stride}": 1 for p in ("s", "q", "mc", "g")})
         pointers = {"s_ptr": variant.get("student", dtype), "q_ptr": variant.get("student", dtype),
                     "g_ptr": variant.get("student", dtype), "mc_ptr": dtype, "count_ptr": "i32"}
         num_warps = cfg.num_warps
     elif kernel == "entropy":
         fn = K._predictive_entropy_kernel
-        constexprs = {"T": T, "C": C, "BLOCK_V": cfg.block, f"mc_{unit_stride}": 1}
+        constexprs = {"T": T, "C": C, "BLOCK_V": cfg.block, f"mc_{unit_stride}": 1,
+                      "MC_PAIRED": classes_last and C == 2}
         pointers, num_warps = {"mc_ptr": dtype}, cfg.num_warps
     elif kernel == "loss_bwd":
         fn, constexprs = K._scale_grad_kernel, {"BLOCK": cfg.block}
@@ -126,10 +131,12 @@ def _compile(variant: dict) -> dict:
         cubin.write_bytes(compiled.asm["cubin"])
         usage = subprocess.run([str(tools / "cuobjdump"), "--dump-resource-usage", str(cubin)],
                                capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
     line = next(x for x in usage.splitlines() if "REG:" in x)
     resources = {f.split(":")[0]: int(f.split(":")[1]) for f in line.split() if f.split(":")[-1].isdigit()}
     return {**variant, "config": None if cfg is None else [cfg.block, cfg.num_warps], "resources": resources,
-            "ttgir": compiled.asm["ttgir"], "ptx": compiled.asm["ptx"]}
+            "ttgir": compiled.asm["ttgir"], "ptx": compiled.asm["ptx"], "sass": sass}
 
 
 def _compile_all() -> list[dict] | None:
@@ -176,13 +183,20 @@ def _last_load_line(ptx: str) -> int:
 
 @pytest.mark.parametrize("name", _names("loss_fwd") + _names("entropy"))
 def test_class_axis_stays_in_one_thread(compiled, name):
-    """No tensor has a class dimension (all distributed layouts are 1-D), so no class reduction can
-    cross threads; and no layout conversion or shared-memory buffer comes before the last load (the
-    pass loop and the class math). After it, an output whose store layout differs from the loads'
-    (fp32 entropy map or gradient from 16-bit inputs) may be converted once per program."""
+    """The class axis is never split across threads: every distributed layout is 1-D (C separate
+    per-class vectors), or 2-D [BLOCK_V, 2] with the class pair inside one thread (the interleaved
+    C = 2 reshape / split: sizePerThread 2, one thread and one warp along it). And no layout
+    conversion or shared-memory buffer comes before the last load (the pass loop and the class
+    math); after it, an output whose store layout differs from the loads' (fp32 entropy map or
+    gradient from 16-bit inputs) may be converted once per program."""
     ttgir = compiled[name]["ttgir"]
-    layouts = re.findall(r"#ttg\.blocked<\{sizePerThread = \[([\d, ]+)\]", ttgir)
-    assert layouts and all("," not in x for x in layouts), layouts
+    layouts = re.findall(r"#ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], threadsPerWarp = \[([\d, ]+)\], "
+                         r"warpsPerCTA = \[([\d, ]+)\]", ttgir)
+    assert layouts, name
+    for layout in layouts:
+        per_thread, threads, warps = ([int(x) for x in part.split(",")] for part in layout)
+        assert len(per_thread) == 1 or (len(per_thread) == 2 and per_thread[1] == 2 and threads[1] == 1
+                                        and warps[1] == 1), (name, layout)
     body = ttgir[: ttgir.rindex("tt.load")]
     for op in ("ttg.convert_layout", "ttg.local_alloc", "ttg.local_store", "ttg.local_load"):
         assert op not in body, (name, op)
@@ -218,6 +232,31 @@ def test_contiguous_inputs_are_read_with_vector_loads(compiled, name):
     assert Counter(_global_loads(k["ptx"])) == expected, (k["name"], k["config"])
 
 
+SASS_LOAD_BYTES = {"LDG.E.128": 16, "LDG.E.64": 8, "LDG.E": 4, "LDG.E.U16": 2, "LDG.E.S16": 2}
+MIN_BYTES_IN_FLIGHT_PER_SM = 40 * 1024  # Little's law: ~3.35 TB/s x ~1 us / 132 SMs ~ 25 kB, with margin
+
+
+@pytest.mark.parametrize("name", _names("loss_fwd") + _names("entropy"))
+def test_enough_bytes_in_flight_per_sm(compiled, name):
+    """What the hardware runs (SASS, after ptxas's own scheduling): the global loads a thread issues
+    before its first exp (the first use of loaded data) times the threads of the programs that fit
+    an SM by registers (64 warps, 32 programs at most) must cover the memory latency at full
+    bandwidth. ptxas interleaves loads and math to save registers, so this is not all T * C loads."""
+    k = compiled[name]
+    instructions = [x for x in k["sass"].splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", x)]
+    first_exp = next(i for i, x in enumerate(instructions) if "MUFU.EX2" in x)
+    per_thread = 0
+    for x in instructions[:first_exp]:
+        load = re.search(r"LDG\.E(\.\w+)*", x)
+        if load:
+            per_thread += SASS_LOAD_BYTES[re.sub(r"\.(CONSTANT|EL|EF|LU|STRONG\.\w+)", "", load.group(0))]
+    block, num_warps = k["config"]
+    registers = -(-k["resources"]["REG"] // 8) * 8  # allocated in units of 8 per thread
+    programs = min(65536 // (registers * 32 * num_warps), 64 // num_warps, 32)
+    in_flight = per_thread * 32 * num_warps * programs
+    assert in_flight >= MIN_BYTES_IN_FLIGHT_PER_SM, (name, per_thread, programs, in_flight)
+
+
 def test_gradient_is_stored_with_vector_stores(compiled):
     for dtype in DTYPES:
         ptx = compiled[f"loss_fwd {dtype} C=2 T=8"]["ptx"]
@@ -228,15 +267,24 @@ def test_gradient_is_stored_with_vector_stores(compiled):
         assert loads and len(loads) == len(stores), dtype
 
 
-def test_channels_last_reads_every_class_in_the_same_thread(compiled):
-    """Class stride 1: per-class loads are strided (one element each; a warp's loads of the C
-    classes touch the same cache lines), same 1-D layout, still no barrier before the last load."""
-    for name in ("loss_fwd bf16 C=2 T=8 channels_last", "entropy bf16 C=2 T=8 channels_last"):
+def test_channels_last_is_read_in_place_with_vector_loads_for_two_classes(compiled):
+    """Class stride 1 (channels_last_3d). C = 2: each tensor (and pass) is one contiguous run of
+    interleaved pairs, read with 128-bit loads, the gradient stored the same way. Other C: one
+    strided load per class (a warp's loads of the C classes touch the same cache lines)."""
+    for name, tensors, stores in (("loss_fwd bf16 C=2 T=8 channels_last", 10, 1),
+                                  ("loss_fwd fp32 C=2 T=8 channels_last", 10, 1),
+                                  ("entropy bf16 C=2 T=8 channels_last", 8, None)):
         k = compiled[name]
         block, num_warps = k["config"]
-        loads = [x for x in _global_loads(k["ptx"]) if x.endswith(".b16")]
-        vectors = 16 + (4 if k["kernel"] == "loss_fwd" else 0)
-        assert len(loads) == vectors * block // (32 * num_warps), (name, len(loads))
+        per_thread_bytes = 2 * block // (32 * num_warps) * ELEM_BYTES[k["dtype"]]
+        loads = Counter(_global_loads(k["ptx"]))
+        assert loads["ld.global.v4.b32"] == tensors * per_thread_bytes // 16, (name, loads)
+        if stores is not None:  # the gradient (the entropy map is fp32 per voxel, not interleaved)
+            assert len(re.findall(r"st\.global\.v4", k["ptx"])) == stores * per_thread_bytes // 16, name
+    k = compiled["loss_fwd bf16 C=3 T=4 channels_last"]
+    block, num_warps = k["config"]
+    loads = Counter(_global_loads(k["ptx"]))
+    assert loads["ld.global.b16"] == 3 * (4 + 2) * block // (32 * num_warps), loads
 
 
 def test_mixed_dtypes_convert_once_after_the_pass_loop(compiled):
