@@ -17,6 +17,9 @@ the student a batch slice); ``amp`` (bf16 passes, fp32 student and teacher: time
 and at the best ``bf16`` config only, its key is the ``bf16`` one). The kernels unroll the passes
 (no pipelined loop at T=8), so there is no ``num_stages`` to sweep.
 
+After the sweep, the finalize kernel alone (the single program that reduces the forward's
+partials; it is inside every loss_fwd row): the most a one-launch forward could save.
+
 Bytes per kernel (s = element size of each tensor): loss forward reads the T passes, student and
 teacher and writes the gradient (B*C*V each); backward reads and writes the gradient; entropy
 reads the passes and writes B*V fp32.
@@ -172,7 +175,23 @@ def main(argv=None) -> dict:
             continue
         run(table_key, cfg)
 
-    best = _best(rows)
+    # the finalize alone (part of every loss_fwd row): the most a one-launch forward could save
+    for B in batches:
+        if time.perf_counter() - start > args.budget_s:
+            break
+        key = L.config_key("loss_fwd", torch.bfloat16, False, C, T, B * V)
+        programs = B * -(-V // L.config_for("loss_fwd", torch.bfloat16, False, C, T, B * V).block)
+        part = torch.zeros(K.NUM_PARTIALS, programs, device=device)
+        counts = torch.zeros(programs, device=device, dtype=torch.int32)
+        outs = [torch.empty((), device=device), torch.empty((), device=device), torch.empty(4, device=device)]
+        ms = time_ms(lambda: K._finalize_kernel[(1,)](part, counts, *outs, programs, C, B * V,
+                                                       BLOCK_P=K.FINALIZE_BLOCK, num_warps=4))
+        row = {"kernel": "finalize", "mix": "fp32", "key": list(key), "B": B, "block": K.FINALIZE_BLOCK,
+               "num_warps": 4, "default": True, "median_ms": ms, "bytes": part.numel() * 4 + programs * 4}
+        rows.append(measure.add_roofline(row, copy_gbps))
+        print(f"finalize  ({programs} partials)  B={B} {ms:9.4f} ms  (inside every loss_fwd row above)", flush=True)
+
+    best = _best([r for r in rows if r["kernel"] != "finalize"])
     amp_bf16 = [k for k in keyed if k[-1] == "amp"]
     for table_key in amp_bf16:  # amp at the best bf16 forward config too
         b = best.get(table_key[:6])

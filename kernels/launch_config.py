@@ -8,14 +8,16 @@ compile analysis (``tests/test_kernel_structure.py``):
 
 - loss forward / entropy: one 128-bit load per class and pass per thread for contiguous inputs
   (4 fp32 or 8 bf16/fp16 voxels per thread), 4 warps, so a program is 512 (fp32) or 1,024
-  (16-bit) voxels. Every load of the unrolled pass loop is independent, so a program can have all
-  ``T * C`` of them in flight; at T=8, C=2 that is 16 x 16 B = 256 B per thread, 32 kB per program,
-  and with 3+ programs per SM ~100 kB per SM, several times what Little's law asks at H100
-  bandwidth (3 TB/s x ~1 us / 132 SMs ~ 25 kB). The voxels per thread halve while the loads in
-  flight plus the C accumulators exceed VALUES_PER_THREAD values (the paper's bf16 case sits at the
-  budget: (16 + 2) x 8 = 144, 79 registers on sm_90 with Triton 3.9). Beyond UNROLL_MAX_LOADS
-  (C * T) the pass loop is a loop, with C loads in flight. Channels-last inputs (class stride 1) load one element per class (strided, served from
-  L1 for the second class), and keep the same voxel count per thread.
+  (16-bit) voxels. The loads of the unrolled passes are independent, all issued before any is
+  used: at T=8, C=2 up to 16 x 16 B = 256 B per thread, 32 kB per program, several times per SM
+  what Little's law asks at H100 bandwidth (3 TB/s x ~1 us / 132 SMs ~ 25 kB). ptxas interleaves
+  part of them with the math to save registers; tests/test_kernel_structure.py checks from the
+  SASS that the bytes in flight per SM still exceed 40 kB. The voxels per thread halve while the
+  loads in flight plus the C accumulators exceed VALUES_PER_THREAD values (the paper's bf16 case
+  sits at the budget: (16 + 2) x 8 = 144, 79 registers on sm_90 with Triton 3.9). Beyond
+  UNROLL_MAX_LOADS (C * T) the passes are a loop, with C loads in flight. Channels-last inputs
+  (class stride 1) get 4 voxels per thread: for C = 2 one 128-bit load of interleaved pairs per
+  pass for bf16 (two for fp32); other C one strided element per class.
 - backward scale: an elementwise pass, 16 elements per thread at 8 warps (four 128-bit accesses
   per operand for fp32, two for 16-bit).
 - small problems (fewer than MIN_PROGRAMS programs of the big block) halve the block until there

@@ -37,10 +37,39 @@ elements per logits tensor, 16.06 MB):
 
 (a) moves fewer bytes, keeps the backward a trivial elementwise kernel, and holds 16 MB between
 forward and backward where (b) holds student + teacher + mask (34 MB). With bf16 teacher passes
-(the AMP case, fp32 student and teacher) mc is 64.2 MB and (a) moves 144.5 MB. Partials (6 values
-per 1,024 voxels) are noise. At ~3 TB/s (H100 device-copy bandwidth, measured by benchmarks/) the
+(fp32 student and teacher) mc is 64.2 MB and (a) moves 144.5 MB. Partials (6 values per program
+of 512 to 1,024 voxels) are noise. At ~3 TB/s (H100 device-copy bandwidth, measured by benchmarks/) the
 floor for fwd + bwd is 208.7 MB / 3 TB/s ~ 70 us: the kernels are memory-bound (about ten
 arithmetic ops and one exp per mc element, far below the H100's compute and SFU rates).
+
+The trainer's mix (train.py under bf16 autocast: student, teacher and passes all bf16) halves
+every tensor: 64.2 + 8.0 + 8.0 read and 8.0 written in forward, 16.1 in backward: 104.4 MB, ~35 us.
+
+Structure (what makes the kernels run at memory speed; ``tests/test_kernel_structure.py`` compiles
+them for sm_90 on the CPU and checks each point in the TTGIR, PTX and SASS):
+
+- The class axis never leaves a thread. A voxel's C logits are C separate [BLOCK_V] vectors, a
+  tuple unrolled by ``tl.static_range`` over the constexpr C; softmax, entropy, squared difference
+  and gradient are elementwise between vectors of one layout. No tensor has a class dimension, so
+  the compiler cannot spread classes over warps (as a [C, BLOCK_V] tile was, for bf16: every pass's
+  class reductions then went through shared memory behind barriers). The only cross-thread step is
+  the per-program partials reduction at the end: one multi-operand ``tl.reduce``.
+- The T passes are unrolled (constexpr T): straight-line code, every load of every pass issued
+  before the first exp, no barrier anywhere before the last load. Past ``UNROLL_MAX_LOADS`` class
+  vectors (C * T > 64) a loop over T bounds compile time and registers.
+- Contiguous inputs (voxel stride 1, specialised by Triton) are read with 128-bit loads: 4 fp32 or
+  8 bf16/fp16 voxels per thread and vector. channels_last_3d inputs (class stride 1) are read in
+  place: for C = 2 a block's interleaved pairs are one contiguous run, loaded with 128-bit loads
+  and split in-thread by ``tl.reshape`` + ``tl.split`` (the gradient is joined back and stored the
+  same way); other C read each class with a strided load (the C loads of a warp hit the same lines).
+- Launch configs come from ``kernels/launch_config.py``: a fixed table keyed on (kernel, dtype,
+  layout, C, T, size) with a rule behind it, so the same input always gets the same config and the
+  same bits; ``python -m benchmarks.kernel_sweep`` times the candidates on a GPU and prints the table.
+- Two launches for the forward (kernel + single-program finalize) rather than one with an atomic
+  "last program" ticket: the finalize reads 6 values per program (a few kB) and costs one small
+  launch; the ticket variant needs a persistent zeroed counter per device (hidden state that
+  concurrent streams and CUDA graphs would share) and release/acquire ordering that no CPU test
+  can check. Not built; ``kernel_sweep`` times the finalize alone, the most it could save.
 
 Strides. Every logits tensor is addressed as (B, C, V) with a batch, class and voxel stride (mc
 has a pass stride in front), so a channels_last_3d student (class stride 1, voxel stride C) or a

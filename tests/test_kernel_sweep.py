@@ -20,7 +20,7 @@ def test_cpu_sweep_times_every_kernel_and_mix_and_prints_the_table(tmp_path, cap
     assert json.loads(out.read_text())["complete"] is True
     assert {(r["kernel"], r["mix"]) for r in result["rows"]} == {
         *((k, m) for k in ("loss_fwd", "entropy") for m in ("fp32", "bf16", "fp16", "trainer")),
-        *(("loss_bwd", m) for m in ("fp32", "bf16", "fp16")), ("loss_fwd", "amp"),
+        *(("loss_bwd", m) for m in ("fp32", "bf16", "fp16")), ("loss_fwd", "amp"), ("finalize", "fp32"),
     }
     assert {r["key"][2] for r in result["rows"] if r["mix"] == "trainer"} == {"classes_last"}
     assert all(r["median_ms"] > 0 for r in result["rows"])
