@@ -35,7 +35,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def _parse(argv):
@@ -54,10 +54,10 @@ def main(argv=None) -> dict:
     if args.cpu:  # before triton is imported: the kernels then run in the interpreter
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
-
-    from benchmarks import measure
     from uamt_fast.kernels import launch_config as L
     from uamt_fast.kernels import uncertainty_loss as K
+
+    from benchmarks import measure
 
     if args.cpu and not K.TRITON_INTERPRET:
         raise SystemExit("kernel_sweep --cpu: triton was imported before TRITON_INTERPRET=1 could be set")
@@ -93,7 +93,6 @@ def main(argv=None) -> dict:
 
     # -- what to time: per key, the candidates and a runner ------------------------------------
     thr = torch.tensor(0.5, device=device)
-    jobs = []  # (key, mix, config, B, fn, bytes)
 
     def candidates(kernel: str, default):
         if args.cpu:
@@ -117,7 +116,7 @@ def main(argv=None) -> dict:
                     s, q, mc, thr, 0.0, True, config=cfg), nbytes(s, q, mc, s)),
                 "entropy": (mc.dtype, lambda cfg, mc=mc: K.predictive_entropy_forward(mc, config=cfg),
                             nbytes(mc) + B * V * 4),
-                "loss_bwd": (grad.dtype, lambda cfg, grad=grad: K.uncertainty_loss_backward(
+                "loss_bwd": (grad.dtype, lambda cfg, grad=grad, scale=scale, one=one: K.uncertainty_loss_backward(
                     grad, scale, one, config=cfg), 2 * nbytes(grad)),
             }
             for kernel, (dtype, fn, moved) in kernels.items():
@@ -160,7 +159,7 @@ def main(argv=None) -> dict:
     def run(table_key, cfg):
         entry = keyed[table_key]
         for B, fn, moved in entry["runs"]:
-            ms = time_ms(lambda: fn(cfg))
+            ms = time_ms(lambda fn=fn: fn(cfg))
             row = {"kernel": entry["kernel"], "mix": entry["mix"], "key": list(table_key[:6]), "B": B,
                    "block": cfg.block, "num_warps": cfg.num_warps, "default": cfg == entry["default"],
                    "median_ms": ms, "bytes": moved}
@@ -184,8 +183,8 @@ def main(argv=None) -> dict:
         part = torch.zeros(K.NUM_PARTIALS, programs, device=device)
         counts = torch.zeros(programs, device=device, dtype=torch.int32)
         outs = [torch.empty((), device=device), torch.empty((), device=device), torch.empty(4, device=device)]
-        ms = time_ms(lambda: K._finalize_kernel[(1,)](part, counts, *outs, programs, C, B * V,
-                                                       BLOCK_P=K.FINALIZE_BLOCK, num_warps=4))
+        args_ = (part, counts, *outs, programs, C, B * V)
+        ms = time_ms(lambda args_=args_: K._finalize_kernel[(1,)](*args_, BLOCK_P=K.FINALIZE_BLOCK, num_warps=4))
         row = {"kernel": "finalize", "mix": "fp32", "key": list(key), "B": B, "block": K.FINALIZE_BLOCK,
                "num_warps": 4, "default": True, "median_ms": ms, "bytes": part.numel() * 4 + programs * 4}
         rows.append(measure.add_roofline(row, copy_gbps))

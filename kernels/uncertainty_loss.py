@@ -85,7 +85,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-
 from uamt_fast.kernels import launch_config
 from uamt_fast.kernels.launch_config import LaunchConfig, config_for
 

@@ -69,11 +69,10 @@ def _variants() -> list[dict]:
 
 
 def _compile(variant: dict) -> dict:
-    import triton
     import torch
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
     from uamt_fast.kernels import ema_update as E
     from uamt_fast.kernels import launch_config as L
     from uamt_fast.kernels import uncertainty_loss as K
@@ -157,7 +156,8 @@ def _compile_all() -> list[dict] | None:
 def compiled() -> dict[str, dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 = its (and 3.6's) default
-    done = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     if report is None:
@@ -225,7 +225,6 @@ def test_contiguous_inputs_are_read_with_vector_loads(compiled, name):
     per_thread_bytes = block // (32 * num_warps) * ELEM_BYTES[dtype]
     unrolled = C * T <= 64  # kernels/launch_config.UNROLL_MAX_LOADS; a loop's loads appear once in the text
     vectors = C * (T if unrolled else 1) + (2 * C if kernel == "loss_fwd" else 0)
-    loads = _global_loads(k["ptx"])
     width = "v4.b32" if per_thread_bytes >= 16 else {8: "v2.b32", 4: "b32", 2: "b16"}[per_thread_bytes]
     expected = Counter({f"ld.global.{width}": vectors * max(1, per_thread_bytes // 16)})
     expected["ld.global.b32"] += 1 if kernel == "loss_fwd" else 0  # the 0-dim threshold
@@ -250,7 +249,7 @@ def test_enough_bytes_in_flight_per_sm(compiled, name):
         load = re.search(r"LDG\.E(\.\w+)*", x)
         if load:
             per_thread += SASS_LOAD_BYTES[re.sub(r"\.(CONSTANT|EL|EF|LU|STRONG\.\w+)", "", load.group(0))]
-    block, num_warps = k["config"]
+    num_warps = k["config"][1]
     registers = -(-k["resources"]["REG"] // 8) * 8  # allocated in units of 8 per thread
     programs = min(65536 // (registers * 32 * num_warps), 64 // num_warps, 32)
     in_flight = per_thread * 32 * num_warps * programs

@@ -2,12 +2,13 @@
 best config per key, the printed launcher table) at tiny shapes in the Triton interpreter."""
 from __future__ import annotations
 
+import ast
 import json
 
 import pytest
+from uamt_fast.kernels import launch_config
 
 from uamt_fast import consistency
-from uamt_fast.kernels import launch_config
 
 pytestmark = pytest.mark.skipif(not consistency.TRITON_ON_CPU, reason="the --cpu sweep runs in the Triton interpreter")
 
@@ -24,9 +25,11 @@ def test_cpu_sweep_times_every_kernel_and_mix_and_prints_the_table(tmp_path, cap
     }
     assert {r["key"][2] for r in result["rows"] if r["mix"] == "trainer"} == {"classes_last"}
     assert all(r["median_ms"] > 0 for r in result["rows"])
-    table = {}
-    exec(result["table_py"], {"LaunchConfig": launch_config.LaunchConfig}, table)  # the printed form parses
-    assert len(table["TABLE"]) == 11 and all(isinstance(v, launch_config.LaunchConfig) for v in table["TABLE"].values())
-    for key in table["TABLE"]:
+    # the printed block is the launch_config.TABLE form: literal keys -> LaunchConfig(block=..., num_warps=...)
+    (assign,) = ast.parse(result["table_py"]).body
+    table = {ast.literal_eval(k): launch_config.LaunchConfig(**{kw.arg: ast.literal_eval(kw.value) for kw in v.keywords})
+             for k, v in zip(assign.value.keys, assign.value.values) if v.func.id == "LaunchConfig"}
+    assert assign.targets[0].id == "TABLE" and len(table) == len(assign.value.keys) == 11
+    for key in table:
         assert key[0] in launch_config.KERNELS and key[2] in launch_config.LAYOUTS and key[5] == "small"
     assert result["table_py"] in capsys.readouterr().out

@@ -13,10 +13,10 @@ import math
 
 import pytest
 import torch
+from uamt_fast.kernels import uncertainty_loss as kernels
 
 import uamt_fast
 from uamt_fast import consistency, reference
-from uamt_fast.kernels import uncertainty_loss as kernels
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or consistency.TRITON_ON_CPU),
@@ -410,3 +410,47 @@ def test_predictive_entropy_bad_input():
         uamt_fast.predictive_entropy(torch.randn(3, 2, 1, 5))
     with pytest.raises(TypeError, match="float16"):
         uamt_fast.predictive_entropy(torch.ones(3, 2, 2, 5, dtype=torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configs (kernels/launch_config.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_launch_config_override_changes_the_grid_not_the_per_voxel_results():
+    from uamt_fast.kernels.launch_config import LaunchConfig
+
+    student, teacher, mc = make_logits(2, 2, 3, (3, 5, 7))
+    h = safe_threshold(mc)
+    default = kernels.uncertainty_loss_forward(student.detach(), teacher, mc, None, h, True)
+    small = kernels.uncertainty_loss_forward(student.detach(), teacher, mc, None, h, True,
+                                             config=LaunchConfig(16, 2))
+    assert torch.equal(default[2], small[2])  # the gradient is per voxel: the same bits
+    assert torch.equal(default[1][0], small[1][0])  # the mask fraction: an exact count
+    assert rel_err(small[0], default[0]) <= 1e-6  # the loss: partial sums in another grouping
+    assert torch.equal(kernels.predictive_entropy_forward(mc), kernels.predictive_entropy_forward(
+        mc, config=LaunchConfig(8, 1)))
+    grad = kernels.uncertainty_loss_backward(default[2], default[3], torch.tensor(2.0, device=DEVICE),
+                                             config=LaunchConfig(64, 4))
+    assert torch.equal(grad, kernels.uncertainty_loss_backward(default[2], default[3], torch.tensor(2.0, device=DEVICE)))
+
+
+def test_launch_config_is_a_fixed_function_of_the_key(monkeypatch):
+    from uamt_fast.kernels import launch_config as L
+
+    monkeypatch.setattr(L, "TRITON_INTERPRET", False)  # the GPU rule and table, not the interpreter's blocks
+    paper = 2 * 112 * 112 * 80
+    first = L.config_for("loss_fwd", torch.bfloat16, False, 2, 8, paper)
+    assert first == L.config_for("loss_fwd", torch.bfloat16, False, 2, 8, paper) == L.LaunchConfig(1024, 4)
+    assert L.config_for("loss_fwd", torch.float32, False, 2, 8, paper) == L.LaunchConfig(512, 4)
+    assert L.config_for("loss_fwd", torch.bfloat16, False, 2, 8, 4096).block < first.block  # small: more programs
+    key = L.config_key("entropy", torch.float16, True, 3, 4, paper)
+    assert key == ("entropy", "fp16", "classes_last", 3, 4, "large")
+    monkeypatch.setitem(L.TABLE, key, L.LaunchConfig(2048, 8))
+    assert L.config_for("entropy", torch.float16, True, 3, 4, paper) == L.LaunchConfig(2048, 8)
+    with pytest.raises(ValueError, match="power of two"):
+        L.LaunchConfig(1000, 4)
+    with pytest.raises(ValueError, match="num_warps"):
+        L.LaunchConfig(1024, 3)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        L.config_key("loss", torch.float32, False, 2, 8, paper)
