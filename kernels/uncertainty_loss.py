@@ -37,10 +37,39 @@ elements per logits tensor, 16.06 MB):
 
 (a) moves fewer bytes, keeps the backward a trivial elementwise kernel, and holds 16 MB between
 forward and backward where (b) holds student + teacher + mask (34 MB). With bf16 teacher passes
-(the AMP case, fp32 student and teacher) mc is 64.2 MB and (a) moves 144.5 MB. Partials (6 values
-per 1,024 voxels) are noise. At ~3 TB/s (H100 device-copy bandwidth, measured by benchmarks/) the
+(fp32 student and teacher) mc is 64.2 MB and (a) moves 144.5 MB. Partials (6 values per program
+of 512 to 1,024 voxels) are noise. At ~3 TB/s (H100 device-copy bandwidth, measured by benchmarks/) the
 floor for fwd + bwd is 208.7 MB / 3 TB/s ~ 70 us: the kernels are memory-bound (about ten
 arithmetic ops and one exp per mc element, far below the H100's compute and SFU rates).
+
+The trainer's mix (train.py under bf16 autocast: student, teacher and passes all bf16) halves
+every tensor: 64.2 + 8.0 + 8.0 read and 8.0 written in forward, 16.1 in backward: 104.4 MB, ~35 us.
+
+Structure (what makes the kernels run at memory speed; ``tests/test_kernel_structure.py`` compiles
+them for sm_90 on the CPU and checks each point in the TTGIR, PTX and SASS):
+
+- The class axis never leaves a thread. A voxel's C logits are C separate [BLOCK_V] vectors, a
+  tuple unrolled by ``tl.static_range`` over the constexpr C; softmax, entropy, squared difference
+  and gradient are elementwise between vectors of one layout. No tensor has a class dimension, so
+  the compiler cannot spread classes over warps (as a [C, BLOCK_V] tile was, for bf16: every pass's
+  class reductions then went through shared memory behind barriers). The only cross-thread step is
+  the per-program partials reduction at the end: one multi-operand ``tl.reduce``.
+- The T passes are unrolled (constexpr T): straight-line code, every load of every pass issued
+  before the first exp, no barrier anywhere before the last load. Past ``UNROLL_MAX_LOADS`` class
+  vectors (C * T > 64) a loop over T bounds compile time and registers.
+- Contiguous inputs (voxel stride 1, specialised by Triton) are read with 128-bit loads: 4 fp32 or
+  8 bf16/fp16 voxels per thread and vector. channels_last_3d inputs (class stride 1) are read in
+  place: for C = 2 a block's interleaved pairs are one contiguous run, loaded with 128-bit loads
+  and split in-thread by ``tl.reshape`` + ``tl.split`` (the gradient is joined back and stored the
+  same way); other C read each class with a strided load (the C loads of a warp hit the same lines).
+- Launch configs come from ``kernels/launch_config.py``: a fixed table keyed on (kernel, dtype,
+  layout, C, T, size) with a rule behind it, so the same input always gets the same config and the
+  same bits; ``python -m benchmarks.kernel_sweep`` times the candidates on a GPU and prints the table.
+- Two launches for the forward (kernel + single-program finalize) rather than one with an atomic
+  "last program" ticket: the finalize reads 6 values per program (a few kB) and costs one small
+  launch; the ticket variant needs a persistent zeroed counter per device (hidden state that
+  concurrent streams and CUDA graphs would share) and release/acquire ordering that no CPU test
+  can check. Not built; ``kernel_sweep`` times the finalize alone, the most it could save.
 
 Strides. Every logits tensor is addressed as (B, C, V) with a batch, class and voxel stride (mc
 has a pass stride in front), so a channels_last_3d student (class stride 1, voxel stride C) or a
@@ -56,6 +85,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from uamt_fast.kernels import launch_config
+from uamt_fast.kernels.launch_config import LaunchConfig, config_for
 
 from uamt_fast.kernels.device import check_triton_can_take
 
@@ -66,23 +97,11 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ENTROPY_EPS = 1e-6  # inside the log, as released
 MASK_EPS = 1e-16  # added to C * N, as released
 NUM_PARTIALS = 5  # float partials per program: masked sq sum, u sum, u min, u max, NaN probe
+UNROLL_MAX_LOADS = tl.constexpr(launch_config.UNROLL_MAX_LOADS)  # C * T up to which the pass loop is unrolled
 
-# Launch parameters. A program owns BLOCK_V voxels x C_PAD classes; the tile is capped at
-# TILE_ELEMS elements so registers stay bounded for C up to 16+ (C=2: 1,024 voxels, 2,048 elements,
-# 8 fp32 per thread at 8 warps, loaded as 128-bit vectors). Compiled for sm_90 (see the test
-# test_kernels_compile_for_hopper_without_spills) the fp32 forward takes 48 registers: 5 programs
-# (1,280 threads, 40 kB of mc tiles in flight) per SM; 4 warps would take 116 registers and fit 4
-# programs of 128 threads. 1,960 programs at the paper's shapes, ~3 waves on 132 SMs. To be tuned
-# by the benchmark on the GPU. The interpreter gets small blocks so CPU tests cover several
-# programs and ragged tails.
-TILE_ELEMS = 2048
-MAX_BLOCK_V = 1024
-NUM_WARPS = 8
-FINALIZE_BLOCK = 1024
-ELEMENTWISE_BLOCK = 4096
-ELEMENTWISE_WARPS = 8
-if TRITON_INTERPRET:
-    TILE_ELEMS, MAX_BLOCK_V, FINALIZE_BLOCK, ELEMENTWISE_BLOCK = 256, 64, 4, 256
+# Launch parameters of the loss forward, entropy and backward come from kernels/launch_config.py
+# (a fixed table keyed on dtype, layout, C, T and size; launchers take an explicit override).
+FINALIZE_BLOCK = 4 if TRITON_INTERPRET else 1024  # partials per step of the single finalize program
 
 # Every output buffer of the launchers comes from these two; tests swap in NaN-filled versions to
 # prove that the kernels write every element.
@@ -92,41 +111,118 @@ _empty_like = torch.empty_like
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
+#
+# A voxel's C class logits are C separate [BLOCK_V] vectors (tuples unrolled by tl.static_range
+# over the constexpr C), never one [C, BLOCK_V] tile: every op over classes is then elementwise
+# between vectors of the same layout, so it stays in the thread that owns the voxel, whatever
+# layout the compiler picks. The T passes are unrolled too (constexpr T), so the whole program is
+# straight-line code and every load can be issued before the first exp.
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _softmax_over_classes(x, class_ok):
-    """Softmax along axis 0 of a [C_PAD, BLOCK_V] fp32 tile; padded classes get probability 0."""
-    x = tl.where(class_ok, x, float("-inf"))
-    e = tl.exp(x - tl.max(x, axis=0)[None, :])
-    return e / tl.sum(e, axis=0)[None, :]
+def _load_classes(ptr, class_stride, offs, ok, C: tl.constexpr, PAIRED: tl.constexpr):
+    """The C class vectors of one tensor as a tuple of [BLOCK_V] vectors in the tensor's dtype
+    (converted to fp32 where they are used, so the loads of all passes can be issued first).
+
+    PAIRED (C = 2, class stride 1, voxel stride 2: channels_last_3d): ``offs`` / ``ok`` are the
+    flat offsets of the program's 2 * BLOCK_V interleaved elements; one contiguous (vector) load,
+    then reshape to [BLOCK_V, 2] and split, both of which keep a voxel's pair in its thread.
+    Otherwise ``offs`` / ``ok`` are per voxel and class c is read at ``ptr + c * class_stride + offs``
+    (pointer increments: no int32 product ``c * class_stride`` can overflow)."""
+    if PAIRED:
+        x = tl.load(ptr + offs, mask=ok, other=0.0)
+        a, b = tl.split(tl.reshape(x, [offs.shape[0] // 2, 2]))
+        xs = (a, b)
+    else:
+        xs = ()
+        for _ in tl.static_range(C):
+            xs = xs + (tl.load(ptr + offs, mask=ok, other=0.0),)
+            ptr += class_stride
+    return xs
 
 
 @triton.jit
-def _mean_softmax_entropy(
-    mc_ptr,  # logits of pass 0, sample b, already offset: mc[0, b]
-    stride_t,  # int, pass stride of mc
-    offs2d,  # [C_PAD, BLOCK_V] int64, c * stride_c + v * stride_v
-    ld_mask,  # [C_PAD, BLOCK_V] bool, real class and voxel in range
-    class_ok,  # [C_PAD, 1] bool, real class
-    T,  # int, number of passes
-):
-    """Per-voxel entropy of the mean softmax of T passes, and a NaN probe (sum of x * 0)."""
-    mu = tl.zeros(offs2d.shape, dtype=tl.float32)
-    probe = tl.zeros(offs2d.shape, dtype=tl.float32)
-    ptr = mc_ptr
-    t = 0
-    while t < T:  # `while`, not range(T): Triton 3.6's interpreter cannot index a runtime int under NumPy 2
-        x = tl.load(ptr + offs2d, mask=ld_mask, other=0.0).to(tl.float32)
-        probe += x * 0.0  # 0 for finite logits, NaN for NaN / +-Inf
-        mu += _softmax_over_classes(x, class_ok)
-        ptr += stride_t  # pointer increments: no int32 product t * stride_t can overflow
-        t += 1
-    mu = mu / T
-    # Padded classes have mu = 0 and contribute 0 * ln(1e-6) = 0.
-    u = -tl.sum(mu * tl.log(mu + 1e-6), axis=0)
-    return u, tl.sum(probe, axis=0)
+def _to_fp32(xs, C: tl.constexpr):
+    out = ()
+    for c in tl.static_range(C):
+        out = out + (xs[c].to(tl.float32),)
+    return out
+
+
+@triton.jit
+def _softmax(xs, C: tl.constexpr):
+    """Softmax over a tuple of C fp32 class vectors, elementwise per voxel."""
+    m = xs[0]
+    for c in tl.static_range(1, C):
+        m = tl.maximum(m, xs[c])
+    es = ()
+    for c in tl.static_range(C):
+        es = es + (tl.exp(xs[c] - m),)
+    total = es[0]
+    for c in tl.static_range(1, C):
+        total += es[c]
+    ps = ()
+    for c in tl.static_range(C):
+        ps = ps + (es[c] / total,)
+    return ps
+
+
+@triton.jit
+def _nan_probe(probe, xs, C: tl.constexpr):
+    """``probe + sum_c x_c * 0``: stays 0 for finite logits, becomes NaN for any NaN or +-Inf."""
+    for c in tl.static_range(C):
+        probe += xs[c] * 0.0
+    return probe
+
+
+@triton.jit
+def _add_pass(mu, probe, xs, C: tl.constexpr):
+    """One pass: ``mu_c += softmax(x)_c`` for the C loaded class vectors ``xs``; ``probe`` += NaN probe."""
+    xs = _to_fp32(xs, C)
+    ps = _softmax(xs, C)
+    acc = ()
+    for c in tl.static_range(C):
+        acc = acc + (mu[c] + ps[c],)
+    return acc, _nan_probe(probe, xs, C)
+
+
+@triton.jit
+def _mean_softmax_entropy(mc_ptr, mc_st, mc_sc, offs, ok, C: tl.constexpr, T: tl.constexpr,
+                          PAIRED: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Per-voxel entropy of the mean softmax of the T passes at ``mc_ptr + t * mc_st`` (classes and
+    voxels addressed as in ``_load_classes``), and the NaN probe of every logit read.
+
+    Up to UNROLL_MAX_LOADS class vectors (C * T), all T passes are loaded first and then reduced:
+    every load is issued before the first use of any, so all are in flight together. Beyond, a
+    loop of T (C loads in flight) bounds compile time, code size and registers."""
+    probe = tl.zeros([BLOCK_V], dtype=tl.float32)
+    mu = ()
+    for _ in tl.static_range(C):
+        mu = mu + (tl.zeros([BLOCK_V], dtype=tl.float32),)
+    if C * T <= UNROLL_MAX_LOADS:
+        passes = ()
+        for _ in tl.static_range(T):
+            passes = passes + (_load_classes(mc_ptr, mc_sc, offs, ok, C, PAIRED),)
+            mc_ptr += mc_st  # pointer increments: no int32 product t * mc_st can overflow
+        for t in tl.static_range(T):
+            mu, probe = _add_pass(mu, probe, passes[t], C)
+    else:
+        for _ in tl.range(T):
+            mu, probe = _add_pass(mu, probe, _load_classes(mc_ptr, mc_sc, offs, ok, C, PAIRED), C)
+            mc_ptr += mc_st
+    u = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for c in tl.static_range(C):
+        mean = mu[c] / T
+        u -= mean * tl.log(mean + 1e-6)
+    return u, probe
+
+
+@triton.jit
+def _partials_combine(sq_a, u_sum_a, u_min_a, u_max_a, probe_a, count_a,
+                      sq_b, u_sum_b, u_min_b, u_max_b, probe_b, count_b):
+    return (sq_a + sq_b, u_sum_a + u_sum_b, tl.minimum(u_min_a, u_min_b), tl.maximum(u_max_a, u_max_b),
+            probe_a + probe_b, count_a + count_b)
 
 
 @triton.jit
@@ -143,58 +239,87 @@ def _uncertainty_loss_fwd_kernel(
     count_ptr,  # out: int32 (P,) mask counts
     thr_ptr,  # 0-dim threshold tensor (read if THR_FROM_PTR)
     thr_value,  # float threshold (used if not THR_FROM_PTR)
-    T, C, V,
+    V,
+    T: tl.constexpr,
+    C: tl.constexpr,
     THR_FROM_PTR: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
-    C_PAD: tl.constexpr,
+    S_PAIRED: tl.constexpr,  # student, teacher, gradient, passes: C = 2 interleaved (see _load_classes)
+    Q_PAIRED: tl.constexpr,
+    G_PAIRED: tl.constexpr,
+    MC_PAIRED: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     pid_v = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
     P = tl.num_programs(0) * tl.num_programs(1)
     prog = pid_b * tl.num_programs(0) + pid_v
-
-    offs_c = tl.arange(0, C_PAD).to(tl.int64)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-    class_ok = (offs_c < C)[:, None]
     vox_ok = offs_v < V
-    ld_mask = class_ok & vox_ok[None, :]
+    flat = pid_v * 2 * BLOCK_V + tl.arange(0, 2 * BLOCK_V).to(tl.int64)  # PAIRED tensors: 2 per voxel
+    flat_ok = flat < 2 * V
 
     # 1. Uncertainty of the T passes; the mask.
-    u, probe = _mean_softmax_entropy(
-        mc_ptr + pid_b * mc_sb, mc_st, offs_c[:, None] * mc_sc + offs_v[None, :] * mc_sv, ld_mask, class_ok, T
-    )
+    if MC_PAIRED:
+        u, probe = _mean_softmax_entropy(mc_ptr + pid_b * mc_sb, mc_st, 1, flat, flat_ok, C, T, True, BLOCK_V)
+    else:
+        u, probe = _mean_softmax_entropy(
+            mc_ptr + pid_b * mc_sb, mc_st, mc_sc, offs_v * mc_sv, vox_ok, C, T, False, BLOCK_V
+        )
     if THR_FROM_PTR:
         thr = tl.load(thr_ptr).to(tl.float32)
     else:
         thr = thr_value
     keep = (u < thr) & vox_ok
 
-    # 2. Student and teacher softmax, masked squared difference summed over classes.
-    s = tl.load(s_ptr + pid_b * s_sb + offs_c[:, None] * s_sc + offs_v[None, :] * s_sv, mask=ld_mask, other=0.0)
-    s = s.to(tl.float32)
-    q = tl.load(q_ptr + pid_b * q_sb + offs_c[:, None] * q_sc + offs_v[None, :] * q_sv, mask=ld_mask, other=0.0)
-    q = q.to(tl.float32)
-    probe += tl.sum(s * 0.0 + q * 0.0, axis=0)
-    p = _softmax_over_classes(s, class_ok)
-    d = p - _softmax_over_classes(q, class_ok)  # padded classes: 0 - 0
-    sq = tl.sum(d * d, axis=0)
+    # 2. Student and teacher softmax, squared difference summed over classes.
+    if S_PAIRED:
+        s = _load_classes(s_ptr + pid_b * s_sb, 1, flat, flat_ok, C, True)
+    else:
+        s = _load_classes(s_ptr + pid_b * s_sb, s_sc, offs_v * s_sv, vox_ok, C, False)
+    if Q_PAIRED:
+        q = _load_classes(q_ptr + pid_b * q_sb, 1, flat, flat_ok, C, True)
+    else:
+        q = _load_classes(q_ptr + pid_b * q_sb, q_sc, offs_v * q_sv, vox_ok, C, False)
+    s, q = _to_fp32(s, C), _to_fp32(q, C)
+    probe = _nan_probe(_nan_probe(probe, s, C), q, C)
+    p = _softmax(s, C)
+    pq = _softmax(q, C)
+    d = ()
+    sq = tl.zeros(offs_v.shape, dtype=tl.float32)
+    dp = tl.zeros(offs_v.shape, dtype=tl.float32)
+    for c in tl.static_range(C):
+        d = d + (p[c] - pq[c],)
+        sq += d[c] * d[c]
+        dp += d[c] * p[c]
 
     # 3. Unnormalised gradient: dL/ds_j = 2 m p_j (d_j - sum_k d_k p_k) / (C N + eps); the division
     #    waits for backward, which knows N. Unkept voxels get an exact 0.
     if WRITE_GRAD:
-        dp = tl.sum(d * p, axis=0)
-        g = tl.where(keep[None, :], 2.0 * p * (d - dp[None, :]), 0.0)
-        g_off = pid_b * g_sb + offs_c[:, None] * g_sc + offs_v[None, :] * g_sv
-        tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=ld_mask)
+        g = ()
+        for c in tl.static_range(C):
+            g = g + (tl.where(keep, 2.0 * p[c] * (d[c] - dp), 0.0).to(g_ptr.dtype.element_ty),)
+        g_ptr += pid_b * g_sb
+        if G_PAIRED:  # join the pair back: one contiguous (vector) store
+            tl.store(g_ptr + flat, tl.reshape(tl.join(g[0], g[1]), [2 * BLOCK_V]), mask=flat_ok)
+        else:
+            for c in tl.static_range(C):
+                tl.store(g_ptr + offs_v * g_sv, g[c], mask=vox_ok)
+                g_ptr += g_sc
 
-    # 4. This program's partials (finished in _finalize_kernel in a fixed order).
-    tl.store(part_ptr + 0 * P + prog, tl.sum(tl.where(keep, sq, 0.0), axis=0))
-    tl.store(part_ptr + 1 * P + prog, tl.sum(tl.where(vox_ok, u, 0.0), axis=0))
-    tl.store(part_ptr + 2 * P + prog, tl.min(tl.where(vox_ok, u, float("inf")), axis=0))
-    tl.store(part_ptr + 3 * P + prog, tl.max(tl.where(vox_ok, u, float("-inf")), axis=0))
-    tl.store(part_ptr + 4 * P + prog, tl.sum(probe, axis=0))
-    tl.store(count_ptr + prog, tl.sum(keep.to(tl.int32), axis=0))
+    # 4. This program's partials (finished by _finalize_kernel in a fixed order): the only
+    #    reduction across threads, once per program, all six values in one pass through shared memory.
+    sq_sum, u_sum, u_min, u_max, probe_sum, count = tl.reduce(
+        (tl.where(keep, sq, 0.0), tl.where(vox_ok, u, 0.0), tl.where(vox_ok, u, float("inf")),
+         tl.where(vox_ok, u, float("-inf")), probe, keep.to(tl.int32)),
+        0, _partials_combine,
+    )
+    tl.store(part_ptr + 0 * P + prog, sq_sum)
+    tl.store(part_ptr + 1 * P + prog, u_sum)
+    tl.store(part_ptr + 2 * P + prog, u_min)
+    tl.store(part_ptr + 3 * P + prog, u_max)
+    tl.store(part_ptr + 4 * P + prog, probe_sum)
+    tl.store(count_ptr + prog, count)
 
 
 @triton.jit
@@ -257,20 +382,21 @@ def _predictive_entropy_kernel(
     mc_ptr,  # teacher passes (T, B, C, V)
     mc_st, mc_sb, mc_sc, mc_sv,
     u_ptr,  # out: fp32 (B, V) contiguous
-    T, C, V,
-    C_PAD: tl.constexpr,
+    V,
+    T: tl.constexpr,
+    C: tl.constexpr,
+    MC_PAIRED: tl.constexpr,  # C = 2 interleaved passes (see _load_classes)
     BLOCK_V: tl.constexpr,
 ):
     pid_v = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
-    offs_c = tl.arange(0, C_PAD).to(tl.int64)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-    class_ok = (offs_c < C)[:, None]
     vox_ok = offs_v < V
-    u, _ = _mean_softmax_entropy(
-        mc_ptr + pid_b * mc_sb, mc_st, offs_c[:, None] * mc_sc + offs_v[None, :] * mc_sv,
-        class_ok & vox_ok[None, :], class_ok, T,
-    )
+    if MC_PAIRED:
+        flat = pid_v * 2 * BLOCK_V + tl.arange(0, 2 * BLOCK_V).to(tl.int64)
+        u, _ = _mean_softmax_entropy(mc_ptr + pid_b * mc_sb, mc_st, 1, flat, flat < 2 * V, C, T, True, BLOCK_V)
+    else:
+        u, _ = _mean_softmax_entropy(mc_ptr + pid_b * mc_sb, mc_st, mc_sc, offs_v * mc_sv, vox_ok, C, T, False, BLOCK_V)
     tl.store(u_ptr + pid_b * V + offs_v, u, mask=vox_ok)
 
 
@@ -306,9 +432,14 @@ def _grad_buffer(student: torch.Tensor, need_grad: bool) -> torch.Tensor:
         return _empty_like(student, memory_format=torch.contiguous_format)
 
 
-def _block_sizes(num_classes: int) -> tuple[int, int]:
-    c_pad = triton.next_power_of_2(num_classes)
-    return c_pad, max(1, min(MAX_BLOCK_V, TILE_ELEMS // c_pad))
+def _classes_last(x3: torch.Tensor) -> bool:
+    """Class stride 1 and voxel stride > 1 (channels_last_3d): per-class loads are strided."""
+    return x3.stride(-2) == 1 and x3.shape[-1] > 1 and x3.stride(-1) > 1
+
+
+def _paired(x3: torch.Tensor) -> bool:
+    """Two classes interleaved (class stride 1, voxel stride 2): read as one contiguous run."""
+    return x3.shape[-2] == 2 and x3.stride(-2) == 1 and (x3.stride(-1) == 2 or x3.shape[-1] == 1)
 
 
 def uncertainty_loss_forward(
@@ -318,20 +449,23 @@ def uncertainty_loss_forward(
     threshold: Optional[torch.Tensor],
     threshold_value: float,
     need_grad: bool,
+    *,
+    config: Optional[LaunchConfig] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the fused forward. Returns ``(loss, stats, grad_unscaled, bwd_scale)``.
 
     ``loss`` fp32 0-dim; ``stats`` fp32 (4,) = mask fraction, uncertainty mean, min, max;
     ``grad_unscaled`` like ``student`` (empty (0,) when ``need_grad`` is False); ``bwd_scale`` fp32
     0-dim. ``threshold`` (0-dim tensor on the logits' device) wins over ``threshold_value``.
+    ``config`` overrides the launch config of the table (``launch_config.config_for``): the sweep's seam.
     """
     _check_launchable(student, teacher, mc_logits)
     T, B, C = mc_logits.shape[:3]
     s3, q3, mc4 = _voxel_view(student, 1), _voxel_view(teacher, 1), _voxel_view(mc_logits, 2)
     V = s3.shape[2]
     device = student.device
-    c_pad, block_v = _block_sizes(C)
-    grid = (triton.cdiv(V, block_v), B)
+    cfg = config or config_for("loss_fwd", mc_logits.dtype, _classes_last(mc4), C, T, B * V)
+    grid = (triton.cdiv(V, cfg.block), B)
     num_programs = grid[0] * grid[1]
 
     grad = _grad_buffer(student, need_grad)
@@ -350,9 +484,9 @@ def uncertainty_loss_forward(
         g3, *g3.stride(),
         partials, counts,
         threshold if thr_from_ptr else loss, float(threshold_value),
-        T, C, V,
-        THR_FROM_PTR=thr_from_ptr, WRITE_GRAD=need_grad, C_PAD=c_pad, BLOCK_V=block_v,
-        num_warps=NUM_WARPS,
+        V, T=T, C=C, THR_FROM_PTR=thr_from_ptr, WRITE_GRAD=need_grad,
+        S_PAIRED=_paired(s3), Q_PAIRED=_paired(q3), G_PAIRED=need_grad and _paired(g3), MC_PAIRED=_paired(mc4),
+        BLOCK_V=cfg.block, num_warps=cfg.num_warps,
     )
     _finalize_kernel[(1,)](
         partials, counts, loss, bwd_scale, stats, num_programs, C, B * V, BLOCK_P=FINALIZE_BLOCK, num_warps=4
@@ -361,9 +495,11 @@ def uncertainty_loss_forward(
 
 
 def uncertainty_loss_backward(
-    grad_unscaled: torch.Tensor, bwd_scale: torch.Tensor, grad_output: torch.Tensor
+    grad_unscaled: torch.Tensor, bwd_scale: torch.Tensor, grad_output: torch.Tensor, *,
+    config: Optional[LaunchConfig] = None,
 ) -> torch.Tensor:
-    """``grad_unscaled * grad_output * bwd_scale`` in one pass; output has grad_unscaled's dtype and layout."""
+    """``grad_unscaled * grad_output * bwd_scale`` in one pass; output has grad_unscaled's dtype and layout.
+    ``config`` overrides the table's launch config (``block`` = elements per program)."""
     if grad_unscaled.numel() == 0:
         raise RuntimeError(
             "uamt_fast: backward through uncertainty_consistency_loss, but its forward ran without "
@@ -372,22 +508,23 @@ def uncertainty_loss_backward(
     _check_launchable(grad_unscaled, bwd_scale, grad_output)
     out = _empty_like(grad_unscaled)  # grad_unscaled is dense, so out has its strides
     n = grad_unscaled.numel()
-    _scale_grad_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](
-        grad_unscaled, out, bwd_scale, grad_output, n, BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS
+    cfg = config or config_for("loss_bwd", grad_unscaled.dtype, False, 0, 0, n)
+    _scale_grad_kernel[(triton.cdiv(n, cfg.block),)](
+        grad_unscaled, out, bwd_scale, grad_output, n, BLOCK=cfg.block, num_warps=cfg.num_warps
     )
     return out
 
 
-def predictive_entropy_forward(mc_logits: torch.Tensor) -> torch.Tensor:
-    """(T, B, C, *S) logits -> (B, *S) fp32 entropy of the mean softmax."""
+def predictive_entropy_forward(mc_logits: torch.Tensor, *, config: Optional[LaunchConfig] = None) -> torch.Tensor:
+    """(T, B, C, *S) logits -> (B, *S) fp32 entropy of the mean softmax. ``config`` overrides the table's."""
     _check_launchable(mc_logits)
     T, B, C = mc_logits.shape[:3]
     mc4 = _voxel_view(mc_logits, 2)
     V = mc4.shape[3]
     out = _empty((B, *mc_logits.shape[3:]), device=mc_logits.device, dtype=torch.float32)
-    c_pad, block_v = _block_sizes(C)
-    _predictive_entropy_kernel[(triton.cdiv(V, block_v), B)](
-        mc4, *mc4.stride(), out, T, C, V, C_PAD=c_pad, BLOCK_V=block_v, num_warps=NUM_WARPS
+    cfg = config or config_for("entropy", mc_logits.dtype, _classes_last(mc4), C, T, B * V)
+    _predictive_entropy_kernel[(triton.cdiv(V, cfg.block), B)](
+        mc4, *mc4.stride(), out, V, T=T, C=C, MC_PAIRED=_paired(mc4), BLOCK_V=cfg.block, num_warps=cfg.num_warps
     )
     return out
 

@@ -13,10 +13,10 @@ import math
 
 import pytest
 import torch
+from uamt_fast.kernels import uncertainty_loss as kernels
 
 import uamt_fast
 from uamt_fast import consistency, reference
-from uamt_fast.kernels import uncertainty_loss as kernels
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or consistency.TRITON_ON_CPU),
@@ -117,6 +117,7 @@ def check_against_reference(student, teacher, mc, threshold, grad_output=1.0):
         (3, 2, 1, (4, 5, 6)),  # T = 1
         (2, 4, 3, (9, 11)),  # 2D
         (2, 5, 2, (37,)),  # 1D, C = 5
+        (1, 16, 5, (2, 3, 7)),  # C * T = 80 > UNROLL_MAX_LOADS: the pass loop instead of the unrolled passes
     ],
 )
 def test_matches_float64_reference(B, C, T, spatial):
@@ -131,12 +132,28 @@ def test_matches_float64_reference(B, C, T, spatial):
         (torch.bfloat16, torch.bfloat16, torch.bfloat16),
         (torch.float16, torch.float32, torch.float16),
         (torch.float64, torch.float32, torch.float64),
+        (torch.float16, torch.float16, torch.float16),
     ],
-    ids=["f32-bf16-bf16", "bf16", "f16-f32-f16", "f64-f32-f64"],
+    ids=["f32-bf16-bf16", "bf16", "f16-f32-f16", "f64-f32-f64", "f16"],
 )
-def test_low_precision_and_mixed_dtypes(dtypes):
-    student, teacher, mc = make_logits(2, 3, 4, (3, 4, 5), dtypes)
+@pytest.mark.parametrize("C", [3, 16])
+def test_low_precision_and_mixed_dtypes(dtypes, C):
+    student, teacher, mc = make_logits(2, C, 4 if C < 16 else 2, (3, 4, 5) if C < 16 else (2, 3, 4), dtypes)
     check_against_reference(student, teacher, mc, safe_threshold(mc), grad_output=2.5)
+
+
+def test_trainer_layout_bf16_channels_last_passes():
+    """train.py's mix: bf16 student, teacher and passes, all channels_last_3d (class stride 1), the
+    student a batch slice of the labeled + unlabeled output, mc an unflattened batch of passes."""
+    B, C, T, S = 2, 2, 8, (3, 4, 5)
+    student, teacher, mc = make_logits(2 * B, C, T + 1, S, (torch.bfloat16,) * 3)
+    out = mc.flatten(0, 1).to(memory_format=torch.channels_last_3d).unflatten(0, (T + 1, 2 * B))[:, B:]
+    teacher, mc = out[0], out[1:]
+    student = student.detach().to(memory_format=torch.channels_last_3d)[B:].requires_grad_()
+    for x in (student, teacher, mc):
+        assert x.stride(-4) == 1 and kernels._classes_last(kernels._voxel_view(x, x.dim() - 4))
+    _, grad = check_against_reference(student, teacher, mc, safe_threshold(mc), grad_output=0.5)
+    assert grad.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def test_channels_last_student_is_read_in_place_and_gets_a_channels_last_gradient():
@@ -278,7 +295,8 @@ def test_without_grad_the_loss_is_unchanged():
 
 @pytest.mark.parametrize(
     "T, B, C, spatial, dtype",
-    [(8, 2, 2, (3, 5, 7), torch.float32), (3, 2, 6, (9, 11), torch.float32), (4, 1, 3, (4, 5, 6), torch.bfloat16)],
+    [(8, 2, 2, (3, 5, 7), torch.float32), (3, 2, 6, (9, 11), torch.float32), (4, 1, 3, (4, 5, 6), torch.bfloat16),
+     (2, 2, 16, (3, 7), torch.float16), (9, 1, 8, (5, 7), torch.float32)],  # the last: C * T > 64, the pass loop
 )
 def test_predictive_entropy_matches_reference(T, B, C, spatial, dtype):
     _, _, mc = make_logits(B, C, T, spatial, (torch.float32, torch.float32, dtype))
@@ -339,82 +357,6 @@ def test_torch_compile_fullgraph_keeps_the_fused_op():
 
 
 # ---------------------------------------------------------------------------------------------
-# the GPU build: the interpreter never compiles, so compile every kernel for Hopper (no GPU needed)
-# ---------------------------------------------------------------------------------------------
-
-_COMPILE_FOR_SM90 = r"""
-import json, os, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from uamt_fast.kernels import ema_update as E, uncertainty_loss as K
-
-tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-if not os.path.isfile(os.path.join(tools, "ptxas")):
-    print(json.dumps(None)); sys.exit()
-
-def usage(fn, dtype, constexprs, aligned, num_warps):
-    # Specialised like a runtime launch: 16-byte-aligned pointers, 16-divisible ints in `aligned`.
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs: sig[name] = "constexpr"
-        elif name == "count_ptr": sig[name] = "*i32"
-        elif name in ("s_ptr", "q_ptr", "mc_ptr", "g_ptr", "out_ptr", "teacher_ptr", "student_ptr"): sig[name] = "*" + dtype
-        elif name.endswith("_ptr"): sig[name] = "*fp32"
-        elif name in ("thr_value", "alpha", "one_minus_alpha"): sig[name] = "fp32"
-        else: sig[name] = "i32"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith("*") or n in aligned}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        open(path, "wb").write(k.asm["cubin"])
-        out = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", path],
-                             capture_output=True, text=True, check=True).stdout
-    line = next(l for l in out.splitlines() if "REG:" in l)
-    return {f.split(":")[0]: int(f.split(":")[1]) for f in line.split() if f.split(":")[-1].isdigit()}
-
-strides = ("s_sb", "s_sc", "q_sb", "q_sc", "mc_st", "mc_sb", "mc_sc", "g_sb", "g_sc", "V")
-unit = {"s_sv": 1, "q_sv": 1, "mc_sv": 1, "g_sv": 1}
-report = {}
-for dtype, c in (("fp32", 2), ("bf16", 2), ("fp32", 16)):
-    block_v = min(K.MAX_BLOCK_V, K.TILE_ELEMS // c)
-    report[f"loss_fwd {dtype} C={c}"] = usage(K._uncertainty_loss_fwd_kernel, dtype, {
-        "THR_FROM_PTR": dtype == "bf16", "WRITE_GRAD": True, "C_PAD": c, "BLOCK_V": block_v, **unit}, strides, K.NUM_WARPS)
-    report[f"entropy {dtype} C={c}"] = usage(K._predictive_entropy_kernel, dtype, {
-        "C_PAD": c, "BLOCK_V": block_v, "mc_sv": 1}, ("mc_st", "mc_sb", "mc_sc", "V"), K.NUM_WARPS)
-report["finalize"] = usage(K._finalize_kernel, "fp32", {"BLOCK_P": K.FINALIZE_BLOCK}, (), 4)
-report["scale_grad"] = usage(K._scale_grad_kernel, "fp32", {"BLOCK": K.ELEMENTWISE_BLOCK}, ("numel",), K.ELEMENTWISE_WARPS)
-report["ema_update"] = usage(E._ema_update_kernel, "fp32", {"BLOCK": E.BLOCK}, ("n",), E.NUM_WARPS)
-print(json.dumps(report))
-"""
-
-
-def test_kernels_compile_for_hopper_without_spills():
-    """Every kernel (loss, entropy, finalize, backward scale, EMA) at the launchers' GPU settings
-    compiles to an sm_90 cubin with Triton's bundled ptxas: no local-memory spills, and the loss
-    kernel leaves room for several 8-warp programs per SM. Runs in a subprocess because this one
-    runs the interpreter, which never compiles."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], cwd=Path(__file__).resolve().parents[1],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    if report is None:
-        pytest.skip("this Triton install has no bundled ptxas")
-    for kernel, usage in report.items():
-        assert usage["LOCAL"] == 0, (kernel, usage)
-    for kernel in ("loss_fwd fp32 C=2", "loss_fwd bf16 C=2", "loss_fwd fp32 C=16"):
-        assert report[kernel]["REG"] <= 96, (kernel, report[kernel])  # >= 2 programs of 8 warps per SM
-
-
-# ---------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------
 
@@ -468,3 +410,47 @@ def test_predictive_entropy_bad_input():
         uamt_fast.predictive_entropy(torch.randn(3, 2, 1, 5))
     with pytest.raises(TypeError, match="float16"):
         uamt_fast.predictive_entropy(torch.ones(3, 2, 2, 5, dtype=torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configs (kernels/launch_config.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_launch_config_override_changes_the_grid_not_the_per_voxel_results():
+    from uamt_fast.kernels.launch_config import LaunchConfig
+
+    student, teacher, mc = make_logits(2, 2, 3, (3, 5, 7))
+    h = safe_threshold(mc)
+    default = kernels.uncertainty_loss_forward(student.detach(), teacher, mc, None, h, True)
+    small = kernels.uncertainty_loss_forward(student.detach(), teacher, mc, None, h, True,
+                                             config=LaunchConfig(16, 2))
+    assert torch.equal(default[2], small[2])  # the gradient is per voxel: the same bits
+    assert torch.equal(default[1][0], small[1][0])  # the mask fraction: an exact count
+    assert rel_err(small[0], default[0]) <= 1e-6  # the loss: partial sums in another grouping
+    assert torch.equal(kernels.predictive_entropy_forward(mc), kernels.predictive_entropy_forward(
+        mc, config=LaunchConfig(8, 1)))
+    grad = kernels.uncertainty_loss_backward(default[2], default[3], torch.tensor(2.0, device=DEVICE),
+                                             config=LaunchConfig(64, 4))
+    assert torch.equal(grad, kernels.uncertainty_loss_backward(default[2], default[3], torch.tensor(2.0, device=DEVICE)))
+
+
+def test_launch_config_is_a_fixed_function_of_the_key(monkeypatch):
+    from uamt_fast.kernels import launch_config as L
+
+    monkeypatch.setattr(L, "TRITON_INTERPRET", False)  # the GPU rule and table, not the interpreter's blocks
+    paper = 2 * 112 * 112 * 80
+    first = L.config_for("loss_fwd", torch.bfloat16, False, 2, 8, paper)
+    assert first == L.config_for("loss_fwd", torch.bfloat16, False, 2, 8, paper) == L.LaunchConfig(1024, 4)
+    assert L.config_for("loss_fwd", torch.float32, False, 2, 8, paper) == L.LaunchConfig(512, 4)
+    assert L.config_for("loss_fwd", torch.bfloat16, False, 2, 8, 4096).block < first.block  # small: more programs
+    key = L.config_key("entropy", torch.float16, True, 3, 4, paper)
+    assert key == ("entropy", "fp16", "classes_last", 3, 4, "large")
+    monkeypatch.setitem(L.TABLE, key, L.LaunchConfig(2048, 8))
+    assert L.config_for("entropy", torch.float16, True, 3, 4, paper) == L.LaunchConfig(2048, 8)
+    with pytest.raises(ValueError, match="power of two"):
+        L.LaunchConfig(1000, 4)
+    with pytest.raises(ValueError, match="num_warps"):
+        L.LaunchConfig(1024, 3)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        L.config_key("loss", torch.float32, False, 2, 8, paper)
