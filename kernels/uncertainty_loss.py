@@ -85,10 +85,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from uamt_fast.kernels import launch_config
-from uamt_fast.kernels.launch_config import LaunchConfig, config_for
 
+from uamt_fast.kernels import launch_config
 from uamt_fast.kernels.device import check_triton_can_take
+from uamt_fast.kernels.launch_config import LaunchConfig, config_for
 
 # Runs the kernels on CPU tensors through the Triton interpreter (what CI does). Triton reads the
 # same variable when it is imported; a compiled kernel cannot take CPU tensors ("0 active drivers").

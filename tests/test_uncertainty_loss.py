@@ -301,7 +301,7 @@ def test_without_grad_the_loss_is_unchanged():
 def test_predictive_entropy_matches_reference(T, B, C, spatial, dtype):
     _, _, mc = make_logits(B, C, T, spatial, (torch.float32, torch.float32, dtype))
     mc = mc.transpose(0, 1).contiguous().transpose(0, 1)  # pass and batch strides swapped
-    u = uamt_fast.predictive_entropy(mc)
+    u = uamt_fast.predictive_entropy(mc, spatial_dims=len(spatial))
     expected = reference.predictive_entropy(mc.double())
     assert u.dtype == torch.float32 and u.shape == (B, *spatial) and not u.requires_grad
     assert rel_err(u, expected) <= TOL[dtype]
