@@ -311,14 +311,17 @@ def _device_tag() -> str:
 def save_compile_artifacts(path: Path) -> None:
     """Write the compiled artifacts of this process (``torch.compiler.save_cache_artifacts``) to ``path``,
     atomically; copied to another machine with the same GPU and versions, they make its first run warm."""
-    saver = getattr(torch.compiler, "save_cache_artifacts", None)
-    artifacts = saver() if saver is not None else None
-    if artifacts is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(artifacts[0])
-    os.replace(tmp, path)
+    saver = getattr(torch.compiler, "save_cache_artifacts", None)  # torch >= 2.7
+    try:
+        artifacts = saver() if saver is not None else None
+        if artifacts is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(artifacts[0])
+        os.replace(tmp, path)
+    except Exception as e:  # noqa: BLE001 - a cache that cannot be written only costs the next run a cold start
+        print(f"train.py: compile cache not saved to {path} ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- one training iteration

@@ -51,9 +51,9 @@ import torch
 
 from benchmarks import measure
 
-CATEGORIES = ("conv fprop", "conv dgrad", "conv wgrad", "conv backward (unsplit)", "conv other (bias, cuDNN transforms)",
-              "batch norm", "other inductor kernels", "fused UA-MT ops", "optimizer", "EMA", "data sampling",
-              "copies", "other eager kernels", "idle (no kernel running)")
+CATEGORIES = ("conv fprop", "conv dgrad", "conv wgrad", "conv backward (unsplit)",
+              "conv other (bias, cuDNN transforms)", "batch norm", "other inductor kernels", "fused UA-MT ops",
+              "optimizer", "EMA", "data sampling", "copies", "other eager kernels", "idle (no kernel running)")
 UAMT_KERNELS = ("_uncertainty_loss", "_finalize_kernel", "_scale_grad_kernel", "_predictive_entropy")
 CPU_SIZES = dict(patch=(32, 32, 32), n_filters=4)
 
@@ -137,7 +137,8 @@ def device_activities(trace: dict, cpu: bool) -> list[Activity]:
     def context(t, tid):
         p = phases.innermost(t)
         c = conv_ops[tid].innermost(t) if tid in conv_ops else None
-        return (p["name"][5:] if p else "", c["name"] if c else "", tuple(map(tuple, c["args"]["Input Dims"])) if c else ())
+        dims = tuple(map(tuple, c["args"]["Input Dims"])) if c else ()
+        return (p["name"][5:] if p else "", c["name"] if c else "", dims)
 
     out = []
     if cpu:
@@ -262,6 +263,27 @@ def other_bytes(cfg, n_params: int, act_bytes: int) -> dict:
     return out
 
 
+def step_floor(cfg, layers: list[dict], act_bytes: int, matmul_tflops: float, copy_gbps: float,
+               n_params: int) -> dict:
+    """The analytic floor of one step: per conv layer and pass max(FLOPs / matmul rate, bytes / copy
+    bandwidth), plus the other bytes / copy bandwidth. Returns the total ms, its parts and per layer name
+    (flops, bytes, floor ms)."""
+    per_layer, compute_ms, memory_ms = {}, 0.0, 0.0
+    for layer in layers:
+        flops = nbytes = floor = 0
+        for kind, crops in step_passes(cfg):
+            f, b = layer_work(layer, kind, crops, act_bytes)
+            t_c, t_m = f / (matmul_tflops * 1e12) * 1e3, b / (copy_gbps * 1e9) * 1e3
+            flops, nbytes, floor = flops + f, nbytes + b, floor + max(t_c, t_m)
+            compute_ms, memory_ms = compute_ms + t_c, memory_ms + t_m
+        per_layer[layer["name"]] = (flops, nbytes, floor)
+    extras = other_bytes(cfg, n_params, act_bytes)
+    other_ms = {k: v / (copy_gbps * 1e9) * 1e3 for k, v in extras.items()}
+    return {"ms": sum(f for _, _, f in per_layer.values()) + sum(other_ms.values()),
+            "flops": sum(f for f, _, _ in per_layer.values()), "conv_compute_ms": compute_ms,
+            "conv_memory_ms": memory_ms, "other_ms": other_ms, "other_bytes": extras, "per_layer": per_layer}
+
+
 def layer_groups(layers: list[dict]) -> dict:
     """Conv layers with the same (weight shape, input size) share one signature: measured time can only be
     attributed per signature. Returns {signature: group name}."""
@@ -309,17 +331,12 @@ def reduce_profile(acts: list[Activity], iterations: int, layers: list[dict], cf
     weights = {layer["weight"] for layer in layers}
     groups = {name: {"group": name, "convs": 0, "flops": 0, "bytes": 0, "floor_ms": 0.0, "measured_ms": 0.0,
                      "fwd_ms": 0.0, "bwd_ms": 0.0, "teacher_ms": 0.0} for name in dict.fromkeys(names.values())}
-    floor_compute = floor_memory = floor_ms = 0.0
+    floor = step_floor(cfg, layers, act_bytes, matmul_tflops, copy_gbps, n_params)
     for layer in layers:
         g = groups[names[(layer["weight"], layer["input"][1:])]]
+        flops, nbytes, layer_floor = floor["per_layer"][layer["name"]]
         g["convs"] += 1
-        for kind, crops in step_passes(cfg):
-            flops, nbytes = layer_work(layer, kind, crops, act_bytes)
-            t_c, t_m = flops / (matmul_tflops * 1e12) * 1e3, nbytes / (copy_gbps * 1e9) * 1e3
-            g["flops"] += flops
-            g["bytes"] += nbytes
-            g["floor_ms"] += max(t_c, t_m)
-            floor_compute, floor_memory = floor_compute + t_c, floor_memory + t_m
+        g["flops"], g["bytes"], g["floor_ms"] = g["flops"] + flops, g["bytes"] + nbytes, g["floor_ms"] + layer_floor
     for a in acts:
         if not a.conv_op or not classify(a.name, a.phase, a.conv_op).startswith("conv"):
             continue
@@ -334,18 +351,13 @@ def reduce_profile(acts: list[Activity], iterations: int, layers: list[dict], cf
         g["tflops"] = g["flops"] / seconds / 1e12 if seconds else None
         g["gbps"] = g["bytes"] / seconds / 1e9 if seconds else None
         g["pct_of_floor_speed"] = 100 * g["floor_ms"] / g["measured_ms"] if g["measured_ms"] else None
-        floor_ms += g["floor_ms"]
-    extras = other_bytes(cfg, n_params, act_bytes)
-    extras_ms = {k: v / (copy_gbps * 1e9) * 1e3 for k, v in extras.items()}
-    floor_ms += sum(extras_ms.values())
+    del floor["per_layer"]
+    floor["pct_of_floor_speed"] = 100 * floor["ms"] / ms_per_iter if ms_per_iter else None
     conv_ms = sum(by_cat[c] for c in CATEGORIES if c.startswith("conv")) * per
     return {
         "span_ms": span_us * per, "busy_ms": busy_us * per, "conv_kernels_ms": conv_ms,
         "categories": categories, "top_kernels": top_kernels, "layers": list(groups.values()),
-        "floor": {"ms": floor_ms, "conv_compute_ms": floor_compute, "conv_memory_ms": floor_memory,
-                  "other_ms": extras_ms, "other_bytes": extras,
-                  "flops": sum(g["flops"] for g in groups.values()),
-                  "pct_of_floor_speed": 100 * floor_ms / ms_per_iter if ms_per_iter else None},
+        "floor": floor,
     }
 
 
@@ -361,8 +373,9 @@ def format_markdown(result: dict) -> str:
              f"{r['profiled_ms_per_iter']:.2f} ms/iter under it; time to first iteration {r['first_iter_s']:.1f} s "
              f"(build + compile + first step)",
              f"- ceilings, same run: matmul {r['matmul_tflops']:.3g} TFLOP/s, copy {r['copy_gbps']:.4g} GB/s",
-             f"- floor: **{f['ms']:.2f} ms** ({f['flops'] / 1e12:.3f} TFLOP; convs: compute {f['conv_compute_ms']:.2f} ms, "
-             f"memory {f['conv_memory_ms']:.2f} ms; the rest {sum(f['other_ms'].values()):.2f} ms): the step runs at "
+             f"- floor: **{f['ms']:.2f} ms** ({f['flops'] / 1e12:.3f} TFLOP; convs: compute "
+             f"{f['conv_compute_ms']:.2f} ms, memory {f['conv_memory_ms']:.2f} ms; the rest "
+             f"{sum(f['other_ms'].values()):.2f} ms): the step runs at "
              f"**{_f(f['pct_of_floor_speed'], '.1f')}% of the floor's speed**; MFU {_f(r.get('mfu_pct'), '.1f')}%",
              f"- device busy {r['busy_ms']:.2f} of {r['span_ms']:.2f} ms per iteration; host syncs per iteration: "
              f"{_f(r['host_syncs_per_iter'], '.1f')}", "",
@@ -373,9 +386,10 @@ def format_markdown(result: dict) -> str:
               f"{_f(k['pct_of_busy'], '.1f')} |" for k in r["top_kernels"]]
     lines += ["", "| conv layers | convs | GFLOP | MB | measured ms | fwd | bwd | teacher | TFLOP/s | GB/s | "
               "floor ms | % of floor speed |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {g['group']} | {g['convs']} | {g['flops'] / 1e9:.1f} | {g['bytes'] / 1e6:.0f} | {g['measured_ms']:.3f} | "
-              f"{g['fwd_ms']:.3f} | {g['bwd_ms']:.3f} | {g['teacher_ms']:.3f} | {_f(g['tflops'], '.3g')} | "
-              f"{_f(g['gbps'], '.4g')} | {g['floor_ms']:.3f} | {_f(g['pct_of_floor_speed'], '.1f')} |" for g in r["layers"]]
+    lines += [f"| {g['group']} | {g['convs']} | {g['flops'] / 1e9:.1f} | {g['bytes'] / 1e6:.0f} | "
+              f"{g['measured_ms']:.3f} | {g['fwd_ms']:.3f} | {g['bwd_ms']:.3f} | {g['teacher_ms']:.3f} | "
+              f"{_f(g['tflops'], '.3g')} | {_f(g['gbps'], '.4g')} | {g['floor_ms']:.3f} | "
+              f"{_f(g['pct_of_floor_speed'], '.1f')} |" for g in r["layers"]]
     return "\n".join(lines) + "\n"
 
 
@@ -385,13 +399,14 @@ def _f(x, spec):
 
 # ----------------------------------------------------------------------------- the run
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                epilog="Arguments after -- are train.py flags (e.g. -- --no-compile --teacher-chunks 3).")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Arguments after -- are train.py "
+                                "flags (e.g. -- --no-compile --teacher-chunks 3).")
     p.add_argument("--data", default="", help="LA root or a `python -m uamt_fast.data pack` folder "
                    "(--cpu without --data: a synthetic set)")
     p.add_argument("--cpu", action="store_true", help="tiny sizes on the CPU: checks the wiring, not the speed")
     p.add_argument("--out", default="", help="folder for profile.json, profile.md (and trace.json.gz)")
-    p.add_argument("--iterations", type=int, default=None, help="timed and profiled iterations (default 20 GPU / 2 CPU)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="timed and profiled iterations (default 20 GPU / 2 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 5 GPU / 1 CPU)")
     p.add_argument("--labeled", type=int, default=16, help="labeled cases (the first of train.list), as in the paper")
     p.add_argument("--trace", action="store_true", help="also keep the Chrome trace (trace.json.gz, chrome://tracing)")

@@ -20,13 +20,17 @@ Compiled code is shared: dynamo's cache is kept across variants (new models of t
 pass the same guards), so a variant whose graphs equal ``ours``'s (``-fused SGD``, ``-fused EMA``,
 ``-cudnn.benchmark``, ``-GPU data``) compiles nothing, and one that changes one graph (the teacher's
 for ``-batched teacher``) compiles only that one. The inductor caches go to ``--compile-cache``
-(default: a fresh temp folder, so the first ``ours`` is a cold start).
+(default: train.py's ``~/.cache/uamt_fast``; the first ``ours`` is a cold start when it is empty, as
+on a fresh machine, and ``profile_step`` run afterwards with the same folder starts warm).
 
 Per variant: the time to the first iteration (build + first step, synced: compilation and cuDNN
 autotuning included), ``--warmup`` - 1 more untimed iterations, then ``--iters`` iterations between
 two device syncs: ms/iter, it/s, speedup over the reference, peak device memory of the timed
-iterations, achieved TFLOP/s and MFU; ``start`` says whether the first iteration compiled cold, warm,
-reused compiled graphs, or ran eager, and ``recompiles`` counts the graphs dynamo compiled for it. FLOPs per iteration come from
+iterations, achieved TFLOP/s, MFU and % of the floor's speed (the analytic floor of profile_step.py);
+``start`` says how the first iteration began: "cold" (first compilation, empty caches), "warm"
+(compiled again from the on-disk caches), "shared" (all graphs from an earlier variant), "new graphs"
+(compiled graphs of its own, with whatever the caches held) or "eager"; ``recompiles`` counts the
+graphs dynamo compiled for it. FLOPs per iteration come from
 ``torch.utils.flop_counter.FlopCounterMode`` over one reference iteration (convolutions and matmuls,
 forward and backward; the same model work as ours: 4 student crops forward + backward and 18
 teacher crop-passes forward) and are cross-checked on one eager iteration of ours. MFU is over the
@@ -97,8 +101,8 @@ def parse_args(argv=None):
                    "timed as the time to first iteration (default 3 GPU / 1 CPU)")
     p.add_argument("--reference-iters", type=int, default=None,
                    help="timed iterations of the reference (default 16 GPU = 2 loader epochs / 2 CPU)")
-    p.add_argument("--compile-cache", default="", help="inductor's cache folder for this run (default: a fresh "
-                   "temp folder: the first compile is cold); give the same folder to profile_step to start warm")
+    p.add_argument("--compile-cache", default="", help="train.py's --compile-cache for every variant (default: "
+                   "train.py's, ~/.cache/uamt_fast); the first compile is cold only if it holds no cache yet")
     p.add_argument("--variants", default="all",
                    help=f"comma-separated subset of: {', '.join(ORDER)}")
     p.add_argument("--budget-s", type=float, default=0.0,
@@ -223,8 +227,16 @@ def run_ours(name, args, device, train_mod, base_cfg: dict, cases, compiled_befo
         row = time_loop(step, args.warmup, args.iters, device, started)
         recompiles = _graphs_compiled() - graphs
         flops = None if compiled else count_flops(step)  # FlopCounterMode and compiled graphs don't mix
-    start = "eager" if not compiled else "warm" if name == "ours (warm start)" else \
-        ("cold" if not compiled_before else "shared" if recompiles == 0 else "partly shared")
+    if not compiled:
+        start = "eager"
+    elif name == "ours (warm start)":
+        start = "warm"
+    elif recompiles == 0:
+        start = "shared"  # every graph came from an earlier variant
+    elif not compiled_before:
+        start = "cold"  # the first compilation, empty caches
+    else:
+        start = "warm (cache on disk)" if name == "ours" else "new graphs"
     row.update(variant=name, config={k: v for k, v in vars(cfg).items() if k in base_cfg or k in overrides},
                last_terms=[float(x) for x in last["terms"]], start=start, recompiles=recompiles)
     del parts
@@ -251,9 +263,13 @@ def main(argv=None) -> int:
     from uamt_fast import data
 
     workdir = tempfile.TemporaryDirectory(prefix="uamt_train_step_")
-    # One inductor cache folder for the whole run, set before anything compiles (a fresh one: "ours" is cold).
-    compile_cache = args.compile_cache or str(Path(workdir.name) / "compile_cache")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(compile_cache).expanduser() / "inductor")
+    # One compile cache folder for the whole run, set before anything compiles: "ours" starts cold if it is
+    # empty (as on a fresh machine), and a later run (profile_step) with the same folder starts warm.
+    compile_cache = args.compile_cache or train_mod.Config.compile_cache
+    cache_root = Path(compile_cache).expanduser()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root / "inductor")
+    cache_was_empty = not any(cache_root.glob("inductor/*")) and not any(cache_root.glob("artifacts-*"))
+    print(f"compile cache {cache_root} ({'empty: the first compile is cold' if cache_was_empty else 'not empty'})")
     # Every variant adds cache entries to the same code objects (VNet.forward, student_losses, the blocks).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     sizes = CPU_SIZES if args.cpu else dict(patch=(112, 112, 80), n_filters=16)
@@ -284,7 +300,7 @@ def main(argv=None) -> int:
           f"{floor['ms']:.2f} ms", flush=True)
 
     rows, skipped, flops = [], [], {}
-    compiled_before = False
+    compiled_before = not cache_was_empty  # a cache on disk: nothing compiles cold
     start = time.perf_counter()
     for name in args.variant_list:
         if args.budget_s and time.perf_counter() - start > args.budget_s:
@@ -352,15 +368,16 @@ def format_table(result: dict) -> str:
     flops = result["flops_per_iter"]
     lines = [f"train step, crop {result['patch']}, n_filters {result['n_filters']}, {result['cases']} cases; "
              f"FLOPs/iter: reference {_tf(flops.get('reference'))} TFLOP, ours eager {_tf(flops.get('ours_eager'))} TFLOP; "
-             f"matmul rate {result['matmul_tflops']:.3g} TFLOP/s; torch threads {result['environment']['torch_threads']}; "
-             f"floor {result['floor']['ms']:.2f} ms/iter",
+             f"matmul rate {result['matmul_tflops']:.3g} TFLOP/s; torch threads "
+             f"{result['environment']['torch_threads']}; floor {result['floor']['ms']:.2f} ms/iter",
              f"{'variant':<27} {'ms/iter':>9} {'it/s':>8} {'vs ref':>7} {'peak GiB':>9} {'TFLOP/s':>9} {'MFU %':>6} "
              f"{'%floor':>7} {'1st it s':>9} start"]
     for r in result["rows"]:
         lines.append(f"{r['variant']:<27} {r['ms_per_iter']:9.1f} {r['it_per_s']:8.2f} "
                      f"{_f(r.get('speedup_vs_reference'), '6.2f')}x {_f(r.get('peak_gib'), '9.2f')} "
                      f"{_f(r.get('tflops'), '9.3g')} {_f(r.get('mfu_pct'), '6.3g')} "
-                     f"{_f(r.get('pct_of_floor_speed'), '7.1f')} {_f(r.get('first_iter_s'), '9.1f')} {r.get('start', '')}")
+                     f"{_f(r.get('pct_of_floor_speed'), '7.1f')} {_f(r.get('first_iter_s'), '9.1f')} "
+                     f"{r.get('start', '')}")
     if result["skipped"]:
         lines.append(f"skipped: {', '.join(result['skipped'])}")
     return "\n".join(lines)

@@ -61,7 +61,8 @@ def cpu_path(monkeypatch):
     ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, std::array<char*, 1ul> >",
      "optimizer", "", "optimizer"),
     ("void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<at::native::direct_copy_kernel_"
-     "cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() const::{lambda(float)#1}> >", "data", "", "data sampling"),
+     "cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() const::{lambda(float)#1}> >", "data", "",
+     "data sampling"),
     ("void at::native::elementwise_kernel<128, 2, ...>", "ema", "", "EMA"),
     ("void at::native::elementwise_kernel<128, 2, ...>", "student", "", "other eager kernels"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, ...>", "student",
@@ -108,7 +109,8 @@ def test_reduction_of_a_gpu_trace():
     assert ps.host_syncs(trace) == 1
     cfg = train.Config(n_filters=4, patch=(32, 32, 32))
     layers = ps.conv_layers(4, (32, 32, 32))
-    r = ps.reduce_profile(acts, 1, layers, cfg, 2, matmul_tflops=100.0, copy_gbps=1000.0, n_params=1000, ms_per_iter=1.0)
+    r = ps.reduce_profile(acts, 1, layers, cfg, 2, matmul_tflops=100.0, copy_gbps=1000.0, n_params=1000,
+                          ms_per_iter=1.0)
     cats = {c["category"]: c["ms"] for c in r["categories"]}
     assert cats == pytest.approx({"conv fprop": 0.05, "conv wgrad": 0.03, "batch norm": 0.01, "copies": 0.005,
                                   "idle (no kernel running)": 0.05})  # span 20..165 us, busy 95 us

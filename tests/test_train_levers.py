@@ -90,7 +90,8 @@ def test_full_res_contiguous_changes_layouts_not_values(tiny_root):
     assert net.block_one.conv[0].weight.is_contiguous() and net.out_conv.weight.is_contiguous()
     assert not net.block_two.conv[0].weight.is_contiguous()  # still channels_last_3d
     assert seen["block_one"].is_contiguous() and seen["out_conv"].is_contiguous() and got.is_contiguous()
-    assert seen["block_two"].is_contiguous(memory_format=torch.channels_last_3d) and not seen["block_two"].is_contiguous()
+    two = seen["block_two"]
+    assert two.is_contiguous(memory_format=torch.channels_last_3d) and not two.is_contiguous()
     # Whole steps: another conv algorithm rounds differently, and ~20 batch norms deep in an untrained net
     # that grows to ~1e-3 in the weights after two steps. The yardstick is the rounding difference of the
     # existing --no-channels-last switch (all layers contiguous): the new switch stays within 3x of it.
