@@ -392,7 +392,7 @@ def train_step(parts: Parts, iteration: int) -> tuple[torch.Tensor, torch.Tensor
     for group in parts.optimizer.param_groups:
         group["lr"] = lr
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and dev.type == "cuda")
-    cuda_graphs = cfg.compile_mode == "reduce-overhead" and parts.student_losses is not student_losses
+    cuda_graphs = cfg.compile_mode == "reduce-overhead" and dev.type == "cuda" and cfg.compile is not False
     if cuda_graphs:  # a new step: the compiled parts' graph outputs of the last one may be overwritten
         torch.compiler.cudagraph_mark_step_begin()
 

@@ -129,15 +129,15 @@ def device_activities(trace: dict, cpu: bool) -> list[Activity]:
     phases = _Intervals([e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("uamt:")])
     ops = [e for e in events if e.get("cat") == "cpu_op"]
     conv_ops = defaultdict(list)
-    for e in ops:
-        if "conv" in e["name"].lower() and e.get("args", {}).get("Input Dims"):
+    for e in ops:  # aten's conv ops only (inductor's kernel-launch ranges may have "convolution" in their names)
+        if e["name"].startswith("aten::") and "conv" in e["name"] and e.get("args", {}).get("Input Dims"):
             conv_ops[e["tid"]].append(e)
     conv_ops = {tid: _Intervals(v) for tid, v in conv_ops.items()}
 
     def context(t, tid):
         p = phases.innermost(t)
         c = conv_ops[tid].innermost(t) if tid in conv_ops else None
-        dims = tuple(map(tuple, c["args"]["Input Dims"])) if c else ()
+        dims = tuple(_shape(d) for d in c["args"]["Input Dims"]) if c else ()
         return (p["name"][5:] if p else "", c["name"] if c else "", dims)
 
     out = []
@@ -156,6 +156,11 @@ def device_activities(trace: dict, cpu: bool) -> list[Activity]:
         ctx = context(launch["ts"], launch["tid"]) if launch else ("", "", ())
         out.append(Activity(e["name"], e["ts"], e["dur"], *ctx))
     return out
+
+
+def _shape(dims) -> tuple:
+    """A tensor argument's "Input Dims" entry as a tuple of ints; () for anything else (scalars, lists)."""
+    return tuple(dims) if isinstance(dims, list) and all(isinstance(d, int) for d in dims) else ()
 
 
 def _by_tid(events):
@@ -493,15 +498,28 @@ def main(argv=None) -> int:
             prof.step()
         measure.synchronize(device)
         profiled_ms = 1e3 * (time.perf_counter() - t) / (args.iterations + 1)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    if out is not None and args.trace:
+        with open(trace_path, "rb") as src, gzip.open(out / "trace.json.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
     trace = json.loads(trace_path.read_text())
 
-    # ceilings, same run; the reduction
+    # ceilings, same run; the reduction (a failure here still leaves the timings and, with --trace, the trace)
     rate, bandwidth = measure.matmul_tflops(device), measure.copy_bandwidth(device)
     act_bytes = 2 if cfg.amp and device.type == "cuda" else 4
     layers = conv_layers(cfg.n_filters, cfg.patch)
     n_params = sum(p.numel() for p in parts.student.parameters())
-    tables = reduce_profile(device_activities(trace, args.cpu), args.iterations, layers, cfg, act_bytes, rate,
-                            bandwidth, n_params, ms_per_iter)
+    try:
+        tables = reduce_profile(device_activities(trace, args.cpu), args.iterations, layers, cfg, act_bytes, rate,
+                                bandwidth, n_params, ms_per_iter)
+    except Exception as e:  # noqa: BLE001 - keep what was measured
+        print(f"profile_step: the trace reduction failed ({type(e).__name__}: {e})", file=sys.stderr)
+        if out is not None:
+            measure.write_json(out / "profile.json", {"error": f"{type(e).__name__}: {e}", "ms_per_iter": ms_per_iter,
+                                                      "first_iter_s": first_iter_s, "environment": env})
+        raise
     flags = {k: v for k, v in vars(cfg).items() if k in train.Config.__dataclass_fields__ and
              k not in ("data", "out", "resume", "eval", "demo")}
     result = {"cpu": args.cpu, "device": env["device"], "environment": env,
@@ -516,14 +534,9 @@ def main(argv=None) -> int:
     result["mfu_pct"] = 100 * tables["floor"]["flops"] / (ms_per_iter * 1e-3) / 1e12 / rate
     text = format_markdown(result)
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         measure.write_json(out / "profile.json", result)
         (out / "profile.md").write_text(text)
-        if args.trace:
-            with open(trace_path, "rb") as src, gzip.open(out / "trace.json.gz", "wb") as dst:
-                shutil.copyfileobj(src, dst)
         print(f"wrote {out / 'profile.json'}, {out / 'profile.md'}" + (", trace.json.gz" if args.trace else ""))
     with contextlib.suppress(OSError):
         workdir.cleanup()
