@@ -96,7 +96,7 @@ class Config:
     amp: bool = True  # bf16 autocast for student and teacher (CUDA only; fp32 master weights)
     channels_last: bool | None = None  # channels_last_3d activations and weights; default: on for CUDA
     compile: bool | None = None  # torch.compile the student loss and the teacher forward; default: on for CUDA
-    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
+    compile_mode: str = "default"  # torch.compile: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
     compile_blocks: bool = False  # regional compilation: each V-Net block compiled alone (no fusion across blocks)
     compile_cache: str = "~/.cache/uamt_fast"  # persistent compile caches: a second run starts warm; "": torch's /tmp
     cudnn_benchmark: bool = True  # cuDNN autotuner picks each conv's algorithm (CUDA); off: cuDNN's heuristics

@@ -154,3 +154,27 @@ def test_compiled_step_equals_the_eager_step(tiny_root, tmp_path, eager_compile,
     assert eager_compile["saved"] == 1 and len(files) == 1 and files[0].read_bytes() == b"artifacts"
     run_steps(tiny_root, n=1, compile=True, compile_blocks=blocks, compile_cache=str(cache))
     assert eager_compile["loaded"] == [b"artifacts"]
+
+
+def test_every_ablation_row_is_a_valid_config():
+    """benchmarks/train_step.py's rows: each is train.py flags that build a Config, and each lever flag has a row."""
+    from benchmarks import train_step
+
+    levers = {"compile_mode", "compile_blocks", "cudnn_benchmark", "sgd", "full_res_contiguous", "teacher_chunks",
+              "compile", "fused_loss", "fused_ema", "data_device", "channels_last", "amp"}
+    seen = set()
+    for name, overrides in train_step.VARIANTS.items():
+        overrides = {k: (9 if v is None else v) for k, v in overrides.items()}
+        train.Config(**overrides)
+        seen |= set(overrides)
+    assert levers <= seen, levers - seen
+    assert train_step.ORDER[:3] == ("reference", "reference+cudnn.benchmark", "ours")  # both references in budget
+    rows = [{"variant": "reference", "ms_per_iter": 200.0, "it_per_s": 5.0, "first_iter_s": 9.0, "start": "eager"},
+            {"variant": "ours", "ms_per_iter": 20.0, "it_per_s": 50.0, "first_iter_s": 30.0, "start": "cold"}]
+    result = train_step.summarize(rows, {"reference": int(2.4e12)}, 700.0, {"torch_threads": 16}, [], [1] * 40,
+                                  [1] * 16, {"patch": (112, 112, 80), "n_filters": 16}, True, {"ms": 5.0})
+    ours = result["rows"][1]
+    assert ours["speedup_vs_reference"] == 10 and ours["pct_of_floor_speed"] == 25
+    assert ours["mfu_pct"] == pytest.approx(100 * 2.4e12 / 0.02 / 1e12 / 700)
+    table = train_step.format_table(result)
+    assert "%floor" in table and "1st it s" in table and "cold" in table
