@@ -107,6 +107,12 @@ class Config:
     amp: bool = True  # bf16 autocast for student and teacher (CUDA only; fp32 master weights)
     channels_last: bool | None = None  # channels_last_3d activations and weights; default: on for CUDA
     compile: bool | None = None  # torch.compile the student loss and the teacher forward; default: on for CUDA
+    compile_mode: str = "default"  # torch.compile: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
+    compile_blocks: bool = False  # regional compilation: each V-Net block compiled alone (no fusion across blocks)
+    compile_cache: str = "~/.cache/uamt_fast"  # persistent compile caches: a second run starts warm; "": torch's /tmp
+    cudnn_benchmark: bool = True  # cuDNN autotuner picks each conv's algorithm (CUDA); off: cuDNN's heuristics
+    sgd: str = "auto"  # SGD implementation: auto (fused on CUDA, torch's default elsewhere) | fused | foreach | loop
+    full_res_contiguous: bool = False  # with channels_last_3d: the full-resolution convs run in the contiguous layout
     fused_loss: bool = True  # fused Triton uncertainty-consistency loss (CPU tensors use the reference math)
     fused_ema: bool = True  # single-launch EMA over a flat parameter buffer
     reference_ops: bool = False  # the plain PyTorch reference loss and EMA (sets --no-fused-loss --no-fused-ema)
@@ -131,6 +137,9 @@ class Config:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if self.consistency_on not in ("unlabeled", "all"):
             raise ValueError(f"--consistency-on must be 'unlabeled' or 'all'; got {self.consistency_on!r}")
+        if self.compile_mode not in COMPILE_MODES or self.sgd not in ("auto", "fused", "foreach", "loop"):
+            raise ValueError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)} and --sgd one of auto, fused, "
+                             f"foreach, loop; got {self.compile_mode!r}, {self.sgd!r}")
         if self.device not in ("auto", "cuda", "cpu") or self.data_device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"--device/--data-device must be auto, cuda or cpu; got {self.device!r}/{self.data_device!r}")
         if len(self.patch) != 3 or any(p < 16 or p % 16 for p in self.patch):
@@ -148,6 +157,8 @@ class Config:
         self.consistency_period = self.consistency_period or max(1, round(150 * self.iterations / 6000))
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
 # The --demo sizes: same code path, smaller everything. Flags given on the command line still win.
 # One thread: measured 43 s vs 213 s for 2 threads on the shared 2-core CI machine (OpenMP spin-waits).
 DEMO = {"n_filters": 4, "patch": (32, 32, 16), "labeled": 4, "iterations": 120, "log_every": 20, "save_every": 60,
@@ -155,7 +166,8 @@ DEMO = {"n_filters": 4, "patch": (32, 32, 16), "labeled": 4, "iterations": 120, 
 DEMO_DATA = {"n_train": 12, "n_test": 4, "shape": (48, 48, 32), "seed": 0}
 DEMO_DATA_DIR = "demo_data"  # the --demo data set, inside the run folder
 # On --resume these may differ from the saved config; everything else must match (same run).
-RESUME_OVERRIDABLE = {"data", "resume", "out", "device", "compile", "log_every", "save_every", "stop_at",
+RESUME_OVERRIDABLE = {"data", "resume", "out", "device", "compile", "compile_mode", "compile_blocks", "compile_cache",
+                      "cudnn_benchmark", "log_every", "save_every", "stop_at",
                       "eval_stride_xy", "eval_stride_z", "eval_batch", "data_device", "threads",
                       "figures", "figures_cases", "figures_passes"}
 
@@ -227,6 +239,7 @@ class Parts:
     teacher_forward: object  # teacher, or its torch.compile'd version
     memory_format: torch.memory_format = torch.contiguous_format
     test_cases: list = field(default_factory=list)
+    compile_cache_file: Path | None = None  # where the compiled artifacts go after the first iteration
 
 
 def pick_device(cfg: Config) -> torch.device:
@@ -256,11 +269,15 @@ def build(cfg: Config, train_cases=None) -> Parts:
     memory_format = torch.channels_last_3d if (cfg.channels_last if cfg.channels_last is not None else cuda) \
         else torch.contiguous_format
     student = VNet(n_filters=cfg.n_filters, dropout=cfg.dropout).to(device, memory_format=memory_format)
+    if cfg.full_res_contiguous:
+        student.full_res_memory_format_(torch.contiguous_format)
     # The teacher starts as a copy of the student (the released code initialises it separately, but the
     # first EMA step, alpha = 0, overwrites it; only iteration 0's target, weighted 6.7e-4, differs).
     teacher = None
     if cfg.method != "supervised":
         teacher = VNet(n_filters=cfg.n_filters, dropout=cfg.dropout).to(device, memory_format=memory_format)
+        if cfg.full_res_contiguous:
+            teacher.full_res_memory_format_(torch.contiguous_format)
         teacher.load_state_dict(student.state_dict())
         teacher.requires_grad_(False)
         teacher.train()  # as released: the teacher normalises by batch statistics and keeps dropout on
@@ -268,12 +285,68 @@ def build(cfg: Config, train_cases=None) -> Parts:
         # One contiguous buffer per model (parameters become views) -> the EMA is a single kernel launch.
         uamt_fast.flatten_parameters_(student)
         uamt_fast.flatten_parameters_(teacher)
-    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sgd = cfg.sgd if cfg.sgd != "auto" else ("fused" if cuda else "default")
+    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                fused=sgd == "fused" or None, foreach={"foreach": True, "loop": False}.get(sgd))
+    if cuda:
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # a process-wide switch
 
     compile_ = cfg.compile if cfg.compile is not None else cuda
-    losses_fn = torch.compile(student_losses) if compile_ else student_losses
-    teacher_fn = torch.compile(teacher) if compile_ and teacher is not None else teacher
-    return Parts(cfg, device, student, teacher, optimizer, sampler, losses_fn, teacher_fn, memory_format)
+    losses_fn, teacher_fn, cache_file = student_losses, teacher, None
+    if compile_:
+        cache_file = compile_cache(cfg.compile_cache)
+        options = {"mode": None if cfg.compile_mode == "default" else cfg.compile_mode}
+        if cfg.compile_blocks:  # regional compilation: the blocks compile, the glue between them runs eager
+            # every block shares Module._call_impl's code object: one cache entry per block and batch size
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            for model in (student, teacher) if teacher is not None else (student,):
+                for block in model.children():
+                    block.compile(dynamic=False, **options)
+        else:
+            losses_fn = torch.compile(student_losses, **options)
+            teacher_fn = torch.compile(teacher, **options) if teacher is not None else None
+    return Parts(cfg, device, student, teacher, optimizer, sampler, losses_fn, teacher_fn, memory_format,
+                 compile_cache_file=cache_file)
+
+
+def compile_cache(folder: str) -> Path | None:
+    """Point inductor's on-disk caches (FX graphs, AOT autograd, Triton kernels, autotuning) at ``folder``
+    and load the portable artifacts file saved there by an earlier run; returns that file's path (saved
+    after the first compiled iteration) or None for ``folder`` = "". A TORCHINDUCTOR_CACHE_DIR already
+    in the environment wins. Takes effect only before this process's first compilation."""
+    if not folder:
+        return None
+    root = Path(folder).expanduser()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+    path = root / f"artifacts-torch{torch.__version__}-{_device_tag()}.bin"
+    loader = getattr(torch.compiler, "load_cache_artifacts", None)  # torch >= 2.7
+    if loader is not None and path.is_file():
+        try:
+            loader(path.read_bytes())
+        except Exception as e:  # noqa: BLE001 - a stale or foreign cache only costs a cold start
+            print(f"train.py: ignoring compile cache {path} ({type(e).__name__}: {e})", file=sys.stderr)
+    return path
+
+
+def _device_tag() -> str:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+
+
+def save_compile_artifacts(path: Path) -> None:
+    """Write the compiled artifacts of this process (``torch.compiler.save_cache_artifacts``) to ``path``,
+    atomically; copied to another machine with the same GPU and versions, they make its first run warm."""
+    saver = getattr(torch.compiler, "save_cache_artifacts", None)  # torch >= 2.7
+    try:
+        artifacts = saver() if saver is not None else None
+        if artifacts is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(artifacts[0])
+        os.replace(tmp, path)
+    except Exception as e:  # noqa: BLE001 - a cache that cannot be written only costs the next run a cold start
+        print(f"train.py: compile cache not saved to {path} ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- one training iteration
@@ -332,6 +405,13 @@ def schedule(cfg: Config, iteration: int) -> tuple[float, float, float]:
     return lr, weight, reference.uncertainty_threshold(iteration, cfg.iterations)
 
 
+def phase(name: str):
+    """A named range in a torch.profiler trace (``benchmarks/profile_step.py`` attributes GPU time by it);
+    a no-op context when no profiler runs."""
+    return torch.profiler.record_function("uamt:" + name) if torch.autograd._profiler_enabled() \
+        else contextlib.nullcontext()
+
+
 def train_step(parts: Parts, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One UA-MT iteration at 0-based ``iteration``; returns (terms (3,), stats (2,)) on the device, no host sync."""
     cfg, dev = parts.cfg, parts.device
@@ -339,18 +419,22 @@ def train_step(parts: Parts, iteration: int) -> tuple[torch.Tensor, torch.Tensor
     for group in parts.optimizer.param_groups:
         group["lr"] = lr
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and dev.type == "cuda")
+    cuda_graphs = cfg.compile_mode == "reduce-overhead" and dev.type == "cuda" and cfg.compile is not False
+    if cuda_graphs:  # a new step: the compiled parts' graph outputs of the last one may be overwritten
+        torch.compiler.cudagraph_mark_step_begin()
 
     # data: 2 labeled + 2 unlabeled augmented crops, labeled rows first
-    images, labels = parts.sampler.next()  # (B, 1, *patch) float32, (B, *patch) int64
-    images = images.to(dev, non_blocking=True).contiguous(memory_format=parts.memory_format)
-    labels = labels.to(dev, non_blocking=True)
+    with phase("data"):
+        images, labels = parts.sampler.next()  # (B, 1, *patch) float32, (B, *patch) int64
+        images = images.to(dev, non_blocking=True).contiguous(memory_format=parts.memory_format)
+        labels = labels.to(dev, non_blocking=True)
 
     # teacher: T MC-dropout passes + 1 target pass on noisy inputs, no grad, batched
     target = mc_logits = None
     if cfg.method != "supervised":
         x = images[cfg.batch_labeled:] if cfg.consistency_on == "unlabeled" else images
         passes = cfg.mc_passes + 1 if cfg.method == "uamt" else 1
-        with torch.no_grad(), amp:
+        with phase("teacher"), torch.no_grad(), amp:
             out = teacher_passes(parts.teacher_forward, parts.teacher, x, passes, cfg.teacher_chunks,
                                  cfg.noise_std, cfg.noise_clip)  # (P, b, C, *S)
         target, mc_logits = out[0], out[1:]  # pass 0 is the target, as the released code draws it first
@@ -358,20 +442,28 @@ def train_step(parts: Parts, iteration: int) -> tuple[torch.Tensor, torch.Tensor
     # student: forward, losses, backward, SGD step
     if cfg.method == "supervised":
         images, labels = images[: cfg.batch_labeled], labels[: cfg.batch_labeled]
-    with amp:
+    with phase("student"), amp:
         loss, terms, stats = parts.student_losses(
             parts.student, images, labels, target, mc_logits,
             torch.full((), weight, device=dev), torch.full((), threshold, device=dev),  # fill kernels, no sync
             n_labeled=cfg.batch_labeled, method=cfg.method, consistency_on=cfg.consistency_on,
             fused_loss=cfg.fused_loss)
-    parts.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    parts.optimizer.step()
+    with phase("backward"):
+        parts.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with phase("optimizer"):
+        parts.optimizer.step()
 
     # teacher EMA with the warm-up alpha of the global step (alpha = 0 at step 0: teacher := student)
     if parts.teacher is not None:
-        ema = uamt_fast.ema_update_ if cfg.fused_ema else reference.ema_update_
-        ema(parts.teacher, parts.student, cfg.ema_decay, step=iteration)
+        with phase("ema"):
+            ema = uamt_fast.ema_update_ if cfg.fused_ema else reference.ema_update_
+            ema(parts.teacher, parts.student, cfg.ema_decay, step=iteration)
+    if parts.compile_cache_file is not None:  # everything is compiled by now: keep it for the next run
+        save_compile_artifacts(parts.compile_cache_file)
+        parts.compile_cache_file = None
+    if cuda_graphs:  # graph outputs live in memory the next replay reuses
+        return terms.detach().clone(), stats.detach().clone()
     return terms.detach(), stats.detach()
 
 
@@ -737,7 +829,6 @@ def main(argv=None) -> int:
     # -- config.json, versions
     env = environment(device, sys.argv[1:] if argv is None else list(argv))
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # picks the fastest conv algorithms for the fixed crop size
         print(f"GPU {env['gpu']}, CUDA {env['cuda']}, cuDNN {env['cudnn']} (bf16 3D convs are slow off cuDNN: "
               f"pytorch#166122, cuDNN 9.8-9.14; channels_last_3d={parts.memory_format == torch.channels_last_3d})")
     if resume_state is not None:

@@ -10,13 +10,27 @@ All variants run in one process on the same device, the same crop size and the s
   1 + T/2 sequential teacher forwards, unfused loss, per-parameter EMA loop, h5 DataLoader with 4
   workers, cuDNN deterministic as released); ``reference+cudnn.benchmark`` is the same with the
   cuDNN autotuner on.
-- ``ours``: ``train.train_step`` with every option on (one batched teacher forward of the T + 1
-  passes, bf16 autocast, channels_last_3d, torch.compile, fused loss, fused EMA, volumes on the GPU
-  with GPU augmentation), then the same with one option off at a time.
+- ``ours``: ``train.train_step`` with every default on (one batched teacher forward of the T + 1
+  passes, bf16 autocast, channels_last_3d, torch.compile, fused loss, fused EMA, fused SGD, cuDNN
+  autotuner, volumes on the GPU with GPU augmentation), then the same with one option off (``-``) or
+  one opt-in lever on (``+``) at a time; ``ours (warm start)`` repeats ``ours`` after
+  ``torch._dynamo.reset()``, so it compiles again from the on-disk caches the first ``ours`` filled.
 
-Per variant: ``--warmup`` untimed iterations (compilation, cuDNN autotuning, DataLoader start-up),
-then ``--iters`` iterations between two device syncs: ms/iter, it/s, speedup over the reference,
-peak device memory of the timed iterations, achieved TFLOP/s and MFU. FLOPs per iteration come from
+Compiled code is shared: dynamo's cache is kept across variants (new models of the same structure
+pass the same guards), so a variant whose graphs equal ``ours``'s (``-fused SGD``, ``-fused EMA``,
+``-cudnn.benchmark``, ``-GPU data``) compiles nothing, and one that changes one graph (the teacher's
+for ``-batched teacher``) compiles only that one. The inductor caches go to ``--compile-cache``
+(default: train.py's ``~/.cache/uamt_fast``; the first ``ours`` is a cold start when it is empty, as
+on a fresh machine, and ``profile_step`` run afterwards with the same folder starts warm).
+
+Per variant: the time to the first iteration (build + first step, synced: compilation and cuDNN
+autotuning included), ``--warmup`` - 1 more untimed iterations, then ``--iters`` iterations between
+two device syncs: ms/iter, it/s, speedup over the reference, peak device memory of the timed
+iterations, achieved TFLOP/s, MFU and % of the floor's speed (the analytic floor of profile_step.py);
+``start`` says how the first iteration began: "cold" (first compilation, empty caches), "warm"
+(compiled again from the on-disk caches), "shared" (all graphs from an earlier variant), "new graphs"
+(compiled graphs of its own, with whatever the caches held) or "eager"; ``recompiles`` counts the
+graphs dynamo compiled for it. FLOPs per iteration come from
 ``torch.utils.flop_counter.FlopCounterMode`` over one reference iteration (convolutions and matmuls,
 forward and backward; the same model work as ours: 4 student crops forward + backward and 18
 teacher crop-passes forward) and are cross-checked on one eager iteration of ours. MFU is over the
@@ -43,18 +57,32 @@ from benchmarks.reference_trainer import ReferenceConfig, ReferenceTrainer, rele
 # budget cuts the least important ones). "ours" has every option on.
 VARIANTS = {
     "ours": {},
-    "ours -compile": {"compile": False},
+    "ours (warm start)": {},  # after torch._dynamo.reset(): compiled again from the on-disk caches
+    # the same compiled graphs as "ours", or none
+    "ours -fused SGD": {"sgd": "foreach"},
     "ours -fused EMA": {"fused_ema": False},
-    "ours -fused loss": {"fused_loss": False},
-    "ours -batched teacher": {"teacher_chunks": None},  # None -> T + 1 forward calls, one per pass
+    "ours -cudnn.benchmark": {"cudnn_benchmark": False},
     "ours -GPU data": {"data_device": "cpu"},
+    "ours -compile": {"compile": False},
+    # the opt-in levers, each compiling graphs of its own
+    "ours teacher_chunks=3": {"teacher_chunks": 3},
+    "ours +full-res contiguous": {"full_res_contiguous": True},
+    "ours +regional compile": {"compile_blocks": True},
+    "ours +reduce-overhead": {"compile_mode": "reduce-overhead"},
+    # the earlier ablations (first H100 run), each compiling graphs of its own
+    "ours -batched teacher": {"teacher_chunks": None},  # None -> T + 1 forward calls, one per pass
+    "ours -fused loss": {"fused_loss": False},
     "ours -channels_last_3d": {"channels_last": False},
     "ours -bf16": {"amp": False},
 }
 REFERENCES = ("reference", "reference+cudnn.benchmark")
-ORDER = ("reference", *VARIANTS, "reference+cudnn.benchmark")
+ORDER = (*REFERENCES, *VARIANTS)
 SAME_AS_OURS_ON_CPU = {  # --cpu: these would repeat "ours" exactly, so they are not run
+    "ours (warm start)": "on the CPU 'ours' runs without torch.compile",
     "ours -compile": "on the CPU 'ours' runs without torch.compile already",
+    "ours +regional compile": "on the CPU 'ours' runs without torch.compile",
+    "ours +reduce-overhead": "CUDA graphs are CUDA-only (and the CPU runs without torch.compile)",
+    "ours -cudnn.benchmark": "no cuDNN on the CPU",
     "ours -GPU data": "on the CPU the volumes are on the CPU already",
     "ours -bf16": "train.py's bf16 autocast is CUDA-only",
     "reference+cudnn.benchmark": "no cuDNN on the CPU",
@@ -68,10 +96,13 @@ def parse_args(argv=None):
                    "`python -m uamt_fast.data pack` folder; --cpu without --data uses a synthetic set")
     p.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU: checks the wiring, not the speed")
     p.add_argument("--labeled", type=int, default=16, help="labeled cases (the first of train.list), as in the paper")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations per variant (default 30 GPU / 2 CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed iterations per variant (default 8 GPU / 1 CPU)")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per variant (default 20 GPU / 2 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations per variant, the first one "
+                   "timed as the time to first iteration (default 3 GPU / 1 CPU)")
     p.add_argument("--reference-iters", type=int, default=None,
-                   help="timed iterations of the reference (default 24 GPU = 3 loader epochs / 2 CPU)")
+                   help="timed iterations of the reference (default 16 GPU = 2 loader epochs / 2 CPU)")
+    p.add_argument("--compile-cache", default="", help="train.py's --compile-cache for every variant (default: "
+                   "train.py's, ~/.cache/uamt_fast); the first compile is cold only if it holds no cache yet")
     p.add_argument("--variants", default="all",
                    help=f"comma-separated subset of: {', '.join(ORDER)}")
     p.add_argument("--budget-s", type=float, default=0.0,
@@ -88,11 +119,11 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"--variants: unknown {unknown}; expected a subset of {sorted(known)}")
     if args.cpu:
-        args.iters, args.warmup = args.iters or 2, args.warmup if args.warmup is not None else 1
+        args.iters, args.warmup = args.iters or 2, args.warmup or 1
         args.reference_iters = args.reference_iters or 2
     else:
-        args.iters, args.warmup = args.iters or 30, args.warmup if args.warmup is not None else 8
-        args.reference_iters = args.reference_iters or 24
+        args.iters, args.warmup = args.iters or 20, args.warmup or 3
+        args.reference_iters = args.reference_iters or 16
     return args
 
 
@@ -108,19 +139,25 @@ def cudnn_flags(benchmark: bool, deterministic: bool):
 
 
 def _free(device):
-    # Forget compiled graphs: every variant builds new modules, and recompiles of the same code
-    # objects (VNet.forward, student_losses) would otherwise pile up to dynamo's cache limit, after
-    # which it silently runs eager. Inductor's on-disk cache keeps a repeated compile cheap.
-    torch._dynamo.reset()
+    # Compiled graphs stay (dynamo's cache is shared by the variants, see the module docstring);
+    # the memory of the last variant goes.
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def time_loop(step, warmup: int, iters: int, device) -> dict:
-    """``warmup`` calls, then ``iters`` calls between two syncs: ms/iter, it/s, peak memory."""
+def _graphs_compiled() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def time_loop(step, warmup: int, iters: int, device, started: float) -> dict:
+    """The first call (time to first iteration since ``started``), ``warmup`` - 1 more, then ``iters``
+    calls between two syncs: ms/iter, it/s, peak memory."""
+    step()
+    measure.synchronize(device)
+    first_iter_s = time.perf_counter() - started
     t = time.perf_counter()
-    for _ in range(warmup):
+    for _ in range(warmup - 1):
         step()
     measure.synchronize(device)
     warmup_s = time.perf_counter() - t
@@ -132,7 +169,7 @@ def time_loop(step, warmup: int, iters: int, device) -> dict:
     measure.synchronize(device)
     elapsed = time.perf_counter() - t
     row = {"ms_per_iter": 1e3 * elapsed / iters, "it_per_s": iters / elapsed, "iters": iters, "warmup": warmup,
-           "warmup_s": warmup_s}
+           "warmup_s": warmup_s, "first_iter_s": first_iter_s}
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / measure.GiB
     return row
@@ -147,6 +184,7 @@ def count_flops(step) -> int:
 
 # ----------------------------------------------------------------------------- the variants
 def run_reference(name, args, device, h5_dir, labeled_ids, unlabeled_ids, patch, n_filters) -> tuple[dict, int]:
+    started = time.perf_counter()
     cfg = ReferenceConfig(base_dir=str(h5_dir), labeled_ids=labeled_ids, unlabeled_ids=unlabeled_ids, patch=patch,
                           n_filters=n_filters, device=device.type, cudnn_benchmark=name.endswith("cudnn.benchmark"),
                           num_workers=args.reference_workers)
@@ -158,19 +196,24 @@ def run_reference(name, args, device, h5_dir, labeled_ids, unlabeled_ids, patch,
         last.update(trainer.step())
 
     with cudnn_flags(flags["benchmark"], flags["deterministic"]):
-        row = time_loop(step, args.warmup, args.reference_iters, device)
+        row = time_loop(step, args.warmup, args.reference_iters, device, started)
         flops = count_flops(step)
-    row.update(variant=name, cudnn=flags, last_logged=dict(last))
+    row.update(variant=name, cudnn=flags, last_logged=dict(last), start="eager")
     del trainer
     _free(device)
     return row, flops
 
 
-def run_ours(name, args, device, train_mod, base_cfg: dict, cases) -> tuple[dict, int | None]:
+def run_ours(name, args, device, train_mod, base_cfg: dict, cases, compiled_before: bool) -> tuple[dict, int | None]:
     overrides = dict(VARIANTS[name])
     if overrides.get("teacher_chunks", 0) is None:
         overrides["teacher_chunks"] = base_cfg.get("mc_passes", 8) + 1
     cfg = train_mod.Config(**(base_cfg | overrides))
+    compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    if name == "ours (warm start)":
+        torch._dynamo.reset()  # compile again, from the on-disk caches
+    graphs = _graphs_compiled()
+    started = time.perf_counter()
     parts = train_mod.build(cfg, train_cases=cases)
     iteration = [0]
     last = {}
@@ -180,12 +223,22 @@ def run_ours(name, args, device, train_mod, base_cfg: dict, cases) -> tuple[dict
         iteration[0] += 1
         last["terms"] = terms
 
-    with cudnn_flags(True, False):  # train.py's main sets cudnn.benchmark on CUDA
-        row = time_loop(step, args.warmup, args.iters, device)
-        compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    with cudnn_flags(cfg.cudnn_benchmark, False):  # as train.build sets it
+        row = time_loop(step, args.warmup, args.iters, device, started)
+        recompiles = _graphs_compiled() - graphs
         flops = None if compiled else count_flops(step)  # FlopCounterMode and compiled graphs don't mix
+    if not compiled:
+        start = "eager"
+    elif name == "ours (warm start)":
+        start = "warm"
+    elif recompiles == 0:
+        start = "shared"  # every graph came from an earlier variant
+    elif not compiled_before:
+        start = "cold"  # the first compilation, empty caches
+    else:
+        start = "warm (cache on disk)" if name == "ours" else "new graphs"
     row.update(variant=name, config={k: v for k, v in vars(cfg).items() if k in base_cfg or k in overrides},
-               last_terms=[float(x) for x in last["terms"]])
+               last_terms=[float(x) for x in last["terms"]], start=start, recompiles=recompiles)
     del parts
     _free(device)
     return row, flops
@@ -210,6 +263,15 @@ def main(argv=None) -> int:
     from uamt_fast import data
 
     workdir = tempfile.TemporaryDirectory(prefix="uamt_train_step_")
+    # One compile cache folder for the whole run, set before anything compiles: "ours" starts cold if it is
+    # empty (as on a fresh machine), and a later run (profile_step) with the same folder starts warm.
+    compile_cache = args.compile_cache or train_mod.Config.compile_cache
+    cache_root = Path(compile_cache).expanduser()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root / "inductor")
+    cache_was_empty = not any(cache_root.glob("inductor/*")) and not any(cache_root.glob("artifacts-*"))
+    print(f"compile cache {cache_root} ({'empty: the first compile is cold' if cache_was_empty else 'not empty'})")
+    # Every variant adds cache entries to the same code objects (VNet.forward, student_losses, the blocks).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     sizes = CPU_SIZES if args.cpu else dict(patch=(112, 112, 80), n_filters=16)
     root = Path(args.data) if args.data else None
     if root is None:
@@ -219,7 +281,7 @@ def main(argv=None) -> int:
         root = Path(workdir.name) / "synthetic"
         data.write_synthetic_la(str(root), n_train=6, n_test=1, shape=(48, 48, 40), seed=0)
     base_cfg = dict(data=str(root), labeled=args.labeled, patch=sizes["patch"], n_filters=sizes["n_filters"],
-                    device=device.type, seed=1337)
+                    device=device.type, seed=1337, compile_cache=compile_cache)
     if args.cpu:  # on the CPU compile is off (minutes of inductor C++ compile) and channels_last is opt-in
         base_cfg |= dict(compile=False, channels_last=True)
     cfg0 = train_mod.Config(**base_cfg)
@@ -233,8 +295,12 @@ def main(argv=None) -> int:
     rate = measure.matmul_tflops(device)
     print(f"dense matmul rate, same run: {rate:.3g} TFLOP/s ({'bf16 8192^3' if device.type == 'cuda' else 'fp32 1024^3'})",
           flush=True)
+    floor = step_floor(train_mod, cfg0, device, rate)
+    print(f"floor of the step (benchmarks/profile_step.py's model, copy {floor['copy_gbps']:.4g} GB/s): "
+          f"{floor['ms']:.2f} ms", flush=True)
 
     rows, skipped, flops = [], [], {}
+    compiled_before = not cache_was_empty  # a cache on disk: nothing compiles cold
     start = time.perf_counter()
     for name in args.variant_list:
         if args.budget_s and time.perf_counter() - start > args.budget_s:
@@ -251,16 +317,19 @@ def main(argv=None) -> int:
                                          sizes["patch"], sizes["n_filters"])
             flops.setdefault("reference", n_flops)
         else:
-            row, n_flops = run_ours(name, args, device, train_mod, base_cfg, cases)
+            row, n_flops = run_ours(name, args, device, train_mod, base_cfg, cases, compiled_before)
+            compiled_before |= row["start"] != "eager"
             if n_flops is not None:
                 flops.setdefault("ours_eager", n_flops)
         row["wall_s"] = time.perf_counter() - t
         rows.append(row)
-        print(f"  {name}: {row['ms_per_iter']:.1f} ms/iter ({row['wall_s']:.0f} s with warm-up)", flush=True)
+        print(f"  {name}: {row['ms_per_iter']:.1f} ms/iter, first iteration {row['first_iter_s']:.1f} s "
+              f"({row['start']}), {row['wall_s']:.0f} s in all", flush=True)
         if args.json:  # after every variant: a run stopped by a time limit keeps what it measured
-            measure.write_json(args.json, summarize(rows, flops, rate, env, skipped, cases, labeled_ids, sizes, False))
+            measure.write_json(args.json, summarize(rows, flops, rate, env, skipped, cases, labeled_ids, sizes, False,
+                                                    floor))
 
-    result = summarize(rows, flops, rate, env, skipped, cases, labeled_ids, sizes, True)
+    result = summarize(rows, flops, rate, env, skipped, cases, labeled_ids, sizes, True, floor)
     if args.json:
         measure.write_json(args.json, result)
     print(format_table(result))
@@ -268,8 +337,21 @@ def main(argv=None) -> int:
     return 0
 
 
-def summarize(rows, flops, rate, env, skipped, cases, labeled_ids, sizes, complete: bool) -> dict:
-    """Speedups over the reference, TFLOP/s and MFU for every row; the JSON document of the run."""
+def step_floor(train_mod, cfg, device, rate: float) -> dict:
+    """The analytic floor of ours' step (``profile_step.step_floor``: convs at the matmul rate or the copy
+    bandwidth, whichever is slower, plus the other bytes), bf16 activations on a GPU, fp32 on a CPU."""
+    from benchmarks import profile_step
+
+    bandwidth = measure.copy_bandwidth(device)
+    n_params = sum(p.numel() for p in train_mod.VNet(n_filters=cfg.n_filters).parameters())
+    floor = profile_step.step_floor(cfg, profile_step.conv_layers(cfg.n_filters, cfg.patch),
+                                    2 if device.type == "cuda" else 4, rate, bandwidth, n_params)
+    return {"ms": floor["ms"], "flops": floor["flops"], "copy_gbps": bandwidth,
+            "conv_compute_ms": floor["conv_compute_ms"], "conv_memory_ms": floor["conv_memory_ms"]}
+
+
+def summarize(rows, flops, rate, env, skipped, cases, labeled_ids, sizes, complete: bool, floor: dict) -> dict:
+    """Speedups over the reference, TFLOP/s, MFU and % of the floor's speed for every row; the JSON of the run."""
     model_flops = flops.get("reference") or flops.get("ours_eager")
     ref = next((r for r in rows if r["variant"] == "reference"), None)
     for r in rows:
@@ -277,7 +359,8 @@ def summarize(rows, flops, rate, env, skipped, cases, labeled_ids, sizes, comple
         if model_flops:
             r["tflops"] = model_flops / (r["ms_per_iter"] * 1e-3) / 1e12
             r["mfu_pct"] = 100 * r["tflops"] / rate
-    return {"environment": env, "matmul_tflops": rate, "flops_per_iter": dict(flops), "rows": rows,
+        r["pct_of_floor_speed"] = 100 * floor["ms"] / r["ms_per_iter"]
+    return {"environment": env, "matmul_tflops": rate, "flops_per_iter": dict(flops), "rows": rows, "floor": floor,
             "skipped": list(skipped), "cases": len(cases), "labeled": len(labeled_ids), "complete": complete, **sizes}
 
 
@@ -285,12 +368,16 @@ def format_table(result: dict) -> str:
     flops = result["flops_per_iter"]
     lines = [f"train step, crop {result['patch']}, n_filters {result['n_filters']}, {result['cases']} cases; "
              f"FLOPs/iter: reference {_tf(flops.get('reference'))} TFLOP, ours eager {_tf(flops.get('ours_eager'))} TFLOP; "
-             f"matmul rate {result['matmul_tflops']:.3g} TFLOP/s; torch threads {result['environment']['torch_threads']}",
-             f"{'variant':<27} {'ms/iter':>9} {'it/s':>8} {'vs ref':>7} {'peak GiB':>9} {'TFLOP/s':>9} {'MFU %':>6}"]
+             f"matmul rate {result['matmul_tflops']:.3g} TFLOP/s; torch threads "
+             f"{result['environment']['torch_threads']}; floor {result['floor']['ms']:.2f} ms/iter",
+             f"{'variant':<27} {'ms/iter':>9} {'it/s':>8} {'vs ref':>7} {'peak GiB':>9} {'TFLOP/s':>9} {'MFU %':>6} "
+             f"{'%floor':>7} {'1st it s':>9} start"]
     for r in result["rows"]:
         lines.append(f"{r['variant']:<27} {r['ms_per_iter']:9.1f} {r['it_per_s']:8.2f} "
                      f"{_f(r.get('speedup_vs_reference'), '6.2f')}x {_f(r.get('peak_gib'), '9.2f')} "
-                     f"{_f(r.get('tflops'), '9.3g')} {_f(r.get('mfu_pct'), '6.3g')}")
+                     f"{_f(r.get('tflops'), '9.3g')} {_f(r.get('mfu_pct'), '6.3g')} "
+                     f"{_f(r.get('pct_of_floor_speed'), '7.1f')} {_f(r.get('first_iter_s'), '9.1f')} "
+                     f"{r.get('start', '')}")
     if result["skipped"]:
         lines.append(f"skipped: {', '.join(result['skipped'])}")
     return "\n".join(lines)

@@ -6,13 +6,16 @@ stages of 3,3,2,1 convs; a 1x1x1 output conv. Optional Dropout3d(p=0.5) after th
 and the last decoder stage (the paper's "Bayesian V-Net"). Module names follow the release, so its
 state-dict keys are the released ones. 1 input channel, 2 classes: 9,448,866 parameters.
 
-Two additions for fast UA-MT training, both off by default:
+Additions for fast UA-MT training, all off by default:
 
 - ``mc_dropout(model)``: dropout stays on (Monte Carlo passes) whatever ``model.training`` is.
 - ``model.bn_groups = G``: in training mode, batch norm normalises each of G equal chunks of the
   batch with its own statistics ("ghost" batch norm, ``uamt_fast.ghost_norm``; its layers are
   ``GhostBatchNorm3d``). A batch of G stacked stochastic passes then sees exactly what G separate
   forwards would see.
+- ``model.full_res_memory_format_(fmt)``: the convs that read or write full-resolution tensors (the
+  1-channel input, the 16-channel first and last stages) use memory format ``fmt`` while the rest
+  keeps its own (e.g. contiguous full-resolution layers in a channels_last_3d network).
 """
 from __future__ import annotations
 
@@ -106,6 +109,24 @@ class VNet(nn.Module):
         self.dropout_p = 0.5
         self.mc_dropout = False  # dropout on even in eval mode (Monte Carlo passes)
         self.in_channels, self.num_classes, self.n_filters = in_channels, num_classes, n_filters
+        self.layer_formats = None  # (full-resolution format, the rest's format), set by full_res_memory_format_
+
+    # The modules whose convs read or write full-resolution tensors.
+    FULL_RES = ("block_one", "block_one_dw", "block_eight_up", "block_nine", "out_conv")
+
+    def full_res_memory_format_(self, memory_format: torch.memory_format) -> VNet:
+        """Put the ``FULL_RES`` modules' weights in ``memory_format``; the others keep theirs. The forward
+        then converts at the two boundaries, both half-resolution tensors (``block_one_dw``'s output and
+        ``block_eight_up``'s input: a quarter of a full-resolution activation's bytes each). Changes
+        no value, only which conv kernels run. Call it before anything holds views of the weights
+        (``flatten_parameters_``)."""
+        w = self.block_two.conv[0].weight
+        rest = torch.channels_last_3d if w.is_contiguous(memory_format=torch.channels_last_3d) and \
+            not w.is_contiguous() else torch.contiguous_format
+        for name in self.FULL_RES:
+            getattr(self, name).to(memory_format=memory_format)
+        self.layer_formats = (memory_format, rest)
+        return self
 
     @property
     def bn_groups(self) -> int:
@@ -125,8 +146,12 @@ class VNet(nn.Module):
             raise ValueError(f"VNet: expected input (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}")
         if any(s % 16 for s in x.shape[2:]):
             raise ValueError(f"VNet: spatial dims must be multiples of 16 (four stride-2 stages), got {tuple(x.shape[2:])}")
+        full, rest = self.layer_formats or (None, None)
+        if full is not None:
+            x = x.contiguous(memory_format=full)
         x1 = self.block_one(x)
-        x2 = self.block_two(self.block_one_dw(x1))
+        x2 = self.block_one_dw(x1)
+        x2 = self.block_two(x2 if rest is None else x2.contiguous(memory_format=rest))
         x3 = self.block_three(self.block_two_dw(x2))
         x4 = self.block_four(self.block_three_dw(x3))
         x5 = self._dropout(self.block_five(self.block_four_dw(x4)))
@@ -134,6 +159,8 @@ class VNet(nn.Module):
         x6 = self.block_six(self.block_five_up(x5) + x4)
         x7 = self.block_seven(self.block_six_up(x6) + x3)
         x8 = self.block_eight(self.block_seven_up(x7) + x2)
+        if full is not None:
+            x8 = x8.contiguous(memory_format=full)
         x9 = self._dropout(self.block_nine(self.block_eight_up(x8) + x1))
         return self.out_conv(x9)
 
