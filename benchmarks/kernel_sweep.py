@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
         if args.cpu:
             return [default, L.LaunchConfig(default.block // 2, default.num_warps)]
         if kernel == "loss_bwd":
-            blocks, warps = (2048, 4096, 8192), (4, 8)
+            blocks, warps = (4096, 8192), (4, 8)
         else:
             blocks, warps = (default.block // 2, default.block, default.block * 2), (4, 8)
         grid = [L.LaunchConfig(b, w) for b in blocks for w in warps if b >= 32 * w]

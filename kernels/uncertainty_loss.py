@@ -438,8 +438,10 @@ def _classes_last(x3: torch.Tensor) -> bool:
 
 
 def _paired(x3: torch.Tensor) -> bool:
-    """Two classes interleaved (class stride 1, voxel stride 2): read as one contiguous run."""
-    return x3.shape[-2] == 2 and x3.stride(-2) == 1 and (x3.stride(-1) == 2 or x3.shape[-1] == 1)
+    """Two classes interleaved (class stride 1, voxel stride 2): read as one contiguous run. Below
+    2^30 voxels per sample, so the kernel's ``2 * V`` bound of the run fits an int32."""
+    return (x3.shape[-2] == 2 and x3.stride(-2) == 1 and (x3.stride(-1) == 2 or x3.shape[-1] == 1)
+            and x3.shape[-1] < 2**30)
 
 
 def uncertainty_loss_forward(
