@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -220,3 +221,16 @@ def test_help_shows_defaults_and_the_usage_examples():
     assert proc.returncode == 0
     assert "(default: 6000)" in proc.stdout and "(default: 112 112 80)" in proc.stdout
     assert "python train.py --demo" in proc.stdout and "--overwrite" in proc.stdout
+
+
+@pytest.mark.parametrize("command, defaults", [("pack", ["--unlabeled", "--test", "--max-part-mib"]),
+                                               ("synth", ["--train", "--test", "--shape", "--seed"])])
+def test_data_cli_help_shows_every_default_and_examples(command, defaults, capsys):
+    with pytest.raises(SystemExit) as stop:
+        data.main([command, "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    entries = dict(re.findall(r"^  (--[\w-]+)(.*?)(?=^  -|^\S|\Z)", out, re.M | re.S))  # option -> its help
+    for flag in defaults:
+        assert "(default:" in " ".join(entries[flag].split()), (flag, entries[flag])
+    assert "python -m uamt_fast.data synth" in out and "--max-part-mib 60" in out

@@ -518,24 +518,35 @@ class TwoStreamSampler:
 
 # ----------------------------------------------------------------------------- command line
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m uamt_fast.data", description=__doc__.split("\n")[0])
+    usage = ("examples:\n"
+             "  python -m uamt_fast.data pack ../shared/data/LA benchmarks/la_pack --train 16 --unlabeled 24 --test 4\n"
+             "  python -m uamt_fast.data pack ../shared/data/LA LA_parts --train 80 --test 20 --max-part-mib 60\n"
+             "  python -m uamt_fast.data synth demo_data --train 12 --test 4 --shape 48 48 32 --seed 0")
+    fmt = {"formatter_class": argparse.RawDescriptionHelpFormatter, "epilog": usage}
+    parser = argparse.ArgumentParser(prog="python -m uamt_fast.data", description=__doc__.split("\n")[0], **fmt)
     commands = parser.add_subparsers(dest="command", required=True)
-    pack = commands.add_parser("pack", help="write a compact lossless copy of some LA cases")
+    pack = commands.add_parser("pack", help="write a compact lossless copy of some LA cases",
+                               description="Write a compact lossless copy (uint8 codes + a value table per scan) of "
+                               "some LA cases, in the release layout.", **fmt)
     pack.add_argument("root", help="LA root (holds train.list, test.list and the h5 files)")
     pack.add_argument("out", help="output root (same layout, packed .npz files)")
     pick = pack.add_mutually_exclusive_group(required=True)
     pick.add_argument("--cases", nargs="+", help="these ids (each stays in its own list)")
     pick.add_argument("--train", type=int, help="the first N ids of train.list (the labeled ones)")
-    pack.add_argument("--unlabeled", type=int, default=0, help="with --train: the next K ids of train.list")
-    pack.add_argument("--test", type=int, default=0, help="with --train: the first M ids of test.list")
+    pack.add_argument("--unlabeled", type=int, default=0, help="with --train: the next K ids of train.list (default: 0)")
+    pack.add_argument("--test", type=int, default=0, help="with --train: the first M ids of test.list (default: 0)")
     pack.add_argument("--max-part-mib", type=float, help="split the output into out/part1, out/part2, ... of at "
-                      "most this many MiB each (every part holds the full lists; train with --data on every part)")
-    synth = commands.add_parser("synth", help="write a synthetic LA-like data set")
-    synth.add_argument("out")
-    synth.add_argument("--train", type=int, default=8)
-    synth.add_argument("--test", type=int, default=2)
-    synth.add_argument("--shape", type=int, nargs=3, default=(128, 128, 96), metavar=("X", "Y", "Z"))
-    synth.add_argument("--seed", type=int, default=0)
+                      "most this many MiB each; every part holds the full lists, train with --data on every part "
+                      "(default: one folder)")
+    synth = commands.add_parser("synth", help="write a synthetic LA-like data set",
+                                description="Write a synthetic LA-like data set (blobs in noise) in the release "
+                                "layout, for the demo and tests.", **fmt)
+    synth.add_argument("out", help="output root (train.list, test.list and h5 files)")
+    synth.add_argument("--train", type=int, default=8, help="training cases (default: 8)")
+    synth.add_argument("--test", type=int, default=2, help="test cases (default: 2)")
+    synth.add_argument("--shape", type=int, nargs=3, default=(128, 128, 96), metavar=("X", "Y", "Z"),
+                       help="volume shape (default: 128 128 96)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same data (default: 0)")
     args = parser.parse_args(argv)
     try:
         if args.command == "synth":
