@@ -33,3 +33,29 @@ def la_root() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def trainer_on_cpu(monkeypatch):
+    """The trainer as a CPU user runs it: the public fused ops take their CPU path (the reference math), not
+    the Triton interpreter switched on above (~15 s per loss call at trainer sizes; the kernel tests cover
+    the kernels), and one torch thread (on a shared 2-core machine two OpenMP threads measured 5x slower)."""
+    import uamt_fast.consistency
+    import uamt_fast.ema
+
+    monkeypatch.setattr(uamt_fast.consistency, "TRITON_ON_CPU", False)
+    monkeypatch.setattr(uamt_fast.ema, "TRITON_ON_CPU", False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    """A tiny synthetic LA data set in the release layout: 5 training and 2 test cases of 32x24x16."""
+    from uamt_fast import data
+
+    root = tmp_path_factory.mktemp("tiny_la")
+    data.write_synthetic_la(root, n_train=5, n_test=2, shape=(32, 24, 16), seed=3)
+    return root

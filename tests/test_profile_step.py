@@ -8,26 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train
-import uamt_fast.consistency
-import uamt_fast.ema
 from benchmarks import profile_step as ps
 from uamt_fast import data
 
 
-@pytest.fixture(autouse=True)
-def cpu_path(monkeypatch):
-    monkeypatch.setattr(uamt_fast.consistency, "TRITON_ON_CPU", False)
-    monkeypatch.setattr(uamt_fast.ema, "TRITON_ON_CPU", False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("trainer_on_cpu")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("name, phase, conv_op, category", [

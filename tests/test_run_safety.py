@@ -19,8 +19,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-import uamt_fast.consistency  # noqa: E402
-import uamt_fast.ema  # noqa: E402
 from uamt_fast import data  # noqa: E402
 
 TINY = ["--n-filters", "4", "--patch", "16", "16", "16", "--labeled", "2", "--no-compile", "--device", "cpu",
@@ -28,21 +26,7 @@ TINY = ["--n-filters", "4", "--patch", "16", "16", "16", "--labeled", "2", "--no
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def cpu_path(monkeypatch):
-    monkeypatch.setattr(uamt_fast.consistency, "TRITON_ON_CPU", False)
-    monkeypatch.setattr(uamt_fast.ema, "TRITON_ON_CPU", False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_la")
-    data.write_synthetic_la(root, n_train=4, n_test=1, shape=(32, 24, 16), seed=3)
-    return root
+pytestmark = pytest.mark.usefixtures("trainer_on_cpu")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

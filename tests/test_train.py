@@ -24,8 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train
-import uamt_fast.consistency
-import uamt_fast.ema
+import uamt_fast
 from uamt_fast import data, reference
 from uamt_fast.vnet import VNet
 
@@ -37,21 +36,7 @@ TINY = ["--n-filters", "4", "--patch", "16", "16", "16", "--labeled", "2", "--no
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def cpu_path(monkeypatch):
-    monkeypatch.setattr(uamt_fast.consistency, "TRITON_ON_CPU", False)
-    monkeypatch.setattr(uamt_fast.ema, "TRITON_ON_CPU", False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_la")
-    data.write_synthetic_la(root, n_train=5, n_test=2, shape=(32, 24, 16), seed=3)
-    return root
+pytestmark = pytest.mark.usefixtures("trainer_on_cpu")  # tests/conftest.py
 
 
 def run_cli(*args, cwd=ROOT) -> subprocess.CompletedProcess:
