@@ -7,8 +7,9 @@
 #             seconds), gpu_check.json (every number of the stages found in OUT_DIR) and summary.txt.
 #   --stage   comma-separated, run in this order (default all = kernels,step,training):
 #             kernels   <= 4 min on an H100: every number of issue 8
-#                       1. tests/test_uncertainty_loss.py tests/test_ema.py (+ tests/test_kernel_structure.py
-#                          when present) on the device: kernels vs the float64 reference          60 s
+#                       1. tests/test_uncertainty_loss.py tests/test_ema.py on the device: kernels vs
+#                          the float64 reference (tests/test_kernel_structure.py compiles for sm_90
+#                          on any CPU, so CI runs it; it is left out here to keep the 60 s)        60 s
 #                       2. python -m benchmarks.kernel_sweep (launch configs; when present)        55 s
 #                       3. micro rows: loss, entropy, EMA; kernel time and eager wall-clock       110 s
 #             step      <= 8 min: every number of issue 9
@@ -140,8 +141,9 @@ fi
 tail -n 5 "$OUT/header.log"
 
 stage_kernels() {
+  # (not tests/test_kernel_structure.py: it compiles for sm_90 without a GPU and CI runs it; here it would
+  #  spend ~30-50 s of the 60 s on ptxas)
   local tests=(tests/test_uncertainty_loss.py tests/test_ema.py)
-  [[ -f tests/test_kernel_structure.py ]] && tests+=(tests/test_kernel_structure.py)
   run_step kernels correctness $LIM_TEST "$OUT/correctness.log" -- \
     $PY -m pytest "${tests[@]}" -q -ra -p no:cacheprovider
   if [[ -f benchmarks/kernel_sweep.py ]]; then
