@@ -71,7 +71,7 @@ class Config:
     data: list = field(default_factory=list)  # LA root (train.list, test.list, case folders); repeat it for parts
     out: str = ""  # run folder; default runs/<timestamp>-<method>
     resume: str = ""  # run folder to continue from its checkpoint.pt (the saved config is reused)
-    eval: str = ""  # evaluate this checkpoint (student.pt, teacher.pt or checkpoint.pt) on the test list and exit
+    eval: str = ""  # evaluate this checkpoint (student.pt, teacher.pt, checkpoint.pt; a run folder: its student.pt), exit
     demo: bool = False  # synthetic LA-like data (kept in the run folder) + reduced sizes: the whole pipeline in ~1 min on CPU
     overwrite: bool = False  # replace the run already in --out (its config, metrics, checkpoints, evaluations)
     figures: str = ""  # write PNG figures here after the evaluation: per-case panels (and the run's training curves)
@@ -189,7 +189,7 @@ def parse_args(argv=None) -> dict:
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n" + examples)
     for f in dataclasses.fields(Config):
         flag, help = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
-        if f.default is not None and f.default != "":
+        if f.default not in (None, "", dataclasses.MISSING):  # (MISSING: a default_factory, i.e. --data)
             shown = {True: "on", False: "off"}.get(f.default, f.default) if isinstance(f.default, bool) else f.default
             help += f" (default: {' '.join(map(str, shown)) if isinstance(shown, tuple) else shown})"
         help = help.replace("%", "%%")
@@ -798,6 +798,7 @@ def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device) -> None:
 
 def main(argv=None) -> int:
     # -- configuration, run folder and bad input (one line on stderr, exit code 2)
+    created = False  # this call made the run folder (removed again if it stays empty)
     try:
         given = parse_args(argv)
         cfg, resume_state = make_config(given)
@@ -809,14 +810,15 @@ def main(argv=None) -> int:
         if cfg.eval:
             evaluate_checkpoint(cfg, given, device)
             return 0
+        if not cfg.data and not cfg.demo:
+            raise ValueError("--data is required (the LA root holding train.list), or use --demo")
         out = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}")
         if resume_state is None:
+            created = not out.exists()
             claim_run_folder(out, cfg.overwrite)
         if cfg.demo and not cfg.data:  # kept in the run folder, so the run can be evaluated again later
             cfg.data = [str((out / DEMO_DATA_DIR).resolve())]
             data.write_synthetic_la(cfg.data[0], **DEMO_DATA)
-        if not cfg.data:
-            raise ValueError("--data is required (the LA root holding train.list), or use --demo")
         parts = build(cfg)
         parts.test_cases = load_split(cfg, "test")
         start = 0
@@ -824,6 +826,8 @@ def main(argv=None) -> int:
             start = restore(parts, resume_state, out / "checkpoint.pt")
     except (data.DataError, ValueError, ImportError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
+        if created and out.is_dir() and not any(out.iterdir()):  # bad --data etc.: leave no empty run folder
+            out.rmdir()
         return 2
 
     # -- config.json, versions
