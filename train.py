@@ -824,6 +824,9 @@ def main(argv=None) -> int:
         start = 0
         if resume_state is not None:
             start = restore(parts, resume_state, out / "checkpoint.pt")
+            if start >= cfg.iterations and (out / "eval.json").is_file():
+                raise ValueError(f"--resume {out}: the run is finished (it has eval.json); evaluate it again with "
+                                 f"--eval {out}")
     except (data.DataError, ValueError, ImportError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         if created and out.is_dir() and not any(out.iterdir()):  # bad --data etc.: leave no empty run folder
@@ -916,10 +919,11 @@ def main(argv=None) -> int:
     speed = {"train_seconds": elapsed, "it_per_s": (cfg.iterations - start) / elapsed}
     if device.type == "cuda":
         speed["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    print(f"trained {cfg.iterations - start} iterations in {elapsed:.1f} s ({speed['it_per_s']:.2f} it/s"
-          + (f", peak GPU memory {speed['peak_gpu_mem_gb']:.2f} GiB)" if device.type == "cuda" else ")"))
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"iteration": cfg.iterations, **speed}) + "\n")
+    if start < cfg.iterations:  # (a run stopped during its final evaluation trains nothing on --resume)
+        print(f"trained {cfg.iterations - start} iterations in {elapsed:.1f} s ({speed['it_per_s']:.2f} it/s"
+              + (f", peak GPU memory {speed['peak_gpu_mem_gb']:.2f} GiB)" if device.type == "cuda" else ")"))
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"iteration": cfg.iterations, **speed}) + "\n")
     evaluate(parts.student, cfg, parts.test_cases, out, name="eval.json", checkpoint=str(out / "student.pt"))
     if cfg.figures:
         write_figures(parts.student, cfg, parts.test_cases, out)

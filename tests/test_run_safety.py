@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +157,19 @@ def test_bad_data_leaves_no_empty_run_folder(tmp_path, capsys):
     assert train.main(["--data", str(tmp_path / "missing"), *TINY, "--out", str(out)]) == 2
     capsys.readouterr()
     assert not out.exists()
+
+
+def test_resume_of_a_finished_run_is_refused_and_of_one_stopped_in_its_evaluation_only_evaluates(run, tmp_path,
+                                                                                                   capsys):
+    assert train.main(["--resume", str(run)]) == 2
+    one_error_line(capsys, "finished", "--eval")
+    stopped = tmp_path / "stopped"  # killed during the final evaluation: checkpoint at the end, no eval.json
+    shutil.copytree(run, stopped)
+    (stopped / "eval.json").unlink()
+    metrics_before = (stopped / "metrics.jsonl").read_text()
+    assert train.main(["--resume", str(stopped)]) == 0
+    assert (stopped / "eval.json").is_file() and not (stopped / "eval-2.json").exists()
+    assert (stopped / "metrics.jsonl").read_text() == metrics_before  # no speed line for 0 iterations
 
 
 def test_eval_writes_a_new_file_with_its_source_and_never_replaces_one(tiny_root, run, capsys):
