@@ -157,6 +157,9 @@ def test_bad_data_leaves_no_empty_run_folder(tmp_path, capsys):
     assert train.main(["--data", str(tmp_path / "missing"), *TINY, "--out", str(out)]) == 2
     capsys.readouterr()
     assert not out.exists()
+    out.write_text("not a folder")
+    assert train.main(["--data", str(tmp_path), *TINY, "--out", str(out)]) == 2
+    one_error_line(capsys, "is a file")
 
 
 def test_resume_of_a_finished_run_is_refused_and_of_one_stopped_in_its_evaluation_only_evaluates(run, tmp_path,
