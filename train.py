@@ -1,8 +1,8 @@
 """Train UA-MT (Yu et al., MICCAI 2019) on the left atrium MRI data set, fast, and evaluate it.
 
     python train.py --demo                                 # synthetic data, reduced sizes, CPU, ~1 minute
-    python train.py --data ../shared/data/LA               # the paper's run: 16 labeled, 6000 iterations
-    python train.py --data ../shared/data/LA --labeled 8 --consistency-on all   # the paper's "UA-MT" rows
+    python train.py --data ../shared/data/LA               # released code: 16 labeled, 6000 iterations (UA-MT-UN)
+    python train.py --data ../shared/data/LA --consistency-on all   # the paper's "UA-MT" rows (--labeled 8, 16, 24)
     python train.py --data ../shared/data/LA --method mt   # mean teacher without the uncertainty mask
     python train.py --data ../shared/data/LA --method mt-dice   # mean teacher, soft-Dice consistency (paper: MT-Dice)
     python train.py --data LA_part1 --data LA_part2 --data LA_part3   # the data set in several folders (data.py pack)
