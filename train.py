@@ -1,8 +1,8 @@
 """Train UA-MT (Yu et al., MICCAI 2019) on the left atrium MRI data set, fast, and evaluate it.
 
     python train.py --demo                                 # synthetic data, reduced sizes, CPU, ~1 minute
-    python train.py --data ../shared/data/LA               # the paper's run: 16 labeled, 6000 iterations
-    python train.py --data ../shared/data/LA --labeled 8 --consistency-on all   # the paper's "UA-MT" rows
+    python train.py --data ../shared/data/LA               # released code: 16 labeled, 6000 iterations (UA-MT-UN)
+    python train.py --data ../shared/data/LA --consistency-on all   # the paper's "UA-MT" rows (--labeled 8, 16, 24)
     python train.py --data ../shared/data/LA --method mt   # mean teacher without the uncertainty mask
     python train.py --data ../shared/data/LA --method mt-dice   # mean teacher, soft-Dice consistency (paper: MT-Dice)
     python train.py --data LA_part1 --data LA_part2 --data LA_part3   # the data set in several folders (data.py pack)
@@ -71,7 +71,7 @@ class Config:
     data: list = field(default_factory=list)  # LA root (train.list, test.list, case folders); repeat it for parts
     out: str = ""  # run folder; default runs/<timestamp>-<method>
     resume: str = ""  # run folder to continue from its checkpoint.pt (the saved config is reused)
-    eval: str = ""  # evaluate this checkpoint (student.pt, teacher.pt or checkpoint.pt) on the test list and exit
+    eval: str = ""  # evaluate this checkpoint (student.pt, teacher.pt, checkpoint.pt; a run folder: its student.pt), exit
     demo: bool = False  # synthetic LA-like data (kept in the run folder) + reduced sizes: the whole pipeline in ~1 min on CPU
     overwrite: bool = False  # replace the run already in --out (its config, metrics, checkpoints, evaluations)
     figures: str = ""  # write PNG figures here after the evaluation: per-case panels (and the run's training curves)
@@ -189,7 +189,7 @@ def parse_args(argv=None) -> dict:
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n" + examples)
     for f in dataclasses.fields(Config):
         flag, help = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
-        if f.default is not None and f.default != "":
+        if f.default not in (None, "", dataclasses.MISSING):  # (MISSING: a default_factory, i.e. --data)
             shown = {True: "on", False: "off"}.get(f.default, f.default) if isinstance(f.default, bool) else f.default
             help += f" (default: {' '.join(map(str, shown)) if isinstance(shown, tuple) else shown})"
         help = help.replace("%", "%%")
@@ -761,6 +761,8 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "student.pt", "tea
 def claim_run_folder(out: Path, overwrite: bool) -> None:
     """Create the run folder ``out``; refuse one that already holds a run, unless ``overwrite`` (which
     deletes that run's files, and only those: other files in the folder are left alone)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file; give a folder for the run")
     found = [n for n in RUN_FILES if (out / n).exists()] + sorted(p.name for p in out.glob("eval_*.json"))
     if found and not overwrite:
         raise ValueError(f"--out {out} already holds a run ({', '.join(found)}): continue it with --resume {out}, "
@@ -790,6 +792,8 @@ def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device) -> None:
                              f"{' '.join(map(str, DEMO_DATA['shape']))} --seed {DEMO_DATA['seed']})")
     cases = load_split(ecfg, "test")
     out = Path(cfg.out) if cfg.out else path.parent
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file; give a folder for the evaluation")
     out.mkdir(parents=True, exist_ok=True)
     evaluate(model, ecfg, cases, out, name=f"eval_{path.stem}.json", checkpoint=str(path))
     if cfg.figures:
@@ -798,6 +802,7 @@ def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device) -> None:
 
 def main(argv=None) -> int:
     # -- configuration, run folder and bad input (one line on stderr, exit code 2)
+    created = False  # this call made the run folder (removed again if it stays empty)
     try:
         given = parse_args(argv)
         cfg, resume_state = make_config(given)
@@ -809,21 +814,27 @@ def main(argv=None) -> int:
         if cfg.eval:
             evaluate_checkpoint(cfg, given, device)
             return 0
+        if not cfg.data and not cfg.demo:
+            raise ValueError("--data is required (the LA root holding train.list), or use --demo")
         out = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}")
         if resume_state is None:
+            created = not out.exists()
             claim_run_folder(out, cfg.overwrite)
         if cfg.demo and not cfg.data:  # kept in the run folder, so the run can be evaluated again later
             cfg.data = [str((out / DEMO_DATA_DIR).resolve())]
             data.write_synthetic_la(cfg.data[0], **DEMO_DATA)
-        if not cfg.data:
-            raise ValueError("--data is required (the LA root holding train.list), or use --demo")
         parts = build(cfg)
         parts.test_cases = load_split(cfg, "test")
         start = 0
         if resume_state is not None:
             start = restore(parts, resume_state, out / "checkpoint.pt")
+            if start >= cfg.iterations and (out / "eval.json").is_file():
+                raise ValueError(f"--resume {out}: the run is finished (it has eval.json); evaluate it again with "
+                                 f"--eval {out}")
     except (data.DataError, ValueError, ImportError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
+        if created and out.is_dir() and not any(out.iterdir()):  # bad --data etc.: leave no empty run folder
+            out.rmdir()
         return 2
 
     # -- config.json, versions
@@ -912,10 +923,11 @@ def main(argv=None) -> int:
     speed = {"train_seconds": elapsed, "it_per_s": (cfg.iterations - start) / elapsed}
     if device.type == "cuda":
         speed["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    print(f"trained {cfg.iterations - start} iterations in {elapsed:.1f} s ({speed['it_per_s']:.2f} it/s"
-          + (f", peak GPU memory {speed['peak_gpu_mem_gb']:.2f} GiB)" if device.type == "cuda" else ")"))
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"iteration": cfg.iterations, **speed}) + "\n")
+    if start < cfg.iterations:  # (a run stopped during its final evaluation trains nothing on --resume)
+        print(f"trained {cfg.iterations - start} iterations in {elapsed:.1f} s ({speed['it_per_s']:.2f} it/s"
+              + (f", peak GPU memory {speed['peak_gpu_mem_gb']:.2f} GiB)" if device.type == "cuda" else ")"))
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"iteration": cfg.iterations, **speed}) + "\n")
     evaluate(parts.student, cfg, parts.test_cases, out, name="eval.json", checkpoint=str(out / "student.pt"))
     if cfg.figures:
         write_figures(parts.student, cfg, parts.test_cases, out)

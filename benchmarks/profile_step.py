@@ -404,7 +404,8 @@ def _f(x, spec):
 
 # ----------------------------------------------------------------------------- the run
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Arguments after -- are train.py "
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n")[0],
+                                epilog="Arguments after -- are train.py "
                                 "flags (e.g. -- --no-compile --teacher-chunks 3).")
     p.add_argument("--data", default="", help="LA root or a `python -m uamt_fast.data pack` folder "
                    "(--cpu without --data: a synthetic set)")

@@ -91,7 +91,7 @@ CPU_SIZES = dict(patch=(32, 32, 32), n_filters=4)  # --cpu: wiring only
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n")[0])
     p.add_argument("--data", default="", help="LA root (train.list + '2018LA_Seg_Training Set') or a "
                    "`python -m uamt_fast.data pack` folder; --cpu without --data uses a synthetic set")
     p.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU: checks the wiring, not the speed")

@@ -39,5 +39,7 @@ def test_wheel_has_no_top_level_kernels(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"uamt_fast"}, top
-    assert "uamt_fast/kernels/__init__.py" in names
+    modules = {f"uamt_fast/{p.name}" for p in (ROOT / "uamt_fast").glob("*.py")}
+    modules |= {f"uamt_fast/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
+    assert modules <= set(names), sorted(modules - set(names))  # every module ships (figures.py, launch_config.py...)
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,31 @@ def test_out_holding_a_run_is_refused_unless_overwrite(tiny_root, run, tmp_path,
     one_error_line(capsys, "--overwrite")
 
 
+def test_bad_data_leaves_no_empty_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main([*TINY, "--out", str(out)]) == 2  # no --data: refused before a folder is made
+    one_error_line(capsys, "--data is required")
+    assert train.main(["--data", str(tmp_path / "missing"), *TINY, "--out", str(out)]) == 2
+    capsys.readouterr()
+    assert not out.exists()
+    out.write_text("not a folder")
+    assert train.main(["--data", str(tmp_path), *TINY, "--out", str(out)]) == 2
+    one_error_line(capsys, "is a file")
+
+
+def test_resume_of_a_finished_run_is_refused_and_of_one_stopped_in_its_evaluation_only_evaluates(run, tmp_path,
+                                                                                                   capsys):
+    assert train.main(["--resume", str(run)]) == 2
+    one_error_line(capsys, "finished", "--eval")
+    stopped = tmp_path / "stopped"  # killed during the final evaluation: checkpoint at the end, no eval.json
+    shutil.copytree(run, stopped)
+    (stopped / "eval.json").unlink()
+    metrics_before = (stopped / "metrics.jsonl").read_text()
+    assert train.main(["--resume", str(stopped)]) == 0
+    assert (stopped / "eval.json").is_file() and not (stopped / "eval-2.json").exists()
+    assert (stopped / "metrics.jsonl").read_text() == metrics_before  # no speed line for 0 iterations
+
+
 def test_eval_writes_a_new_file_with_its_source_and_never_replaces_one(tiny_root, run, capsys):
     own = (run / "eval.json").read_text()
     for expected in ("eval_teacher.json", "eval_teacher-2.json"):
@@ -205,6 +231,7 @@ def test_help_shows_defaults_and_the_usage_examples():
     assert proc.returncode == 0
     assert "(default: 6000)" in proc.stdout and "(default: 112 112 80)" in proc.stdout
     assert "python train.py --demo" in proc.stdout and "--overwrite" in proc.stdout
+    assert "MISSING" not in proc.stdout  # --data has a default_factory, not a default to show
 
 
 @pytest.mark.parametrize("command, defaults", [("pack", ["--unlabeled", "--test", "--max-part-mib"]),
