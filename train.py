@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 import uamt_fast
-from uamt_fast import data, figures, inference, metrics, reference
+from uamt_fast import data, figures, inference, reference
 from uamt_fast.vnet import VNet
 
 TERMS = ("cross-entropy", "dice", "consistency")  # the loss terms, in the order train_step returns them
@@ -666,20 +666,8 @@ def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.j
     """
     model.eval()
     t0 = time.perf_counter()
-    if cfg.downsample == 1:
-        result = inference.evaluate(model, cases, patch_size=cfg.patch, stride_xy=cfg.eval_stride_xy,
-                                    stride_z=cfg.eval_stride_z, batch_size=cfg.eval_batch)
-    else:
-        rows = []
-        for case in cases:
-            small = downsample_case(case, cfg.downsample).image
-            _, probs = inference.sliding_window_predict(model, small, cfg.patch, cfg.eval_stride_xy, cfg.eval_stride_z,
-                                                        batch_size=cfg.eval_batch)  # (C, x, y, z)
-            probs = F.interpolate(probs[None], scale_factor=cfg.downsample, mode="trilinear")  # (1, C, kx, ky, kz)
-            remainder = [full - up for full, up in zip(case.label.shape, probs.shape[2:])]
-            probs = F.pad(probs, [p for r in reversed(remainder) for p in (0, r)], mode="replicate")
-            rows.append({"case": str(case.id), **metrics.case_metrics(probs[0].argmax(0).cpu().numpy(), case.label)})
-        result = metrics.summarize(rows)
+    result = inference.evaluate(model, cases, patch_size=cfg.patch, stride_xy=cfg.eval_stride_xy,
+                                stride_z=cfg.eval_stride_z, batch_size=cfg.eval_batch, downsample=cfg.downsample)
     print(inference.format_table(result))
     print(f"evaluated {len(cases)} cases in {time.perf_counter() - t0:.1f} s")
     result["source"] = {

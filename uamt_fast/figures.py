@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from uamt_fast import data as la_data
 from uamt_fast import inference, metrics
@@ -58,18 +57,9 @@ def pyplot():
 
 # ----------------------------------------------------------------------------- predictions
 def predict_probs(model, image, patch, stride_xy: int, stride_z: int, downsample: int = 1, batch_size: int = 4):
-    """Averaged sliding-window softmax (C, X, Y, Z) of ``model`` on the full-resolution ``image``.
-
-    With ``downsample`` k the windows slide over the k-pooled image and the softmax is upsampled
-    trilinearly back (remainder voxels take their nearest neighbour), as train.py evaluates.
-    """
-    if downsample == 1:
-        return inference.sliding_window_predict(model, image, patch, stride_xy, stride_z, batch_size=batch_size)[1]
-    small = F.avg_pool3d(torch.as_tensor(np.asarray(image))[None, None], downsample)[0, 0]
-    probs = inference.sliding_window_predict(model, small, patch, stride_xy, stride_z, batch_size=batch_size)[1]
-    probs = F.interpolate(probs[None], scale_factor=downsample, mode="trilinear")
-    remainder = [full - up for full, up in zip(image.shape, probs.shape[2:])]
-    return F.pad(probs, [p for r in reversed(remainder) for p in (0, r)], mode="replicate")[0]
+    """Averaged sliding-window softmax (C, X, Y, Z) at full resolution, as train.py evaluates
+    (``uamt_fast.inference.predict_probs``)."""
+    return inference.predict_probs(model, image, patch, stride_xy, stride_z, downsample, batch_size=batch_size)
 
 
 @torch.no_grad()

@@ -178,6 +178,7 @@ def evaluate(
     batch_size: int = 4,
     autocast_dtype: torch.dtype | None = None,
     progress: Callable[[dict], Any] | None = None,
+    downsample: int = 1,
 ) -> dict:
     """Sliding-window predictions of every case of a split, scored like the paper's table.
 
@@ -191,6 +192,8 @@ def evaluate(
         patch_size, stride_xy, stride_z, num_classes, batch_size, autocast_dtype: as in
             ``sliding_window_predict``.
         progress: called with each case's row once it is scored (e.g. ``progress=print``).
+        downsample: for a model trained on k-times pooled volumes: windows over the pooled image, the
+            softmax upsampled to full resolution and scored there (see ``predict_probs``).
 
     Returns:
         ``{"cases": [{"case", "dice", "jaccard", "hd95", "asd"}, ...], "mean": {...}, "nan_cases": n}``;
@@ -210,9 +213,13 @@ def evaluate(
                     f"evaluate: case {case.id!r}: image shape {tuple(case.image.shape)} does not match "
                     f"label shape {tuple(case.label.shape)}"
                 )
-            labels, _ = sliding_window_predict(
-                model, case.image, patch_size, stride_xy, stride_z, num_classes, batch_size, autocast_dtype
-            )
+            if downsample == 1:
+                labels, _ = sliding_window_predict(
+                    model, case.image, patch_size, stride_xy, stride_z, num_classes, batch_size, autocast_dtype
+                )
+            else:
+                labels = predict_probs(model, case.image, patch_size, stride_xy, stride_z, downsample, num_classes,
+                                       batch_size, autocast_dtype).argmax(0).cpu().numpy()
             row = {"case": str(case.id), **case_metrics(labels, case.label)}
             rows.append(row)
             if progress is not None:
@@ -221,6 +228,34 @@ def evaluate(
         for m, training in modes:
             m.train(training)
     return summarize(rows)
+
+
+def predict_probs(
+    model: nn.Module,
+    image: np.ndarray | torch.Tensor,
+    patch_size: Sequence[int] = PATCH_SIZE,
+    stride_xy: int = 18,
+    stride_z: int = 4,
+    downsample: int = 1,
+    num_classes: int = 2,
+    batch_size: int = 4,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Averaged sliding-window softmax ``(C, X, Y, Z)`` of ``model`` at the full resolution of ``image``.
+
+    With ``downsample`` k (a model trained on k-times average-pooled volumes) the windows slide over the
+    pooled image (each output voxel the mean of a k^3 block, a remainder smaller than k dropped); the
+    averaged softmax is upsampled trilinearly back (each pooled voxel sits at the centre of its block,
+    ``align_corners=False``) and the remainder voxels take their nearest neighbour's value.
+    """
+    args = (patch_size, stride_xy, stride_z, num_classes, batch_size, autocast_dtype)
+    if downsample == 1:
+        return sliding_window_predict(model, image, *args)[1]
+    small = torch.nn.functional.avg_pool3d(torch.as_tensor(np.asarray(image))[None, None], downsample)[0, 0]
+    probs = sliding_window_predict(model, small.numpy(), *args)[1]
+    probs = torch.nn.functional.interpolate(probs[None], scale_factor=downsample, mode="trilinear")
+    remainder = [full - up for full, up in zip(image.shape, probs.shape[2:])]
+    return torch.nn.functional.pad(probs, [p for r in reversed(remainder) for p in (0, r)], mode="replicate")[0]
 
 
 def format_table(result: dict) -> str:
