@@ -122,7 +122,7 @@ class Config:
     seed: int = 1337  # seeds the model init, the sampler generator and the noise/dropout streams (released: 1337)
     log_every: int = 50  # iterations between log lines (the only host-device syncs in the loop)
     save_every: int = 1000  # iterations between checkpoints
-    stop_at: int = 0  # stop after this iteration with a checkpoint (continue later with --resume); 0: never
+    stop_at: int = 0  # stop after this iteration with a checkpoint, before any final save or evaluation (continue with --resume); 0: never
     eval_stride_xy: int = 18  # sliding-window stride in the axial plane (paper: 18)
     eval_stride_z: int = 4  # sliding-window stride along the last axis (paper: 4)
     eval_batch: int = 4  # windows per forward in the evaluation
@@ -800,6 +800,9 @@ def main(argv=None) -> int:
         if cfg.figures:
             figures.pyplot()  # fail now, not after training, when the optional matplotlib is missing
         if cfg.eval:
+            if cfg.overwrite:
+                raise ValueError("--overwrite replaces a training run; --eval never replaces anything (it writes a new "
+                                 "eval_<checkpoint>.json): drop --overwrite")
             evaluate_checkpoint(cfg, given, device)
             return 0
         if not cfg.data and not cfg.demo:

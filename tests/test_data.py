@@ -391,14 +391,16 @@ def test_several_roots_merge_lists_in_root_order_and_find_each_case(synthetic_ro
     assert data.read_list([b, a], "test") == ["synth0004", "synth0003"]
     assert data.find_case([a, b], "synth0002") == b
     assert [c.id for c in data.load_cases([a, str(b)], ["synth0001", "synth0000"])] == ["synth0001", "synth0000"]
-    (tmp_path / "empty").mkdir()
+    images_only = [tmp_path / name for name in ("images_only", "images_only2")]  # no lists, no such case
+    for root in images_only:
+        (root / data.IMAGES_DIR).mkdir(parents=True)
     with pytest.raises(DataError, match=r"case synth0001: no folder .*synth0001 in any of"):
-        data.find_case([a, tmp_path / "empty"], "synth0001")
+        data.find_case([a, images_only[0]], "synth0001")
     data.pack_dataset(synthetic_root, tmp_path / "c", case_ids=["synth0000"])
     with pytest.raises(DataError, match=r"case synth0000 is in several roots: \[.*/a', .*/c'\]"):
         data.load_cases([a, b, tmp_path / "c"], ["synth0000"])
     with pytest.raises(DataError, match=r"case list not found: train.list in none of"):
-        data.read_list([tmp_path / "empty", tmp_path], "train")
+        data.read_list(images_only, "train")
     with pytest.raises(DataError, match="root not found: .*nowhere"):
         data.read_list([a, tmp_path / "nowhere"], "train")
     with pytest.raises(DataError, match="LA data root given twice"):
@@ -410,3 +412,11 @@ def test_several_roots_merge_lists_in_root_order_and_find_each_case(synthetic_ro
 def test_pack_refuses_a_part_smaller_than_a_case(synthetic_root, tmp_path, capsys):
     assert data.main(["pack", str(synthetic_root), str(tmp_path), "--train", "1", "--max-part-mib", "0.001"]) == 2
     assert "larger than the part size" in capsys.readouterr().err
+
+
+def test_an_empty_folder_among_several_roots_is_refused(tmp_path):
+    """A typo'd or empty --data part must not be skipped without a word."""
+    root = data.write_synthetic_la(tmp_path / "la", n_train=2, n_test=1, shape=(16, 16, 8), seed=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: not an LA data root"):
+        data.read_list([root, tmp_path / "empty"], "train")

@@ -245,3 +245,8 @@ def test_data_cli_help_shows_every_default_and_examples(command, defaults, capsy
     for flag in defaults:
         assert "(default:" in " ".join(entries[flag].split()), (flag, entries[flag])
     assert "python -m uamt_fast.data synth" in out and "--max-part-mib 60" in out
+
+
+def test_overwrite_with_eval_is_refused_not_ignored(run, capsys):
+    assert train.main(["--eval", str(run), "--overwrite"]) == 2
+    one_error_line(capsys, "--overwrite", "--eval")

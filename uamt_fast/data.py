@@ -103,6 +103,9 @@ def as_roots(roots) -> list[Path]:
     repeated = sorted({str(p) for p in paths if paths.count(p) > 1})
     if repeated:
         raise DataError(f"LA data root given twice: {repeated}")
+    for path in paths if len(paths) > 1 else []:  # (one root: read_list names the missing list itself)
+        if not any((path / name).exists() for name in ("train.list", "test.list", IMAGES_DIR)):
+            raise DataError(f"{path}: not an LA data root (no train.list, test.list or '{IMAGES_DIR}' folder in it)")
     return paths
 
 
