@@ -42,7 +42,6 @@ import inspect
 import json
 import math
 import os
-import pickle
 import platform
 import re
 import shutil
@@ -57,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 import uamt_fast
-from uamt_fast import data, figures, inference, reference
+from uamt_fast import checkpoints, data, figures, inference, reference
 from uamt_fast.vnet import VNet
 
 TERMS = ("cross-entropy", "dice", "consistency")  # the loss terms, in the order train_step returns them
@@ -501,9 +500,9 @@ RESUME_KEYS = ("iteration", "config", "student", "optimizer", "sampler", "rng_cp
 
 def restore(parts: Parts, state: dict, path: Path = Path("checkpoint.pt")) -> int:
     """Load a checkpoint_state dict into ``parts``; a checkpoint that does not fit is a one-line ValueError."""
-    load_weights(parts.student, state["student"], path, "--resume", "student")
+    checkpoints.load_weights(parts.student, state["student"], path, "--resume", "student")
     if parts.teacher is not None:
-        load_weights(parts.teacher, state.get("teacher"), path, "--resume", "teacher")
+        checkpoints.load_weights(parts.teacher, state.get("teacher"), path, "--resume", "teacher")
     try:
         parts.optimizer.load_state_dict(state["optimizer"])
         parts.sampler.load_state_dict(state["sampler"])
@@ -512,87 +511,19 @@ def restore(parts: Parts, state: dict, path: Path = Path("checkpoint.pt")) -> in
             torch.cuda.set_rng_state(state["rng_cuda"], parts.device)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
         raise ValueError(f"--resume {path}: optimizer, sampler or RNG state does not fit this run "
-                         f"({type(e).__name__}: {_first_line(e)})") from None
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     if not isinstance(state["iteration"], int) or state["iteration"] < 0:
         raise ValueError(f"--resume {path}: bad iteration {state['iteration']!r}")
     return state["iteration"]
 
 
-def read_checkpoint(path: Path, flag: str) -> dict:
-    """A checkpoint file as a dict, read with ``torch.load(weights_only=True)``: tensors, numbers, strings and
-    plain containers only, so opening a file, even a hostile one, never runs code from it. Anything else
-    (a file that needs arbitrary unpickling, a truncated or foreign file) is a ``ValueError`` of one line."""
-    if not path.is_file():
-        raise ValueError(f"{flag} {path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower():
-            raise ValueError(f"{flag} {path}: not a torch checkpoint ({_first_line(e)})") from None
-        raise ValueError(f"{flag} {path}: refused: it holds Python objects beyond tensors, numbers and plain "
-                         "containers, and unpickling those could run code from the file (train.py loads with "
-                         "weights_only=True only; nothing in it was run)") from None
-    except Exception as e:  # the weights-only unpickler fails on garbage in many ways (IndexError, KeyError, ...)
-        raise ValueError(f"{flag} {path}: not a readable torch checkpoint, truncated or another format "
-                         f"({type(e).__name__}: {_first_line(e)})") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{flag} {path}: expected a dict saved by train.py, got a {type(state).__name__}")
-    return state
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]
-
-
-def saved_config(state: dict, path: Path, flag: str) -> dict:
-    """The ``config`` dict of a train.py checkpoint, checked: a dict, only known fields, the model's own
-    (n_filters, dropout) present. Fields added to Config after the file was written take their defaults."""
-    cfg = state.get("config")
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{flag} {path}: not a train.py checkpoint (no 'config' dict; keys: {sorted(map(str, state))})")
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(map(str, set(cfg) - known))
-    if unknown:
-        raise ValueError(f"{flag} {path}: its config has fields this train.py does not know: {', '.join(unknown)}")
-    missing = [k for k in ("n_filters", "dropout") if k not in cfg]
-    if missing:
-        raise ValueError(f"{flag} {path}: its config lacks {', '.join(missing)} (needed to build the V-Net)")
-    return cfg
-
-
-def load_weights(model: torch.nn.Module, weights, path: Path, flag: str, what: str = "model") -> None:
-    """``model.load_state_dict(weights)`` with a one-line error naming the file and the first mismatch."""
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise ValueError(f"{flag} {path}: '{what}' is not a state dict of tensors")
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{flag} {path}: '{what}' does not fit this V-Net: {len(missing)} missing tensors "
-                         f"{missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}")
-    for k, v in expected.items():
-        if weights[k].shape != v.shape:
-            raise ValueError(f"{flag} {path}: '{what}' tensor {k} has shape {tuple(weights[k].shape)}, "
-                             f"the V-Net expects {tuple(v.shape)}")
-    model.load_state_dict(weights)
+CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
 
 
 def load_model(path: Path, device: torch.device) -> tuple[VNet, dict, Path]:
-    """The V-Net of student.pt / teacher.pt / checkpoint.pt (its student), or of a run folder's student.pt,
-    with the config it was trained with and the file read. Never runs code from the file (see read_checkpoint)."""
-    if path.is_dir():
-        if not (path / "student.pt").is_file():
-            raise ValueError(f"--eval {path}: a folder without student.pt (give the checkpoint file to evaluate)")
-        path = path / "student.pt"
-    state = read_checkpoint(path, "--eval")
-    cfg = saved_config(state, path, "--eval")
-    what = "model" if "model" in state else "student"
-    if what not in state:
-        raise ValueError(f"--eval {path}: holds neither 'model' (student.pt, teacher.pt) nor 'student' (checkpoint.pt)")
-    if not isinstance(cfg["n_filters"], int) or cfg["n_filters"] < 1 or not isinstance(cfg["dropout"], bool):
-        raise ValueError(f"--eval {path}: bad model settings n_filters={cfg['n_filters']!r}, dropout={cfg['dropout']!r}")
-    model = VNet(n_filters=cfg["n_filters"], dropout=cfg["dropout"])
-    load_weights(model, state[what], path, "--eval", what)
-    return model.to(device), cfg, path
+    """--eval: the V-Net of a checkpoint or run folder, its config and the file read (uamt_fast.checkpoints:
+    weights_only loading, one-line errors; the config may hold only fields this train.py knows)."""
+    return checkpoints.load_vnet(path, device, "--eval", CONFIG_FIELDS)
 
 
 # ----------------------------------------------------------------------------- logging helpers
@@ -721,11 +652,11 @@ def make_config(given: dict) -> tuple[Config, dict | None]:
         path = Path(given["resume"]) / "checkpoint.pt"
         if not path.is_file():
             raise ValueError(f"--resume {given['resume']}: no checkpoint.pt in that folder")
-        state = read_checkpoint(path, "--resume")
+        state = checkpoints.read(path, "--resume")
         missing = [k for k in RESUME_KEYS if k not in state]
         if missing:
             raise ValueError(f"--resume {path}: not a train.py checkpoint.pt (lacks {', '.join(missing)})")
-        saved = saved_config(state, path, "--resume")
+        saved = checkpoints.config_of(state, path, "--resume", CONFIG_FIELDS)
         defaults = {f.name: f.default for f in dataclasses.fields(Config)}
         changed = {k for k, v in given.items()
                    if k not in RESUME_OVERRIDABLE and _norm(v) != _norm(saved.get(k, defaults[k]))}

@@ -236,7 +236,7 @@ def markdown_table(out: Path, rows, seeds: int, iterations: int, cpu: bool) -> s
 # ----------------------------------------------------------------------------- figures
 def write_figures(args) -> None:
     try:
-        from uamt_fast import data, figures
+        from uamt_fast import checkpoints, data, figures
 
         figures.pyplot()
     except ImportError as e:
@@ -254,7 +254,7 @@ def write_figures(args) -> None:
         return
     models, cfg = {}, None
     for row, path in firsts.items():
-        models[row], cfg = figures.load_checkpoint(path)
+        models[row], cfg, _ = checkpoints.load_vnet(path)
     ids = data.read_list(args.data, "test")[: args.figures_cases or None]
     for path in figures.write_panels(models, data.load_cases(args.data, ids), out / "figures", cfg):
         print(f"  {path}", flush=True)

@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from uamt_fast import data  # noqa: E402
+from uamt_fast import checkpoints, data, figures  # noqa: E402
 
 TINY = ["--n-filters", "4", "--patch", "16", "16", "16", "--labeled", "2", "--no-compile", "--device", "cpu",
         "--log-every", "2", "--save-every", "2", "--eval-stride-xy", "16", "--eval-stride-z", "16", "--iterations", "2"]
@@ -56,7 +56,7 @@ def one_error_line(capsys, *words) -> str:
 
 
 # ----------------------------------------------------------------------------- checkpoints never run code
-def test_hostile_checkpoint_is_refused_by_eval_resume_and_the_loading_functions(run, tmp_path, capsys):
+def test_hostile_checkpoint_is_refused_by_eval_resume_and_the_loading_functions(run, tiny_root, tmp_path, capsys):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     state = torch.load(run / "checkpoint.pt", weights_only=True)
@@ -72,9 +72,11 @@ def test_hostile_checkpoint_is_refused_by_eval_resume_and_the_loading_functions(
     one_error_line(capsys, "refused")
     assert train.main(["--resume", str(folder)]) == 2
     one_error_line(capsys, "refused", "--resume")
-    for load in (lambda: train.read_checkpoint(evil, "--eval"), lambda: train.load_model(evil, torch.device("cpu"))):
-        with pytest.raises(ValueError, match="refused"):
-            load()
+    for load in (checkpoints.read, checkpoints.load_vnet, lambda p: train.load_model(p, torch.device("cpu"))):
+        with pytest.raises(checkpoints.CheckpointError, match="refused"):
+            load(evil)
+    assert figures.main(["panels", "--data", str(tiny_root), "--checkpoint", str(evil), "--out", str(tmp_path)]) == 2
+    assert "refused" in capsys.readouterr().err
     assert not marker.exists()
 
 

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from uamt_fast import data as la_data
-from uamt_fast import inference, metrics
-from uamt_fast.vnet import VNet, mc_dropout
+from uamt_fast import checkpoints, inference, metrics
+from uamt_fast.vnet import mc_dropout
 
 PANEL_INCHES = 2.4  # each cell of the panel grid is PANEL_INCHES square
 DPI = 100
@@ -173,18 +173,6 @@ def training_curves(runs: dict, path) -> Path:
 
 
 # ----------------------------------------------------------------------------- checkpoints and the command line
-def load_checkpoint(path, device="cpu") -> tuple[VNet, dict]:
-    """The student V-Net of a train.py student.pt / teacher.pt / checkpoint.pt and its saved config (weights_only)."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-        weights, cfg = state.get("model", state.get("student")), state["config"]
-        model = VNet(n_filters=cfg["n_filters"], dropout=cfg["dropout"]).to(device)
-        model.load_state_dict(weights)
-    except (OSError, EOFError, RuntimeError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path}: not a train.py checkpoint ({type(e).__name__}: {e})") from None
-    return model, cfg
-
-
 def write_panels(models: dict, cases, out_dir, cfg: dict, passes: int = 8) -> list[Path]:
     """``case_panel`` for each case into ``out_dir/panel-<id>.png``; sizes and strides from a train.py config."""
     return [case_panel(models, case, Path(out_dir) / f"panel-{case.id}.png", patch=tuple(cfg["patch"]),
@@ -214,7 +202,7 @@ def main(argv=None) -> int:
         models, configs = {}, []
         for spec in args.checkpoint:
             name, _, path = spec.rpartition("=")
-            models[name or Path(path).parent.name], cfg = load_checkpoint(path)
+            models[name or Path(path).parent.name], cfg, _ = checkpoints.load_vnet(path, flag="--checkpoint")
             configs.append({k: tuple(cfg[k]) if k == "patch" else cfg[k] for k in PREDICTION_SETTINGS})
         if any(c != configs[0] for c in configs):
             raise ValueError(f"the checkpoints were trained with different {PREDICTION_SETTINGS}: {configs}")

@@ -1,0 +1,113 @@
+"""Opening train.py checkpoints safely: ``torch.load(weights_only=True)`` only, every failure one line.
+
+train.py writes two kinds of files, both plain dicts of tensors, numbers, strings and containers:
+
+- ``student.pt`` / ``teacher.pt``: ``{"model": state_dict, "config": train.py's Config as a dict}``;
+- ``checkpoint.pt``: ``{"iteration", "config", "student", "teacher", "optimizer", "sampler", "rng_cpu"[, "rng_cuda"]}``.
+
+People share checkpoints, so opening one must never run code from it: every read here goes through the
+weights-only unpickler, which refuses anything but those types. A file that needs more (an arbitrary
+pickled object, which could run code while unpickling) is refused before any of it is built, and every
+other problem (missing file, truncated or foreign file, missing keys, weights that do not fit) is a
+``CheckpointError`` (a ``ValueError``) of one line naming the file and what was expected.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from uamt_fast.vnet import VNet
+
+MODEL_SETTINGS = ("n_filters", "dropout")  # the config fields that build the V-Net
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be (safely) used; the message is one line and names the file."""
+
+
+def read(path, flag: str = "checkpoint") -> dict:
+    """The dict saved in ``path``, read with ``torch.load(weights_only=True)`` on the CPU.
+
+    ``flag`` starts every error message (train.py passes the command-line flag, e.g. ``--eval``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{flag} {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise CheckpointError(f"{flag} {path}: not a torch checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{flag} {path}: refused: it holds Python objects beyond tensors, numbers and plain "
+                              "containers, and unpickling those could run code from the file (uamt_fast loads with "
+                              "weights_only=True only; nothing in it was run)") from None
+    except Exception as e:  # the weights-only unpickler fails on garbage in many ways (IndexError, KeyError, ...)
+        raise CheckpointError(f"{flag} {path}: not a readable torch checkpoint, truncated or another format "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{flag} {path}: expected a dict saved by train.py, got a {type(state).__name__}")
+    return state
+
+
+def config_of(state: dict, path, flag: str = "checkpoint", known_fields=None) -> dict:
+    """The ``config`` dict of a checkpoint, checked: a dict with the V-Net's settings; with ``known_fields``
+    (train.py's Config field names) no field outside them. Fields newer than the file are simply absent."""
+    cfg = state.get("config")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{flag} {path}: not a train.py checkpoint (no 'config' dict; keys: "
+                              f"{sorted(map(str, state))})")
+    unknown = sorted(map(str, set(cfg) - set(known_fields))) if known_fields is not None else []
+    if unknown:
+        raise CheckpointError(f"{flag} {path}: its config has fields this train.py does not know: {', '.join(unknown)}")
+    missing = [k for k in MODEL_SETTINGS if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{flag} {path}: its config lacks {', '.join(missing)} (needed to build the V-Net)")
+    if isinstance(cfg["n_filters"], bool) or not isinstance(cfg["n_filters"], int) or cfg["n_filters"] < 1 \
+            or not isinstance(cfg["dropout"], bool):
+        raise CheckpointError(f"{flag} {path}: bad model settings n_filters={cfg['n_filters']!r}, "
+                              f"dropout={cfg['dropout']!r}")
+    return cfg
+
+
+def load_weights(model: torch.nn.Module, weights, path, flag: str = "checkpoint", what: str = "model") -> None:
+    """``model.load_state_dict(weights)``, with a one-line error naming the file and the first mismatch."""
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{flag} {path}: '{what}' is not a state dict of tensors")
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{flag} {path}: '{what}' does not fit this V-Net: {len(missing)} missing tensors "
+                              f"{missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}")
+    for k, v in expected.items():
+        if weights[k].shape != v.shape:
+            raise CheckpointError(f"{flag} {path}: '{what}' tensor {k} has shape {tuple(weights[k].shape)}, "
+                                  f"the V-Net expects {tuple(v.shape)}")
+    model.load_state_dict(weights)
+
+
+def load_vnet(path, device="cpu", flag: str = "checkpoint", known_fields=None) -> tuple[VNet, dict, Path]:
+    """The V-Net of a student.pt / teacher.pt / checkpoint.pt (its student), or of a run folder's student.pt,
+    on ``device``; with its saved config and the file read. Never runs code from the file."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "student.pt").is_file():
+            raise CheckpointError(f"{flag} {path}: a folder without student.pt (give the checkpoint file)")
+        path = path / "student.pt"
+    state = read(path, flag)
+    cfg = config_of(state, path, flag, known_fields)
+    what = "model" if "model" in state else "student"
+    if what not in state:
+        raise CheckpointError(f"{flag} {path}: holds neither 'model' (student.pt, teacher.pt) nor 'student' "
+                              "(checkpoint.pt)")
+    model = VNet(n_filters=cfg["n_filters"], dropout=cfg["dropout"])
+    load_weights(model, state[what], path, flag, what)
+    return model.to(device), cfg, path
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+__all__ = ["CheckpointError", "read", "config_of", "load_weights", "load_vnet"]
