@@ -106,7 +106,8 @@ else
   # Triton interpreter; the train step, profile and training use the CPU paths at tiny sizes.
   KERNEL_ENV=(TRITON_INTERPRET=1)
   CPU_ENV=(OMP_NUM_THREADS=1)                  # one thread: a shared CPU is oversubscribed otherwise
-  if [[ ${#DATA[@]} -eq 0 && $STAGES =~ step|training ]]; then  # a small pack of the real data when here, else synthetic
+  # no --data: a small pack of the real data when here, else a synthetic set
+  if [[ ${#DATA[@]} -eq 0 && $STAGES =~ step|training ]]; then
     LA=${UAMT_LA_ROOT:-$REPO/../shared/data/LA}
     if [[ -f $LA/train.list ]]; then
       echo "== pack a small LA subset for the dry run (4 + 2 train ids, 1 test id of $LA)"
@@ -125,15 +126,16 @@ else
   TRAIN_ARGS=(--device cpu --iterations 6 --log-every 3 --save-every 6 --labeled 2 --patch 32 32 32
               --n-filters 4 --downsample 2 --eval-stride-xy 16 --eval-stride-z 16 --no-compile)
 fi
-# Every folder must exist and at least one must hold train.list (parts of a pack each hold it).
-DATA_OK=${#DATA[@]}; HAS_LIST=0
+# Every data folder must exist and at least one must hold train.list (the parts of a pack each hold it).
+HAS_LIST=0; MISSING=()
 for d in "${DATA[@]}"; do
-  [[ -d $d ]] || { echo "gpu_check: data folder '$d' not found" >&2; DATA_OK=0; }
+  [[ -d $d ]] || MISSING+=("$d")
   [[ -f $d/train.list ]] && HAS_LIST=1
 done
-if [[ ${#DATA[@]} -gt 0 && ( $DATA_OK -eq 0 || $HAS_LIST -eq 0 ) ]]; then
-  echo "gpu_check: no train.list in data folder(s) ${DATA[*]}: the step and training stages are skipped" \
-       "(prepare it as benchmarks/README.md says)" >&2
+if [[ ${#DATA[@]} -gt 0 && ( ${#MISSING[@]} -gt 0 || $HAS_LIST -eq 0 ) ]]; then
+  if [[ ${#MISSING[@]} -gt 0 ]]; then WHY="data folder(s) not found: ${MISSING[*]}"
+  else WHY="no train.list in data folder(s) ${DATA[*]}"; fi
+  echo "gpu_check: $WHY: the step and training stages are skipped (prepare it as benchmarks/README.md says)" >&2
   DATA=()
 fi
 DATA_ARGS=()
