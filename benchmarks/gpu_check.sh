@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of uamt_fast, in stages that each fit one device call; a short table is printed last.
 #
-#   benchmarks/gpu_check.sh OUT_DIR [--stage STAGES] [--cpu] [--data DIR]     (options in any order)
+#   benchmarks/gpu_check.sh OUT_DIR [--stage STAGES] [--cpu] [--data DIR]...  (options in any order)
 #
 #   OUT_DIR   gets each stage's logs and JSON (small files), status.tsv (stage, step, exit code,
 #             seconds), gpu_check.json (every number of the stages found in OUT_DIR) and summary.txt.
@@ -21,23 +21,24 @@
 #             Triton interpreter, 32^3 crops, a 6-iteration run): checks the script, not the speed.
 #   --data    LA data for the step and training stages: a `python -m uamt_fast.data pack` folder
 #             (default benchmarks/la_pack, see benchmarks/README.md for the one prep command) or the LA
-#             release root. With --cpu and no --data, a small pack of ../shared/data/LA (or UAMT_LA_ROOT;
-#             a synthetic set when absent) is made in a temp folder.
+#             release root; repeat it for a data set in parts (--data A --data B, passed on as given).
+#             With --cpu and no --data, a small pack of ../shared/data/LA (or UAMT_LA_ROOT; a synthetic
+#             set when absent) is made in a temp folder.
 #
 # Each step has its own time limit and log; a step that fails or hits its limit is reported as such and
 # the next one still runs. Steps whose script is absent (written in parallel by other changes) are
 # reported as skipped. Report alone, over one or more OUT_DIRs: python -m benchmarks.gpu_check_report DIR...
 set -uo pipefail
 
-usage() { echo "usage: $0 OUT_DIR [--stage kernels,step,training|all] [--cpu] [--data DIR]" >&2; exit 2; }
+usage() { echo "usage: $0 OUT_DIR [--stage kernels,step,training|all] [--cpu] [--data DIR]..." >&2; exit 2; }
 OUT=""
 MODE=gpu
-DATA=""
+DATA=()   # one folder, or the parts of a data set
 STAGES=all
 while [[ $# -gt 0 ]]; do
   case $1 in
     --cpu) MODE=cpu; shift ;;
-    --data) [[ $# -ge 2 ]] || usage; DATA=$2; shift 2 ;;
+    --data) [[ $# -ge 2 ]] || usage; DATA+=("$2"); shift 2 ;;
     --stage|--stages) [[ $# -ge 2 ]] || usage; STAGES=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     -*) echo "gpu_check: unknown option '$1'" >&2; usage ;;
@@ -91,7 +92,7 @@ if [[ $MODE == gpu ]]; then
   if [[ ${TRITON_INTERPRET:-} == 1 ]]; then
     echo "gpu_check: TRITON_INTERPRET=1 is set; unset it, the kernels must run compiled on the GPU" >&2; exit 2
   fi
-  DATA=${DATA:-benchmarks/la_pack}
+  [[ ${#DATA[@]} -gt 0 ]] || DATA=(benchmarks/la_pack)
   KERNEL_ENV=()
   CPU_ENV=()
   LIM_TEST=60; LIM_SWEEP=55; LIM_MICRO=110; LIM_STEP=350; LIM_PROFILE=95; LIM_TRAIN=540
@@ -105,7 +106,8 @@ else
   # Triton interpreter; the train step, profile and training use the CPU paths at tiny sizes.
   KERNEL_ENV=(TRITON_INTERPRET=1)
   CPU_ENV=(OMP_NUM_THREADS=1)                  # one thread: a shared CPU is oversubscribed otherwise
-  if [[ -z $DATA && $STAGES =~ step|training ]]; then  # a small pack of the real data when here, else synthetic
+  # no --data: a small pack of the real data when here, else a synthetic set
+  if [[ ${#DATA[@]} -eq 0 && $STAGES =~ step|training ]]; then
     LA=${UAMT_LA_ROOT:-$REPO/../shared/data/LA}
     if [[ -f $LA/train.list ]]; then
       echo "== pack a small LA subset for the dry run (4 + 2 train ids, 1 test id of $LA)"
@@ -114,7 +116,7 @@ else
       echo "== no LA data at $LA: a synthetic set for the dry run"
       $PY -m uamt_fast.data synth "$WORK/pack" --train 6 --test 1 --shape 96 96 64 > "$WORK/pack.log" 2>&1
     fi
-    DATA=$WORK/pack
+    DATA=("$WORK/pack")
   fi
   LIM_TEST=600; LIM_SWEEP=300; LIM_MICRO=600; LIM_STEP=600; LIM_PROFILE=300; LIM_TRAIN=600
   SWEEP_ARGS=(--cpu)
@@ -124,15 +126,24 @@ else
   TRAIN_ARGS=(--device cpu --iterations 6 --log-every 3 --save-every 6 --labeled 2 --patch 32 32 32
               --n-filters 4 --downsample 2 --eval-stride-xy 16 --eval-stride-z 16 --no-compile)
 fi
-if [[ -n $DATA && ! -f $DATA/train.list ]]; then
-  echo "gpu_check: no train.list in data folder '$DATA': the step and training stages are skipped" \
-       "(prepare it as benchmarks/README.md says)" >&2
-  DATA=""
+# Every data folder must exist and at least one must hold train.list (the parts of a pack each hold it).
+HAS_LIST=0; MISSING=()
+for d in "${DATA[@]}"; do
+  [[ -d $d ]] || MISSING+=("$d")
+  [[ -f $d/train.list ]] && HAS_LIST=1
+done
+if [[ ${#DATA[@]} -gt 0 && ( ${#MISSING[@]} -gt 0 || $HAS_LIST -eq 0 ) ]]; then
+  if [[ ${#MISSING[@]} -gt 0 ]]; then WHY="data folder(s) not found: ${MISSING[*]}"
+  else WHY="no train.list in data folder(s) ${DATA[*]}"; fi
+  echo "gpu_check: $WHY: the step and training stages are skipped (prepare it as benchmarks/README.md says)" >&2
+  DATA=()
 fi
+DATA_ARGS=()
+for d in "${DATA[@]}"; do DATA_ARGS+=(--data "$d"); done
 
 # Header: stages, device, driver, versions.
 {
-  echo "gpu_check mode=$MODE stages=$STAGES data=${DATA:-<none>} started $(date -u +%FT%TZ) in $REPO"
+  echo "gpu_check mode=$MODE stages=$STAGES data=${DATA[*]:-<none>} started $(date -u +%FT%TZ) in $REPO"
   git -C "$REPO" log -1 --format='commit %H %s' 2>/dev/null || true
   [[ $MODE == gpu ]] && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
   $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
@@ -159,23 +170,23 @@ stage_kernels() {
 }
 
 stage_step() {
-  if [[ -z $DATA ]]; then skip_step step train_step "$OUT/train_step.log" "no data"; skip_step step profile \
+  if [[ ${#DATA[@]} -eq 0 ]]; then skip_step step train_step "$OUT/train_step.log" "no data"; skip_step step profile \
     "$OUT/profile.log" "no data"; return; fi
   run_step step train_step $LIM_STEP "$OUT/train_step.log" -- env "${CPU_ENV[@]}" \
-    $PY -m benchmarks.train_step --data "$DATA" "${STEP_ARGS[@]}" --json "$OUT/train_step.json"
+    $PY -m benchmarks.train_step "${DATA_ARGS[@]}" "${STEP_ARGS[@]}" --json "$OUT/train_step.json"
   if [[ -f benchmarks/profile_step.py ]]; then
     run_step step profile $LIM_PROFILE "$OUT/profile.log" -- env "${CPU_ENV[@]}" \
-      $PY -m benchmarks.profile_step --data "$DATA" "${PROFILE_ARGS[@]}" --out "$OUT/profile"
+      $PY -m benchmarks.profile_step "${DATA_ARGS[@]}" "${PROFILE_ARGS[@]}" --out "$OUT/profile"
   else
     skip_step step profile "$OUT/profile.log" "benchmarks/profile_step.py is not in this tree"
   fi
 }
 
 stage_training() {
-  if [[ -z $DATA ]]; then skip_step training train "$OUT/train.log" "no data"; return; fi
+  if [[ ${#DATA[@]} -eq 0 ]]; then skip_step training train "$OUT/train.log" "no data"; return; fi
   # The run folder stays out of OUT (checkpoints are big); its small records are copied back.
   run_step training train $LIM_TRAIN "$OUT/train.log" -- env "${CPU_ENV[@]}" \
-    $PY train.py --data "$DATA" --out "$WORK/run" "${TRAIN_ARGS[@]}"
+    $PY train.py "${DATA_ARGS[@]}" --out "$WORK/run" "${TRAIN_ARGS[@]}"
   for f in config.json metrics.jsonl eval.json; do cp "$WORK/run/$f" "$OUT/$f" 2>/dev/null || true; done
 }
 

@@ -407,8 +407,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n")[0],
                                 epilog="Arguments after -- are train.py "
                                 "flags (e.g. -- --no-compile --teacher-chunks 3).")
-    p.add_argument("--data", default="", help="LA root or a `python -m uamt_fast.data pack` folder "
-                   "(--cpu without --data: a synthetic set)")
+    p.add_argument("--data", action="append", default=[], help="LA root or a `python -m uamt_fast.data pack` "
+                   "folder; repeat it for a data set in parts (--cpu without --data: a synthetic set)")
     p.add_argument("--cpu", action="store_true", help="tiny sizes on the CPU: checks the wiring, not the speed")
     p.add_argument("--out", default="", help="folder for profile.json, profile.md (and trace.json.gz)")
     p.add_argument("--iterations", type=int, default=None,
@@ -441,14 +441,14 @@ def main(argv=None) -> int:
 
     device = torch.device("cpu" if args.cpu else "cuda")
     workdir = tempfile.TemporaryDirectory(prefix="uamt_profile_")
-    root = args.data
-    if not root:
+    roots = list(args.data)
+    if not roots:
         if not args.cpu:
             print("profile_step: --data is required on the GPU", file=sys.stderr)
             return 2
-        root = str(Path(workdir.name) / "synthetic")
-        data.write_synthetic_la(root, n_train=6, n_test=1, shape=(48, 48, 40), seed=0)
-    base = dict(data=root, labeled=args.labeled, device=device.type, seed=1337)
+        roots = [str(Path(workdir.name) / "synthetic")]
+        data.write_synthetic_la(roots[0], n_train=6, n_test=1, shape=(48, 48, 40), seed=0)
+    base = dict(data=roots, labeled=args.labeled, device=device.type, seed=1337)
     if args.cpu:
         base |= dict(CPU_SIZES, compile=False, threads=1, labeled=min(args.labeled, 2))
     try:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from uamt_fast import data
 from uamt_fast.vnet import VNet
 
 
@@ -148,16 +149,31 @@ def write_release_h5(job) -> None:
         f.create_dataset("label", data=np.asarray(label, dtype=np.uint8), compression="gzip", compression_opts=4)
 
 
-def release_h5_folder(root, cases, workdir) -> Path:
-    """Folder of ``<id>/mri_norm2.h5`` for the released loader: the LA release itself when ``root`` holds
-    these cases as h5, else ``cases`` (``uamt_fast.data.Case``) written there as the release stores
-    them, by a process pool (HDF5 serialises threads). Call it before CUDA is initialised (the pool forks)."""
-    release = Path(root) / "2018LA_Seg_Training Set"
-    if all((release / c.id / "mri_norm2.h5").is_file() for c in cases):
-        return release
+def release_h5_folder(roots, cases, workdir) -> Path:
+    """Folder of ``<id>/mri_norm2.h5`` for the released loader, which reads one folder.
+
+    ``roots``: one LA root or several (``uamt_fast.data.as_roots``); each case is looked up with
+    ``data.find_case``. When one root holds all ``cases`` as h5, that root's release folder itself;
+    else a folder in ``workdir`` with a link to each case's h5 file in the root holding it, and the
+    cases held only packed written there as the release stores them, by a process pool (HDF5
+    serialises threads). Call it before CUDA is initialised (the pool forks)."""
+    roots = data.as_roots(roots)
+    sources = [data.find_case(roots, c.id) / data.IMAGES_DIR / c.id / data.H5_NAME for c in cases]
+    folders = {path.parents[1] for path in sources}
+    if len(folders) == 1 and all(path.is_file() for path in sources):
+        return folders.pop()
     out = Path(workdir) / "h5"
-    with ProcessPoolExecutor(max_workers=max(1, min(len(cases), os.cpu_count() or 1))) as pool:
-        list(pool.map(write_release_h5, [(out / c.id / "mri_norm2.h5", c.image, c.label) for c in cases]))
+    to_write = []
+    for case, source in zip(cases, sources):
+        path = out / case.id / data.H5_NAME
+        if source.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.symlink_to(source.resolve())
+        else:
+            to_write.append((path, case.image, case.label))
+    if to_write:
+        with ProcessPoolExecutor(max_workers=max(1, min(len(to_write), os.cpu_count() or 1))) as pool:
+            list(pool.map(write_release_h5, to_write))
     return out
 
 

@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_step --data ../shared/data/LA            # GPU, paper shapes
     python -m benchmarks.train_step --data benchmarks/la_pack --json out.json
+    python -m benchmarks.train_step --data LA_parts/part1 --data LA_parts/part2   # a data set in parts
     python -m benchmarks.train_step --cpu                               # wiring check: tiny shapes, CPU
 
 All variants run in one process on the same device, the same crop size and the same cases:
@@ -92,8 +93,9 @@ CPU_SIZES = dict(patch=(32, 32, 32), n_filters=4)  # --cpu: wiring only
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n")[0])
-    p.add_argument("--data", default="", help="LA root (train.list + '2018LA_Seg_Training Set') or a "
-                   "`python -m uamt_fast.data pack` folder; --cpu without --data uses a synthetic set")
+    p.add_argument("--data", action="append", default=[], help="LA root (train.list + '2018LA_Seg_Training Set') "
+                   "or a `python -m uamt_fast.data pack` folder; repeat it for a data set in parts; --cpu without "
+                   "--data uses a synthetic set")
     p.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU: checks the wiring, not the speed")
     p.add_argument("--labeled", type=int, default=16, help="labeled cases (the first of train.list), as in the paper")
     p.add_argument("--iters", type=int, default=None, help="timed iterations per variant (default 20 GPU / 2 CPU)")
@@ -273,21 +275,21 @@ def main(argv=None) -> int:
     # Every variant adds cache entries to the same code objects (VNet.forward, student_losses, the blocks).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     sizes = CPU_SIZES if args.cpu else dict(patch=(112, 112, 80), n_filters=16)
-    root = Path(args.data) if args.data else None
-    if root is None:
+    roots = list(args.data)
+    if not roots:
         if not args.cpu:
             print("train_step: --data is required on the GPU", file=sys.stderr)
             return 2
-        root = Path(workdir.name) / "synthetic"
-        data.write_synthetic_la(str(root), n_train=6, n_test=1, shape=(48, 48, 40), seed=0)
-    base_cfg = dict(data=str(root), labeled=args.labeled, patch=sizes["patch"], n_filters=sizes["n_filters"],
+        roots = [str(Path(workdir.name) / "synthetic")]
+        data.write_synthetic_la(roots[0], n_train=6, n_test=1, shape=(48, 48, 40), seed=0)
+    base_cfg = dict(data=roots, labeled=args.labeled, patch=sizes["patch"], n_filters=sizes["n_filters"],
                     device=device.type, seed=1337, compile_cache=compile_cache)
     if args.cpu:  # on the CPU compile is off (minutes of inductor C++ compile) and channels_last is opt-in
         base_cfg |= dict(compile=False, channels_last=True)
     cfg0 = train_mod.Config(**base_cfg)
     cases = train_mod.load_split(cfg0, "train")
     labeled_ids, unlabeled_ids = data.semi_supervised_split([c.id for c in cases], cfg0.labeled)
-    h5_dir = release_h5_folder(root, cases, workdir.name)
+    h5_dir = release_h5_folder(roots, cases, workdir.name)
     print(f"{len(cases)} training cases ({len(labeled_ids)} labeled), crop {sizes['patch']}, n_filters "
           f"{sizes['n_filters']}; reference reads h5 from {h5_dir}", flush=True)
     env = measure.environment(device)  # from here on CUDA is initialised
