@@ -55,7 +55,22 @@ CATEGORIES = ("conv fprop", "conv dgrad", "conv wgrad", "conv backward (unsplit)
               "conv other (bias, cuDNN transforms)", "batch norm", "other inductor kernels", "fused UA-MT ops",
               "optimizer", "EMA", "data sampling", "copies", "other eager kernels", "idle (no kernel running)")
 UAMT_KERNELS = ("_uncertainty_loss", "_finalize_kernel", "_scale_grad_kernel", "_predictive_entropy")
-CPU_SIZES = dict(patch=(32, 32, 32), n_filters=4)
+CPU_SIZES = dict(patch=(32, 32, 32), n_filters=4)  # --cpu (here and in train_step.py): wiring only
+
+
+def data_roots(given: list, cpu: bool, workdir: str, script: str) -> list[str] | None:
+    """The ``--data`` roots of a step benchmark; with none given, a small synthetic LA set in ``workdir`` for a
+    ``--cpu`` wiring run, or None (after saying why) on the GPU, where the numbers need the real volumes."""
+    if given:
+        return list(given)
+    if not cpu:
+        print(f"{script}: --data is required on the GPU", file=sys.stderr)
+        return None
+    from uamt_fast import data
+
+    root = str(Path(workdir) / "synthetic")
+    data.write_synthetic_la(root, n_train=6, n_test=1, shape=(48, 48, 40), seed=0)
+    return [root]
 
 
 # ----------------------------------------------------------------------------- kernel -> category
@@ -437,17 +452,12 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     import train  # the repository-root trainer (run from the repo root)
-    from uamt_fast import data
 
     device = torch.device("cpu" if args.cpu else "cuda")
     workdir = tempfile.TemporaryDirectory(prefix="uamt_profile_")
-    roots = list(args.data)
-    if not roots:
-        if not args.cpu:
-            print("profile_step: --data is required on the GPU", file=sys.stderr)
-            return 2
-        roots = [str(Path(workdir.name) / "synthetic")]
-        data.write_synthetic_la(roots[0], n_train=6, n_test=1, shape=(48, 48, 40), seed=0)
+    roots = data_roots(args.data, args.cpu, workdir.name, "profile_step")
+    if roots is None:
+        return 2
     base = dict(data=roots, labeled=args.labeled, device=device.type, seed=1337)
     if args.cpu:
         base |= dict(CPU_SIZES, compile=False, threads=1, labeled=min(args.labeled, 2))

@@ -52,6 +52,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import measure
+from benchmarks.profile_step import CPU_SIZES, data_roots
 from benchmarks.reference_trainer import ReferenceConfig, ReferenceTrainer, release_h5_folder
 
 # Our variants: train.Config overrides, in the order they run (the most telling first, so a time
@@ -88,7 +89,6 @@ SAME_AS_OURS_ON_CPU = {  # --cpu: these would repeat "ours" exactly, so they are
     "ours -bf16": "train.py's bf16 autocast is CUDA-only",
     "reference+cudnn.benchmark": "no cuDNN on the CPU",
 }
-CPU_SIZES = dict(patch=(32, 32, 32), n_filters=4)  # --cpu: wiring only
 
 
 def parse_args(argv=None):
@@ -275,13 +275,9 @@ def main(argv=None) -> int:
     # Every variant adds cache entries to the same code objects (VNet.forward, student_losses, the blocks).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     sizes = CPU_SIZES if args.cpu else dict(patch=(112, 112, 80), n_filters=16)
-    roots = list(args.data)
-    if not roots:
-        if not args.cpu:
-            print("train_step: --data is required on the GPU", file=sys.stderr)
-            return 2
-        roots = [str(Path(workdir.name) / "synthetic")]
-        data.write_synthetic_la(roots[0], n_train=6, n_test=1, shape=(48, 48, 40), seed=0)
+    roots = data_roots(args.data, args.cpu, workdir.name, "train_step")
+    if roots is None:
+        return 2
     base_cfg = dict(data=roots, labeled=args.labeled, patch=sizes["patch"], n_filters=sizes["n_filters"],
                     device=device.type, seed=1337, compile_cache=compile_cache)
     if args.cpu:  # on the CPU compile is off (minutes of inductor C++ compile) and channels_last is opt-in
