@@ -28,12 +28,11 @@ The interpreter (CPU tests) gets small blocks so every test spans several progra
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from uamt_fast.kernels.device import TRITON_INTERPRET
 
 KERNELS = ("loss_fwd", "loss_bwd", "entropy")
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}

@@ -79,7 +79,6 @@ write of that tensor.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -87,12 +86,9 @@ import triton
 import triton.language as tl
 
 from uamt_fast.kernels import launch_config
-from uamt_fast.kernels.device import check_triton_can_take
+# TRITON_INTERPRET: the kernels run on CPU tensors through the Triton interpreter (what CI does).
+from uamt_fast.kernels.device import TRITON_INTERPRET, check_triton_can_take
 from uamt_fast.kernels.launch_config import LaunchConfig, config_for
-
-# Runs the kernels on CPU tensors through the Triton interpreter (what CI does). Triton reads the
-# same variable when it is imported; a compiled kernel cannot take CPU tensors ("0 active drivers").
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 ENTROPY_EPS = 1e-6  # inside the log, as released
 MASK_EPS = 1e-16  # added to C * N, as released
