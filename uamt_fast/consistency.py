@@ -229,13 +229,13 @@ class _EagerFusedLoss(torch.autograd.Function):
 def _reference_loss(student, teacher, mc, thr_tensor, thr_value):
     """The reference math in fp32, with the kernels' NaN propagation and stats."""
     threshold = thr_tensor if thr_tensor is not None else thr_value
-    student = student.float()
-    loss = reference.uncertainty_consistency_loss(student, teacher.float(), mc.float(), threshold)
+    student, teacher, mc = student.float(), teacher.float(), mc.float()  # (no copies for fp32 inputs)
+    loss = reference.uncertainty_consistency_loss(student, teacher, mc, threshold)
     with torch.no_grad():
         # 0 when every logit is finite, else NaN (x * 0 is NaN for NaN and +-Inf), as in the kernels:
         # a NaN uncertainty would otherwise just drop out of the mask and leave a finite loss.
         nan_probe = sum((x * 0.0).sum(dtype=torch.float32) for x in (student, teacher, mc))
-        u = reference.predictive_entropy(mc.float())
+        u = reference.predictive_entropy(mc)
         stats = torch.stack(
             [(u < threshold).float().mean(), u.mean() + nan_probe, u.min() + nan_probe, u.max() + nan_probe]
         )
