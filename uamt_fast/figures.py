@@ -123,6 +123,11 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
         fig.colorbar(shown, ax=axes[row, -1], fraction=0.046, pad=0.02)
     for ax in axes.flat:
         ax.set_axis_off()
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (its folder made if needed) and free it."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,12 +169,7 @@ def training_curves(runs: dict, path) -> Path:
         ax.tick_params(labelsize=7)
         if ax.get_lines() and (len(keys) > 1 or len(logs) > 1):
             ax.legend(fontsize=6)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # ----------------------------------------------------------------------------- checkpoints and the command line
