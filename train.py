@@ -680,8 +680,6 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "student.pt", "tea
 def claim_run_folder(out: Path, overwrite: bool) -> None:
     """Create the run folder ``out``; refuse one that already holds a run, unless ``overwrite`` (which
     deletes that run's files, and only those: other files in the folder are left alone)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: is a file; give a folder for the run")
     found = [n for n in RUN_FILES if (out / n).exists()] + sorted(p.name for p in out.glob("eval_*.json"))
     if found and not overwrite:
         raise ValueError(f"--out {out} already holds a run ({', '.join(found)}): continue it with --resume {out}, "
@@ -690,6 +688,13 @@ def claim_run_folder(out: Path, overwrite: bool) -> None:
         (out / name).unlink()
     if overwrite and (out / DEMO_DATA_DIR / "train.list").is_file():
         shutil.rmtree(out / DEMO_DATA_DIR)
+    make_folder(out, "run")
+
+
+def make_folder(out: Path, purpose: str) -> None:
+    """``mkdir -p out``, or a one-line error when ``out`` is a file."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file; give a folder for the {purpose}")
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -711,9 +716,7 @@ def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device) -> None:
                              f"{' '.join(map(str, DEMO_DATA['shape']))} --seed {DEMO_DATA['seed']})")
     cases = load_split(ecfg, "test")
     out = Path(cfg.out) if cfg.out else path.parent
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: is a file; give a folder for the evaluation")
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "evaluation")
     evaluate(model, ecfg, cases, out, name=f"eval_{path.stem}.json", checkpoint=str(path))
     if cfg.figures:
         write_figures(model, ecfg, cases, path.parent)
