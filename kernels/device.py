@@ -1,8 +1,10 @@
-"""Which tensors a Triton kernel can take: CUDA tensors, and CPU tensors while the Triton interpreter is on.
+"""Which tensors a Triton kernel can take: CUDA tensors, and CPU tensors while the Triton interpreter is on;
+and which tensors an in-place update may write: none whose memory overlaps itself or another operand.
 
-The one place that answers it, for the public ops (``uamt_fast.consistency``, ``uamt_fast.ema``), which
-route a tensor to the kernels or to the reference math, and for the launchers, which refuse what no
-kernel can read. Imports torch only, so it can be asked before (or without) importing Triton.
+The one place that answers both, for the public ops (``uamt_fast.consistency``, ``uamt_fast.ema``), which
+route a tensor to the kernels or to the reference math, for the launchers, which refuse what no kernel
+can read, and for ``uamt_fast.reference.ema_update_``, which refuses the same aliasing as the fast paths.
+Imports torch only, so it can be asked before (or without) importing Triton.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import torch
 # Read once, as Triton reads it when it is imported: a compiled kernel cannot take CPU tensors.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-__all__ = ["TRITON_INTERPRET", "triton_can_take", "check_triton_can_take"]
+__all__ = ["TRITON_INTERPRET", "triton_can_take", "check_triton_can_take", "memory_span", "internal_overlap",
+           "check_writes"]
 
 
 def triton_can_take(x: torch.Tensor, cpu: bool = TRITON_INTERPRET) -> bool:
@@ -30,3 +33,108 @@ def check_triton_can_take(op: str, *tensors: torch.Tensor) -> None:
                 "tensors only under TRITON_INTERPRET=1 (the public uamt_fast ops route other tensors to the "
                 "reference math)"
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory overlap of in-place targets. Decided from data pointers, shapes and strides (never by reading
+# elements), so a check costs a few microseconds per tensor whatever its size.
+# ---------------------------------------------------------------------------------------------
+
+# torch's own test (0: no overlap, 1: overlap, 2: too hard to tell); exact for dense layouts and
+# stride-0 (expanded) dims. Private, so looked up defensively.
+_torch_internal_overlap = getattr(torch, "_debug_has_internal_overlap", None)
+
+
+def memory_span(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(device key, first byte, one past the last byte)`` of the memory ``x`` addresses; None when it
+    addresses none (no elements, or a meta tensor: null data pointer). Strides are never negative in
+    torch, so the lowest address is ``data_ptr()``."""
+    start, nbytes = x.data_ptr(), x.nbytes
+    if not (start and nbytes):
+        return None
+    if x.is_contiguous():
+        return x.get_device(), start, start + nbytes
+    extent = sum((n - 1) * st for n, st in zip(x.shape, x.stride()))
+    return x.get_device(), start, start + (extent + 1) * x.element_size()
+
+
+def internal_overlap(x: torch.Tensor) -> bool:
+    """True when two elements of ``x`` are one memory location (``expand()``, ``as_strided`` with
+    overlapping strides): an in-place write to ``x`` would then write that location twice, and a
+    kernel's parallel writes would race.
+
+    Contiguous and dense layouts answer from torch's flags; other strided views from their strides
+    (sorted by stride, each dim's stride must exceed the reach of all smaller ones: true of every
+    slice or permutation of a dense tensor). Only a layout that rule cannot decide has its element
+    offsets enumerated (on the CPU, O(numel) integers; no element of ``x`` is read)."""
+    if x.numel() < 2 or x.is_contiguous():
+        return False
+    status = 2 if _torch_internal_overlap is None else int(_torch_internal_overlap(x))
+    if status != 2:
+        return status == 1
+    reach = 0
+    for stride, size in sorted((st, n) for n, st in zip(x.shape, x.stride()) if n > 1):
+        if stride <= reach:
+            break
+        reach += (size - 1) * stride
+    else:
+        return False
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(x.shape, x.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    return torch.unique(offsets).numel() < x.numel()
+
+
+def check_writes(op: str, written, read=(), describe=None) -> None:
+    """Raise ``ValueError`` naming the tensors if an in-place update of ``written`` (a sequence of
+    tensors, each updated from ``read``) would alias: a written tensor that overlaps itself, a written
+    tensor whose memory overlaps another written tensor's, or one that overlaps a read tensor's (the
+    same tensor on both sides included). Read tensors may overlap each other.
+
+    Overlap between two tensors is of their address ranges (``memory_span``): exact for dense tensors,
+    conservative for two interleaved strided views of one storage (refused though disjoint). One sort
+    of the ranges, no element is read.
+
+    Args:
+        op: the public op, first in the message.
+        written, read: sequences of tensors.
+        describe: ``describe(role, i) -> str`` names the i-th tensor of ``role`` ("written" or "read")
+            in the message; by default "written tensor i".
+    """
+    describe = describe or (lambda role, i: f"{role} tensor {i}")
+    spans = []
+    for is_written, tensors in ((True, written), (False, read)):
+        for i, x in enumerate(tensors):
+            span = memory_span(x)
+            if span is not None:
+                spans.append((*span, is_written, i))
+    spans.sort()
+    # A range overlaps an earlier-starting one iff it starts before that one's end: keep, per device,
+    # the furthest end reached by a written range and by a read range (and whose it is).
+    device, w_end, w_i, r_end, r_i = None, 0, 0, 0, 0
+    for dev, start, end, is_written, i in spans:
+        if dev != device:  # a CPU and a CUDA address may be equal
+            device, w_end, r_end = dev, 0, 0
+        if start < w_end or (is_written and start < r_end):
+            first, second = (("written", w_i), ("written" if is_written else "read", i)) if start < w_end else \
+                (("written", i), ("read", r_i))  # the written one first
+            harm = "write those elements twice" if second[0] == "written" else "read what it writes"
+            raise ValueError(
+                f"{op}: {describe(*first)} and {describe(*second)} overlap in memory (the same tensor, or "
+                f"views of one storage); the in-place update would {harm}. Pass separate tensors (e.g. "
+                "copy.deepcopy the module, .clone() the tensor)"
+            )
+        if is_written:
+            if end > w_end:
+                w_end, w_i = end, i
+        elif end > r_end:
+            r_end, r_i = end, i
+    for i, x in enumerate(written):
+        if not x.is_contiguous() and internal_overlap(x):
+            raise ValueError(
+                f"{op}: {describe('written', i)} has elements that share one memory location (shape "
+                f"{tuple(x.shape)}, strides {x.stride()}: a view made by expand() or as_strided?); an "
+                "in-place update would write them more than once. Pass a tensor that owns its elements, "
+                "e.g. .clone()"
+            )
+

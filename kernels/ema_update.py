@@ -53,7 +53,9 @@ def ema_update_flat_(teacher: torch.Tensor, student: torch.Tensor, alpha: float)
 
     Both are contiguous float tensors with the same number of elements on one CUDA device (or on
     the CPU under ``TRITON_INTERPRET=1``). ``alpha`` is a Python float; it is not range-checked
-    here (``uamt_fast.ema_update_`` checks it).
+    here (``uamt_fast.ema_update_`` checks it). Refuses (``ValueError``) a teacher that overlaps the
+    student in memory (the same tensor included): its programs would race on shared elements (a
+    contiguous teacher cannot overlap itself).
     """
     check_triton_can_take("ema_update_flat_", teacher, student)
     for name, x in (("teacher", teacher), ("student", student)):
@@ -68,6 +70,13 @@ def ema_update_flat_(teacher: torch.Tensor, student: torch.Tensor, alpha: float)
     n = teacher.numel()
     if n == 0:
         return
+    # Contiguous (so neither overlaps itself): the two address ranges must be disjoint. O(1).
+    t0, s0 = teacher.data_ptr(), student.data_ptr()
+    if t0 < s0 + student.nbytes and s0 < t0 + teacher.nbytes:
+        raise ValueError(
+            "ema_update_flat_: teacher and student overlap in memory (the same tensor, or views of one storage); "
+            "the programs would read elements that others write. Pass separate buffers"
+        )
     _ema_update_kernel[(triton.cdiv(n, BLOCK),)](
         teacher, student, n, float(alpha), 1.0 - float(alpha), BLOCK=BLOCK, num_warps=NUM_WARPS
     )

@@ -513,6 +513,33 @@ def uncertainty_loss_backward(
     return out
 
 
+_TWICE = (b"uamt_fast.uncertainty_consistency_loss: trying to differentiate twice: the fused kernels compute the "
+          b"student gradient, not a graph of it, so there is no double backward (create_graph=True and then a "
+          b"backward through the gradient). The reference math (uamt_fast.reference.uncertainty_consistency_loss, "
+          b"plain autograd) has one")
+_DelayedError = getattr(getattr(torch._C, "_functions", None), "DelayedError", None)
+
+
+def differentiable_once(backward, *args) -> torch.Tensor:
+    """``backward(*args)``, the student gradient; under ``create_graph=True`` (grad mode on in
+    backward) it comes with a graph whose backward raises ``RuntimeError`` ("trying to differentiate
+    twice"), as ``torch.autograd.function.once_differentiable`` gives.
+
+    ``once_differentiable`` attaches that graph only when an incoming gradient requires grad; with
+    ``torch.autograd.grad(loss, student, create_graph=True)`` none does, and it would return a
+    gradient with no graph: a gradient penalty built on it would silently treat the loss's part as
+    a constant. The fused gradient depends on the student (through the buffer saved in forward) in
+    every case, so here the graph is attached whenever one is being built. Inside torch.compile
+    tracing the backward is traced as is (AOTAutograd has no double backward of its own)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return backward(*args)
+    with torch.no_grad():
+        grad = backward(*args)
+    if _DelayedError is None:  # torch without the private node: refuse now rather than return no graph
+        raise RuntimeError(_TWICE.decode())
+    return _DelayedError(_TWICE, 1)(grad.requires_grad_())
+
+
 def predictive_entropy_forward(mc_logits: torch.Tensor, *, config: Optional[LaunchConfig] = None) -> torch.Tensor:
     """(T, B, C, *S) logits -> (B, *S) fp32 entropy of the mean softmax. ``config`` overrides the table's."""
     _check_launchable(mc_logits)
@@ -572,8 +599,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, grad_stats, grad_grad, grad_scale):
     grad_unscaled, bwd_scale = ctx.saved_tensors
     grad_student = None
-    if grad_loss is not None:
-        grad_student = uncertainty_consistency_loss_backward_op(grad_unscaled, bwd_scale, grad_loss)
+    if grad_loss is not None:  # (double backward raises, see differentiable_once)
+        grad_student = differentiable_once(uncertainty_consistency_loss_backward_op, grad_unscaled, bwd_scale,
+                                           grad_loss)
     # One gradient per input: student, teacher (target, detached), mc_logits, threshold, value, need_grad.
     return grad_student, None, None, None, None, None
 

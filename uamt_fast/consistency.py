@@ -187,6 +187,11 @@ def uncertainty_consistency_loss(
     Returns:
         The 0-dim fp32 loss, or ``(loss, stats)``. An empty mask gives exactly 0 (and a zero
         gradient); NaN or Inf in any of the logits gives NaN (loss, gradient and uncertainty stats).
+
+    Differentiable once on the fused path: with ``create_graph=True`` the student gradient comes with
+    a graph whose backward raises ``RuntimeError`` ("trying to differentiate twice"), never a silent
+    graph-less gradient. The reference path (CPU tensors without the interpreter, other devices) is
+    plain autograd and supports double backward.
     """
     _check_logits(student_logits, teacher_logits, mc_logits)
     thr_tensor, thr_value = _threshold_args(threshold, student_logits.device)
@@ -220,10 +225,12 @@ class _EagerFusedLoss(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_stats):
+        # Differentiable once: under create_graph=True the gradient's graph raises when differentiated
+        # (torch's once_differentiable would return it graph-less there; see differentiable_once).
         grad_unscaled, bwd_scale = ctx.saved_tensors
-        return _kernels.uncertainty_loss_backward(grad_unscaled, bwd_scale, grad_loss), None, None, None, None, None
+        grad = _kernels.differentiable_once(_kernels.uncertainty_loss_backward, grad_unscaled, bwd_scale, grad_loss)
+        return grad, None, None, None, None, None
 
 
 def _reference_loss(student, teacher, mc, thr_tensor, thr_value):

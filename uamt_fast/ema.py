@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from uamt_fast import reference
-from uamt_fast.kernels.device import TRITON_INTERPRET, triton_can_take
+from uamt_fast.kernels.device import TRITON_INTERPRET, check_writes, triton_can_take
 from uamt_fast.scalars import integer_value, real_value
 
 try:
@@ -201,6 +201,43 @@ def _as_tensor_list(x, role: str) -> list[torch.Tensor]:
     return params
 
 
+def _describer(teacher, student):
+    """``describe(role, i)`` for :func:`check_writes`: "teacher parameter '0.weight'" for a module (names
+    are looked up only when a message is written), "teacher tensor i" otherwise."""
+    objects = {"written": ("teacher", teacher), "read": ("student", student)}
+
+    def describe(role: str, i: int) -> str:
+        name, obj = objects[role]
+        if isinstance(obj, torch.nn.Module):
+            return f"{name} parameter '{next(n for j, (n, _) in enumerate(obj.named_parameters()) if j == i)}'"
+        return f"{name} tensor {i}" if not isinstance(obj, torch.Tensor) else name
+
+    return describe
+
+
+def _check_not_aliased(teacher, student) -> None:
+    if teacher is student:
+        kind = "module" if isinstance(teacher, torch.nn.Module) else "tensor" if isinstance(
+            teacher, torch.Tensor) else type(teacher).__name__
+        raise ValueError(
+            f"ema_update_: teacher and student are the same {kind}; the teacher must be a separate copy of "
+            "the student's parameters (e.g. teacher = copy.deepcopy(student)), else the update does nothing "
+            "useful (or, per tensor, writes what it reads)"
+        )
+
+
+def _check_flat_buffers(teacher: torch.Tensor, student: torch.Tensor) -> None:
+    """Two contiguous buffers on one device: O(1) address-range test."""
+    t0, s0 = _DATA_PTR(teacher), _DATA_PTR(student)
+    if t0 < s0 + student.nbytes and s0 < t0 + teacher.nbytes:
+        raise ValueError(
+            "ema_update_: the teacher's and the student's flat parameter buffers (flatten_parameters_) overlap "
+            "in memory: the two modules share parameters (a shallow copy.copy of the student, or modules "
+            "built around the same Parameter objects?). The teacher must own its parameters: "
+            "teacher = copy.deepcopy(student)"
+        )
+
+
 def _uses_kernel(x: torch.Tensor) -> bool:
     return _ema_update_flat_kernel is not None and triton_can_take(x, TRITON_ON_CPU)
 
@@ -228,17 +265,28 @@ def ema_update_(teacher, student, decay: float, step: int | None = None) -> None
     - two single tensors (e.g. the flat buffers themselves), contiguous, same shape and dtype: the same launch;
     - otherwise ``torch._foreach_lerp_`` over the parameter lists (a few multi-tensor launches).
 
+    Every path (and :func:`uamt_fast.reference.ema_update_`) refuses aliasing with a ``ValueError``
+    naming the tensors: teacher and student the same module or tensor, any teacher tensor sharing
+    memory with any student tensor or with another teacher tensor, and a teacher tensor whose elements
+    share memory locations (``expand()``, overlapping ``as_strided``). The checks read data pointers,
+    shapes and strides only: O(1) on the flat path, a few microseconds per tensor on the others.
+
     Args:
         teacher: module, tensor, or iterable of tensors; updated in place.
         student: the same kind of thing with matching shapes.
         decay: a real number in [0, 1] (int, float, NumPy scalar, 0-dim CPU tensor; not a bool).
         step: global step for the warm-up (an integer of any integer type, >= 0), or None.
+
+    Raises:
+        ValueError: bad ``decay``/``step``, mismatched parameter lists, or aliased teacher and student.
     """
     alpha = _alpha(decay, step)
+    _check_not_aliased(teacher, student)
     if isinstance(teacher, torch.nn.Module) and isinstance(student, torch.nn.Module):
         t_rec, s_rec = _valid_record(teacher), _valid_record(student)
         if t_rec is not None and s_rec is not None and t_rec.signature == s_rec.signature \
                 and t_rec.buffer.device == s_rec.buffer.device:
+            _check_flat_buffers(t_rec.buffer, s_rec.buffer)
             _update_flat_(t_rec.buffer, s_rec.buffer, alpha)
             return
         for role, module, rec in (("teacher", teacher, t_rec), ("student", student, s_rec)):
@@ -266,6 +314,7 @@ def ema_update_(teacher, student, decay: float, step: int | None = None) -> None
             raise ValueError(f"ema_update_: parameter {i}: teacher on {t.device}, student on {s.device}")
     if not t_params:
         return
+    check_writes("ema_update_", t_params, s_params, _describer(teacher, student))
     if len(t_params) == 1 and t_params[0].is_contiguous() and s_params[0].is_contiguous():
         _update_flat_(t_params[0].detach(), s_params[0].detach(), alpha)
         return

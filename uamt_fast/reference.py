@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from uamt_fast.kernels.device import check_writes  # imports torch only
+
 ENTROPY_EPS = 1e-6  # inside the log of the predictive entropy, as released
 MASK_EPS = 1e-16  # added to the masked-mean denominator, as released
 DICE_SMOOTH = 1e-5
@@ -111,15 +113,32 @@ def _parameters(x) -> list[torch.Tensor]:
     return list(x.parameters()) if isinstance(x, torch.nn.Module) else list(x)
 
 
+def _describe(role: str, x, i: int) -> str:
+    """"teacher parameter '0.weight'" for a module's i-th parameter, else "teacher tensor i"."""
+    if isinstance(x, torch.nn.Module):
+        return f"{role} parameter '{[name for name, _ in x.named_parameters()][i]}'"
+    return f"{role} tensor {i}"
+
+
 @torch.no_grad()
 def ema_update_(teacher, student, decay: float, step: int | None = None) -> None:
     """``theta' <- alpha theta' + (1 - alpha) theta`` over parameters only, the released per-tensor loop.
 
     ``teacher``/``student`` are modules or equal-length parameter iterables. Batch-norm buffers
-    are not touched: the teacher keeps its own.
+    are not touched: the teacher keeps its own. Aliasing is refused with a ``ValueError``, as on
+    the fast paths (``uamt_fast.ema_update_``): a teacher tensor sharing memory with a student tensor
+    (the same module or tensor on both sides included) or with another teacher tensor, or whose
+    elements share memory locations. (The released loop would silently compute something else:
+    ``t.mul_(a).add_(t, alpha=1 - a)`` is ``(2a - a^2) t``.)
     """
     alpha = ema_alpha(decay, step)
-    for t, s in zip(_parameters(teacher), _parameters(student), strict=True):
+    if teacher is student:
+        raise ValueError("reference.ema_update_: teacher and student are the same object; the teacher must be "
+                         "a separate copy (e.g. copy.deepcopy(student))")
+    t_params, s_params = _parameters(teacher), _parameters(student)
+    check_writes("reference.ema_update_", t_params, s_params, lambda role, i: _describe(
+        *(("teacher", teacher) if role == "written" else ("student", student)), i))
+    for t, s in zip(t_params, s_params, strict=True):
         t.mul_(alpha).add_(s, alpha=1.0 - alpha)
 
 
