@@ -15,7 +15,10 @@ it (several seeds fill an under-used device), with several GPUs each process get
 (``CUDA_VISIBLE_DEVICES``, round robin).
 
 ``OUT/results.md``: per row Dice and Jaccard (%), 95HD and ASD (voxels) as mean ± std over the
-finished seeds (sample std, n - 1), the paper's value beside each, and the mean training time.
+finished seeds (sample std, n - 1), the paper's value beside each, and the mean training time. A
+finished run whose eval.json cannot be read, or a figure that cannot be drawn (e.g. a student.pt the
+safe loader refuses: a crafted pickle, a truncated file), is never silently left out: its row says
+so, results.md lists the reason, each reason is one line on stderr, and the exit status is 1.
 ``--cpu``: the same path at reduced scale (volumes pooled 2x, V-Net width 4, crops 64x48x32, one
 thread a process, --iterations default 200): minutes a run on a CPU, numbers not comparable to the
 paper's. Arguments after ``--`` go to every train.py call unchanged (e.g. ``-- --eval-stride-xy 32``).
@@ -190,21 +193,42 @@ def run_all(args) -> list[dict]:
 
 # ----------------------------------------------------------------------------- the table
 def collect(out: Path, row: str, seeds: int) -> dict:
-    """Per metric the values of the finished seeds of ``row``, and their train seconds."""
-    values = {key: [] for key, _, _ in METRICS} | {"train_s": [], "seeds": 0}
+    """Per metric the values of the finished seeds of ``row``, their train seconds, and ``problems``: one line
+    per finished seed whose eval.json cannot be read (that seed is not counted) or whose metrics.jsonl cannot
+    (its train time is left out)."""
+    values = {key: [] for key, _, _ in METRICS} | {"train_s": [], "seeds": 0, "unreadable": 0, "problems": []}
     for seed in range(seeds):
         folder = run_dir(out, row, seed)
         if not (folder / "eval.json").is_file():
             continue
-        mean = json.loads((folder / "eval.json").read_text())["mean"]
-        for key, _, scale in METRICS:
-            values[key].append(scale * mean[key])
+        try:
+            mean = json.loads((folder / "eval.json").read_text())["mean"]
+            scores = {key: math.nan if mean[key] is None else scale * float(mean[key])  # null: NaN (strict JSON)
+                      for key, _, scale in METRICS}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            values["unreadable"] += 1
+            values["problems"].append(f"{row} seed {seed}: not counted: {folder / 'eval.json'} is not a readable "
+                                      f"train.py eval.json ({_reason(e)})")
+            continue
+        for key, value in scores.items():
+            values[key].append(value)
         values["seeds"] += 1
-        speed = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
-                 if "train_seconds" in line] if (folder / "metrics.jsonl").is_file() else []
+        try:
+            speed = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
+                     if "train_seconds" in line] if (folder / "metrics.jsonl").is_file() else []
+            seconds = sum(float(s["train_seconds"]) for s in speed)  # one entry per (resumed) segment
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            values["problems"].append(f"{row} seed {seed}: train time left out: {folder / 'metrics.jsonl'} is "
+                                      f"unreadable ({_reason(e)})")
+            continue
         if speed:
-            values["train_s"].append(sum(s["train_seconds"] for s in speed))  # one entry per (resumed) segment
+            values["train_s"].append(seconds)
     return values
+
+
+def _reason(e: BaseException) -> str:
+    """``Type: first line of the message``, for one-line reports."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def mean_std(xs) -> str:
@@ -214,15 +238,18 @@ def mean_std(xs) -> str:
     return f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
 
 
-def markdown_table(out: Path, rows, seeds: int, iterations: int, cpu: bool) -> str:
+def markdown_table(out: Path, rows, seeds: int, iterations: int, cpu: bool) -> tuple[str, list[str]]:
+    """The results.md text, and the problems it reports (one line each; see ``collect``)."""
     header = ["row", "method", "labeled", "unlabeled", "seeds"]
     for _, name, _ in METRICS:
         header += [name, "paper"]
     header += ["train time (s)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines, problems = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)], []
     for key in rows:
         row, v = ROWS[key], collect(out, key, seeds)
-        cells = [key, row.name, str(row.labeled), row.unlabeled, f"{v['seeds']}/{seeds}"]
+        problems += v["problems"]
+        unreadable = f" ({v['unreadable']} unreadable, see below)" if v["unreadable"] else ""
+        cells = [key, row.name, str(row.labeled), row.unlabeled, f"{v['seeds']}/{seeds}{unreadable}"]
         for i, (metric, _, _) in enumerate(METRICS):
             cells += [mean_std(v[metric]), f"{row.paper[i]:.2f}{'†' if row.quoted else ''}" if row.paper else "—"]
         cells.append(mean_std(v["train_s"]).split(" ±")[0] if v["train_s"] else "—")
@@ -230,34 +257,52 @@ def markdown_table(out: Path, rows, seeds: int, iterations: int, cpu: bool) -> s
     scale = "reduced CPU scale (" + " ".join(CPU_FLAGS) + "): not comparable to the paper" if cpu else "full scale"
     notes = [f"Mean ± sample std over the finished seeds; final checkpoints (never the best on the test set); "
              f"{iterations} iterations, {scale}. Dice, Jaccard in %, 95HD and ASD in voxels.", PAPER_NOTE]
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n" + problems_text(problems), problems
+
+
+def problems_text(problems) -> str:
+    """The results.md lines of ``problems``, one each ('' for none)."""
+    return "".join(f"\nProblem: {p}" for p in problems) + ("\n" if problems else "")
 
 
 # ----------------------------------------------------------------------------- figures
-def write_figures(args) -> None:
+def write_figures(args) -> list[str]:
+    """The curves of each row and the panels of each row's first finished seed; returns the problems (one
+    line each): a row whose metrics.jsonl or student.pt cannot be read (e.g. refused by the weights-only
+    loader) is left out of its figure, the others are drawn."""
     try:
         from uamt_fast import checkpoints, data, figures
 
         figures.pyplot()
     except ImportError as e:
         print(f"figures skipped: {e}", flush=True)
-        return
-    out = Path(args.out)
+        return []
+    out, problems = Path(args.out), []
     firsts = {}
     for row in args.row_list:
         finished = {f"seed {s}": run_dir(out, row, s) for s in range(args.seeds)
                     if (run_dir(out, row, s) / "eval.json").is_file()}
         if finished:
-            print(f"  {figures.training_curves(finished, out / 'figures' / f'curves-{row}.png')}", flush=True)
+            try:
+                print(f"  {figures.training_curves(finished, out / 'figures' / f'curves-{row}.png')}", flush=True)
+            except (OSError, ValueError) as e:
+                problems.append(f"figures: no curves for {row}: {e}")
             firsts[row] = next(iter(finished.values())) / "student.pt"
-    if not firsts:
-        return
     models, cfg = {}, None
     for row, path in firsts.items():
-        models[row], cfg, _ = checkpoints.load_vnet(path)
-    ids = data.read_list(args.data, "test")[: args.figures_cases or None]
-    for path in figures.write_panels(models, data.load_cases(args.data, ids), out / "figures", cfg):
-        print(f"  {path}", flush=True)
+        try:
+            models[row], cfg, _ = checkpoints.load_vnet(path)
+        except ValueError as e:  # checkpoints.CheckpointError: one line naming the file
+            problems.append(f"figures: {row} left out of the panels: {e}")
+    if not models:
+        return problems
+    try:
+        ids = data.read_list(args.data, "test")[: args.figures_cases or None]
+        for path in figures.write_panels(models, data.load_cases(args.data, ids), out / "figures", cfg):
+            print(f"  {path}", flush=True)
+    except (OSError, ValueError) as e:
+        problems.append(f"figures: no panels: {e}")
+    return problems
 
 
 def main(argv=None) -> int:
@@ -265,19 +310,24 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = [] if args.table_only else run_all(args)
-    table = markdown_table(out, args.row_list, args.seeds, args.iterations, args.cpu)
+    table, problems = markdown_table(out, args.row_list, args.seeds, args.iterations, args.cpu)
     (out / "results.md").write_text(table)
     print(table)
     print(f"wrote {out / 'results.md'}")
     if args.figures and args.data and not args.table_only:
-        write_figures(args)
+        figure_problems = write_figures(args)
+        if figure_problems:  # in results.md too: its reader learns why a figure lacks a row
+            (out / "results.md").write_text(table + problems_text(figure_problems))
+        problems += figure_problems
     failed = [r for r in results if r["rc"] != 0]
     for r in failed:
         print(f"FAILED: {r['row']} seed {r['seed']} (exit {r['rc']}); log {r['log']}", file=sys.stderr)
+    for problem in problems:
+        print(f"PROBLEM: {problem}", file=sys.stderr)
     unfinished = [f"{r['row']} seed {r['seed']}" for r in results if r["rc"] == 0 and not r["finished"]]
     if unfinished:
         print(f"not finished (run the same command again to resume): {', '.join(unfinished)}")
-    return 1 if failed else 0
+    return 1 if failed or problems else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
 """uamt_fast.data: lists, split, loading and its errors, synthetic scans, packing, the two-stream sampler."""
+import hashlib
+import json
 import re
+import shutil
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -386,17 +391,21 @@ def test_parts_give_the_same_lists_and_crops_as_one_root(synthetic_root, tmp_pat
     assert_same_batches(crops(parts), crops([synthetic_root]))
 
 
-def test_several_roots_merge_lists_in_root_order_and_find_each_case(synthetic_root, tmp_path):
+def test_several_roots_share_their_lists_and_each_case_is_found_in_one(synthetic_root, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     data.pack_dataset(synthetic_root, a, case_ids=["synth0000", "synth0003"])
     data.pack_dataset(synthetic_root, b, case_ids=["synth0001", "synth0002", "synth0004"])
-    assert data.read_list([a, b], "train") == ["synth0000", "synth0001", "synth0002"]
-    assert data.read_list([b, a], "test") == ["synth0004", "synth0003"]
+    for root in (a, b):  # parts of one data set: each carries the full lists
+        for split in ("train", "test"):
+            shutil.copy(synthetic_root / f"{split}.list", root / f"{split}.list")
+    assert data.read_list([a, b], "train") == data.read_list([b, a], "train") == ["synth0000", "synth0001", "synth0002"]
+    assert data.read_list([b, a], "test") == ["synth0003", "synth0004"]
     assert data.find_case([a, b], "synth0002") == b
     assert [c.id for c in data.load_cases([a, str(b)], ["synth0001", "synth0000"])] == ["synth0001", "synth0000"]
     images_only = [tmp_path / name for name in ("images_only", "images_only2")]  # no lists, no such case
     for root in images_only:
         (root / data.IMAGES_DIR).mkdir(parents=True)
+    assert data.read_list([a, images_only[0]], "train") == data.read_list(a, "train")  # a root without lists: fine
     with pytest.raises(DataError, match=r"case synth0001: no folder .*synth0001 in any of"):
         data.find_case([a, images_only[0]], "synth0001")
     data.pack_dataset(synthetic_root, tmp_path / "c", case_ids=["synth0000"])
@@ -412,6 +421,107 @@ def test_several_roots_merge_lists_in_root_order_and_find_each_case(synthetic_ro
         data.read_list([], "train")
 
 
+def test_roots_whose_lists_differ_are_refused_naming_both_and_the_first_difference(tmp_path):
+    """Merging differing lists made the labeled set (the first --labeled train ids) depend on the --data order."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root, train_ids in ((a, "x\ny\nz\n"), (b, "x\nz\ny\n")):
+        root.mkdir()
+        (root / "train.list").write_text(train_ids)
+        (root / "test.list").write_text("t\n")
+    for roots, first in (([a, b], "'y' in the first, 'z' in the second"), ([b, a], "'z' in the first, 'y'")):
+        with pytest.raises(DataError, match=re.escape(f"train.list differs between {roots[0]} and {roots[1]}: id 2 is "
+                                                      f"{first}")):
+            data.read_list(roots, "train")
+        with pytest.raises(DataError, match="train.list differs"):  # test ids are read with the train list checked
+            data.read_list(roots, "test")
+    (b / "train.list").write_text("x\ny\n")  # a prefix: the longer list's next id is the difference
+    with pytest.raises(DataError, match=re.escape("id 3 is 'z' in the first, missing (the list ends) in the second")):
+        data.read_splits([a, b])
+    (b / "train.list").write_text("x\ny\nz\n")
+    assert data.read_splits([b, a]) == {"train": ["x", "y", "z"], "test": ["t"]}
+
+
+BAD_IDS = ["../../x", "/abs/path", "a/b", ".", "..", "a\\b", "a\x00b", "a\tb", "a\x1bb", "a\u200bb"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_list_ids_that_are_paths_or_hold_control_characters_are_refused_naming_the_list(tmp_path, bad):
+    (tmp_path / "train.list").write_text(f"ok\n{bad}\n", encoding="utf-8")
+    expected = re.escape(f"{tmp_path / 'train.list'}: case id {bad!r} is not a plain name")
+    with pytest.raises(DataError, match=expected):
+        data.read_list(tmp_path, "train")
+    (tmp_path / "test.list").write_text("t\n")
+    for call in (lambda: data.read_list(tmp_path, "test"), lambda: data.read_splits(tmp_path)):
+        with pytest.raises(DataError, match=expected):  # the other list of the root is checked too
+            call()
+
+
+@pytest.mark.parametrize("bad", BAD_IDS + ["", 7])
+def test_case_ids_given_to_the_api_must_be_plain_names(synthetic_root, tmp_path, bad):
+    with pytest.raises(DataError, match=re.escape(f"case id {bad!r} is not a plain name")):
+        data.load_case(synthetic_root, bad)
+    with pytest.raises(DataError, match=re.escape(f"case_ids: case id {bad!r} is not a plain name")):
+        data.pack_dataset(synthetic_root, tmp_path / "out", case_ids=[bad])
+    with pytest.raises(DataError, match=re.escape(f"pack_case: case id {bad!r} is not a plain name")):
+        data.pack_case(Case(bad, np.zeros((2, 2, 2), np.float32), np.zeros((2, 2, 2), np.uint8)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert data.check_case_id("0RZDK210BSMWAA6467LU") == "0RZDK210BSMWAA6467LU"
+
+
+def test_pack_refuses_a_list_id_that_leaves_the_root_and_writes_nothing_outside_its_output(tmp_path, capsys):
+    """Before: train.list naming ../../evil read tmp/evil/mri_norm2.h5 and wrote tmp/evil/mri_norm2.npz."""
+    source, out = tmp_path / "source", tmp_path / "out"
+    write_case(source, "good", image=GOOD_IMAGE, label=GOOD_LABEL)
+    outside = tmp_path / "evil"
+    outside.mkdir()
+    write_case(tmp_path / "x", "y", image=GOOD_IMAGE, label=GOOD_LABEL).rename(outside / data.H5_NAME)
+    (source / "train.list").write_text("good\n../../evil\n")
+    (source / "test.list").write_text("good2\n")
+    assert data.main(["pack", str(source), str(out), "--train", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {source / 'train.list'}: case id '../../evil' is not a plain name (expected a folder name " \
+        f"in '{data.IMAGES_DIR}': not empty, '.' or '..', no '/', '\\' or non-printing characters)\n"
+    assert sorted(p.name for p in outside.iterdir()) == [data.H5_NAME] and not out.exists()
+    assert data.main(["pack", str(source), str(out), "--cases", "../evil"]) == 2
+    assert capsys.readouterr().err.startswith("error: --cases: case id '../evil' is not a plain name")
+
+
+def test_a_case_in_both_lists_is_refused_whichever_list_is_read(tmp_path, synthetic_root):
+    (tmp_path / "train.list").write_text("a\nb\nc\n")
+    (tmp_path / "test.list").write_text("d\nb\n")
+    expected = re.escape(f"case ids ['b'] are in both {tmp_path / 'train.list'} and {tmp_path / 'test.list'}")
+    for call in (lambda: data.read_list(tmp_path, "train"), lambda: data.read_list(tmp_path, "test"),
+                 lambda: data.read_splits(tmp_path), lambda: data.split_fingerprint(tmp_path)):
+        with pytest.raises(DataError, match=expected):
+            call()
+    (tmp_path / "test.list").write_text("")  # an empty other list: nothing overlaps (only a read list must have ids)
+    assert data.read_list(tmp_path, "train") == ["a", "b", "c"]
+    (tmp_path / "test.list").unlink()
+    assert data.read_list(tmp_path, "train") == ["a", "b", "c"]
+
+
+def test_split_fingerprint_names_both_lists_and_hashes_ids_and_order(synthetic_root, tmp_path):
+    fingerprint = data.split_fingerprint(synthetic_root)
+    train, test = data.read_list(synthetic_root, "train"), data.read_list(synthetic_root, "test")
+    assert data.read_splits(synthetic_root) == {"train": train, "test": test}
+    assert fingerprint == {"train": train, "test": test,
+                           "sha256": hashlib.sha256(json.dumps([train, test]).encode()).hexdigest()}
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.list").write_text((synthetic_root / f"{split}.list").read_text())
+    assert data.split_fingerprint(tmp_path) == fingerprint  # the ids decide, not the folder
+    (tmp_path / "train.list").write_text("".join(i + "\n" for i in train[::-1]))  # same ids, other labeled ones
+    assert data.split_fingerprint(tmp_path)["sha256"] != fingerprint["sha256"]
+    with pytest.raises(DataError, match="list not found: .*test.list"):
+        (tmp_path / "test.list").unlink()
+        data.read_splits(tmp_path)
+
+
+def test_a_list_that_is_not_utf8_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "train.list").write_bytes(b"a\n\xff\xfeb\n")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'train.list'}: not UTF-8 text (byte 2")):
+        data.read_list(tmp_path, "train")
+
+
 def test_pack_refuses_a_part_smaller_than_a_case(synthetic_root, tmp_path, capsys):
     assert data.main(["pack", str(synthetic_root), str(tmp_path), "--train", "1", "--max-part-mib", "0.001"]) == 2
     assert "larger than the part size" in capsys.readouterr().err
@@ -423,3 +533,54 @@ def test_an_empty_folder_among_several_roots_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty: not an LA data root"):
         data.read_list([root, tmp_path / "empty"], "train")
+
+
+# ----------------------------------------------------------------------------- command-line flags
+BAD_FLAGS = {  # argv after the command and its folders: the flag the one-line error must name
+    "pack": [(["--train", "1", "--max-part-mib", mib], "--max-part-mib") for mib in ("nan", "inf", "-inf", "0", "-1")]
+    + [(["--train", "-1"], "--train"), (["--train", "1", "--unlabeled", "-1"], "--unlabeled"),
+       (["--train", "1", "--test", "-2"], "--test"), (["--train", "x"], "--train"),
+       (["--train", "0"], "nothing to pack")],
+    "synth": [(["--train", "0"], "--train"), (["--test", "-1"], "--test"), (["--seed", "-1"], "--seed"),
+              (["--shape", "8", "0", "8"], "--shape")],
+}
+
+
+@pytest.mark.parametrize("command, flags, named", [(c, f, n) for c, cases in BAD_FLAGS.items() for f, n in cases])
+def test_bad_pack_and_synth_flags_are_one_line_and_exit_2(synthetic_root, tmp_path, capsys, command, flags, named):
+    folders = [str(synthetic_root), str(tmp_path / "out")] if command == "pack" else [str(tmp_path / "out")]
+    assert data.main([command, *folders, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and named in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pack_max_part_mib_nan_from_the_shell_is_one_line_not_a_traceback(synthetic_root, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "uamt_fast.data", "pack", str(synthetic_root), str(tmp_path / "out"),
+                             "--train", "1", "--max-part-mib", "nan"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr == "error: argument --max-part-mib: expected a finite number of " \
+        "MiB > 0, got 'nan'\n", result.stderr
+
+
+def test_help_states_the_ranges_of_the_numeric_flags(capsys):
+    for command, ranges in {"pack": ["N >= 0", "K >= 0", "M >= 0", "N + K + M >= 1", "a finite number > 0"],
+                            "synth": ["training cases, >= 1", "test cases, >= 1", "each >= 1", "seed >= 0"]}.items():
+        with pytest.raises(SystemExit) as exit:
+            data.main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+        assert exit.value.code == 0 and all(r in text for r in ranges), (command, text)
+
+
+def test_pack_and_synth_refuse_an_output_that_is_a_file_or_the_source_root(synthetic_root, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        for argv in (["pack", str(synthetic_root), str(out), "--train", "1"],
+                     ["synth", str(out), "--shape", "4", "4", "4"]):
+            assert data.main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: output folder {out}: ") and "is a file; expected a folder" in err \
+                and err.count("\n") == 1, err
+    lists = {split: (synthetic_root / f"{split}.list").read_text() for split in ("train", "test")}
+    assert data.main(["pack", str(synthetic_root), str(synthetic_root), "--train", "1"]) == 2
+    assert "is the source root" in capsys.readouterr().err
+    assert {split: (synthetic_root / f"{split}.list").read_text() for split in lists} == lists

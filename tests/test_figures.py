@@ -1,5 +1,8 @@
 """uamt_fast.figures: the case panels and training curves are written, of the right size, and not blank."""
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -103,3 +106,99 @@ def test_train_eval_writes_the_panels_and_the_curves_of_its_run(tmp_path, monkey
                        "--figures-passes", "1"]) == 0
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["curves.png", "panel-synth0002.png"]
     assert (run / "eval_student.json").is_file()  # --eval writes a new file beside the checkpoint
+
+
+# ----------------------------------------------------------------------------- command-line errors
+@pytest.fixture(scope="module")
+def panel_inputs(tmp_path_factory):
+    """A tiny data set and a student.pt whose settings fit it."""
+    base = tmp_path_factory.mktemp("panel_inputs")
+    root = data.write_synthetic_la(base / "la", n_train=1, n_test=2, shape=(40, 36, 20), seed=2)
+    cfg = {"n_filters": 2, "dropout": True, "patch": (32, 32, 16), "downsample": 1, "eval_stride_xy": 16,
+           "eval_stride_z": 8, "eval_batch": 4}
+    torch.save({"model": VNet(n_filters=2).state_dict(), "config": cfg}, base / "student.pt")
+    return root, base / "student.pt"
+
+
+def panels_argv(panel_inputs, out, *flags):
+    root, checkpoint = panel_inputs
+    return ["panels", "--data", str(root), "--checkpoint", f"mine={checkpoint}", "--out", str(out), *flags]
+
+
+def one_line_error(capsys, *named):
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and all(n in err for n in named), err
+    return err
+
+
+@pytest.mark.parametrize("flags, named", [(["--cases", "-1"], "--cases"),  # ids[:-1] dropped a case
+                                          (["--passes", "0"], "--passes"),  # ZeroDivisionError
+                                          (["--passes", "1025"], "--passes"), (["--cases", "x"], "--cases")])
+def test_panels_refuse_out_of_range_counts(panel_inputs, tmp_path, capsys, flags, named):
+    assert figures.main(panels_argv(panel_inputs, tmp_path / "figs", *flags)) == 2
+    one_line_error(capsys, named)
+    assert not (tmp_path / "figs").exists()
+
+
+def test_panels_out_must_be_a_folder_and_curves_out_a_file(panel_inputs, tmp_path, capsys):
+    (tmp_path / "file.png").write_text("x")
+    for out, message in ((tmp_path / "file.png", "is a file; give a folder"),
+                         (tmp_path / "file.png" / "figs", "is a file, not a folder")):
+        assert figures.main(panels_argv(panel_inputs, out, "--passes", "1")) == 2
+        one_line_error(capsys, f"--out {out}", message)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "lr": 0.01, "loss_ce": 0.7}) + "\n")
+    for out, message in ((tmp_path, "is a folder; give the path of the PNG"),
+                         (tmp_path / "file.png" / "curves.png", "is a file, not a folder")):
+        assert figures.main(["curves", str(run), "--out", str(out)]) == 2
+        one_line_error(capsys, f"--out {out}", message)
+    assert figures.main(["curves", str(run), "--out", str(tmp_path / "new" / "curves.png")]) == 0
+    assert (tmp_path / "new" / "curves.png").is_file()
+
+
+def test_panels_refuse_test_ids_that_are_paths_and_create_no_folder_from_them(panel_inputs, tmp_path, capsys):
+    root = tmp_path / "la"
+    shutil.copytree(panel_inputs[0], root)
+    (root / data.IMAGES_DIR / "sub").mkdir()  # before: read, and its panel written to figs/panel-sub/synth0002.png
+    (root / data.IMAGES_DIR / "synth0002").rename(root / data.IMAGES_DIR / "sub" / "synth0002")
+    (root / "test.list").write_text("sub/synth0002\n")
+    argv = ["panels", "--data", str(root), "--checkpoint", f"mine={panel_inputs[1]}", "--out", str(tmp_path / "figs"),
+            "--passes", "1"]
+    assert figures.main(argv) == 2
+    one_line_error(capsys, f"{root / 'test.list'}: case id 'sub/synth0002' is not a plain name")
+    assert not (tmp_path / "figs").exists()
+    with pytest.raises(ValueError, match="write_panels: case id '../x' is not a plain name"):
+        figures.write_panels({}, [data.Case("../x", np.zeros((2, 2, 2), np.float32), np.zeros((2, 2, 2), np.uint8))],
+                             tmp_path / "figs", {})
+
+
+def test_two_checkpoints_of_one_name_are_refused(panel_inputs, tmp_path, capsys):
+    """Both --checkpoint runs/a/student.pt and runs/a/teacher.pt are named 'a': one column was silently dropped."""
+    checkpoint = panel_inputs[1]
+    argv = ["panels", "--data", str(panel_inputs[0]), "--checkpoint", str(checkpoint), "--checkpoint", str(checkpoint),
+            "--out", str(tmp_path / "figs"), "--passes", "1"]
+    assert figures.main(argv) == 2
+    one_line_error(capsys, f"the name '{checkpoint.parent.name}' is taken")
+
+
+def test_panel_api_refuses_zero_passes_or_slices(case, tmp_path):
+    for options, message in ((dict(passes=0), "passes=0"), (dict(n_slices=0), "n_slices=0")):
+        with pytest.raises(ValueError, match=message):
+            figures.case_panel({"a": VNet(n_filters=2)}, case, tmp_path / "p.png", patch=(32, 32, 16), **options)
+    with pytest.raises(ValueError, match="passes=0"):
+        figures.uncertainty_map(VNet(n_filters=2), case.image, 0, patch=(32, 32, 16), stride_xy=16, stride_z=8)
+
+
+def test_panels_help_states_the_ranges(capsys):
+    with pytest.raises(SystemExit):
+        figures.main(["panels", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "N >= 0" in text and "T in [1, 1024]" in text and "not a file" in text
+
+
+def test_figures_from_the_shell_print_one_line_not_a_traceback(panel_inputs, tmp_path):
+    argv = panels_argv(panel_inputs, tmp_path, "--passes", "0")
+    result = subprocess.run([sys.executable, "-m", "uamt_fast.figures", *argv], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr == "error: argument --passes: expected an integer in [1, 1024], " \
+        "got '0'\n", result.stderr

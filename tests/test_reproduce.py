@@ -1,6 +1,7 @@
 """benchmarks/reproduce.py (the paper's tables) and the train.py parts it relies on: --method mt-dice,
 --data repeated, old configs with one data root."""
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from uamt_fast import data, reference
+from uamt_fast.vnet import VNet
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -94,3 +96,70 @@ def test_rows_and_arguments_are_checked(capsys):
         reproduce.parse_args(["--rows", "uamt"])
     args = reproduce.parse_args(["--data", "x", "--cpu", "--", "--n-filters", "2"])
     assert args.iterations == 200 and args.train_args == ["--n-filters", "2"] and args.row_list == list(reproduce.ROWS)
+
+
+# ----------------------------------------------------------------------------- broken run files
+def finished_run(out, row, model=None, eval_text=None):
+    """A finished run folder of ``row`` (seed 0) as train.py leaves it: eval.json, metrics.jsonl, student.pt."""
+    folder = reproduce.run_dir(out, row, 0)
+    folder.mkdir(parents=True)
+    mean = {"dice": 0.8, "jaccard": 0.7, "hd95": None, "asd": 2.0}  # None: train.py's strict JSON for NaN
+    (folder / "eval.json").write_text(eval_text if eval_text is not None else json.dumps({"mean": mean}))
+    (folder / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "lr": 0.01, "loss_ce": 0.5}) + "\n"
+                                          + json.dumps({"iteration": 1, "train_seconds": 3.0}) + "\n")
+    cfg = {"n_filters": 2, "dropout": True, "patch": (16, 16, 16), "downsample": 1, "eval_stride_xy": 16,
+           "eval_stride_z": 8, "eval_batch": 4}
+    torch.save({"model": (model if model is not None else VNet(n_filters=2).state_dict()), "config": cfg},
+               folder / "student.pt")
+    return folder
+
+
+class Crafted:
+    """Unpickled by a plain torch.load, it would run code: here, write the file ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("broken", ["crafted pickle", "truncated"])
+def test_a_refused_student_pt_is_reported_and_the_other_rows_are_drawn(tiny_root, tmp_path, capsys, broken):
+    pytest.importorskip("matplotlib")
+    out, marker = tmp_path / "out", tmp_path / "code-ran"
+    finished_run(out, "bayes-8")
+    folder = finished_run(out, "uamt", model=Crafted(marker) if broken == "crafted pickle" else None)
+    student = folder / "student.pt"
+    if broken == "truncated":
+        student.write_bytes(student.read_bytes()[: student.stat().st_size // 2])
+    argv = ["--data", str(tiny_root), "--rows", "bayes-8,uamt", "--out", str(out), "--figures-cases", "1"]
+    assert reproduce.main(argv) == 1
+    captured = capsys.readouterr()
+    problems = [line for line in captured.err.splitlines() if line.startswith("PROBLEM: ")]
+    assert len(problems) == 1 and problems[0].startswith(f"PROBLEM: figures: uamt left out of the panels: checkpoint "
+                                                         f"{student}: "), captured.err
+    assert ("refused" if broken == "crafted pickle" else "truncated") in problems[0]
+    assert "Traceback" not in captured.err and not marker.exists()  # nothing from the file was run
+    assert problems[0].removeprefix("PROBLEM: ") in (out / "results.md").read_text()
+    test_id = data.read_list(tiny_root, "test")[0]
+    assert (out / "figures" / f"panel-{test_id}.png").is_file() and (out / "figures" / "curves-uamt.png").is_file()
+    uamt = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| uamt |"))
+    assert "| 1/1 |" in uamt and "| 80.00 |" in uamt  # the scores of its eval.json still count
+
+
+def test_an_unreadable_eval_json_is_a_row_reported_as_failed_not_a_traceback(tmp_path):
+    out = tmp_path / "out"
+    finished_run(out, "bayes-8")
+    finished_run(out, "uamt", eval_text='{"mean": {"dice": 0.8')  # cut while written
+    result = subprocess.run([sys.executable, "-m", "benchmarks.reproduce", "--out", str(out), "--rows", "bayes-8,uamt",
+                             "--table-only"], capture_output=True, text=True, cwd=REPO)
+    eval_json = reproduce.run_dir(out, "uamt", 0) / "eval.json"
+    assert result.returncode == 1 and result.stderr.startswith(f"PROBLEM: uamt seed 0: not counted: {eval_json} is "
+                                                               "not a readable train.py eval.json (JSONDecodeError: ")
+    assert result.stderr.count("\n") == 1, result.stderr  # one line, no traceback
+    table = (out / "results.md").read_text()
+    uamt = next(line for line in table.splitlines() if line.startswith("| uamt |"))
+    assert "| 0/1 (1 unreadable, see below) |" in uamt and f"Problem: uamt seed 0: not counted: {eval_json}" in table
+    bayes = next(line for line in table.splitlines() if line.startswith("| bayes-8 |"))
+    assert "| 1/1 |" in bayes and "| 80.00 |" in bayes and "| — |" in bayes and "| 3.00 |" in bayes  # null 95HD: —

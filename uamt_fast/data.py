@@ -13,8 +13,13 @@ affine map of at most 256 levels and stores as uint8 codes plus the 256 float32 
 (bit-exact, ~1.2 MiB a case instead of ~2.2 MiB). ``load_case`` reads either transparently.
 
 Several roots (``roots`` = one folder or a list of them, e.g. the parts written by ``pack
---max-part-mib``) act as one data set: their lists are merged in root order (an id listed by several
-roots counts once) and each case is read from the one root whose image folder holds it.
+--max-part-mib``) act as one data set: every root that has a list has the same one (the parts each carry
+the full lists, so the order of the roots never changes the labeled set) and each case is read from the
+one root whose image folder holds it.
+
+Case ids are folder names, never paths: ids that are empty, ``.``, ``..``, hold ``/`` or ``\\`` or
+non-printing characters (NUL, tab, ...) are refused wherever they enter (lists, ``--cases``, the API), and
+so is an id in both train.list and test.list (the test mean would score a training case).
 
 ``TwoStreamSampler`` draws the training batches exactly as the released code does (its
 TwoStreamBatchSampler, RandomRotFlip and RandomCrop), on any device, from one CPU generator.
@@ -23,6 +28,9 @@ from __future__ import annotations
 
 import argparse
 import bz2
+import hashlib
+import json
+import math
 import os
 import sys
 import zipfile
@@ -62,36 +70,103 @@ class Case:
 
 
 # ----------------------------------------------------------------------------- lists and cases
+SPLITS = ("train", "test")
+
+
 def read_list(roots, split: str) -> list[str]:
     """Case ids of ``<root>/<split>.list`` (``split`` is "train" or "test"), in file order.
 
-    Several roots: their lists concatenated in root order, an id listed by more than one root kept
-    once (at its first place), so parts that each carry the full lists give the full list in any
-    order. A root without that list is skipped; at least one root must have it.
+    Several roots: every root that has the list must have the same ids in the same order (parts that
+    each carry the full lists), else DataError naming two roots and the first difference; a root
+    without that list is skipped; at least one root must have it. Refused as well: a list that is
+    not UTF-8, is empty, repeats an id or holds an id that is not a plain name (``check_case_id``),
+    and an id that is also in the other list (train / test) of the same roots.
     """
     roots = as_roots(roots)
-    lists = [_read_one_list(root, split, required=len(roots) == 1) for root in roots]
-    if all(ids is None for ids in lists):
-        raise DataError(f"case list not found: {split}.list in none of {[str(r) for r in roots]}")
-    merged = {}
-    for ids in lists:
-        merged.update(dict.fromkeys(ids or []))
-    return list(merged)
+    ids, path = _read_lists(roots, split)
+    other = {"train": "test", "test": "train"}.get(split)
+    if other and any((root / f"{other}.list").is_file() for root in roots):
+        _refuse_overlap({split: (ids, path), other: _read_lists(roots, other, allow_empty=True)})
+    return ids
 
 
-def _read_one_list(root: Path, split: str, required: bool) -> list[str] | None:
-    path = root / f"{split}.list"
+def read_splits(roots) -> dict[str, list[str]]:
+    """``{"train": ids, "test": ids}``: both lists, each checked as ``read_list`` does, no id in both."""
+    roots = as_roots(roots)
+    lists = {split: _read_lists(roots, split) for split in SPLITS}
+    _refuse_overlap(lists)
+    return {split: ids for split, (ids, _) in lists.items()}
+
+
+def split_fingerprint(roots) -> dict:
+    """``{"train": ids, "test": ids, "sha256": hex}`` of ``read_splits(roots)``: what a run trains and is
+    scored on. ``sha256`` is the digest of the UTF-8 JSON ``[train ids, test ids]``, so any change of the
+    ids or of their order (the first ``labeled`` train ids are the labeled ones) changes it."""
+    splits = read_splits(roots)
+    digest = hashlib.sha256(json.dumps([splits["train"], splits["test"]]).encode()).hexdigest()
+    return {**splits, "sha256": digest}
+
+
+def check_case_id(case_id, where: str = "case id") -> str:
+    """``case_id`` if it is a plain folder name; else DataError naming ``where`` (a list file, a flag) and the id.
+
+    Refused: anything but a non-empty str, ``.`` and ``..``, ``/`` or ``\\`` (a path, relative or absolute:
+    reading or writing ``<root>/2018LA_Seg_Training Set/<id>`` would leave the root), and non-printing
+    characters (NUL, tab, other control and format characters).
+    """
+    if not isinstance(case_id, str) or case_id in ("", ".", "..") or "/" in case_id or "\\" in case_id \
+            or not case_id.isprintable():
+        raise DataError(f"{where}: case id {case_id!r} is not a plain name (expected a folder name in "
+                        f"'{IMAGES_DIR}': not empty, '.' or '..', no '/', '\\' or non-printing characters)")
+    return case_id
+
+
+def _read_lists(roots: list[Path], split: str, allow_empty: bool = False) -> tuple[list[str], Path | None]:
+    """The ids of ``split``.list, the same in every root that has one, and the first such file.
+    ``allow_empty``: a missing or empty list is no error (the ids are then ``[]``, the file may be None)."""
+    found = [(root, ids) for root in roots if (ids := _read_one_list(root / f"{split}.list")) is not None]
+    if not found:
+        if allow_empty:
+            return [], None
+        raise DataError(f"case list not found: {roots[0] / f'{split}.list'}" if len(roots) == 1 else
+                        f"case list not found: {split}.list in none of {[str(r) for r in roots]}")
+    (first, ids), *others = found
+    for root, other_ids in others:
+        if other_ids != ids:
+            k = next((i for i, (a, b) in enumerate(zip(ids, other_ids)) if a != b), min(len(ids), len(other_ids)))
+            first_k, other_k = (repr(x[k]) if k < len(x) else "missing (the list ends)" for x in (ids, other_ids))
+            raise DataError(f"{split}.list differs between {first} and {root}: id {k + 1} is {first_k} in the first, "
+                            f"{other_k} in the second; the roots of one data set must have the same lists")
+    if not ids and not allow_empty:
+        raise DataError(f"{first / f'{split}.list'}: the case list is empty")
+    return ids, first / f"{split}.list"
+
+
+def _read_one_list(path: Path) -> list[str] | None:
+    """The checked ids of one list file, or None if there is no such file."""
     if not path.is_file():
-        if required:
-            raise DataError(f"case list not found: {path}")
         return None
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not ids and required:
-        raise DataError(f"{path}: the case list is empty")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); expected one case id a line") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the case list ({e.strerror})") from None
+    ids = [check_case_id(line.strip(), str(path)) for line in text.splitlines() if line.strip()]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise DataError(f"{path}: duplicate case ids {duplicates}")
     return ids
+
+
+def _refuse_overlap(lists: dict) -> None:
+    """DataError if an id is in both ``lists["train"]`` and ``lists["test"]`` (each ``(ids, file)``)."""
+    (train, train_path), (test, test_path) = lists["train"], lists["test"]
+    test_ids = set(test)
+    both = [i for i in train if i in test_ids]
+    if both:
+        raise DataError(f"case ids {both[:5]}{' ...' if len(both) > 5 else ''} are in both {train_path} and "
+                        f"{test_path}; a test case must not be a training case")
 
 
 def as_roots(roots) -> list[Path]:
@@ -110,7 +185,9 @@ def as_roots(roots) -> list[Path]:
 
 
 def find_case(roots, case_id: str) -> Path:
-    """The one root whose image folder holds ``case_id``; DataError if none or several do."""
+    """The one root whose image folder holds ``case_id`` (a plain name, ``check_case_id``); DataError if none or
+    several do."""
+    check_case_id(case_id)
     roots = as_roots(roots)
     holders = [r for r in roots if (r / IMAGES_DIR / case_id).is_dir()]
     if not holders:
@@ -151,6 +228,20 @@ def load_cases(roots, ids) -> list[Case]:
     ids, roots = list(ids), as_roots(roots)
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(ids), os.cpu_count() or 1))) as pool:
         return list(pool.map(lambda i: load_case(roots, i), ids))
+
+
+def make_folder(path, what: str) -> Path:
+    """``mkdir -p path``, or a one-line DataError naming ``what`` (a flag, "output folder") and the path."""
+    path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise DataError(f"{what} {path}: " + ("is a file" if blocker == path else f"{blocker} is a file") +
+                        "; expected a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{what} {path}: cannot create it ({e.strerror})") from None
+    return path
 
 
 def _existing_root(root) -> Path:
@@ -225,7 +316,9 @@ def quantize(image: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, floa
 
 
 def pack_case(case: Case, out_root) -> tuple[Path, float]:
-    """Write ``case`` packed under ``out_root``; verify the file reads back bit-exact. Returns (path, affine error)."""
+    """Write ``case`` packed under ``out_root``; verify the file reads back bit-exact. Returns (path, affine error).
+    ``case.id`` must be a plain name (``check_case_id``): the file goes to ``out_root/<IMAGES_DIR>/<id>/``."""
+    check_case_id(case.id, "pack_case")
     q, levels, offset, scale, error = quantize(case.image, f"case {case.id}")
     path = Path(out_root) / IMAGES_DIR / case.id / PACKED_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -260,11 +353,14 @@ def pack_dataset(root, out, case_ids=None, n_train=None, n_test=None, n_unlabele
     """Pack the given ids, or the first ``n_train + n_unlabeled`` of train.list and ``n_test`` of test.list.
 
     The packed train.list / test.list keep the source lists' order (so the first N stay the labeled
-    ones). Returns ``(id, bytes, max affine error)`` per case, train ids first.
+    ones). Returns ``(id, bytes, max affine error)`` per case, train ids first. Refused: ids that are not
+    plain names or in neither list, counts below 0 or beyond the lists, nothing to pack, ``out`` the
+    source root itself (its lists would be replaced) or a file.
     """
-    train_ids, test_ids = read_list(root, "train"), read_list(root, "test")
+    splits = read_splits(root)
+    train_ids, test_ids = splits["train"], splits["test"]
     if case_ids is not None:
-        case_ids = set(case_ids)
+        case_ids = {check_case_id(i, "case_ids") for i in case_ids}
         unknown = sorted(case_ids - set(train_ids) - set(test_ids))
         if unknown:
             raise DataError(f"{root}: case ids {unknown} are in neither train.list nor test.list")
@@ -276,8 +372,11 @@ def pack_dataset(root, out, case_ids=None, n_train=None, n_test=None, n_unlabele
             raise DataError(f"{root}: asked for {wanted}; the lists hold {len(train_ids)} train, "
                             f"{len(test_ids)} test ids")
         train_ids, test_ids = train_ids[: wanted["--train"] + wanted["--unlabeled"]], test_ids[: wanted["--test"]]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not train_ids + test_ids:
+        raise DataError(f"{root}: nothing to pack (no case ids picked)")
+    if Path(out).resolve() == Path(root).resolve():
+        raise DataError(f"output folder {out} is the source root; its train.list and test.list would be replaced")
+    out = make_folder(out, "output folder")
 
     def pack_one(case_id):
         path, error = pack_case(load_case(root, case_id), out)
@@ -329,13 +428,14 @@ def write_synthetic_la(root, n_train: int = 8, n_test: int = 2, shape=(128, 128,
     Each scan: an 8-bit MRI-like volume with a smooth lumpy ellipsoid (the "atrium", label 1,
     bright), a dimmer unlabeled blob (a neighbouring structure), a smooth bias field and noise,
     then normalized per scan as the release does: ``(raw - mean) / std`` in float32. Case i depends
-    only on (seed, i), not on the counts. Ids: ``synth0000``..., train first, then test.
+    only on (seed, i), not on the counts. Ids: ``synth0000``..., train first, then test. Refused: a shape
+    that is not 3 sizes >= 1, ``n_train`` or ``n_test`` < 1, ``seed`` < 0, ``root`` a file.
     """
     shape = tuple(int(n) for n in shape)
-    if len(shape) != 3 or min(shape) < 1 or n_train < 1 or n_test < 1:
-        raise DataError(f"write_synthetic_la: need a 3D shape of positive sizes and n_train, n_test >= 1; "
-                        f"got shape={shape}, n_train={n_train}, n_test={n_test}")
-    root = Path(root)
+    if len(shape) != 3 or min(shape) < 1 or n_train < 1 or n_test < 1 or seed < 0:
+        raise DataError(f"write_synthetic_la: need a 3D shape of positive sizes, n_train, n_test >= 1 and seed >= 0; "
+                        f"got shape={shape}, n_train={n_train}, n_test={n_test}, seed={seed}")
+    root = make_folder(root, "output folder")
     ids = [f"synth{i:04d}" for i in range(n_train + n_test)]
     for i, case_id in enumerate(ids):
         image, label = _synthetic_scan(np.random.default_rng([seed, i]), shape)
@@ -520,46 +620,83 @@ class TwoStreamSampler:
 
 
 # ----------------------------------------------------------------------------- command line
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse's default also prints the usage)
+        raise DataError(message)
+
+
+def _int_at_least(low: int):
+    """argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def _positive_mib(text: str) -> float:
+    """argparse type of --max-part-mib: a finite number > 0 (``nan``, ``inf``, ``0`` and negatives are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of MiB > 0, got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
     usage = ("examples:\n"
              "  python -m uamt_fast.data pack ../shared/data/LA benchmarks/la_pack --train 16 --unlabeled 24 --test 4\n"
              "  python -m uamt_fast.data pack ../shared/data/LA LA_parts --train 80 --test 20 --max-part-mib 60\n"
              "  python -m uamt_fast.data synth demo_data --train 12 --test 4 --shape 48 48 32 --seed 0")
     fmt = {"formatter_class": argparse.RawDescriptionHelpFormatter, "epilog": usage}
-    parser = argparse.ArgumentParser(prog="python -m uamt_fast.data", description=__doc__.split("\n")[0], **fmt)
+    parser = _Parser(prog="python -m uamt_fast.data", description=__doc__.split("\n")[0], **fmt)
     commands = parser.add_subparsers(dest="command", required=True)
     pack = commands.add_parser("pack", help="write a compact lossless copy of some LA cases",
                                description="Write a compact lossless copy (uint8 codes + a value table per scan) of "
                                "some LA cases, in the release layout.", **fmt)
     pack.add_argument("root", help="LA root (holds train.list, test.list and the h5 files)")
-    pack.add_argument("out", help="output root (same layout, packed .npz files)")
+    pack.add_argument("out", help="output root (same layout, packed .npz files); not the source root")
     pick = pack.add_mutually_exclusive_group(required=True)
-    pick.add_argument("--cases", nargs="+", help="these ids (each stays in its own list)")
-    pick.add_argument("--train", type=int, help="the first N ids of train.list (the labeled ones)")
-    pack.add_argument("--unlabeled", type=int, default=0, help="with --train: the next K ids of train.list (default: 0)")
-    pack.add_argument("--test", type=int, default=0, help="with --train: the first M ids of test.list (default: 0)")
-    pack.add_argument("--max-part-mib", type=float, help="split the output into out/part1, out/part2, ... of at "
-                      "most this many MiB each; every part holds the full lists, train with --data on every part "
-                      "(default: one folder)")
+    pick.add_argument("--cases", nargs="+", metavar="ID",
+                      help="these ids, plain names listed in train.list or test.list (each stays in its own list)")
+    pick.add_argument("--train", type=_int_at_least(0), metavar="N",
+                      help="the first N >= 0 ids of train.list (the labeled ones)")
+    pack.add_argument("--unlabeled", type=_int_at_least(0), default=0, metavar="K",
+                      help="with --train: the next K >= 0 ids of train.list (default: 0)")
+    pack.add_argument("--test", type=_int_at_least(0), default=0, metavar="M",
+                      help="with --train: the first M >= 0 ids of test.list (default: 0); N + K + M >= 1, "
+                      "N + K at most the train ids, M at most the test ids")
+    pack.add_argument("--max-part-mib", type=_positive_mib, metavar="MIB",
+                      help="split the output into out/part1, out/part2, ... of at most MIB MiB each (a finite "
+                      "number > 0, at least the largest packed case); every part holds the full lists, train with "
+                      "--data on every part (default: one folder)")
     synth = commands.add_parser("synth", help="write a synthetic LA-like data set",
                                 description="Write a synthetic LA-like data set (blobs in noise) in the release "
                                 "layout, for the demo and tests.", **fmt)
     synth.add_argument("out", help="output root (train.list, test.list and h5 files)")
-    synth.add_argument("--train", type=int, default=8, help="training cases (default: 8)")
-    synth.add_argument("--test", type=int, default=2, help="test cases (default: 2)")
-    synth.add_argument("--shape", type=int, nargs=3, default=(128, 128, 96), metavar=("X", "Y", "Z"),
-                       help="volume shape (default: 128 128 96)")
-    synth.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same data (default: 0)")
-    args = parser.parse_args(argv)
+    synth.add_argument("--train", type=_int_at_least(1), default=8, metavar="N",
+                       help="training cases, >= 1 (default: 8)")
+    synth.add_argument("--test", type=_int_at_least(1), default=2, metavar="M", help="test cases, >= 1 (default: 2)")
+    synth.add_argument("--shape", type=_int_at_least(1), nargs=3, default=(128, 128, 96), metavar=("X", "Y", "Z"),
+                       help="volume shape, each >= 1 (default: 128 128 96)")
+    synth.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S",
+                       help="random seed >= 0: the same seed writes the same data (default: 0)")
     try:
+        args = parser.parse_args(argv)
         if args.command == "synth":
             root = write_synthetic_la(args.out, args.train, args.test, tuple(args.shape), args.seed)
             print(f"wrote {args.train} train + {args.test} test synthetic cases of shape {tuple(args.shape)} to {root}")
             return 0
         if args.cases and (args.unlabeled or args.test):
             raise DataError("--cases cannot be combined with --unlabeled / --test")
-        if args.max_part_mib is not None and args.max_part_mib <= 0:
-            raise DataError(f"--max-part-mib must be > 0; got {args.max_part_mib}")
+        for case_id in args.cases or []:
+            check_case_id(case_id, "--cases")
         report = pack_dataset(args.root, args.out, args.cases, args.train, args.test, args.unlabeled)
         parts = split_into_parts(args.out, report, int(args.max_part_mib * 2**20)) if args.max_part_mib else []
     except DataError as e:

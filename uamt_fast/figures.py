@@ -67,8 +67,10 @@ def uncertainty_map(model, image, passes: int, **predict) -> torch.Tensor:
     """Predictive entropy ``-sum_c mu_c ln(mu_c + 1e-6)`` of the mean of ``passes`` MC-dropout predictions (X, Y, Z).
 
     Each pass is a whole sliding-window prediction with dropout on (batch norm in eval mode), so the
-    map costs ``passes`` evaluations of the case.
+    map costs ``passes`` evaluations of the case; ``passes`` < 1 is refused (ValueError).
     """
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ValueError(f"uncertainty_map: passes={passes!r}; expected an integer >= 1")
     model.eval()
     with mc_dropout(model):
         mean = sum(predict_probs(model, image, **predict) for _ in range(passes)) / passes
@@ -91,11 +93,15 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
     Rows: ``n_slices`` axial slices. Columns: image, then per model the ground truth (red) and its
     prediction (blue) with the case Dice in the title, then the uncertainty of the last model. The
     PNG is ``PANEL_INCHES * DPI`` pixels a cell. The uncertainty map may show seams at window borders:
-    each sliding window of each pass draws its own dropout masks.
+    each sliding window of each pass draws its own dropout masks. Refused (ValueError): no models,
+    ``passes`` or ``n_slices`` < 1.
     """
     plt = pyplot()
     if not models:
         raise ValueError("case_panel: no models given")
+    for name, value in (("passes", passes), ("n_slices", n_slices)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"case_panel: {name}={value!r}; expected an integer >= 1")
     predict = dict(patch=patch, stride_xy=stride_xy, stride_z=stride_z, downsample=downsample, batch_size=batch_size)
     predictions = {}
     for name, model in models.items():
@@ -174,35 +180,80 @@ def training_curves(runs: dict, path) -> Path:
 
 # ----------------------------------------------------------------------------- checkpoints and the command line
 def write_panels(models: dict, cases, out_dir, cfg: dict, passes: int = 8) -> list[Path]:
-    """``case_panel`` for each case into ``out_dir/panel-<id>.png``; sizes and strides from a train.py config."""
+    """``case_panel`` for each case into ``out_dir/panel-<id>.png``; sizes and strides from a train.py config.
+    Case ids must be plain names (``uamt_fast.data.check_case_id``): ``a/b`` or ``../x`` would leave ``out_dir``."""
+    cases = list(cases)
+    for case in cases:
+        la_data.check_case_id(case.id, "write_panels")
     return [case_panel(models, case, Path(out_dir) / f"panel-{case.id}.png", patch=tuple(cfg["patch"]),
                        stride_xy=cfg["eval_stride_xy"], stride_z=cfg["eval_stride_z"],
                        downsample=cfg.get("downsample", 1), passes=passes, batch_size=cfg.get("eval_batch", 4))
             for case in cases]
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse's default also prints the usage)
+        raise ValueError(message)
+
+
+def _int_in(low: int, high: int | None = None):
+    """argparse type: an integer in [low, high] (no upper bound if ``high`` is None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            expected = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"expected an integer {expected}, got {text!r}")
+        return value
+    return parse
+
+
+def check_output(path, flag: str, folder: bool) -> Path:
+    """ValueError (one line, naming ``flag``) unless ``path`` can be the output folder (``folder``) or
+    output file: not a file (a folder), not a folder (a file), and nothing above it is a file."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: is a file; give a folder for the panels")
+    if not folder and path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give the path of the PNG file to write")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ValueError(f"{flag} {path}: {above} is a file, not a folder")
+    return path
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m uamt_fast.figures", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="python -m uamt_fast.figures", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     panels = commands.add_parser("panels", help="Fig. 2 style panels of test cases for one or more checkpoints")
     panels.add_argument("--data", action="append", required=True, help="LA root; repeat for a data set in parts")
     panels.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]PATH",
-                        help="a train.py student.pt (repeat: side by side, the last one's uncertainty is shown)")
-    panels.add_argument("--out", required=True, help="output folder (panel-<case>.png)")
-    panels.add_argument("--cases", type=int, default=0, help="the first N test cases only (0: all)")
-    panels.add_argument("--passes", type=int, default=8, help="MC-dropout passes for the uncertainty map")
+                        help="a train.py student.pt (repeat: side by side, the last one's uncertainty is shown; "
+                        "names, by default the checkpoint's folder name, must differ)")
+    panels.add_argument("--out", required=True, help="output folder (panel-<case>.png); not a file")
+    panels.add_argument("--cases", type=_int_in(0), default=0, metavar="N",
+                        help="the first N >= 0 test cases only (default: 0, all)")
+    panels.add_argument("--passes", type=_int_in(1, 1024), default=8, metavar="T",
+                        help="MC-dropout passes for the uncertainty map, T in [1, 1024] (default: 8)")
     curves = commands.add_parser("curves", help="training curves of one or more run folders, overlaid")
     curves.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")
-    curves.add_argument("--out", required=True, help="output PNG")
-    args = parser.parse_args(argv)
+    curves.add_argument("--out", required=True, help="output PNG file (not a folder)")
     try:
+        args = parser.parse_args(argv)
+        check_output(args.out, "--out", folder=args.command == "panels")
         if args.command == "curves":
             print(training_curves({Path(r).name if Path(r).is_dir() else r: r for r in args.runs}, args.out))
             return 0
         models, configs = {}, []
         for spec in args.checkpoint:
             name, _, path = spec.rpartition("=")
-            models[name or Path(path).parent.name], cfg, _ = checkpoints.load_vnet(path, flag="--checkpoint")
+            name = name or Path(path).parent.name
+            if name in models:
+                raise ValueError(f"--checkpoint {spec}: the name {name!r} is taken by an earlier --checkpoint; "
+                                 "give each its own NAME=PATH")
+            models[name], cfg, _ = checkpoints.load_vnet(path, flag="--checkpoint")
             configs.append({k: tuple(cfg[k]) if k == "patch" else cfg[k] for k in PREDICTION_SETTINGS})
         if any(c != configs[0] for c in configs):
             raise ValueError(f"the checkpoints were trained with different {PREDICTION_SETTINGS}: {configs}")
@@ -210,7 +261,7 @@ def main(argv=None) -> int:
         cases = la_data.load_cases(args.data, ids[: args.cases or None])
         for path in write_panels(models, cases, args.out, cfg, args.passes):
             print(path)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:  # (OSError: a folder that cannot be made or written)
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
