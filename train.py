@@ -56,11 +56,10 @@ import torch
 import torch.nn.functional as F
 
 import uamt_fast
-from uamt_fast import checkpoints, data, figures, inference, reference
-from uamt_fast.vnet import VNet
+from uamt_fast import checkpoints, cli, data, figures, inference, reference, run_folder
+from uamt_fast.vnet import MAX_FILTERS, VNet
 
 TERMS = ("cross-entropy", "dice", "consistency")  # the loss terms, in the order train_step returns them
-METHODS = ("uamt", "mt", "mt-dice", "supervised")  # --method
 
 
 # ----------------------------------------------------------------------------- config
@@ -127,36 +126,77 @@ class Config:
     eval_batch: int = 4  # windows per forward in the evaluation
 
     def __post_init__(self):
-        self.patch = tuple(int(p) for p in self.patch)
-        self.data = [self.data] if isinstance(self.data, str) else list(self.data)  # saved configs before: one str
+        self.patch = tuple(self.patch) if isinstance(self.patch, (list, tuple)) else self.patch
+        self.data = [self.data] if isinstance(self.data, str) else self.data  # saved configs before: one str
+        check_types(self)  # a config read from a file may hold anything: types first, then ranges
         self.data = [d for d in self.data if d]
         if self.reference_ops:
             self.fused_loss = self.fused_ema = False
-        if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
-        if self.consistency_on not in ("unlabeled", "all"):
-            raise ValueError(f"--consistency-on must be 'unlabeled' or 'all'; got {self.consistency_on!r}")
-        if self.compile_mode not in COMPILE_MODES or self.sgd not in ("auto", "fused", "foreach", "loop"):
-            raise ValueError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)} and --sgd one of auto, fused, "
-                             f"foreach, loop; got {self.compile_mode!r}, {self.sgd!r}")
-        if self.device not in ("auto", "cuda", "cpu") or self.data_device not in ("auto", "cuda", "cpu"):
-            raise ValueError(f"--device/--data-device must be auto, cuda or cpu; got {self.device!r}/{self.data_device!r}")
-        if len(self.patch) != 3 or any(p < 16 or p % 16 for p in self.patch):
-            raise ValueError(f"--patch must be three positive multiples of 16 (four stride-2 V-Net stages); got {self.patch}")
-        for name in ("labeled", "n_filters", "downsample", "batch_labeled", "iterations", "lr_step", "mc_passes",
-                     "teacher_chunks", "log_every", "save_every", "eval_stride_xy", "eval_stride_z", "eval_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
-        if self.threads < 0 or self.stop_at < 0 or self.figures_cases < 0 or self.figures_passes < 1:
-            raise ValueError(f"--threads, --stop-at, --figures-cases must be >= 0 and --figures-passes >= 1; got "
-                             f"{self.threads}, {self.stop_at}, {self.figures_cases}, {self.figures_passes}")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{_flag(name)} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
+        if len(self.patch) != 3 or any(p < 16 or p % 16 or p > 1024 for p in self.patch):
+            raise ValueError(f"--patch must be three multiples of 16 in [16, 1024] (four stride-2 V-Net stages); "
+                             f"got {self.patch}")
+        for name, spec in RANGES.items():
+            if not cli.in_range(getattr(self, name), spec):
+                raise ValueError(f"--{_flag(name)} must be {cli.spec_text(spec)}; got {getattr(self, name)!r}")
         if self.batch_unlabeled < 1 and self.method != "supervised":
             raise ValueError(f"--batch-unlabeled must be >= 1 for --method {self.method}; got {self.batch_unlabeled}")
+        if self.eval_stride_xy > min(self.patch[:2]) or self.eval_stride_z > self.patch[2]:
+            raise ValueError(f"--eval-stride-xy {self.eval_stride_xy} / --eval-stride-z {self.eval_stride_z}: a stride "
+                             f"larger than the window (--patch {' '.join(map(str, self.patch))}) leaves voxels that no "
+                             "window covers")
         # The consistency ramp spans the run, as in the paper (40 periods of 150 = 6000 iterations).
         self.consistency_period = self.consistency_period or max(1, round(150 * self.iterations / 6000))
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+# The valid values of each numeric setting, checked in Config and shown in --help: "[a, b]" / "(a, b]" are
+# intervals, ">= a" / "> a" half-lines; floats must also be finite (nan and inf are never a setting). The
+# upper bounds of the floats keep every value (and lr * grad) inside float32, where the optimizer works.
+RANGES = {
+    "figures_cases": ">= 0", "figures_passes": "[1, 1024]", "labeled": ">= 1", "n_filters": f"[1, {MAX_FILTERS}]",
+    "downsample": "[1, 16]", "batch_labeled": "[1, 1024]", "batch_unlabeled": "[0, 1024]", "iterations": ">= 1",
+    "lr": "(0, 1000]", "lr_step": ">= 1", "momentum": "[0, 1)", "weight_decay": "[0, 1]", "ema_decay": "[0, 1]",
+    "consistency": "[0, 1000]", "consistency_rampup": "[0, 1000000]", "consistency_period": ">= 0",
+    "mc_passes": "[1, 1024]", "noise_std": "[0, 1000]", "noise_clip": "[0, 1000]", "teacher_chunks": "[1, 1025]",
+    "threads": "[0, 4096]",
+    "seed": f"[0, {2**63 - 1}]", "log_every": ">= 1", "save_every": ">= 1", "stop_at": ">= 0",
+    "eval_stride_xy": ">= 1", "eval_stride_z": ">= 1", "eval_batch": "[1, 4096]",
+}
+CHOICES = {"method": ("uamt", "mt", "mt-dice", "supervised"), "consistency_on": ("unlabeled", "all"),
+           "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+           "sgd": ("auto", "fused", "foreach", "loop"), "device": ("auto", "cuda", "cpu"),
+           "data_device": ("auto", "cuda", "cpu")}
+
+
+def check_types(cfg) -> None:
+    """Each field has its declared type (an int field an int, not a bool or float; a float field a real
+    number, stored as float; ...): the command line guarantees it, a config read from a file need not."""
+    for f in dataclasses.fields(cfg):
+        value, ok = getattr(cfg, f.name), True
+        if f.type == "int":
+            ok = type(value) is int
+        elif f.type == "float":
+            ok = type(value) in (int, float)
+            if ok:
+                setattr(cfg, f.name, float(value))
+        elif f.type in ("bool", "bool | None"):
+            ok = isinstance(value, bool) or (value is None and f.type == "bool | None")
+        elif f.type == "str":
+            ok = isinstance(value, str)
+        elif f.name == "patch":
+            ok = isinstance(value, tuple) and all(type(p) is int for p in value)
+        elif f.name == "data":
+            ok = isinstance(value, list) and all(isinstance(d, str) for d in value)
+        if not ok:
+            raise ValueError(f"--{_flag(f.name)}: expected {f.type if f.name not in ('patch', 'data') else f.name + ' as a list'}"
+                             f", got {type(value).__name__} {value!r:.60}")
+
 
 # The --demo sizes: same code path, smaller everything. Flags given on the command line still win.
 # One thread: measured 43 s vs 213 s for 2 threads on the shared 2-core CI machine (OpenMP spin-waits).
@@ -171,26 +211,27 @@ RESUME_OVERRIDABLE = {"data", "resume", "out", "device", "compile", "compile_mod
                       "figures", "figures_cases", "figures_passes"}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2 (argparse's default also prints the usage)
-        raise ValueError(message)
-
-
 def parse_args(argv=None) -> dict:
-    """The command line -> {field: value} for the flags actually given (defaults come from Config).
+    """The command line -> {field: value} for the flags actually given (defaults come from Config)."""
+    return vars(make_parser().parse_args(argv))
 
-    One flag per Config field, its --help text the field's comment and default; booleans as --x / --no-x;
-    the usage examples of this file's docstring close the --help text.
-    """
+
+def make_parser() -> argparse.ArgumentParser:
+    """One flag per Config field, its --help text the field's comment, default and valid range; booleans as
+    --x / --no-x; the usage examples of this file's docstring close the --help text."""
     comments = dict(re.findall(r"^    (\w+): [^#\n]*# (.*)$", inspect.getsource(Config), re.MULTILINE))
     examples = __doc__.split("\n\n")[1]
-    p = _Parser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
+    p = cli.OneLineParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n" + examples)
     for f in dataclasses.fields(Config):
         flag, help = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
         if f.default not in (None, "", dataclasses.MISSING):  # (MISSING: a default_factory, i.e. --data)
             shown = {True: "on", False: "off"}.get(f.default, f.default) if isinstance(f.default, bool) else f.default
             help += f" (default: {' '.join(map(str, shown)) if isinstance(shown, tuple) else shown})"
+        if f.name in RANGES:
+            help += f" (valid: {RANGES[f.name]})"
+        elif f.name in CHOICES:
+            help += f" (one of: {', '.join(CHOICES[f.name])})"
         help = help.replace("%", "%%")
         if f.type in ("bool", "bool | None"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
@@ -199,8 +240,8 @@ def parse_args(argv=None) -> dict:
         elif f.name == "patch":
             p.add_argument(flag, type=int, nargs=3, metavar=("X", "Y", "Z"), help=help)
         else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], help=help)
-    return vars(p.parse_args(argv))
+            p.add_argument(flag, type={"int": int, "float": cli.number(float), "str": str}[f.type], help=help)
+    return p
 
 
 # ----------------------------------------------------------------------------- data
@@ -209,6 +250,9 @@ def downsample_case(case, k: int):
     >= 0.5); a remainder smaller than k along an axis is dropped."""
     if k == 1:
         return case
+    if min(np.shape(case.image)) < k:
+        raise data.DataError(f"--downsample {k}: case {case.id} has shape {tuple(np.shape(case.image))}, smaller than "
+                             f"{k} along an axis (nothing would be left of it)")
     image = torch.as_tensor(np.asarray(case.image))[None, None]
     label = torch.as_tensor(np.asarray(case.label)).float()[None, None]
     image = F.avg_pool3d(image, k)[0, 0].numpy()
@@ -238,12 +282,13 @@ class Parts:
     teacher_forward: object  # teacher, or its torch.compile'd version
     memory_format: torch.memory_format = torch.contiguous_format
     test_cases: list = field(default_factory=list)
-    compile_cache_file: Path | None = None  # where the compiled artifacts go after the first iteration
+    data_split: dict | None = None  # data.split_fingerprint of cfg.data, saved in checkpoints
 
 
 def pick_device(cfg: Config) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+    for flag, value in (("--device", cfg.device), ("--data-device", cfg.data_device)):
+        if value == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{flag} cuda: no CUDA device is available (torch {torch.__version__})")
     return torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu"))
 
 
@@ -291,9 +336,9 @@ def build(cfg: Config, train_cases=None) -> Parts:
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # a process-wide switch
 
     compile_ = cfg.compile if cfg.compile is not None else cuda
-    losses_fn, teacher_fn, cache_file = student_losses, teacher, None
+    losses_fn, teacher_fn = student_losses, teacher
     if compile_:
-        cache_file = compile_cache(cfg.compile_cache)
+        compile_cache(cfg.compile_cache)
         options = {"mode": None if cfg.compile_mode == "default" else cfg.compile_mode}
         if cfg.compile_blocks:  # regional compilation: the blocks compile, the glue between them runs eager
             # every block shares Module._call_impl's code object: one cache entry per block and batch size
@@ -304,48 +349,33 @@ def build(cfg: Config, train_cases=None) -> Parts:
         else:
             losses_fn = torch.compile(student_losses, **options)
             teacher_fn = torch.compile(teacher, **options) if teacher is not None else None
-    return Parts(cfg, device, student, teacher, optimizer, sampler, losses_fn, teacher_fn, memory_format,
-                 compile_cache_file=cache_file)
+    return Parts(cfg, device, student, teacher, optimizer, sampler, losses_fn, teacher_fn, memory_format)
 
 
-def compile_cache(folder: str) -> Path | None:
-    """Point inductor's on-disk caches (FX graphs, AOT autograd, Triton kernels, autotuning) at ``folder``
-    and load the portable artifacts file saved there by an earlier run; returns that file's path (saved
-    after the first compiled iteration) or None for ``folder`` = "". A TORCHINDUCTOR_CACHE_DIR already
-    in the environment wins. Takes effect only before this process's first compilation."""
+def compile_cache(folder: str) -> None:
+    """Point inductor's on-disk caches (FX graphs, AOT autograd, Triton kernels, autotuning) at
+    ``folder/inductor``, so a second run starts warm; ``folder`` = "" keeps torch's default. A
+    TORCHINDUCTOR_CACHE_DIR already in the environment wins. Takes effect only before the first compilation.
+
+    Inductor unpickles its cache entries, so whoever can write the folder can run code in this process:
+    the folder is used only if it belongs to this user and no one else may write to it (it is created
+    0700), and nothing is ever loaded from a file copied in (torch's portable ``save_cache_artifacts`` /
+    ``load_cache_artifacts`` path is not used: its file is a pickle too).
+    """
     if not folder:
-        return None
+        return
     root = Path(folder).expanduser()
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
-    path = root / f"artifacts-torch{torch.__version__}-{_device_tag()}.bin"
-    loader = getattr(torch.compiler, "load_cache_artifacts", None)  # torch >= 2.7
-    if loader is not None and path.is_file():
+    for path in (root, root / "inductor"):
         try:
-            loader(path.read_bytes())
-        except Exception as e:  # noqa: BLE001 - a stale or foreign cache only costs a cold start
-            print(f"train.py: ignoring compile cache {path} ({type(e).__name__}: {e})", file=sys.stderr)
-    return path
-
-
-def _device_tag() -> str:
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
-
-
-def save_compile_artifacts(path: Path) -> None:
-    """Write the compiled artifacts of this process (``torch.compiler.save_cache_artifacts``) to ``path``,
-    atomically; copied to another machine with the same GPU and versions, they make its first run warm."""
-    saver = getattr(torch.compiler, "save_cache_artifacts", None)  # torch >= 2.7
-    try:
-        artifacts = saver() if saver is not None else None
-        if artifacts is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(artifacts[0])
-        os.replace(tmp, path)
-    except Exception as e:  # noqa: BLE001 - a cache that cannot be written only costs the next run a cold start
-        print(f"train.py: compile cache not saved to {path} ({type(e).__name__}: {e})", file=sys.stderr)
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = path.stat()
+        except OSError as e:
+            raise ValueError(f"--compile-cache {folder}: cannot use {path} ({run_folder.describe(e)})") from None
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise ValueError(f"--compile-cache {folder}: {path} is owned by uid {st.st_uid} with mode "
+                             f"{st.st_mode & 0o777:o}; inductor runs code from its cache, so it must be yours and "
+                             f"writable by you alone (chmod go-w {path}), or give --compile-cache ''")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
 
 
 # ----------------------------------------------------------------------------- one training iteration
@@ -458,36 +488,20 @@ def train_step(parts: Parts, iteration: int) -> tuple[torch.Tensor, torch.Tensor
         with phase("ema"):
             ema = uamt_fast.ema_update_ if cfg.fused_ema else reference.ema_update_
             ema(parts.teacher, parts.student, cfg.ema_decay, step=iteration)
-    if parts.compile_cache_file is not None:  # everything is compiled by now: keep it for the next run
-        save_compile_artifacts(parts.compile_cache_file)
-        parts.compile_cache_file = None
     if cuda_graphs:  # graph outputs live in memory the next replay reuses
         return terms.detach().clone(), stats.detach().clone()
     return terms.detach(), stats.detach()
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over ``path``: a crash mid-save
-    leaves the previous file intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def checkpoint_state(parts: Parts, iteration: int) -> dict:
     """Everything that makes --resume continue the run bit-for-bit (on CPU): weights, teacher BN buffers,
     optimizer momentum, sampler and RNG states, iteration count and config."""
     state = {"iteration": iteration, "config": dataclasses.asdict(parts.cfg), "student": parts.student.state_dict(),
              "optimizer": parts.optimizer.state_dict(), "sampler": parts.sampler.state_dict(),
              "rng_cpu": torch.get_rng_state()}
+    if parts.data_split is not None:  # the case lists it trains on: --resume refuses other data
+        state["data_split"] = parts.data_split
     if parts.teacher is not None:
         state["teacher"] = parts.teacher.state_dict()
     if parts.device.type == "cuda":
@@ -606,19 +620,10 @@ def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.j
         "settings": {k: getattr(cfg, k) for k in ("patch", "eval_stride_xy", "eval_stride_z", "eval_batch",
                                                   "downsample", "n_filters", "dropout")},
         "uamt_fast": uamt_fast.__version__, "evaluated": datetime.datetime.now().isoformat(timespec="seconds")}
-    path = new_file(out_dir / name)
-    path.write_text(json.dumps(_strict_json(result), indent=1, allow_nan=False))
+    path = run_folder.new_file(out_dir / name)
+    run_folder.atomic_write_text(path, json.dumps(_strict_json(result), indent=1, allow_nan=False))
     print(f"wrote {path}")
     return result
-
-
-def new_file(path: Path) -> Path:
-    """``path`` if free, else ``<stem>-2<suffix>``, ``-3``, ...: the first name not taken."""
-    candidate, n = path, 1
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-    return candidate
 
 
 def _strict_json(x):
@@ -656,52 +661,50 @@ def make_config(given: dict) -> tuple[Config, dict | None]:
         missing = [k for k in RESUME_KEYS if k not in state]
         if missing:
             raise ValueError(f"--resume {path}: not a train.py checkpoint.pt (lacks {', '.join(missing)})")
-        saved = checkpoints.config_of(state, path, "--resume", CONFIG_FIELDS)
-        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-        changed = {k for k, v in given.items()
-                   if k not in RESUME_OVERRIDABLE and _norm(v) != _norm(saved.get(k, defaults[k]))}
+        saved = dataclasses.asdict(saved_config(checkpoints.config_of(state, path, "--resume", CONFIG_FIELDS),
+                                                path, "--resume"))
+        changed = {k for k, v in given.items() if k not in RESUME_OVERRIDABLE and _norm(v) != _norm(saved[k])}
         if changed:
-            raise ValueError(f"--resume: cannot change {', '.join('--' + k.replace('_', '-') for k in sorted(changed))} "
+            raise ValueError(f"--resume: cannot change {', '.join('--' + _flag(k) for k in sorted(changed))} "
                              f"of a run (allowed: {', '.join(sorted(RESUME_OVERRIDABLE))})")
-        try:
-            return Config(**(saved | given | {"out": given["resume"], "resume": given["resume"]})), state
-        except TypeError as e:
-            raise ValueError(f"--resume {path}: bad saved config ({e})") from None
+        return Config(**(saved | given | {"out": given["resume"], "resume": given["resume"]})), state
     return Config(**((DEMO if given.get("demo") else {}) | given)), None
+
+
+def saved_config(saved: dict, path: Path, flag: str) -> Config:
+    """The Config of a checkpoint's saved dict, every field type- and range-checked like a flag."""
+    try:
+        return Config(**saved)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{flag} {path}: its saved config is not valid ({e})") from None
 
 
 def _norm(v):
     return list(v) if isinstance(v, (tuple, list)) else v
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "student.pt", "teacher.pt", "eval.json")
-
-
-def claim_run_folder(out: Path, overwrite: bool) -> None:
-    """Create the run folder ``out``; refuse one that already holds a run, unless ``overwrite`` (which
-    deletes that run's files, and only those: other files in the folder are left alone)."""
-    found = [n for n in RUN_FILES if (out / n).exists()] + sorted(p.name for p in out.glob("eval_*.json"))
-    if found and not overwrite:
-        raise ValueError(f"--out {out} already holds a run ({', '.join(found)}): continue it with --resume {out}, "
-                         "choose a new --out, or pass --overwrite to replace it")
-    for name in found:
-        (out / name).unlink()
-    if overwrite and (out / DEMO_DATA_DIR / "train.list").is_file():
-        shutil.rmtree(out / DEMO_DATA_DIR)
-    make_folder(out, "run")
-
-
-def make_folder(out: Path, purpose: str) -> None:
-    """``mkdir -p out``, or a one-line error when ``out`` is a file."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: is a file; give a folder for the {purpose}")
-    out.mkdir(parents=True, exist_ok=True)
+def check_same_data(state: dict, split: dict, path: Path) -> None:
+    """--resume: the case lists of --data must be the run's own (a run resumed on other data would finish
+    with exit 0, trained on two data sets). Checkpoints written before the lists were recorded pass."""
+    saved = state.get("data_split")
+    if not isinstance(saved, dict) or saved.get("sha256") == split["sha256"]:
+        return
+    for name in ("train", "test"):
+        ours, theirs = list(split[name]), list(saved.get(name) or [])
+        if ours != theirs:
+            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            raise ValueError(f"--resume {path}: the data's {name}.list differs from the run's ({len(ours)} ids vs "
+                             f"{len(theirs)}, first difference at line {first + 1}); give the --data the run was "
+                             "trained on")
+    raise ValueError(f"--resume {path}: the data's case lists differ from the run's (hash {split['sha256'][:12]} vs "
+                     f"{str(saved.get('sha256'))[:12]}); give the --data the run was trained on")
 
 
 def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device) -> None:
     """--eval: the checkpoint's own settings (width, patch, downsample), the data of the command line or of its
     run, results in a new eval_<checkpoint>.json beside it (or in --out) that never replaces an earlier one."""
     model, saved, path = load_model(Path(cfg.eval), device)
+    saved = dataclasses.asdict(saved_config(saved, path, "--eval"))
     overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}
     ecfg = Config(**({k: v for k, v in saved.items() if k not in ("out", "resume", "eval", "overwrite")}
                      | overrides | {"eval": str(path)}))
@@ -715,16 +718,32 @@ def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device) -> None:
                              f"{DEMO_DATA['n_train']} --test {DEMO_DATA['n_test']} --shape "
                              f"{' '.join(map(str, DEMO_DATA['shape']))} --seed {DEMO_DATA['seed']})")
     cases = load_split(ecfg, "test")
-    out = Path(cfg.out) if cfg.out else path.parent
-    make_folder(out, "evaluation")
+    out = run_folder.make_folder(cfg.out or path.parent, "evaluation")  # writable? checked before the work
     evaluate(model, ecfg, cases, out, name=f"eval_{path.stem}.json", checkpoint=str(path))
     if cfg.figures:
         write_figures(model, ecfg, cases, path.parent)
 
 
+def write_config(out: Path, cfg: Config, env: dict, split: dict, resumed: bool) -> None:
+    """config.json: the settings, the case lists and the environment; a --resume adds its environment to
+    ``resumed`` and records the settings it runs with (the data may have moved), keeping the first start's."""
+    record = {"config": dataclasses.asdict(cfg), "data_split": split, "environment": env}
+    if resumed:
+        with contextlib.suppress(OSError, ValueError):
+            old = json.loads((out / "config.json").read_text())
+            record = old | {"config": record["config"], "data_split": split,
+                            "resumed": [*old.get("resumed", []), env]}
+    run_folder.atomic_write_text(out / "config.json", json.dumps(record, indent=1))
+
+
 def main(argv=None) -> int:
+    with contextlib.ExitStack() as held:  # the run folder's lock: held until main returns or the process ends
+        return _main(argv, held)
+
+
+def _main(argv, held: contextlib.ExitStack) -> int:
     # -- configuration, run folder and bad input (one line on stderr, exit code 2)
-    created = False  # this call made the run folder (removed again if it stays empty)
+    out, created = None, False  # created: this call made the run folder (removed again if it stays empty)
     try:
         given = parse_args(argv)
         cfg, resume_state = make_config(given)
@@ -733,6 +752,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(cfg.threads)
         if cfg.figures:
             figures.pyplot()  # fail now, not after training, when the optional matplotlib is missing
+            run_folder.make_folder(cfg.figures, "figures", "--figures")
         if cfg.eval:
             if cfg.overwrite:
                 raise ValueError("--overwrite replaces a training run; --eval never replaces anything (it writes a new "
@@ -742,13 +762,21 @@ def main(argv=None) -> int:
         if not cfg.data and not cfg.demo:
             raise ValueError("--data is required (the LA root holding train.list), or use --demo")
         out = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}")
+        created = not out.exists()
         if resume_state is None:
-            created = not out.exists()
-            claim_run_folder(out, cfg.overwrite)
+            held.enter_context(run_folder.claim(out, cfg.overwrite))  # refuses a folder another process runs in
+            if cfg.overwrite and (out / DEMO_DATA_DIR / "train.list").is_file():
+                shutil.rmtree(out / DEMO_DATA_DIR)
+        else:
+            held.enter_context(run_folder.RunLock(out, "--resume"))
         if cfg.demo and not cfg.data:  # kept in the run folder, so the run can be evaluated again later
             cfg.data = [str((out / DEMO_DATA_DIR).resolve())]
             data.write_synthetic_la(cfg.data[0], **DEMO_DATA)
+        split = data.split_fingerprint(cfg.data)  # refuses ids that are paths, lists that disagree or overlap
+        if resume_state is not None:
+            check_same_data(resume_state, split, out)
         parts = build(cfg)
+        parts.data_split = split
         parts.test_cases = load_split(cfg, "test")
         start = 0
         if resume_state is not None:
@@ -756,9 +784,12 @@ def main(argv=None) -> int:
             if start >= cfg.iterations and (out / "eval.json").is_file():
                 raise ValueError(f"--resume {out}: the run is finished (it has eval.json); evaluate it again with "
                                  f"--eval {out}")
-    except (data.DataError, ValueError, ImportError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        if created and out.is_dir() and not any(out.iterdir()):  # bad --data etc.: leave no empty run folder
+            run_folder.drop_metrics_after(out / "metrics.jsonl", start)  # logged after the checkpoint: logged again
+    except (data.DataError, ValueError, ImportError, OSError) as e:
+        print(f"train.py: error: {run_folder.describe(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+        if created and out is not None and run_folder.is_empty_but_lock(out):  # leave no empty run folder
+            (out / run_folder.LOCK_NAME).unlink(missing_ok=True)
+            held.close()
             out.rmdir()
         return 2
 
@@ -769,8 +800,6 @@ def main(argv=None) -> int:
               f"pytorch#166122, cuDNN 9.8-9.14; channels_last_3d={parts.memory_format == torch.channels_last_3d})")
     if resume_state is not None:
         print(f"resumed {out} at iteration {start}")
-    else:
-        (out / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "environment": env}, indent=1))
     print(f"{cfg.method}: {cfg.labeled} labeled, {cfg.iterations} iterations, patch {cfg.patch}, "
           f"n_filters {cfg.n_filters}, downsample {cfg.downsample}, device {device} -> {out}")
 
@@ -779,20 +808,30 @@ def main(argv=None) -> int:
     bad_term = torch.zeros((), dtype=torch.long, device=device)  # which term (index into TERMS)
     window = torch.zeros(5, device=device)  # sums of CE, Dice, consistency, mask fraction, uncertainty
     monitor, stop = gpu_monitor(device), []
-    signal.signal(signal.SIGINT, lambda *_: stop.append("interrupted"))  # finish the iteration, save, exit
+    last_good = f"{out / 'checkpoint.pt'} (iteration {start})" if resume_state is not None else None
+
+    def stopping() -> str:
+        return f"stopping (last good checkpoint: {last_good})" if last_good else "stopping (no checkpoint saved yet)"
 
     def check_finite():  # a host-device sync point
         if int(bad_at) >= 0:
-            raise NonFiniteLoss(f"non-finite {TERMS[int(bad_term)]} loss at iteration {int(bad_at)}; "
-                                f"stopping (last good checkpoint: {out / 'checkpoint.pt'})")
+            raise NonFiniteLoss(f"non-finite {TERMS[int(bad_term)]} loss at iteration {int(bad_at)}; {stopping()}")
 
     def save_checkpoint(done):
-        check_finite()  # never save weights that went through a non-finite loss
-        atomic_save(checkpoint_state(parts, done), out / "checkpoint.pt")
+        nonlocal last_good
+        check_finite()  # never save weights that went through a non-finite loss,
+        for name, model in (("student", parts.student), ("teacher", parts.teacher)):  # nor weights an update broke
+            bad = None if model is None else checkpoints.first_nonfinite(model.state_dict())
+            if bad is not None:
+                raise NonFiniteLoss(f"non-finite {name} weight {bad} after iteration {done}; {stopping()}")
+        run_folder.atomic_save(checkpoint_state(parts, done), out / "checkpoint.pt")
+        last_good = f"{out / 'checkpoint.pt'} (iteration {done})"
 
     t_log = t_bar = t0 = time.perf_counter()
     n_window = 0
+    signal.signal(signal.SIGINT, lambda *_: stop.append("interrupted"))  # finish the iteration, save, exit
     try:
+        write_config(out, cfg, env, split, resumed=resume_state is not None)
         for iteration in range(start, cfg.iterations):
             terms, stats = train_step(parts, iteration)
             done = iteration + 1
@@ -834,28 +873,36 @@ def main(argv=None) -> int:
                 return 130 if stop else 0
         elapsed = time.perf_counter() - t0  # the last iteration logged, so the device is idle: a true time
         progress(cfg.iterations, cfg.iterations, (cfg.iterations - start) / elapsed, end="\n")
-        save_checkpoint(cfg.iterations)  # (checks the non-finite flag first)
+        save_checkpoint(cfg.iterations)  # (checks the losses and the weights first)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        # -- the end: final weights, speed, evaluation of the student
+        run_folder.atomic_save({"model": parts.student.state_dict(), "config": dataclasses.asdict(cfg)},
+                               out / "student.pt")
+        if parts.teacher is not None:
+            run_folder.atomic_save({"model": parts.teacher.state_dict(), "config": dataclasses.asdict(cfg)},
+                                   out / "teacher.pt")
+        speed = {"train_seconds": elapsed, "it_per_s": (cfg.iterations - start) / elapsed}
+        if device.type == "cuda":
+            speed["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if start < cfg.iterations:  # (a run stopped during its final evaluation trains nothing on --resume)
+            print(f"trained {cfg.iterations - start} iterations in {elapsed:.1f} s ({speed['it_per_s']:.2f} it/s"
+                  + (f", peak GPU memory {speed['peak_gpu_mem_gb']:.2f} GiB)" if device.type == "cuda" else ")"))
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"iteration": cfg.iterations, **speed}) + "\n")
+        evaluate(parts.student, cfg, parts.test_cases, out, name="eval.json", checkpoint=str(out / "student.pt"))
+        if cfg.figures:
+            write_figures(parts.student, cfg, parts.test_cases, out)
     except NonFiniteLoss as e:
         print(f"\ntrain.py: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk, a folder gone: one line; every file was written atomically, none is torn
+        print(f"\ntrain.py: error: cannot write the run in {out} ({run_folder.describe(e)}); "
+              + (f"continue from {last_good} with --resume {out}" if last_good else "no checkpoint saved yet"),
+              file=sys.stderr)
+        return 2
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    # -- the end: final weights, speed, evaluation of the student
-    atomic_save({"model": parts.student.state_dict(), "config": dataclasses.asdict(cfg)}, out / "student.pt")
-    if parts.teacher is not None:
-        atomic_save({"model": parts.teacher.state_dict(), "config": dataclasses.asdict(cfg)}, out / "teacher.pt")
-    speed = {"train_seconds": elapsed, "it_per_s": (cfg.iterations - start) / elapsed}
-    if device.type == "cuda":
-        speed["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    if start < cfg.iterations:  # (a run stopped during its final evaluation trains nothing on --resume)
-        print(f"trained {cfg.iterations - start} iterations in {elapsed:.1f} s ({speed['it_per_s']:.2f} it/s"
-              + (f", peak GPU memory {speed['peak_gpu_mem_gb']:.2f} GiB)" if device.type == "cuda" else ")"))
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"iteration": cfg.iterations, **speed}) + "\n")
-    evaluate(parts.student, cfg, parts.test_cases, out, name="eval.json", checkpoint=str(out / "student.pt"))
-    if cfg.figures:
-        write_figures(parts.student, cfg, parts.test_cases, out)
     return 0
 
 

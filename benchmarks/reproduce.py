@@ -83,25 +83,30 @@ METRICS = (("dice", "Dice %", 100), ("jaccard", "Jaccard %", 100), ("hd95", "95H
 
 
 def parse_args(argv=None):
+    from uamt_fast import cli  # (uamt_fast, torch and triton are imported only when the runner runs)
+
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(prog="python -m benchmarks.reproduce", description=__doc__.split("\n")[0],
+    p = cli.OneLineParser(prog="python -m benchmarks.reproduce", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\nArguments after -- go to "
                                 "every train.py call unchanged (e.g. -- --eval-stride-xy 32).")
     p.add_argument("--data", action="append", default=[], help="LA root; repeat for a data set in several folders")
     p.add_argument("--rows", default="all", help=f"comma-separated subset of: {', '.join(ROWS)} (default: all)")
-    p.add_argument("--seeds", type=int, default=1, help=f"seeds per row, seed k = {SEED0} + k (default: 1)")
-    p.add_argument("--iterations", type=int, default=None, help="training iterations (default 6000; 200 with --cpu)")
+    p.add_argument("--seeds", type=cli.number(int, "[1, 1000]"), default=1,
+                   help=f"seeds per row, seed k = {SEED0} + k, in [1, 1000] (default: 1)")
+    p.add_argument("--iterations", type=cli.number(int, ">= 1"), default=None,
+                   help="training iterations, >= 1 (default 6000; 200 with --cpu)")
     p.add_argument("--out", default="runs/reproduce",
                    help="folder of the run folders, logs, table, figures (default: %(default)s)")
-    p.add_argument("--parallel", type=int, default=1,
-                   help="train.py processes at once: one GPU shared, or one each (default: 1)")
+    p.add_argument("--parallel", type=cli.number(int, "[1, 256]"), default=1,
+                   help="train.py processes at once, in [1, 256]: one GPU shared, or one each (default: 1)")
     p.add_argument("--cpu", action="store_true", help="reduced scale on the CPU: " + " ".join(CPU_FLAGS))
     p.add_argument("--table-only", action="store_true", help="run nothing: write the table of the finished runs")
     p.add_argument("--no-figures", dest="figures", action="store_false", help="skip the curves and panels")
-    p.add_argument("--figures-cases", type=int, default=2, help="test cases with a panel, 0: all (default: 2)")
+    p.add_argument("--figures-cases", type=cli.number(int, ">= 0"), default=2,
+                   help="test cases with a panel, >= 0, 0: all (default: 2)")
     args = p.parse_args(argv)
     args.train_args = passthrough
     args.row_list = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -306,9 +311,14 @@ def write_figures(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from uamt_fast import run_folder
+
+    try:
+        args = parse_args(argv)
+        out = run_folder.make_folder(args.out, "runs, logs and table")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     results = [] if args.table_only else run_all(args)
     table, problems = markdown_table(out, args.row_list, args.seeds, args.iterations, args.cpu)
     (out / "results.md").write_text(table)

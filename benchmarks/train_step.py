@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     compile_cache = args.compile_cache or train_mod.Config.compile_cache
     cache_root = Path(compile_cache).expanduser()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root / "inductor")
-    cache_was_empty = not any(cache_root.glob("inductor/*")) and not any(cache_root.glob("artifacts-*"))
+    cache_was_empty = not any(cache_root.glob("inductor/*"))
     print(f"compile cache {cache_root} ({'empty: the first compile is cold' if cache_was_empty else 'not empty'})")
     # Every variant adds cache entries to the same code objects (VNet.forward, student_losses, the blocks).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

@@ -558,8 +558,8 @@ def test_bad_pack_and_synth_flags_are_one_line_and_exit_2(synthetic_root, tmp_pa
 def test_pack_max_part_mib_nan_from_the_shell_is_one_line_not_a_traceback(synthetic_root, tmp_path):
     result = subprocess.run([sys.executable, "-m", "uamt_fast.data", "pack", str(synthetic_root), str(tmp_path / "out"),
                              "--train", "1", "--max-part-mib", "nan"], capture_output=True, text=True)
-    assert result.returncode == 2 and result.stderr == "error: argument --max-part-mib: expected a finite number of " \
-        "MiB > 0, got 'nan'\n", result.stderr
+    assert result.returncode == 2 and result.stderr == "error: argument --max-part-mib: expected a finite number " \
+        "> 0, got 'nan'\n", result.stderr
 
 
 def test_help_states_the_ranges_of_the_numeric_flags(capsys):

@@ -132,6 +132,8 @@ def test_bad_arguments_are_named():
         sliding_window_predict(net, np.zeros((8, 8, 6), np.float32), PATCH, 3, 0)
     with pytest.raises(ValueError, match=r"logits of shape \(1, 2, 8, 8, 6\), expected \(1, 3, 8, 8, 6\)"):
         sliding_window_predict(net, np.zeros((8, 8, 6), np.float32), PATCH, num_classes=3)
+    with pytest.raises(ValueError, match="stride 12 along axis 0 is larger than the window 4: voxels 4.."):
+        sliding_window_predict(net, np.zeros((30, 8, 6), np.float32), (4, 4, 2), 12, 1)  # windows at 0, 12, 24, 26
 
 
 class ThresholdNet(nn.Module):

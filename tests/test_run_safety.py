@@ -211,7 +211,7 @@ def test_eval_json_is_strict_json_with_null_for_undefined_distances(tmp_path):
 
 def test_demo_run_keeps_its_data_and_can_be_evaluated_again(tmp_path, capsys):
     out = tmp_path / "demo"
-    small = ["--n-filters", "2", "--patch", "16", "16", "16", "--iterations", "1", "--eval-stride-xy", "32",
+    small = ["--n-filters", "2", "--patch", "16", "16", "16", "--iterations", "1", "--eval-stride-xy", "16",
              "--eval-stride-z", "16", "--no-compile", "--device", "cpu"]
     assert train.main(["--demo", *small, "--out", str(out)]) == 0
     assert (out / train.DEMO_DATA_DIR / "test.list").is_file()

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train
 import uamt_fast
-from uamt_fast import data, reference
+from uamt_fast import data, reference, run_folder
 from uamt_fast.vnet import VNet
 
 TINY = ["--n-filters", "4", "--patch", "16", "16", "16", "--labeled", "2", "--no-compile", "--device", "cpu",
@@ -140,7 +140,7 @@ def test_teacher_noise_is_clamped_gaussian_per_pass():
     {"method": "mt"}, {"method": "supervised", "dropout": False},
 ])
 def test_train_step_methods(tiny_root, flags):
-    cfg = train.Config(data=str(tiny_root), n_filters=4, patch=(16, 16, 16), labeled=2, device="cpu",
+    cfg = train.Config(data=str(tiny_root), n_filters=4, patch=(16, 16, 16), eval_stride_xy=16, labeled=2, device="cpu",
                        compile=False, iterations=10, **flags)
     parts = train.build(cfg)
     before = {k: v.clone() for k, v in parts.student.state_dict().items()}
@@ -164,7 +164,7 @@ def test_fused_ops_match_reference_ops(tiny_root):
     their CPU path, over a flat parameter buffer) give the same two steps: terms, stats and weights."""
     out = {}
     for ref in (False, True):
-        cfg = train.Config(data=str(tiny_root), n_filters=4, patch=(16, 16, 16), labeled=2, device="cpu",
+        cfg = train.Config(data=str(tiny_root), n_filters=4, patch=(16, 16, 16), eval_stride_xy=16, labeled=2, device="cpu",
                            compile=False, reference_ops=ref)
         parts = train.build(cfg)
         assert (uamt_fast.flat_parameters(parts.teacher) is None) == ref
@@ -208,7 +208,7 @@ def test_resume_refuses_to_change_the_run(tiny_root, tmp_path, capsys):
 def test_atomic_save_survives_a_crash_mid_save(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     good = {"iteration": 3, "w": torch.arange(10.0)}
-    train.atomic_save(good, path)
+    run_folder.atomic_save(good, path)
 
     def crash(obj, f, *a, **k):  # half a file written, then the process "dies"
         f.write(b"PK\x03\x04 partial")
@@ -217,7 +217,7 @@ def test_atomic_save_survives_a_crash_mid_save(tmp_path, monkeypatch):
     save = torch.save
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        train.atomic_save({"iteration": 4}, path)
+        run_folder.atomic_save({"iteration": 4}, path)
     monkeypatch.setattr(torch, "save", save)
     back = torch.load(path, weights_only=True)
     assert back["iteration"] == 3 and torch.equal(back["w"], good["w"])
@@ -228,7 +228,7 @@ def test_atomic_save_survives_a_killed_process(tmp_path):
     """A process that dies (os._exit: no cleanup, no exception handling) halfway through writing the new
     checkpoint leaves the old one loadable."""
     path = tmp_path / "checkpoint.pt"
-    train.atomic_save({"iteration": 1, "w": torch.ones(1000)}, path)
+    run_folder.atomic_save({"iteration": 1, "w": torch.ones(1000)}, path)
     pid = os.fork()
     if pid == 0:  # the child: start saving, die mid-write
         def dying_save(obj, f, *a, **k):
@@ -237,7 +237,7 @@ def test_atomic_save_survives_a_killed_process(tmp_path):
             os._exit(9)
 
         torch.save = dying_save
-        train.atomic_save({"iteration": 2}, path)
+        run_folder.atomic_save({"iteration": 2}, path)
         os._exit(0)  # not reached
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 9

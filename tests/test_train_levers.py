@@ -50,7 +50,8 @@ def test_sgd_implementations_give_the_same_weights(tiny_root):
 
 
 def test_sgd_flag_reaches_the_optimizer(tiny_root):
-    cfg = dict(data=str(tiny_root), n_filters=4, patch=(16, 16, 16), labeled=2, device="cpu", compile=False)
+    cfg = dict(data=str(tiny_root), n_filters=4, patch=(16, 16, 16), eval_stride_xy=16, labeled=2, device="cpu",
+               compile=False)
     defaults = {s: train.build(train.Config(**cfg, sgd=s)).optimizer.defaults for s in ("fused", "foreach", "loop")}
     assert defaults["fused"]["fused"] and not defaults["fused"]["foreach"]
     assert defaults["foreach"]["foreach"] and not defaults["foreach"]["fused"]
@@ -100,8 +101,8 @@ def test_new_flags_on_the_command_line():
 
 @pytest.fixture
 def eager_compile(monkeypatch, tmp_path):
-    """torch.compile with dynamo's eager backend; inductor's cache folder and the artifact hooks redirected."""
-    calls = {"compiles": 0, "loaded": [], "saved": 0}
+    """torch.compile with dynamo's eager backend (counted); inductor's cache folder left to the test."""
+    calls = {"compiles": 0}
     compile_ = torch.compile
 
     def counting_compile(*args, **kwargs):
@@ -109,13 +110,7 @@ def eager_compile(monkeypatch, tmp_path):
         kwargs.pop("mode", None)  # the eager backend takes no mode
         return compile_(*args, **kwargs, backend="eager")
 
-    def save():
-        calls["saved"] += 1
-        return b"artifacts", None
-
     monkeypatch.setattr(torch, "compile", counting_compile)
-    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", save)
-    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda b: calls["loaded"].append(b))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     torch._dynamo.reset()
     yield calls
@@ -124,19 +119,16 @@ def eager_compile(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("blocks", [False, True], ids=["whole-model", "regional"])
 def test_compiled_step_equals_the_eager_step(tiny_root, tmp_path, eager_compile, monkeypatch, blocks):
-    """--compile [--compile-blocks]: the traced step gives the eager step's numbers exactly; the compile
-    cache folder becomes inductor's, and the artifacts are saved after the first step, loaded next run."""
+    """--compile [--compile-blocks]: the traced step gives the eager step's numbers exactly, and the compile
+    cache folder becomes inductor's, created private to this user (inductor runs code from it)."""
     want = run_steps(tiny_root, n=1)
     cache = tmp_path / "cache"
     got = run_steps(tiny_root, n=1, compile=True, compile_blocks=blocks, compile_cache=str(cache))
     assert_same_run(got, want, rtol=0, atol=0)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache / "inductor")
+    assert (cache / "inductor").stat().st_mode & 0o777 == 0o700
     # whole model: the student's loss function and the teacher; regional: every block of both models
     assert eager_compile["compiles"] == (2 * len(list(VNet().children())) if blocks else 2)
-    files = list(cache.glob("artifacts-*.bin"))
-    assert eager_compile["saved"] == 1 and len(files) == 1 and files[0].read_bytes() == b"artifacts"
-    run_steps(tiny_root, n=1, compile=True, compile_blocks=blocks, compile_cache=str(cache))
-    assert eager_compile["loaded"] == [b"artifacts"]
 
 
 def test_every_ablation_row_is_a_valid_config():

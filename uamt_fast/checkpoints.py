@@ -8,7 +8,8 @@ train.py writes two kinds of files, both plain dicts of tensors, numbers, string
 People share checkpoints, so opening one must never run code from it: every read here goes through the
 weights-only unpickler, which refuses anything but those types. A file that needs more (an arbitrary
 pickled object, which could run code while unpickling) is refused before any of it is built, and every
-other problem (missing file, truncated or foreign file, missing keys, weights that do not fit) is a
+other problem (missing file, truncated or foreign file, missing keys, weights that do not fit or are not all
+finite, a model setting out of range) is a
 ``CheckpointError`` (a ``ValueError``) of one line naming the file and what was expected.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from uamt_fast.vnet import VNet
+from uamt_fast.vnet import MAX_FILTERS, VNet
 
 MODEL_SETTINGS = ("n_filters", "dropout")  # the config fields that build the V-Net
 
@@ -64,10 +65,10 @@ def config_of(state: dict, path, flag: str = "checkpoint", known_fields=None) ->
     missing = [k for k in MODEL_SETTINGS if k not in cfg]
     if missing:
         raise CheckpointError(f"{flag} {path}: its config lacks {', '.join(missing)} (needed to build the V-Net)")
-    if isinstance(cfg["n_filters"], bool) or not isinstance(cfg["n_filters"], int) or cfg["n_filters"] < 1 \
+    if type(cfg["n_filters"]) is not int or not 1 <= cfg["n_filters"] <= MAX_FILTERS \
             or not isinstance(cfg["dropout"], bool):
-        raise CheckpointError(f"{flag} {path}: bad model settings n_filters={cfg['n_filters']!r}, "
-                              f"dropout={cfg['dropout']!r}")
+        raise CheckpointError(f"{flag} {path}: bad model settings n_filters={cfg['n_filters']!r:.40} (expected an int "
+                              f"in [1, {MAX_FILTERS}]), dropout={cfg['dropout']!r:.40} (expected a bool)")
     return cfg
 
 
@@ -84,7 +85,21 @@ def load_weights(model: torch.nn.Module, weights, path, flag: str = "checkpoint"
         if weights[k].shape != v.shape:
             raise CheckpointError(f"{flag} {path}: '{what}' tensor {k} has shape {tuple(weights[k].shape)}, "
                                   f"the V-Net expects {tuple(v.shape)}")
+    bad = first_nonfinite(weights)
+    if bad is not None:
+        raise CheckpointError(f"{flag} {path}: '{what}' tensor {bad} holds NaN or Inf values (a diverged run's "
+                              "weights): refused")
     model.load_state_dict(weights)
+
+
+def first_nonfinite(tensors: dict) -> str | None:
+    """The name of the first floating-point tensor of ``tensors`` (a state dict) with a NaN or Inf, else None.
+    One host sync for the whole dict."""
+    names = [k for k, v in tensors.items() if v.is_floating_point()]
+    if not names:
+        return None
+    finite = torch.stack([torch.isfinite(tensors[k]).all() for k in names]).cpu()
+    return None if bool(finite.all()) else names[int((~finite).nonzero()[0])]
 
 
 def load_vnet(path, device="cpu", flag: str = "checkpoint", known_fields=None) -> tuple[VNet, dict, Path]:
@@ -110,4 +125,4 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:200]
 
 
-__all__ = ["CheckpointError", "read", "config_of", "load_weights", "load_vnet"]
+__all__ = ["CheckpointError", "read", "config_of", "load_weights", "first_nonfinite", "load_vnet"]

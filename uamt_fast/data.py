@@ -30,7 +30,6 @@ import argparse
 import bz2
 import hashlib
 import json
-import math
 import os
 import sys
 import zipfile
@@ -41,6 +40,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+
+from uamt_fast import cli
 
 IMAGES_DIR = "2018LA_Seg_Training Set"
 H5_NAME = "mri_norm2.h5"
@@ -620,33 +621,8 @@ class TwoStreamSampler:
 
 
 # ----------------------------------------------------------------------------- command line
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2 (argparse's default also prints the usage)
-        raise DataError(message)
-
-
-def _int_at_least(low: int):
-    """argparse type: an integer >= ``low``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-    return parse
-
-
-def _positive_mib(text: str) -> float:
-    """argparse type of --max-part-mib: a finite number > 0 (``nan``, ``inf``, ``0`` and negatives are refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number of MiB > 0, got {text!r}")
-    return value
+class _Parser(cli.OneLineParser):
+    error_type = DataError
 
 
 def main(argv=None) -> int:
@@ -665,14 +641,14 @@ def main(argv=None) -> int:
     pick = pack.add_mutually_exclusive_group(required=True)
     pick.add_argument("--cases", nargs="+", metavar="ID",
                       help="these ids, plain names listed in train.list or test.list (each stays in its own list)")
-    pick.add_argument("--train", type=_int_at_least(0), metavar="N",
+    pick.add_argument("--train", type=cli.number(int, ">= 0"), metavar="N",
                       help="the first N >= 0 ids of train.list (the labeled ones)")
-    pack.add_argument("--unlabeled", type=_int_at_least(0), default=0, metavar="K",
+    pack.add_argument("--unlabeled", type=cli.number(int, ">= 0"), default=0, metavar="K",
                       help="with --train: the next K >= 0 ids of train.list (default: 0)")
-    pack.add_argument("--test", type=_int_at_least(0), default=0, metavar="M",
+    pack.add_argument("--test", type=cli.number(int, ">= 0"), default=0, metavar="M",
                       help="with --train: the first M >= 0 ids of test.list (default: 0); N + K + M >= 1, "
                       "N + K at most the train ids, M at most the test ids")
-    pack.add_argument("--max-part-mib", type=_positive_mib, metavar="MIB",
+    pack.add_argument("--max-part-mib", type=cli.number(float, "> 0"), metavar="MIB",
                       help="split the output into out/part1, out/part2, ... of at most MIB MiB each (a finite "
                       "number > 0, at least the largest packed case); every part holds the full lists, train with "
                       "--data on every part (default: one folder)")
@@ -680,12 +656,12 @@ def main(argv=None) -> int:
                                 description="Write a synthetic LA-like data set (blobs in noise) in the release "
                                 "layout, for the demo and tests.", **fmt)
     synth.add_argument("out", help="output root (train.list, test.list and h5 files)")
-    synth.add_argument("--train", type=_int_at_least(1), default=8, metavar="N",
+    synth.add_argument("--train", type=cli.number(int, ">= 1"), default=8, metavar="N",
                        help="training cases, >= 1 (default: 8)")
-    synth.add_argument("--test", type=_int_at_least(1), default=2, metavar="M", help="test cases, >= 1 (default: 2)")
-    synth.add_argument("--shape", type=_int_at_least(1), nargs=3, default=(128, 128, 96), metavar=("X", "Y", "Z"),
+    synth.add_argument("--test", type=cli.number(int, ">= 1"), default=2, metavar="M", help="test cases, >= 1 (default: 2)")
+    synth.add_argument("--shape", type=cli.number(int, ">= 1"), nargs=3, default=(128, 128, 96), metavar=("X", "Y", "Z"),
                        help="volume shape, each >= 1 (default: 128 128 96)")
-    synth.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S",
+    synth.add_argument("--seed", type=cli.number(int, ">= 0"), default=0, metavar="S",
                        help="random seed >= 0: the same seed writes the same data (default: 0)")
     try:
         args = parser.parse_args(argv)

@@ -16,7 +16,6 @@ matplotlib is an optional extra (``pip install 'uamt_fast[figures]'``); without 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from uamt_fast import data as la_data
-from uamt_fast import checkpoints, inference, metrics
+from uamt_fast import checkpoints, cli, inference, metrics
 from uamt_fast.vnet import mc_dropout
 
 PANEL_INCHES = 2.4  # each cell of the panel grid is PANEL_INCHES square
@@ -191,25 +190,6 @@ def write_panels(models: dict, cases, out_dir, cfg: dict, passes: int = 8) -> li
             for case in cases]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2 (argparse's default also prints the usage)
-        raise ValueError(message)
-
-
-def _int_in(low: int, high: int | None = None):
-    """argparse type: an integer in [low, high] (no upper bound if ``high`` is None)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low or (high is not None and value > high):
-            expected = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"expected an integer {expected}, got {text!r}")
-        return value
-    return parse
-
-
 def check_output(path, flag: str, folder: bool) -> Path:
     """ValueError (one line, naming ``flag``) unless ``path`` can be the output folder (``folder``) or
     output file: not a file (a folder), not a folder (a file), and nothing above it is a file."""
@@ -225,7 +205,7 @@ def check_output(path, flag: str, folder: bool) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = _Parser(prog="python -m uamt_fast.figures", description=__doc__.split("\n")[0])
+    parser = cli.OneLineParser(prog="python -m uamt_fast.figures", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     panels = commands.add_parser("panels", help="Fig. 2 style panels of test cases for one or more checkpoints")
     panels.add_argument("--data", action="append", required=True, help="LA root; repeat for a data set in parts")
@@ -233,9 +213,9 @@ def main(argv=None) -> int:
                         help="a train.py student.pt (repeat: side by side, the last one's uncertainty is shown; "
                         "names, by default the checkpoint's folder name, must differ)")
     panels.add_argument("--out", required=True, help="output folder (panel-<case>.png); not a file")
-    panels.add_argument("--cases", type=_int_in(0), default=0, metavar="N",
+    panels.add_argument("--cases", type=cli.number(int, ">= 0"), default=0, metavar="N",
                         help="the first N >= 0 test cases only (default: 0, all)")
-    panels.add_argument("--passes", type=_int_in(1, 1024), default=8, metavar="T",
+    panels.add_argument("--passes", type=cli.number(int, "[1, 1024]"), default=8, metavar="T",
                         help="MC-dropout passes for the uncertainty map, T in [1, 1024] (default: 8)")
     curves = commands.add_parser("curves", help="training curves of one or more run folders, overlaid")
     curves.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")

@@ -117,6 +117,9 @@ def sliding_window_predict(
         c = torch.zeros(volume.shape[axis], dtype=torch.float32, device=device)
         for s in axis_starts:
             c[s : s + p] += 1
+        if not c.all():  # a stride larger than the window leaves gaps: their scores would be 0 / 0
+            raise ValueError(f"sliding_window_predict: stride {strides[axis]} along axis {axis} is larger than the "
+                             f"window {p}: voxels {int((c == 0).nonzero()[0])}.. of the padded image are in no window")
         counts.append(c)
     count = counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
 

@@ -68,6 +68,11 @@ class UpsamplingDeconvBlock(nn.Module):
         return self.conv(x)
 
 
+# The widest first stage a checkpoint's config may ask for: 128 filters is 64x the paper's 9.5 M weights
+# (0.6 G). The bound keeps a hostile or corrupt config (n_filters=1e9) from allocating terabytes.
+MAX_FILTERS = 128
+
+
 class VNet(nn.Module):
     """V-Net of UA-MT. Input ``(B, in_channels, D, H, W)`` with D, H, W multiples of 16; output logits
     ``(B, num_classes, D, H, W)``.
@@ -81,9 +86,9 @@ class VNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, n_filters: int = 16, dropout: bool = True):
         super().__init__()
-        if in_channels < 1 or num_classes < 2 or n_filters < 1:
+        if in_channels < 1 or num_classes < 2 or not 1 <= n_filters <= MAX_FILTERS:
             raise ValueError(
-                f"VNet: expected in_channels >= 1, num_classes >= 2, n_filters >= 1; "
+                f"VNet: expected in_channels >= 1, num_classes >= 2, 1 <= n_filters <= {MAX_FILTERS}; "
                 f"got {in_channels}, {num_classes}, {n_filters}"
             )
         f = n_filters
