@@ -81,6 +81,7 @@ class Config:
     labeled: int = 16  # the first N ids of train.list are labeled, the rest unlabeled (paper: 8, 16, 24)
     dropout: bool = True  # Dropout3d(0.5) in the V-Net ("Bayesian V-Net"); --no-dropout = vanilla V-Net
     n_filters: int = 16  # V-Net width of the first stage
+    num_classes: int = 0  # classes incl. background; 0: the data's (prepare's dataset.json; 2 for the LA release)
     patch: tuple = (112, 112, 80)  # training crop (X Y Z), multiples of 16; also the sliding-window size
     downsample: int = 1  # average-pool images / majority-pool labels by this factor once at load (CPU runs)
     batch_labeled: int = 2  # labeled crops per batch
@@ -160,6 +161,7 @@ def _flag(name: str) -> str:
 # upper bounds of the floats keep every value (and lr * grad) inside float32, where the optimizer works.
 RANGES = {
     "figures_cases": ">= 0", "figures_passes": "[1, 1024]", "labeled": ">= 1", "n_filters": f"[1, {MAX_FILTERS}]",
+    "num_classes": "[0, 255]",
     "downsample": "[1, 16]", "batch_labeled": "[1, 1024]", "batch_unlabeled": "[0, 1024]", "iterations": ">= 1",
     "lr": "(0, 1000]", "lr_step": ">= 1", "momentum": "[0, 1)", "weight_decay": "[0, 1]", "ema_decay": "[0, 1]",
     "consistency": "[0, 1000]", "consistency_rampup": "[0, 1000000]", "consistency_period": ">= 0",
@@ -254,17 +256,45 @@ def downsample_case(case, k: int):
         raise data.DataError(f"--downsample {k}: case {case.id} has shape {tuple(np.shape(case.image))}, smaller than "
                              f"{k} along an axis (nothing would be left of it)")
     image = torch.as_tensor(np.asarray(case.image))[None, None]
-    label = torch.as_tensor(np.asarray(case.label)).float()[None, None]
     image = F.avg_pool3d(image, k)[0, 0].numpy()
-    label = (F.avg_pool3d(label, k)[0, 0] >= 0.5).to(torch.uint8).numpy()
+    if case.label is None:
+        return dataclasses.replace(case, image=image)
+    label = torch.as_tensor(np.asarray(case.label)).long()[None]
+    if int(label.max()) <= 1:  # two classes: the majority as before (block mean >= 0.5, ties to foreground)
+        label = (F.avg_pool3d(label[None].float(), k)[0, 0] >= 0.5).to(torch.uint8).numpy()
+    else:  # more: the most frequent class of each block (ties to the lower class)
+        counts = F.avg_pool3d(F.one_hot(label[0]).permute(3, 0, 1, 2)[None].float(), k)[0]
+        label = counts.argmax(0).to(torch.uint8).numpy()
     return dataclasses.replace(case, image=image, label=label)
 
 
 def load_split(cfg: Config, split: str):
-    """Cases of ``split`` read once; training cases are downsampled once (test cases stay at full
-    resolution: ``evaluate`` scores full-resolution labels)."""
-    cases = data.load_cases(cfg.data, data.read_list(cfg.data, split))
-    return [downsample_case(c, cfg.downsample) for c in cases] if split == "train" else cases
+    """Cases of ``split`` read once ("unlabeled": prepare's unlabeled.list, images only); training cases are
+    downsampled once (test cases stay at full resolution: ``evaluate`` scores full-resolution labels)."""
+    if split == "unlabeled":
+        cases = data.load_cases(cfg.data, data.read_unlabeled(cfg.data), labeled=False)
+    else:
+        cases = data.load_cases(cfg.data, data.read_list(cfg.data, split))
+    return cases if split == "test" else [downsample_case(c, cfg.downsample) for c in cases]
+
+
+def data_settings(roots) -> dict:
+    """The settings a prepared data set brings (prepare's dataset.json: its class count, and its preset's
+    patch and sliding-window strides); flags given on the command line win. None for the LA release."""
+    record = data.read_record(roots) if roots else None
+    if record is None:
+        return {}
+    train_settings = record.get("train") or {}
+    settings = {k: train_settings[k] for k in ("patch", "eval_stride_xy", "eval_stride_z") if k in train_settings}
+    return settings | {"num_classes": record["num_classes"]}
+
+
+def resolve_classes(cfg: Config) -> None:
+    """``cfg.num_classes`` := the data's class count; a different one given (or saved) is refused."""
+    classes = data.num_classes(cfg.data)
+    if cfg.num_classes not in (0, classes):
+        raise ValueError(f"--num-classes {cfg.num_classes}: the data ({', '.join(cfg.data)}) has {classes} classes")
+    cfg.num_classes = classes
 
 
 # ----------------------------------------------------------------------------- model, optimizer, sampler
@@ -300,6 +330,10 @@ def build(cfg: Config, train_cases=None) -> Parts:
     train_cases = load_split(cfg, "train") if train_cases is None else train_cases
     labeled_ids, unlabeled_ids = data.semi_supervised_split([c.id for c in train_cases], cfg.labeled)
     by_id = {c.id: c for c in train_cases}
+    if cfg.method != "supervised" and cfg.data:  # prepare's unlabeled.list: images without labels
+        extra = load_split(cfg, "unlabeled")
+        by_id |= {c.id: c for c in extra}
+        unlabeled_ids += [c.id for c in extra]
     if cfg.method != "supervised" and not unlabeled_ids:
         raise ValueError(f"--labeled {cfg.labeled} leaves no unlabeled case for --method {cfg.method}")
     data_device = device if cfg.data_device == "auto" else torch.device(cfg.data_device)
@@ -312,14 +346,15 @@ def build(cfg: Config, train_cases=None) -> Parts:
 
     memory_format = torch.channels_last_3d if (cfg.channels_last if cfg.channels_last is not None else cuda) \
         else torch.contiguous_format
-    student = VNet(n_filters=cfg.n_filters, dropout=cfg.dropout).to(device, memory_format=memory_format)
+    classes = cfg.num_classes or 2
+    student = VNet(num_classes=classes, n_filters=cfg.n_filters, dropout=cfg.dropout).to(device, memory_format=memory_format)
     if cfg.full_res_contiguous:
         student.full_res_memory_format_(torch.contiguous_format)
     # The teacher starts as a copy of the student (the released code initialises it separately, but the
     # first EMA step, alpha = 0, overwrites it; only iteration 0's target, weighted 6.7e-4, differs).
     teacher = None
     if cfg.method != "supervised":
-        teacher = VNet(n_filters=cfg.n_filters, dropout=cfg.dropout).to(device, memory_format=memory_format)
+        teacher = VNet(num_classes=classes, n_filters=cfg.n_filters, dropout=cfg.dropout).to(device, memory_format=memory_format)
         if cfg.full_res_contiguous:
             teacher.full_res_memory_format_(torch.contiguous_format)
         teacher.load_state_dict(student.state_dict())
@@ -431,7 +466,7 @@ def schedule(cfg: Config, iteration: int) -> tuple[float, float, float]:
     """(learning rate, consistency weight lambda, uncertainty threshold H) at 0-based ``iteration``."""
     lr = reference.learning_rate(iteration, cfg.lr, cfg.lr_step)
     weight = reference.consistency_weight(iteration, cfg.consistency, cfg.consistency_rampup, cfg.consistency_period)
-    return lr, weight, reference.uncertainty_threshold(iteration, cfg.iterations)
+    return lr, weight, reference.uncertainty_threshold(iteration, cfg.iterations, cfg.num_classes or 2)
 
 
 def phase(name: str):
@@ -612,13 +647,14 @@ def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.j
     model.eval()
     t0 = time.perf_counter()
     result = inference.evaluate(model, cases, patch_size=cfg.patch, stride_xy=cfg.eval_stride_xy,
-                                stride_z=cfg.eval_stride_z, batch_size=cfg.eval_batch, downsample=cfg.downsample)
+                                stride_z=cfg.eval_stride_z, batch_size=cfg.eval_batch, downsample=cfg.downsample,
+                                num_classes=cfg.num_classes or 2)
     print(inference.format_table(result))
     print(f"evaluated {len(cases)} cases in {time.perf_counter() - t0:.1f} s")
     result["source"] = {
         "checkpoint": checkpoint, "data": cfg.data, "split": "test", "case_ids": [str(c.id) for c in cases],
         "settings": {k: getattr(cfg, k) for k in ("patch", "eval_stride_xy", "eval_stride_z", "eval_batch",
-                                                  "downsample", "n_filters", "dropout")},
+                                                  "downsample", "n_filters", "dropout", "num_classes")},
         "uamt_fast": uamt_fast.__version__, "evaluated": datetime.datetime.now().isoformat(timespec="seconds")}
     path = run_folder.new_file(out_dir / name)
     run_folder.atomic_write_text(path, json.dumps(_strict_json(result), indent=1, allow_nan=False))
@@ -668,7 +704,7 @@ def make_config(given: dict) -> tuple[Config, dict | None]:
             raise ValueError(f"--resume: cannot change {', '.join('--' + _flag(k) for k in sorted(changed))} "
                              f"of a run (allowed: {', '.join(sorted(RESUME_OVERRIDABLE))})")
         return Config(**(saved | given | {"out": given["resume"], "resume": given["resume"]})), state
-    return Config(**((DEMO if given.get("demo") else {}) | given)), None
+    return Config(**((DEMO if given.get("demo") else {}) | data_settings(given.get("data")) | given)), None
 
 
 def saved_config(saved: dict, path: Path, flag: str) -> Config:
@@ -717,6 +753,9 @@ def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device) -> None:
                              "give --data (for a --demo run: python -m uamt_fast.data synth DIR --train "
                              f"{DEMO_DATA['n_train']} --test {DEMO_DATA['n_test']} --shape "
                              f"{' '.join(map(str, DEMO_DATA['shape']))} --seed {DEMO_DATA['seed']})")
+    resolve_classes(ecfg)
+    if ecfg.num_classes != model.num_classes:
+        raise ValueError(f"--eval {path}: the model predicts {model.num_classes} classes, the data has {ecfg.num_classes}")
     cases = load_split(ecfg, "test")
     out = run_folder.make_folder(cfg.out or path.parent, "evaluation")  # writable? checked before the work
     evaluate(model, ecfg, cases, out, name=f"eval_{path.stem}.json", checkpoint=str(path))
@@ -773,6 +812,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             cfg.data = [str((out / DEMO_DATA_DIR).resolve())]
             data.write_synthetic_la(cfg.data[0], **DEMO_DATA)
         split = data.split_fingerprint(cfg.data)  # refuses ids that are paths, lists that disagree or overlap
+        resolve_classes(cfg)
         if resume_state is not None:
             check_same_data(resume_state, split, out)
         parts = build(cfg)

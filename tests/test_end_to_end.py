@@ -34,7 +34,7 @@ def test_short_run_on_the_real_la_files(la_root, tmp_path):
                            "--iterations", "4", "--log-every", "2", "--threads", "1"], tmp_path)
     test_ids = (la_root / "test.list").read_text().split()
     assert [c["case"] for c in result["cases"]] == test_ids
-    assert set(result["mean"]) == {"dice", "jaccard", "hd95", "asd"}
+    assert set(result["mean"]) == {"dice", "jaccard", "hd95", "asd", "hd95_mm", "asd_mm"}  # LA: 0.625 mm
     for case in result["cases"]:
         assert 0.0 <= case["dice"] <= 1.0 and 0.0 <= case["jaccard"] <= case["dice"] + 1e-12
         assert math.isnan(case["hd95"]) or case["hd95"] >= 0

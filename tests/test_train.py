@@ -382,7 +382,7 @@ def test_cli_run_writes_the_documented_run_folder(tiny_root, tmp_path):
     result = json.loads((run / "eval.json").read_text())
     assert set(result) == {"cases", "mean", "nan_cases", "source"} and len(result["cases"]) == 2
     assert result["source"]["checkpoint"] == str(run / "student.pt") and len(result["source"]["case_ids"]) == 2
-    assert set(result["cases"][0]) == {"case", "dice", "jaccard", "hd95", "asd"}
+    assert set(result["cases"][0]) == {"case", "dice", "jaccard", "hd95", "asd", "hd95_mm", "asd_mm"}
     assert 0 <= result["mean"]["dice"] <= 1
     # evaluation only, from the saved student: the same numbers
     proc = run_cli("--eval", run / "student.pt", "--data", tiny_root, "--out", tmp_path / "again")

@@ -65,6 +65,9 @@ def config_of(state: dict, path, flag: str = "checkpoint", known_fields=None) ->
     missing = [k for k in MODEL_SETTINGS if k not in cfg]
     if missing:
         raise CheckpointError(f"{flag} {path}: its config lacks {', '.join(missing)} (needed to build the V-Net)")
+    classes = cfg.get("num_classes", 2)  # (configs before multi-class data have none: 2)
+    if type(classes) is not int or not 0 <= classes <= 255:
+        raise CheckpointError(f"{flag} {path}: bad model setting num_classes={classes!r:.40} (expected an int in [0, 255])")
     if type(cfg["n_filters"]) is not int or not 1 <= cfg["n_filters"] <= MAX_FILTERS \
             or not isinstance(cfg["dropout"], bool):
         raise CheckpointError(f"{flag} {path}: bad model settings n_filters={cfg['n_filters']!r:.40} (expected an int "
@@ -116,7 +119,7 @@ def load_vnet(path, device="cpu", flag: str = "checkpoint", known_fields=None) -
     if what not in state:
         raise CheckpointError(f"{flag} {path}: holds neither 'model' (student.pt, teacher.pt) nor 'student' "
                               "(checkpoint.pt)")
-    model = VNet(n_filters=cfg["n_filters"], dropout=cfg["dropout"])
+    model = VNet(num_classes=cfg.get("num_classes") or 2, n_filters=cfg["n_filters"], dropout=cfg["dropout"])
     load_weights(model, state[what], path, flag, what)
     return model.to(device), cfg, path
 

@@ -47,6 +47,9 @@ IMAGES_DIR = "2018LA_Seg_Training Set"
 H5_NAME = "mri_norm2.h5"
 PACKED_NAME = "mri_norm2.npz"
 PACKED_FORMAT = "uamt_fast.la_pack.v1"
+RECORD_NAME = "dataset.json"  # written by prepare: classes, labels, geometry of every case
+RECORD_FORMAT = "uamt_fast.prepared/1"
+LA_SPACING = (0.625, 0.625, 0.625)  # mm: the 2018 Atrial Segmentation Challenge's isotropic MRI
 
 
 class DataError(ValueError):
@@ -55,19 +58,63 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Case:
-    """One scan in memory: ``image`` float32 (X, Y, Z), normalized; ``label`` uint8 (X, Y, Z) in {0, 1}."""
+    """One scan in memory: ``image`` float32 (X, Y, Z), normalized; ``label`` uint8 (X, Y, Z) in 0..C-1, or
+    None for an unlabeled case (its label was never read, or never existed); ``spacing`` in mm per axis."""
 
     id: str
     image: np.ndarray
-    label: np.ndarray
+    label: np.ndarray | None
+    spacing: tuple = LA_SPACING
 
     def __post_init__(self):  # cheap structural checks; value checks happen where data is read
-        if self.image.ndim != 3 or self.image.shape != self.label.shape:
-            raise DataError(f"case {self.id}: image {self.image.shape} and label {self.label.shape} "
-                            f"must be equal 3D shapes")
-        if self.image.dtype != np.float32 or self.label.dtype != np.uint8:
+        if self.image.ndim != 3 or (self.label is not None and self.image.shape != self.label.shape):
+            raise DataError(f"case {self.id}: image {self.image.shape} and label "
+                            f"{None if self.label is None else self.label.shape} must be equal 3D shapes")
+        if self.image.dtype != np.float32 or (self.label is not None and self.label.dtype != np.uint8):
             raise DataError(f"case {self.id}: expected float32 image and uint8 label, "
-                            f"got {self.image.dtype}, {self.label.dtype}")
+                            f"got {self.image.dtype}, {None if self.label is None else self.label.dtype}")
+
+
+# ----------------------------------------------------------------------------- the record of a prepared set
+def read_record(roots) -> dict | None:
+    """The ``dataset.json`` that ``prepare`` wrote (identical in every root that has one), or None for the LA
+    release, which has none. Checked: a JSON object of format RECORD_FORMAT with ``num_classes`` in [2, 255]."""
+    records = []
+    for root in as_roots(roots):
+        path = root / RECORD_NAME
+        if not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: not a JSON record ({e})") from None
+        if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+            raise DataError(f"{path}: not a uamt_fast prepared data set (expected \"format\": \"{RECORD_FORMAT}\"; "
+                            "write one with python -m uamt_fast.data prepare)")
+        c = record.get("num_classes")
+        if type(c) is not int or not 2 <= c <= 255:
+            raise DataError(f"{path}: num_classes {c!r}; expected an int in [2, 255]")
+        records.append((path, record))
+    for path, record in records[1:]:
+        if record != records[0][1]:
+            raise DataError(f"{path} differs from {records[0][0]}; the roots of one data set must have the same record")
+    return records[0][1] if records else None
+
+
+def num_classes(roots) -> int:
+    """Classes of the data set, background included: the record's ``num_classes``; 2 for the LA release."""
+    record = read_record(roots)
+    return 2 if record is None else record["num_classes"]
+
+
+def case_spacing(record: dict | None, case_id: str) -> tuple:
+    """The voxel spacing (mm) of a case as stored: the record's, or the LA release's 0.625 mm."""
+    spacing = ((record or {}).get("cases") or {}).get(case_id, {}).get("spacing")
+    if spacing is None:
+        return LA_SPACING
+    if len(spacing) != 3 or not all(isinstance(s, (int, float)) and 0 < s < 1e3 for s in spacing):
+        raise DataError(f"{RECORD_NAME}: case {case_id}: bad spacing {spacing!r}; expected 3 positive mm values")
+    return tuple(float(s) for s in spacing)
 
 
 # ----------------------------------------------------------------------------- lists and cases
@@ -209,26 +256,50 @@ def semi_supervised_split(train_ids, labeled: int) -> tuple[list[str], list[str]
     return train_ids[:labeled], train_ids[labeled:]
 
 
-def load_case(roots, case_id: str) -> Case:
-    """Read and validate one case (``mri_norm2.h5``, or the packed ``mri_norm2.npz``) from the root holding it."""
+def load_case(roots, case_id: str, labeled: bool = True, record: dict | None = None) -> Case:
+    """Read and validate one case (``mri_norm2.h5``, or the packed ``mri_norm2.npz``) from the root holding it.
+
+    ``labeled=False`` (a case of unlabeled.list): its label is not read, even where the file has one.
+    ``record``: the set's ``read_record`` (read here when not given): the class count labels are checked
+    against, and the case's spacing."""
+    roots = as_roots(roots)
+    record = read_record(roots) if record is None else record
     folder = find_case(roots, case_id) / IMAGES_DIR / case_id
     if (folder / H5_NAME).is_file():
         path = folder / H5_NAME
-        image, label = _read_h5(path)
+        image, label = _read_h5(path, labeled)
     elif (folder / PACKED_NAME).is_file():
         path = folder / PACKED_NAME
         image, label = _read_packed(path)
+        label = label if labeled else None
     else:
         raise DataError(f"case file not found: {folder / H5_NAME} (nor a packed {PACKED_NAME})")
-    return _validated(case_id, image, label, path)
+    classes = 2 if record is None else record["num_classes"]
+    return _validated(case_id, image, label, path, classes, case_spacing(record, case_id))
 
 
-def load_cases(roots, ids) -> list[Case]:
+def load_cases(roots, ids, labeled: bool = True) -> list[Case]:
     """``load_case`` for each id, in order. Threads decode packed cases in parallel (bz2 releases the
     GIL); h5 files gain little (h5py serializes HDF5 calls) but lose nothing."""
     ids, roots = list(ids), as_roots(roots)
+    record = read_record(roots)
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(ids), os.cpu_count() or 1))) as pool:
-        return list(pool.map(lambda i: load_case(roots, i), ids))
+        return list(pool.map(lambda i: load_case(roots, i, labeled, record), ids))
+
+
+def read_unlabeled(roots) -> list[str]:
+    """The ids of ``unlabeled.list`` (cases with an image only, written by ``prepare``); [] when no root has
+    one. Checked like the other lists, and no id may also be in train.list or test.list."""
+    roots = as_roots(roots)
+    ids, path = _read_lists(roots, "unlabeled", allow_empty=True)
+    for split in SPLITS:
+        if ids and any((root / f"{split}.list").is_file() for root in roots):
+            other, other_path = _read_lists(roots, split, allow_empty=True)
+            both = sorted(set(ids) & set(other))
+            if both:
+                raise DataError(f"case ids {both[:5]} are in both {path} and {other_path}; an unlabeled case is in "
+                                "no other list")
+    return ids
 
 
 def make_folder(path, what: str) -> Path:
@@ -252,33 +323,38 @@ def _existing_root(root) -> Path:
     return root
 
 
-def _read_h5(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_h5(path: Path, labeled: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         with h5py.File(path, "r") as f:
             arrays = []
-            for name in ("image", "label"):
+            for name in ("image", "label") if labeled else ("image",):
                 if not isinstance(f.get(name), h5py.Dataset):
                     raise DataError(f"{path}: no dataset '{name}' (found {sorted(f.keys())})")
                 arrays.append(f[name][()])
-            return arrays[0], arrays[1]
+            return arrays[0], (arrays[1] if labeled else None)
     except OSError as e:  # truncated or corrupt files (h5py raises OSError for both)
         raise DataError(f"{path}: unreadable HDF5 file ({e})") from e
 
 
-def _validated(case_id: str, image: np.ndarray, label: np.ndarray, path: Path) -> Case:
-    if image.ndim != 3 or label.ndim != 3 or image.size == 0:
-        raise DataError(f"{path}: image {image.shape} and label {label.shape} must both be non-empty 3D arrays")
-    if image.shape != label.shape:
+def _validated(case_id: str, image: np.ndarray, label: np.ndarray | None, path: Path, classes: int = 2,
+               spacing: tuple = LA_SPACING) -> Case:
+    if image.ndim != 3 or image.size == 0 or (label is not None and label.ndim != 3):
+        raise DataError(f"{path}: image {image.shape} and label {None if label is None else label.shape} must both "
+                        "be non-empty 3D arrays")
+    if label is not None and image.shape != label.shape:
         raise DataError(f"{path}: image shape {image.shape} != label shape {label.shape}")
     if not np.issubdtype(image.dtype, np.floating):
         raise DataError(f"{path}: image dtype {image.dtype}; expected a normalized float image")
     if not np.isfinite(image).all():
         raise DataError(f"{path}: image has {np.size(image) - np.isfinite(image).sum()} non-finite values")
+    if label is None:
+        return Case(case_id, np.ascontiguousarray(image, np.float32), None, spacing)
+    expected = "{0, 1}" if classes == 2 else f"0..{classes - 1}"
     if not (np.issubdtype(label.dtype, np.integer) or label.dtype == bool):
-        raise DataError(f"{path}: label dtype {label.dtype}; expected integers in {{0, 1}}")
-    if label.min() < 0 or label.max() > 1:
-        raise DataError(f"{path}: label values {np.unique(label)[:10].tolist()} outside {{0, 1}}")
-    return Case(case_id, np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.uint8))
+        raise DataError(f"{path}: label dtype {label.dtype}; expected integers in {expected}")
+    if label.min() < 0 or label.max() >= classes:
+        raise DataError(f"{path}: label values {np.unique(label)[:10].tolist()} outside {expected}")
+    return Case(case_id, np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.uint8), spacing)
 
 
 # ----------------------------------------------------------------------------- packed copy
@@ -527,8 +603,8 @@ class TwoStreamSampler:
     All random draws come from one CPU ``torch.Generator``; the volumes live on ``device`` and
     cropping is pure tensor slicing there, so a batch costs no host-device sync and is identical on
     CPU and GPU. ``next()`` -> (images float32 (B, 1, *patch), labels int64 (B, *patch)), labeled
-    rows first. The unlabeled rows' labels are real labels, returned for logging only: a
-    semi-supervised loss must not use them. ``last_case_ids`` names the rows of the last batch.
+    rows first. The unlabeled rows' labels are real labels where the case has one (-1 where it was
+    read without), returned for logging only: a semi-supervised loss must not use them. ``last_case_ids`` names the rows of the last batch.
     """
 
     def __init__(self, labeled: list[Case], unlabeled: list[Case], patch_size=(112, 112, 80), batch_labeled: int = 2,
@@ -555,7 +631,11 @@ class TwoStreamSampler:
         self.device = torch.device(device)
         self.ids = [c.id for c in cases]
         self.images = [torch.from_numpy(c.image).to(self.device) for c in cases]  # converted once, kept resident
-        self.labels = [torch.from_numpy(c.label).to(self.device) for c in cases]
+        unlabeled_only = [c.id for c in labeled if c.label is None]
+        if unlabeled_only:
+            raise DataError(f"cases {unlabeled_only[:5]} have no label and cannot be labeled cases")
+        # (a case read without its label, from unlabeled.list, gives rows of -1: there is nothing to log)
+        self.labels = [None if c.label is None else torch.from_numpy(c.label).to(self.device) for c in cases]
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = -1  # index of the labeled pass the last batch came from
         self.last_case_ids: list[str] = []
@@ -593,7 +673,10 @@ class TwoStreamSampler:
             pad = padding(rotated, self.patch)
             start = [self._randint(s + 2 * q - p) for s, q, p in zip(rotated, pad, self.patch)]
             images[b, 0] = rot_flip_crop(self.images[r], k, flip_axis, start, self.patch)
-            labels[b] = rot_flip_crop(self.labels[r], k, flip_axis, start, self.patch)
+            if self.labels[r] is None:
+                labels[b] = -1
+            else:
+                labels[b] = rot_flip_crop(self.labels[r], k, flip_axis, start, self.patch)
         self.last_case_ids = [self.ids[r] for r in rows]
         return images, labels
 
@@ -629,7 +712,8 @@ def main(argv=None) -> int:
     usage = ("examples:\n"
              "  python -m uamt_fast.data pack ../shared/data/LA benchmarks/la_pack --train 16 --unlabeled 24 --test 4\n"
              "  python -m uamt_fast.data pack ../shared/data/LA LA_parts --train 80 --test 20 --max-part-mib 60\n"
-             "  python -m uamt_fast.data synth demo_data --train 12 --test 4 --shape 48 48 32 --seed 0")
+             "  python -m uamt_fast.data synth demo_data --train 12 --test 4 --shape 48 48 32 --seed 0\n"
+             "  python -m uamt_fast.data prepare Task02_Heart prepared_heart --preset none --test-count 4")
     fmt = {"formatter_class": argparse.RawDescriptionHelpFormatter, "epilog": usage}
     parser = _Parser(prog="python -m uamt_fast.data", description=__doc__.split("\n")[0], **fmt)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -663,8 +747,13 @@ def main(argv=None) -> int:
                        help="volume shape, each >= 1 (default: 128 128 96)")
     synth.add_argument("--seed", type=cli.number(int, ">= 0"), default=0, metavar="S",
                        help="random seed >= 0: the same seed writes the same data (default: 0)")
+    from uamt_fast import prepare  # here, not at the top: prepare imports this module
+
+    prepare.add_command(commands, fmt)
     try:
         args = parser.parse_args(argv)
+        if args.command == "prepare":
+            return prepare.run(args)
         if args.command == "synth":
             root = write_synthetic_la(args.out, args.train, args.test, tuple(args.shape), args.seed)
             print(f"wrote {args.train} train + {args.test} test synthetic cases of shape {tuple(args.shape)} to {root}")

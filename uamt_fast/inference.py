@@ -15,7 +15,7 @@ Here several windows go through one forward (``batch_size``), and the sums are k
 model's device, added window by window in the release's order: in fp32 the result equals a
 one-window-at-a-time loop exactly (tests/test_inference.py checks it).
 
-``evaluate`` runs this over a split and scores each case with ``uamt_fast.metrics.case_metrics``
+``evaluate`` runs this over a split and scores each case with ``uamt_fast.metrics.labelmap_metrics``
 (Dice/Jaccard as fractions, 95HD/ASD in voxels), returning the ``eval.json`` layout::
 
     {"cases": [{"case": id, "dice": f, "jaccard": f, "hd95": f, "asd": f}, ...],
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from uamt_fast.metrics import case_metrics, summarize
+from uamt_fast.metrics import labelmap_metrics, summarize
 
 PATCH_SIZE = (112, 112, 80)  # the paper's training crop and test window
 
@@ -199,9 +199,11 @@ def evaluate(
             softmax upsampled to full resolution and scored there (see ``predict_probs``).
 
     Returns:
-        ``{"cases": [{"case", "dice", "jaccard", "hd95", "asd"}, ...], "mean": {...}, "nan_cases": n}``;
-        foreground is every nonzero predicted class. Dice/Jaccard are fractions, 95HD/ASD voxels;
-        an empty prediction gives NaN distances (see ``uamt_fast.metrics``).
+        ``{"cases": [{"case", "dice", "jaccard", "hd95", "asd"[, "hd95_mm", "asd_mm"]}, ...], "mean": {...},
+        "nan_cases": n}``; with 2 classes the foreground is every nonzero predicted class, with more each
+        class is scored alone (``"classes"`` per case, ``"mean_per_class"``) and the top level is their mean
+        (``uamt_fast.metrics.labelmap_metrics``). Dice/Jaccard are fractions, 95HD/ASD voxels (and mm where
+        the case has a ``spacing``); an empty prediction gives NaN distances (see ``uamt_fast.metrics``).
     """
     n_cases, cases = _iter_cases(data, split)
     if n_cases == 0:
@@ -223,7 +225,9 @@ def evaluate(
             else:
                 labels = predict_probs(model, case.image, patch_size, stride_xy, stride_z, downsample, num_classes,
                                        batch_size, autocast_dtype).argmax(0).cpu().numpy()
-            row = {"case": str(case.id), **case_metrics(labels, case.label)}
+            # (the spacing, in mm, where the case carries one: uamt_fast.data's cases do)
+            row = {"case": str(case.id), **labelmap_metrics(labels, case.label, num_classes,
+                                                           getattr(case, "spacing", None))}
             rows.append(row)
             if progress is not None:
                 progress(row)
@@ -278,6 +282,11 @@ def format_table(result: dict) -> str:
     lines = [header, "-" * len(header)]
     lines += [line(str(row.get("case", i)), row) for i, row in enumerate(result["cases"])]
     lines += ["-" * len(header), line(f"mean ({len(result['cases'])})", result["mean"])]
+    for c, m in result.get("mean_per_class", {}).items():  # more than 2 classes: each class's mean too
+        lines.append(line(f"class {c}", m))
+    if "hd95_mm" in result["mean"]:
+        lines.append(f"{'mean, mm':<{width}}  {'':>8}  {'':>10}  {result['mean']['hd95_mm']:>9.2f}  "
+                     f"{result['mean']['asd_mm']:>8.2f}")
     if result["nan_cases"]:
         lines.append(
             f"{result['nan_cases']} case(s) with an empty prediction or label: NaN distances, left out of "

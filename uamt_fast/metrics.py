@@ -34,6 +34,7 @@ import torch
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 METRIC_NAMES = ("dice", "jaccard", "hd95", "asd")
+MM_NAMES = ("hd95_mm", "asd_mm")  # the distances in mm, where the spacing is known
 
 # Elements per temporary block in the chunked searches (bounds their memory to tens of MiB).
 _CHUNK_ELEMENTS = 1 << 22
@@ -306,23 +307,67 @@ def asd(pred: ArrayLike, gt: ArrayLike) -> float:
     return float(_surface_distances(_border_points(p), _border_points(g)).mean())
 
 
-def case_metrics(pred: ArrayLike, gt: ArrayLike) -> dict[str, float]:
-    """``{"dice", "jaccard", "hd95", "asd"}`` of one case; each border and each distance direction is computed once."""
+def case_metrics(pred: ArrayLike, gt: ArrayLike, spacing: Sequence[float] | None = None) -> dict[str, float]:
+    """``{"dice", "jaccard", "hd95", "asd"}`` of one case; each border and each distance direction is computed once.
+    With ``spacing`` (mm per axis) also ``hd95_mm`` and ``asd_mm``: the same definitions with distances in mm."""
     p, g = _mask_pair(pred, gt, "case_metrics")
     result = {"dice": _dice(p, g), "jaccard": _jaccard(p, g), "hd95": math.nan, "asd": math.nan}
+    if spacing is not None:
+        result |= {"hd95_mm": math.nan, "asd_mm": math.nan}
     which = _empty_which(p, g)
     if which:
         _warn_empty("case_metrics", which)
         return result
     bp, bg = _border_points(p), _border_points(g)
-    d_pg = _surface_distances(bp, bg)
-    result["hd95"] = _hd95(d_pg, _surface_distances(bg, bp))
+    d_pg, d_gp = _surface_distances(bp, bg), _surface_distances(bg, bp)
+    result["hd95"] = _hd95(d_pg, d_gp)
     result["asd"] = float(d_pg.mean())
+    if spacing is not None:
+        spacing = np.asarray(spacing, dtype=np.float64)
+        if np.all(spacing == spacing[0]):  # isotropic: the nearest voxel is the nearest in mm too
+            d_pg, d_gp = d_pg * spacing[0], d_gp * spacing[0]
+        else:
+            d_pg, d_gp = _scaled_distances(bp, bg, spacing), _scaled_distances(bg, bp, spacing)
+        result["hd95_mm"], result["asd_mm"] = _hd95(d_pg, d_gp), float(d_pg.mean())
     return result
 
 
+def _scaled_distances(query: np.ndarray, feature: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Exact distances (mm) from each query point to the nearest feature point, coordinates scaled by
+    ``spacing``: brute force in blocks (anisotropic grids only; borders are ~1e4 points)."""
+    f = torch.from_numpy(feature * spacing)
+    q = torch.from_numpy(query * spacing)
+    rows = max(1, _CHUNK_ELEMENTS // max(1, len(f)))
+    return torch.cat([torch.cdist(q[i:i + rows], f).amin(1) for i in range(0, len(q), rows)]).numpy()
+
+
+def labelmap_metrics(pred: ArrayLike, gt: ArrayLike, num_classes: int = 2,
+                     spacing: Sequence[float] | None = None) -> dict:
+    """The metrics of a predicted label map against the ground truth's, for ``num_classes`` classes.
+
+    C = 2: ``case_metrics`` of the foreground (every nonzero voxel), as the paper scores LA. C > 2: each
+    foreground class c scored alone (``pred == c`` against ``gt == c``) under ``"classes"`` (keys "1".."C-1"),
+    and at the top level the mean over the classes of each metric (NaN classes left out).
+    """
+    if num_classes == 2:
+        return case_metrics(pred, gt, spacing)
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    classes = {str(c): case_metrics(pred == c, gt == c, spacing) for c in range(1, num_classes)}
+    return {**_nanmean_rows(list(classes.values())), "classes": classes}
+
+
+def _nanmean_rows(rows: list[dict]) -> dict:
+    names = [k for k in (*METRIC_NAMES, *MM_NAMES) if all(k in row for row in rows)]
+    mean = {}
+    for k in names:
+        values = np.asarray([row[k] for row in rows], dtype=np.float64)
+        mean[k] = float(np.nanmean(values)) if not np.isnan(values).all() else math.nan
+    return mean
+
+
 def summarize(cases: Sequence[dict]) -> dict:
-    """Per-case rows plus their mean: ``{"cases": [...], "mean": {metric: nanmean}, "nan_cases": n}``.
+    """Per-case rows plus their mean: ``{"cases": [...], "mean": {metric: nanmean}, "nan_cases": n}`` (and
+    ``"mean_per_class"`` when the rows carry ``"classes"``; the mm distances are averaged where every row has them).
 
     The mean of each metric ignores NaN cases (``np.nanmean``); it is NaN only when every case is NaN.
     ``nan_cases`` counts cases with at least one NaN metric (an empty prediction or ground truth).
@@ -334,9 +379,9 @@ def summarize(cases: Sequence[dict]) -> dict:
         missing = [k for k in METRIC_NAMES if k not in row]
         if missing:
             raise ValueError(f"summarize: case {row.get('case', i)!r} lacks {missing}; expected keys {METRIC_NAMES}")
-    mean = {}
-    for k in METRIC_NAMES:
-        values = np.asarray([row[k] for row in cases], dtype=np.float64)
-        mean[k] = float(np.nanmean(values)) if not np.isnan(values).all() else math.nan
+    mean = _nanmean_rows(cases)
     nan_cases = sum(any(math.isnan(row[k]) for k in METRIC_NAMES) for row in cases)
-    return {"cases": cases, "mean": mean, "nan_cases": int(nan_cases)}
+    result = {"cases": cases, "mean": mean, "nan_cases": int(nan_cases)}
+    if all("classes" in row for row in cases):  # C > 2: the mean of each class over the cases, too
+        result["mean_per_class"] = {c: _nanmean_rows([row["classes"][c] for row in cases]) for c in cases[0]["classes"]}
+    return result

@@ -89,14 +89,17 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def dice_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Soft Dice on the foreground (class 1) over the whole batch, as released::
+    """Soft Dice over the whole batch, as released for C = 2, averaged over the foreground classes 1..C-1::
 
-    dice = 1 - (2 sum(p1 y) + 1e-5) / (sum(p1^2) + sum(y^2) + 1e-5),  p1 = softmax(logits)[:, 1], y = [labels == 1]
+    dice_c = 1 - (2 sum(p_c y_c) + 1e-5) / (sum(p_c^2) + sum(y_c^2) + 1e-5),  p = softmax(logits), y_c = [labels == c]
     """
-    p1 = F.softmax(logits, dim=1)[:, 1]
-    y = (labels == 1).to(p1.dtype)
-    intersect = torch.sum(p1 * y)
-    return 1.0 - (2.0 * intersect + DICE_SMOOTH) / (torch.sum(p1 * p1) + torch.sum(y * y) + DICE_SMOOTH)
+    p = F.softmax(logits, dim=1)
+    losses = []
+    for c in range(1, logits.shape[1]):
+        pc, y = p[:, c], (labels == c).to(p.dtype)
+        intersect = torch.sum(pc * y)
+        losses.append(1.0 - (2.0 * intersect + DICE_SMOOTH) / (torch.sum(pc * pc) + torch.sum(y * y) + DICE_SMOOTH))
+    return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
 
 def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
