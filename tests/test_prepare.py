@@ -1,0 +1,469 @@
+"""prepare: MSD, nnU-Net and NIfTI folders -> the layout train.py reads, with a record of every step.
+
+Synthetic NIfTI volumes (small, non-identity affines: LPS and oblique, anisotropic spacing) through the real
+command line (``data.main`` in-process, and once as a subprocess); the real LA data round trip when present.
+"""
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+nibabel = pytest.importorskip("nibabel")
+pytest.importorskip("monai")
+
+from uamt_fast import data, prepare  # noqa: E402
+
+SHAPE = (40, 36, 20)
+LPS = np.diag([-0.8, -0.8, 2.0, 1.0]) + np.array([[0, 0, 0, 30.0], [0, 0, 0, 25.0], [0, 0, 0, -18.0], [0, 0, 0, 0]])
+
+
+def oblique(spacing=(1.2, 0.9, 2.5), degrees=20.0) -> np.ndarray:
+    """A rotation about z (oblique in-plane axes) times an anisotropic spacing, with an offset."""
+    t = np.deg2rad(degrees)
+    rotation = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag(spacing)
+    affine[:3, 3] = (-20.0, -15.0, 10.0)
+    return affine
+
+
+def save(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nibabel.save(nibabel.Nifti1Image(array, affine), str(path))
+    return path
+
+
+def scan(seed: int, classes: int = 3, shape=SHAPE) -> tuple[np.ndarray, np.ndarray]:
+    """(image float32, label uint8 in 0..classes-1): a body box in air, one ball per foreground class."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    image = rng.normal(0.0, 5.0, shape).astype(np.float32)
+    image[4:-4, 4:-4, 2:-2] += 40.0  # the body
+    label = np.zeros(shape, np.uint8)
+    for c in range(1, classes):
+        centre = rng.uniform([12, 10, 6], [28, 26, 14])
+        ball = ((grid - centre) ** 2 / np.array([36.0, 36.0, 9.0])).sum(-1) < 1
+        label[ball] = c
+        image[ball] += 60.0 * c
+    return image, label
+
+
+def write_nnunet(root: Path, n_labeled=4, n_unlabeled=1, channels=("T1", "FLAIR")) -> Path:
+    """An nnU-Net v2 raw folder: 3 classes, one file per channel, LPS affine, the last case(s) without label."""
+    labels = {"background": 0, "left": 1, "right": 2}
+    meta = {"channel_names": {str(k): n for k, n in enumerate(channels)}, "labels": labels,
+            "numTraining": n_labeled, "file_ending": ".nii.gz"}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    for k in range(n_labeled + n_unlabeled):
+        image, label = scan(k)
+        for c in range(len(channels)):
+            save(root / "imagesTr" / f"case{k:03d}_{c:04d}.nii.gz", image * (c + 1), LPS)
+        if k < n_labeled:
+            save(root / "labelsTr" / f"case{k:03d}.nii.gz", label, LPS)
+    return root
+
+
+def write_msd(root: Path, ids=("image0001", "image0002", "image0025"), test_ids=("image0003",),
+              unlabeled=("image0004",)) -> Path:
+    """An MSD folder of CT-like scans (HU: air -1000, body ~40, organ ~200) on an oblique anisotropic grid."""
+    affine = oblique()
+    training, test = [], []
+    for k, case_id in enumerate((*ids, *unlabeled, *test_ids)):
+        image, label = scan(10 + k, classes=2)
+        hu = np.where(image > 20, image + 150.0 * (label > 0), -1000.0).astype(np.float32)
+        folder = "imagesTs" if case_id in test_ids else "imagesTr"
+        save(root / folder / f"{case_id}.nii.gz", hu, affine)
+        if case_id in test_ids:
+            save(root / "labelsTs" / f"{case_id}.nii.gz", label, affine)
+            test.append(f"./imagesTs/{case_id}.nii.gz")
+        elif case_id in unlabeled:
+            training.append({"image": f"./imagesTr/{case_id}.nii.gz"})
+        else:
+            save(root / "labelsTr" / f"{case_id}.nii.gz", label, affine)
+            training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
+    meta = {"name": "synthetic pancreas", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "pancreas"},
+            "numTraining": len(training), "training": training, "test": test}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def run_cli(*args) -> int:
+    return data.main(["prepare", *map(str, args)])
+
+
+def read_h5(root: Path, case_id: str) -> dict:
+    with h5py.File(root / data.IMAGES_DIR / case_id / data.H5_NAME, "r") as f:
+        return {name: f[name][()] for name in f}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- good input
+def test_nnunet_multiclass(tmp_path, capsys):
+    src = write_nnunet(tmp_path / "nnunet")
+    out = tmp_path / "out"
+    assert run_cli(src, out, "--preset", "none", "--channel", "FLAIR", "--test-count", "1", "--seed", "3") == 0
+    record = json.loads((out / "dataset.json").read_text())
+    assert record["format"] == "uamt_fast.prepared/1" and record["preset"] == "none"
+    assert record["num_classes"] == 3 and record["labels"] == {"background": 0, "left": 1, "right": 2}
+    assert record["channel"] == "FLAIR" and record["source"]["layout"] == "nnunet"
+    assert record["train"] == {"patch": [112, 112, 80], "eval_stride_xy": 18, "eval_stride_z": 4}
+    train, test = data.read_list(out, "train"), data.read_list(out, "test")
+    unlabeled = (out / "unlabeled.list").read_text().split()
+    assert len(train) == 3 and len(test) == 1 and unlabeled == ["case004"] and train == sorted(train)
+    assert record["split"]["seed"] == 3 and "--test-count 1" in record["split"]["test"]
+    assert {i: c["role"] for i, c in record["cases"].items()} == {
+        **{i: "labeled" for i in train}, **{i: "test" for i in test}, "case004": "unlabeled"}
+    for case_id, case in record["cases"].items():
+        arrays = read_h5(out, case_id)
+        source_image, source_label = scan(int(case_id[4:]))
+        # LPS -> RAS flips the first two axes; no resampling, no intensity change, no crop with preset none
+        assert arrays["image"].dtype == np.float32 and arrays["image"].shape == SHAPE
+        np.testing.assert_array_equal(arrays["image"], (source_image * 2)[::-1, ::-1, :])
+        assert case["orientation_original"] == "LPS" and case["orientation"] == "RAS"
+        assert case["spacing_original"] == pytest.approx([0.8, 0.8, 2.0]) and case["spacing"] == pytest.approx(
+            [0.8, 0.8, 2.0])
+        assert np.allclose(case["affine_original"], LPS) and case["shape_original"] == list(SHAPE)
+        assert case["crop_box"] == [[0, s] for s in SHAPE] and case["intensity"] == {"kind": "none"}
+        assert case["files"]["image"] == [f"imagesTr/{case_id}_0001.nii.gz"]
+        for name, digest in case["sha256"].items():
+            assert digest == sha256(src / name)
+        if case["role"] == "unlabeled":
+            assert "label" not in arrays and case["files"]["label"] is None and case["label_map"] is None
+        else:
+            assert arrays["label"].dtype == np.uint8 and set(np.unique(arrays["label"])) == {0, 1, 2}
+            np.testing.assert_array_equal(arrays["label"], source_label[::-1, ::-1, :])
+            assert case["label_map"] == {"0": 0, "1": 1, "2": 2} and case["files"]["label"] == f"labelsTr/{case_id}.nii.gz"
+    assert "prepared 3 labeled, 1 unlabeled, 1 test cases (3 classes" in capsys.readouterr().out
+
+
+def test_record_maps_a_prediction_back(tmp_path):
+    """The record's affine and the original shape and affine put a prepared label back on the source grid."""
+    from nibabel.processing import resample_from_to
+
+    src = write_nnunet(tmp_path / "nnunet", n_labeled=2, n_unlabeled=0, channels=("T1",))
+    out = tmp_path / "out"
+    assert run_cli(src, out, "--preset", "none", "--test-count", "1") == 0
+    record = json.loads((out / "dataset.json").read_text())
+    for case_id, case in record["cases"].items():
+        prepared = nibabel.Nifti1Image(read_h5(out, case_id)["label"], np.array(case["affine"]))
+        back = resample_from_to(prepared, (case["shape_original"], np.array(case["affine_original"])), order=0)
+        np.testing.assert_array_equal(np.asarray(back.dataobj), scan(int(case_id[4:]))[1])
+
+
+def test_msd_oblique_resampled_pancreas(tmp_path):
+    src = write_msd(tmp_path / "msd")
+    out = tmp_path / "out"
+    assert run_cli(src, out, "--preset", "pancreas") == 0
+    record = json.loads((out / "dataset.json").read_text())
+    assert record["num_classes"] == 2 and record["labels"] == {"background": 0, "pancreas": 1}
+    assert record["train"] == {"patch": [96, 96, 96], "eval_stride_xy": 16, "eval_stride_z": 16}
+    assert record["split"]["dropped"] == ["image0025"] and record["split"]["test"] == "imagesTs with labelsTs"
+    assert data.read_list(out, "train") == ["image0001", "image0002"] and data.read_list(out, "test") == ["image0003"]
+    assert (out / "unlabeled.list").read_text() == "image0004\n"
+    assert not (out / data.IMAGES_DIR / "image0025").exists()
+    for case_id, case in record["cases"].items():
+        arrays = read_h5(out, case_id)
+        assert case["spacing_original"] == pytest.approx([1.2, 0.9, 2.5])
+        assert case["spacing"] == pytest.approx([1.0, 1.0, 1.0], abs=1e-4)
+        assert case["orientation_original"] == "RAS" and case["intensity"] == {
+            "kind": "ct_window", "window": [-125.0, 275.0], "range": [0.0, 1.0]}
+        # the body crop (HU > -125) lies inside the resampled grid and gives the stored shape
+        box, resampled = case["crop_box"], case["shape_resampled"]
+        assert all(0 <= lo < hi <= s for (lo, hi), s in zip(box, resampled))
+        assert [hi - lo for lo, hi in box] == case["shape"] == list(arrays["image"].shape)
+        assert case["shape"] != resampled  # air was cropped away
+        assert 0.0 <= arrays["image"].min() and arrays["image"].max() <= 1.0
+        if case["role"] == "unlabeled":
+            assert "label" not in arrays
+        else:
+            assert set(np.unique(arrays["label"])) == {0, 1} and arrays["label"].shape == arrays["image"].shape
+            assert arrays["image"][arrays["label"] == 1].mean() > arrays["image"][arrays["label"] == 0].mean()
+
+
+def test_pancreas_fixed_split(tmp_path):
+    """Without imagesTs or a hold-out flag the preset's MC-Net split decides; its list order is kept."""
+    root = tmp_path / "nifti"
+    for case_id in ("image0001", "image0050", "image0057", "image0018", "image0070"):
+        image, label = scan(1, classes=2, shape=(20, 18, 10))
+        save(root / "imagesTr" / f"{case_id}.nii.gz", np.where(image > 20, image, -1000.0).astype(np.float32),
+             np.eye(4))
+        save(root / "labelsTr" / f"{case_id}.nii.gz", label, np.eye(4))
+    out = tmp_path / "out"
+    assert run_cli(root, out, "--preset", "pancreas") == 0
+    assert data.read_list(out, "train") == ["image0057", "image0018"]  # MC-Net's train.list order
+    assert data.read_list(out, "test") == ["image0050", "image0001"]
+    record = json.loads((out / "dataset.json").read_text())
+    assert record["split"]["dropped"] == ["image0070"] and record["source"]["layout"] == "nifti"
+
+
+def test_brats_flair_whole_tumour(tmp_path):
+    """brats2019: the FLAIR channel by name, labels > 0 -> 1, crop to the brain, z-score over voxels > 0."""
+    root = tmp_path / "brats"
+    write_nnunet(root, n_labeled=3, n_unlabeled=0, channels=("T1", "T1ce", "FLAIR", "T2"))
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "edema": 1, "enhancing": 2}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    for k in range(3):  # zero outside the brain, as BraTS is
+        path = root / "imagesTr" / f"case{k:03d}_0002.nii.gz"
+        image = np.asarray(nibabel.load(str(path)).dataobj)
+        save(path, np.where(image > 60, image, 0).astype(np.float32), LPS)
+    out = tmp_path / "out"
+    assert run_cli(root, out, "--preset", "brats2019", "--test-count", "1") == 0
+    record = json.loads((out / "dataset.json").read_text())
+    assert record["channel"] == "FLAIR" and record["labels"] == {"background": 0, "whole tumour": 1}
+    assert record["train"] == {"patch": [96, 96, 96], "eval_stride_xy": 64, "eval_stride_z": 64}
+    for case_id, case in record["cases"].items():
+        arrays = read_h5(out, case_id)
+        assert case["files"]["image"] == [f"imagesTr/{case_id}_0002.nii.gz"]
+        assert case["label_map"] == {"0": 0, "1": 1, "2": 1} and set(np.unique(arrays["label"])) == {0, 1}
+        intensity = case["intensity"]
+        assert intensity["kind"] == "zscore" and intensity["std"] > 0 and intensity["clip_percentile"] == 99.9
+        assert case["shape"] != case["shape_resampled"]  # cropped to the brain
+        inside = arrays["image"] > -intensity["mean"] / intensity["std"] + 1e-4
+        assert abs(arrays["image"][inside].mean()) < 0.2
+
+
+def test_unlabeled_cases_never_open_a_label(tmp_path, monkeypatch):
+    """Every file nibabel opens is an image or the label of a labeled/test case; an --unlabeled DIR with a
+    booby-trapped 'label' beside its images is never looked into."""
+    src = write_nnunet(tmp_path / "nnunet", n_labeled=3, n_unlabeled=1, channels=("T1",))
+    extra = tmp_path / "more"
+    save(extra / "extra01.nii.gz", scan(7)[0], LPS)
+    (extra / "labelsTr").mkdir()
+    (extra / "labelsTr" / "extra01.nii.gz").write_bytes(b"not a NIfTI file: opening it fails")
+    opened = []
+    real_load = nibabel.load
+    monkeypatch.setattr(nibabel, "load", lambda path, *a, **k: opened.append(Path(path)) or real_load(path, *a, **k))
+    out = tmp_path / "out"
+    assert run_cli(src, out, "--preset", "none", "--test-count", "1", "--unlabeled", extra) == 0
+    record = json.loads((out / "dataset.json").read_text())
+    assert sorted((out / "unlabeled.list").read_text().split()) == ["case003", "extra01"]
+    assert all("labelsTr" not in p.parts or p.parent.parent == src for p in opened)
+    assert src / "labelsTr" / "case003.nii.gz" not in opened  # (there is none, and none is looked for)
+    assert {p.name for p in opened if "labelsTr" in p.parts} == {f"case00{k}.nii.gz" for k in range(3)}
+    for case_id in ("case003", "extra01"):
+        assert "label" not in read_h5(out, case_id) and record["cases"][case_id]["files"]["label"] is None
+
+
+def test_overwrite_and_interrupted_prepare(tmp_path, monkeypatch, capsys):
+    src = write_nnunet(tmp_path / "nnunet", n_labeled=3, n_unlabeled=0, channels=("T1",))
+    out = tmp_path / "out"
+    assert run_cli(src, out, "--preset", "none", "--test-count", "1") == 0
+    assert run_cli(src, out, "--preset", "none", "--test-count", "1") == 2
+    assert "already holds a prepared set" in capsys.readouterr().err
+    calls = []
+
+    def dies_on_the_second(out_, case_id, image, label):
+        calls.append(case_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_write(out_, case_id, image, label)
+
+    real_write = prepare._write_case
+    monkeypatch.setattr(prepare, "_write_case", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(src, out, "none", test_count=1, overwrite=True)
+    # the old set was removed first, the new one never got its record or lists, and no case file is left
+    assert not any((out / n).exists() for n in ("dataset.json", "train.list", "test.list", "unlabeled.list"))
+    assert not list((out / data.IMAGES_DIR).rglob("*.h5*"))
+    monkeypatch.setattr(prepare, "_write_case", real_write)
+    assert run_cli(src, out, "--preset", "none", "--test-count", "1") == 0  # no prepared set there any more
+
+
+# ----------------------------------------------------------------------------- bad input: one line, exit 2
+def _nifti_case(root: Path, case_id="c1", image=None, label=None, affine=LPS, label_affine=None):
+    img, lab = scan(1, classes=2, shape=(20, 18, 10))
+    save(root / "imagesTr" / f"{case_id}.nii.gz", img if image is None else image, affine)
+    save(root / "labelsTr" / f"{case_id}.nii.gz", lab if label is None else label,
+         affine if label_affine is None else label_affine)
+    return root
+
+
+def _good_nifti(root: Path) -> Path:
+    for k in range(2, 4):
+        _nifti_case(root, f"c{k}")
+    return root
+
+
+def _shape_mismatch(root):
+    _nifti_case(_good_nifti(root), label=np.zeros((20, 18, 9), np.uint8))
+
+
+def _affine_mismatch(root):
+    _nifti_case(_good_nifti(root), label_affine=oblique())
+
+
+def _undeclared_label(root):
+    write_nnunet(root, n_labeled=3, n_unlabeled=0, channels=("T1",))
+    label = scan(0)[1]
+    label[0, 0, 0] = 7
+    save(root / "labelsTr" / "case000.nii.gz", label, LPS)
+
+
+def _nan_voxels(root):
+    image = scan(1, shape=(20, 18, 10))[0]
+    image[3, 3, 3] = np.nan
+    _nifti_case(_good_nifti(root), image=image)
+
+
+def _inf_voxels(root):
+    image = scan(1, shape=(20, 18, 10))[0]
+    image[3, 3, 3] = np.inf
+    _nifti_case(_good_nifti(root), image=image)
+
+
+def _empty_image(root):
+    _nifti_case(_good_nifti(root), image=np.zeros((20, 18, 10), np.float32))
+
+
+def _four_d_image(root):
+    _nifti_case(_good_nifti(root), image=np.zeros((20, 18, 10, 2), np.float32))
+
+
+def _msd_missing_file(root):
+    write_msd(root)
+    (root / "labelsTr" / "image0002.nii.gz").unlink()
+
+
+def _msd_unlisted_file(root):
+    write_msd(root)
+    save(root / "imagesTr" / "image0009.nii.gz", scan(9)[0], np.eye(4))
+
+
+def _nnunet_missing_channel(root):
+    write_nnunet(root)
+    (root / "imagesTr" / "case001_0001.nii.gz").unlink()
+
+
+def _msd_entry(entry):
+    def build(root):
+        write_msd(root)
+        meta = json.loads((root / "dataset.json").read_text())
+        meta["training"][0]["image"] = entry
+        (root / "dataset.json").write_text(json.dumps(meta))
+    return build
+
+
+def _train_and_test(root):
+    write_msd(root)
+    image, label = scan(3, classes=2)
+    save(root / "imagesTs" / "image0001.nii.gz", image, oblique())
+    save(root / "labelsTs" / "image0001.nii.gz", label, oblique())
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["test"].append("./imagesTs/image0001.nii.gz")
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
+BAD = {
+    "shape": (_shape_mismatch, [], "label shape (20, 18, 9) != image shape (20, 18, 10)"),
+    "affine": (_affine_mismatch, [], "label affine differs from the image's"),
+    "label value": (_undeclared_label, [], "label values [7] not in the declared labels (dataset.json) [0, 1, 2]"),
+    "nan": (_nan_voxels, [], "image has 1 NaN or Inf voxels"),
+    "inf": (_inf_voxels, [], "image has 1 NaN or Inf voxels"),
+    "empty": (_empty_image, [], "an empty image"),
+    "4d": (_four_d_image, [], "a 4D volume of shape (20, 18, 10, 2); expected 3D"),
+    "list names a missing file": (_msd_missing_file, [], "names a missing file"),
+    "folder disagrees with the list": (_msd_unlisted_file, [], "image0009.nii.gz is not in the 'training' list"),
+    "missing channel file": (_nnunet_missing_channel, [], "case case001 has channel files [0], expected 0..1"),
+    "relative path id": (_msd_entry("../x.nii.gz"), [], "list entry '../x.nii.gz' is a path leaving"),
+    "absolute path id": (_msd_entry("/abs/x.nii.gz"), [], "list entry '/abs/x.nii.gz' is a path leaving"),
+    "train and test": (_train_and_test, [], "case image0001 is both a training and a test case"),
+    "two channels": (lambda r: write_nnunet(r), ["--channel", "T1", "--channel", "FLAIR", "--test-count", "1"],
+                     "the trainer reads one input channel"),
+    "channel not chosen": (lambda r: write_nnunet(r), ["--test-count", "1"],
+                           "has 2 input channels (T1, FLAIR); the trainer reads one channel"),
+    "no test cases": (lambda r: write_nnunet(r, channels=("T1",)), [], "no test cases (no imagesTs with labelsTs)"),
+    "bad flag": (lambda r: write_nnunet(r, channels=("T1",)), ["--test-fraction", "1.5"],
+                 "argument --test-fraction: expected a finite number in (0, 1)"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_is_one_line(tmp_path, capsys, name):
+    build, flags, message = BAD[name]
+    src = tmp_path / "src"
+    src.mkdir()
+    build(src)
+    out = tmp_path / "out"
+    needs_test = "--test-count" not in flags and name not in ("no test cases", "bad flag") and not (src / "imagesTs").exists()
+    assert run_cli(src, out, "--preset", "none", *flags, *(["--test-count", "1"] if needs_test else [])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not any((out / n).exists() for n in ("dataset.json", "train.list", "test.list", "unlabeled.list"))
+    assert not list(out.rglob("*.h5")) if out.exists() else True
+
+
+def test_missing_extra_names_the_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "monai", None)  # import monai -> ImportError
+    assert run_cli(write_nnunet(tmp_path / "src", channels=("T1",)), tmp_path / "out", "--test-count", "1") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'uamt_fast[data]'" in err
+
+
+def test_other_data_set_in_out_is_refused(tmp_path, capsys):
+    """OUT holding lists that prepare did not write (an LA root) is refused even with --overwrite."""
+    out = tmp_path / "la"
+    data.write_synthetic_la(out, n_train=1, n_test=1, shape=(16, 16, 16), seed=0)
+    src = write_nnunet(tmp_path / "src", channels=("T1",))
+    assert run_cli(src, out, "--preset", "none", "--test-count", "1", "--overwrite") == 2
+    assert "holds a data set that prepare did not write" in capsys.readouterr().err
+    assert data.read_list(out, "train") and (out / data.IMAGES_DIR).is_dir()
+
+
+def test_subprocess_bad_input(tmp_path):
+    src = tmp_path / "src"
+    _nan_voxels(src)
+    proc = subprocess.run([sys.executable, "-m", "uamt_fast.data", "prepare", str(src), str(tmp_path / "out"),
+                           "--preset", "none", "--test-count", "1"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "NaN or Inf voxels" in lines[0], proc.stderr
+
+
+# ----------------------------------------------------------------------------- the real LA data
+@pytest.mark.real_data
+def test_real_la_round_trip(tmp_path, la_root):
+    """Three real LA cases exported to an MSD folder (0.625 mm, RAS) come back from prepare --preset la with
+    the same arrays: labels exactly, images to float32 rounding."""
+    ids = data.read_list(la_root, "train")[:2] + data.read_list(la_root, "test")[:1]
+    cases = {case.id: case for case in data.load_cases(la_root, ids)}
+    affine = np.diag([0.625, 0.625, 0.625, 1.0])
+    src, training = tmp_path / "msd", []
+    for case_id in ids:
+        folder, lfolder = ("imagesTs", "labelsTs") if case_id == ids[2] else ("imagesTr", "labelsTr")
+        save(src / folder / f"{case_id}.nii.gz", cases[case_id].image, affine)
+        save(src / lfolder / f"{case_id}.nii.gz", cases[case_id].label, affine)
+        if folder == "imagesTr":
+            training.append({"image": f"./{folder}/{case_id}.nii.gz", "label": f"./{lfolder}/{case_id}.nii.gz"})
+    (src / "dataset.json").write_text(json.dumps({"modality": {"0": "MRI"}, "labels": {"0": "background",
+                                                  "1": "left atrium"}, "training": training,
+                                                  "test": [f"./imagesTs/{ids[2]}.nii.gz"]}))
+    out = tmp_path / "out"
+    assert run_cli(src, out, "--preset", "la", "--workers", "2") == 0
+    assert data.read_list(out, "train") == sorted(ids[:2]) and data.read_list(out, "test") == [ids[2]]
+    record = json.loads((out / "dataset.json").read_text())
+    assert record["num_classes"] == 2 and record["train"]["patch"] == [112, 112, 80]
+    for case_id in ids:
+        back = data.load_case(out, case_id)
+        np.testing.assert_array_equal(back.label, cases[case_id].label)
+        np.testing.assert_allclose(back.image, cases[case_id].image, rtol=0, atol=np.finfo(np.float32).eps * 8)
+        assert record["cases"][case_id]["spacing"] == pytest.approx([0.625] * 3)
+
+
+def test_core_import_needs_no_extra():
+    """import uamt_fast, its data module and even prepare/formats load neither MONAI nor nibabel."""
+    code = ("import sys, uamt_fast, uamt_fast.data, uamt_fast.formats, uamt_fast.prepare; "
+            "print(sorted(m for m in ('monai', 'nibabel') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr

@@ -1,0 +1,386 @@
+"""Source data sets as people have them: which files make each case, and in which role.
+
+Three layouts, told apart by ``SRC/dataset.json``:
+
+- **msd** (Medical Segmentation Decathlon): ``dataset.json`` with ``training`` (a list of
+  ``{"image", "label"}``, paths relative to SRC) and ``test`` (image paths, or ``{"image"}`` entries);
+  ``imagesTr/``, ``labelsTr/``, ``imagesTs/``. A multi-modal MSD image is one 4D file whose last axis
+  holds the ``modality`` channels. A ``training`` entry with no ``label`` is an unlabeled case.
+- **nnunet** (nnU-Net v2 raw): ``dataset.json`` with ``channel_names`` (v1: ``modality``), ``labels``
+  (name -> value) and ``file_ending``; ``imagesTr/{case}_{XXXX}{file_ending}``, one 3D file per channel;
+  ``labelsTr/{case}{file_ending}``. An image with no label file is an unlabeled case.
+- **nifti** (no ``dataset.json``): ``imagesTr/`` (or SRC itself) of ``.nii`` / ``.nii.gz`` files and
+  ``labelsTr/`` with the same names; channel files ``{case}_{XXXX}`` as in nnU-Net when every image
+  is named so. An image with no label file is an unlabeled case.
+
+In every layout ``imagesTs/`` with ``labelsTs/`` (the common extension of both) are the test cases; a
+folder given as ``--unlabeled DIR`` adds unlabeled cases. An unlabeled case has ``label = None`` here,
+so nothing downstream can open a label file for it.
+
+Everything wrong with a folder is a ``DataError`` of one line naming the file: a list naming a missing
+file, a file the list does not name, a case id that is a path, a case in both training and test, ...
+Only ``read_volume`` needs nibabel; the rest reads file names and JSON.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from uamt_fast.data import DataError, check_case_id
+
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net's {case}_{XXXX}
+
+
+@dataclass(frozen=True)
+class SourceCase:
+    """One case of a source folder: its image file(s) (one per channel, or one 4D file) and its label."""
+
+    id: str
+    role: str  # "labeled" | "unlabeled" | "test"
+    images: tuple[Path, ...]
+    label: Path | None  # None for an unlabeled case, always
+    channels_in_file: bool = False  # MSD multi-modal: one 4D file holds every channel
+
+
+@dataclass
+class Source:
+    """A source folder: its layout, its channels, its declared labels (name -> value, or None) and cases."""
+
+    path: Path
+    layout: str  # "msd" | "nnunet" | "nifti"
+    channel_names: list[str]
+    labels: dict[str, int] | None
+    cases: list[SourceCase] = field(default_factory=list)
+
+    def by_role(self, role: str) -> list[SourceCase]:
+        return [c for c in self.cases if c.role == role]
+
+
+# ----------------------------------------------------------------------------- reading a folder
+def read_source(src, unlabeled_dir=None) -> Source:
+    """The cases of ``src`` (an msd, nnunet or nifti folder) plus the images of ``unlabeled_dir``."""
+    src = Path(src)
+    if not src.is_dir():
+        raise DataError(f"source folder not found: {src}")
+    meta = _read_json(src / "dataset.json") if (src / "dataset.json").is_file() else None
+    if meta is None:
+        source = _read_nifti(src)
+    elif "training" in meta and not ("channel_names" in meta or "file_ending" in meta):
+        source = _read_msd(src, meta)
+    elif "file_ending" in meta or "channel_names" in meta:
+        source = _read_nnunet(src, meta)
+    else:
+        raise DataError(f"{src / 'dataset.json'}: neither a Decathlon file (no 'training' list) nor an nnU-Net v2 "
+                        f"file (no 'channel_names' / 'file_ending')")
+    if unlabeled_dir is not None:
+        source.cases += _unlabeled_folder(Path(unlabeled_dir), len(source.channel_names))
+    _refuse_repeats(source)
+    if not source.by_role("labeled"):
+        raise DataError(f"{src}: no labeled training case (an image in imagesTr with its label in labelsTr)")
+    return source
+
+
+def _read_msd(src: Path, meta: dict) -> Source:
+    where = src / "dataset.json"
+    channels = _names(meta.get("modality", {"0": "image"}), where, "modality")
+    labels = _msd_labels(meta.get("labels"), where)
+    training = meta["training"]
+    if not isinstance(training, list):
+        raise DataError(f"{where}: 'training' must be a list of {{\"image\", \"label\"}} entries")
+    cases = []
+    for k, entry in enumerate(training):
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+            raise DataError(f"{where}: training entry {k + 1} is not {{\"image\": path, \"label\": path}}")
+        image = _listed_file(src, entry["image"], where, "imagesTr")
+        label = entry.get("label")
+        label = None if label is None else _listed_file(src, label, where, "labelsTr")
+        case_id = check_case_id(_strip_ending(image.name), f"{where} ({entry['image']})")
+        if label is not None and _strip_ending(label.name) != case_id:
+            raise DataError(f"{where}: training entry {case_id} names the label of another case: {entry['label']}")
+        cases.append(SourceCase(case_id, "labeled" if label else "unlabeled", (image,), label, len(channels) > 1))
+    if isinstance(meta.get("numTraining"), int) and meta["numTraining"] != len(training):
+        raise DataError(f"{where}: numTraining is {meta['numTraining']} but 'training' lists {len(training)} cases")
+    _same_files(src / "imagesTr", {c.images[0].name for c in cases}, where, "'training'")
+    _same_files(src / "labelsTr", {c.label.name for c in cases if c.label}, where, "'training'", missing_ok=True)
+    test = meta.get("test", [])
+    test_images = [_listed_file(src, e["image"] if isinstance(e, dict) else e, where, "imagesTs") for e in test]
+    _same_files(src / "imagesTs", {p.name for p in test_images}, where, "'test'", missing_ok=True)
+    cases += _test_cases([(check_case_id(_strip_ending(p.name), f"{where} (test {p.name})"), (p,)) for p in test_images],
+                         src, len(channels) > 1, None)
+    return Source(src, "msd", channels, labels, cases)
+
+
+def _read_nnunet(src: Path, meta: dict) -> Source:
+    where = src / "dataset.json"
+    names = meta.get("channel_names", meta.get("modality"))
+    if names is None:
+        raise DataError(f"{where}: no 'channel_names' (nnU-Net v2) or 'modality' (v1)")
+    channels = _names(names, where, "channel_names")
+    ending = meta.get("file_ending")
+    if not isinstance(ending, str) or not ending.startswith("."):
+        raise DataError(f"{where}: 'file_ending' must be a string like \".nii.gz\", got {ending!r}")
+    if ending not in NIFTI_ENDINGS:
+        raise DataError(f"{where}: file_ending {ending!r} is not NIfTI ({', '.join(NIFTI_ENDINGS)}); only NIfTI is read")
+    labels = _nnunet_labels(meta.get("labels"), where)
+    train = _channel_cases(src / "imagesTr", ending, len(channels), where)
+    label_dir = src / "labelsTr"
+    label_files = {p.name for p in label_dir.iterdir() if p.is_file()} if label_dir.is_dir() else set()
+    strays = sorted(n for n in label_files if not n.endswith(ending) or n[: -len(ending)] not in train)
+    if strays:
+        raise DataError(f"{label_dir / strays[0]}: a label file with no image {strays[0][: -len(ending)]}_0000{ending} "
+                        f"in imagesTr (dataset.json file_ending {ending!r})")
+    cases = [SourceCase(case_id, "labeled" if f"{case_id}{ending}" in label_files else "unlabeled", files,
+                        label_dir / f"{case_id}{ending}" if f"{case_id}{ending}" in label_files else None)
+             for case_id, files in train.items()]
+    n_labeled = sum(c.role == "labeled" for c in cases)
+    if isinstance(meta.get("numTraining"), int) and meta["numTraining"] not in (n_labeled, len(cases)):
+        raise DataError(f"{where}: numTraining is {meta['numTraining']} but imagesTr holds {len(cases)} cases "
+                        f"({n_labeled} with a label in labelsTr)")
+    test = _channel_cases(src / "imagesTs", ending, len(channels), where) if (src / "imagesTs").is_dir() else {}
+    cases += _test_cases(list(test.items()), src, False, ending)
+    return Source(src, "nnunet", channels, labels, cases)
+
+
+def _read_nifti(src: Path) -> Source:
+    image_dir = src / "imagesTr" if (src / "imagesTr").is_dir() else src
+    files = _nifti_files(image_dir)
+    if not files:
+        raise DataError(f"{src}: no dataset.json and no NIfTI images (.nii, .nii.gz) in {image_dir}")
+    label_dir = src / "labelsTr"
+    labels = {_strip_ending(p.name): p for p in _nifti_files(label_dir)}
+    grouped = _group_channels(files, image_dir, label_stems=set(labels))
+    n_channels = len(next(iter(grouped.values())))
+    strays = sorted(set(labels) - set(grouped))
+    if strays:
+        raise DataError(f"{labels[strays[0]]}: a label file with no image of that name in {image_dir}")
+    cases = [SourceCase(check_case_id(case_id, str(image_dir)), "labeled" if case_id in labels else "unlabeled",
+                        paths, labels.get(case_id)) for case_id, paths in grouped.items()]
+    if (src / "imagesTs").is_dir():
+        test = _group_channels(_nifti_files(src / "imagesTs"), src / "imagesTs", n_channels,
+                               {_strip_ending(p.name) for p in _nifti_files(src / "labelsTs")})
+        cases += _test_cases(list(test.items()), src, False, None)
+    return Source(src, "nifti", [str(k) for k in range(n_channels)], None, cases)
+
+
+def _test_cases(images: list[tuple[str, tuple[Path, ...]]], src: Path, in_file: bool, ending) -> list[SourceCase]:
+    """imagesTs cases are test cases when labelsTs exists (each then needs its label); without labelsTs
+    they cannot be scored and are not used (``Source`` keeps none of them)."""
+    label_dir = src / "labelsTs"
+    if not images or not label_dir.is_dir():
+        return []
+    found = {_strip_ending(p.name): p for p in _nifti_files(label_dir)}
+    cases = []
+    for case_id, paths in images:
+        check_case_id(case_id, str(src / "imagesTs"))
+        if case_id not in found:
+            raise DataError(f"{label_dir}: no label for test case {case_id} (expected {case_id}"
+                            f"{ending or _ending(paths[0].name)}); every imagesTs case needs one when labelsTs exists")
+        cases.append(SourceCase(case_id, "test", tuple(paths), found.pop(case_id), in_file))
+    if found:
+        name = sorted(found)[0]
+        raise DataError(f"{found[name]}: a test label with no image {name} in {src / 'imagesTs'}")
+    return cases
+
+
+def _unlabeled_folder(folder: Path, n_channels: int) -> list[SourceCase]:
+    """--unlabeled DIR: every NIfTI image in it is an unlabeled case; no label is looked for."""
+    if not folder.is_dir():
+        raise DataError(f"--unlabeled {folder}: not a folder")
+    files = _nifti_files(folder)
+    if not files:
+        raise DataError(f"--unlabeled {folder}: no NIfTI images (.nii, .nii.gz) in it")
+    grouped = _group_channels(files, folder, n_channels)
+    found = len(next(iter(grouped.values())))
+    if n_channels > 1 and found != n_channels:
+        raise DataError(f"--unlabeled {folder}: {found} channel file(s) a case, the source has {n_channels} channels "
+                        f"(name them {{case}}_0000 ... {{case}}_{n_channels - 1:04d})")
+    return [SourceCase(check_case_id(case_id, f"--unlabeled {folder}"), "unlabeled", paths, None)
+            for case_id, paths in grouped.items()]
+
+
+# ----------------------------------------------------------------------------- checks on names and lists
+def _listed_file(src: Path, entry, where: Path, folder: str) -> Path:
+    """The file a dataset.json list entry names: a relative path inside SRC that exists."""
+    if not isinstance(entry, str) or not entry:
+        raise DataError(f"{where}: a list entry is {entry!r}, expected a relative file path such as ./{folder}/x.nii.gz")
+    rel = Path(entry)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise DataError(f"{where}: list entry {entry!r} is a path leaving {src}; entries must be relative paths inside it")
+    path = src / rel
+    if not path.is_file():
+        raise DataError(f"{where}: list entry {entry!r} names a missing file {path}")
+    if not path.name.endswith(NIFTI_ENDINGS):
+        raise DataError(f"{where}: list entry {entry!r} is not a NIfTI file (.nii, .nii.gz)")
+    return path
+
+
+def _same_files(folder: Path, listed: set[str], where: Path, what: str, missing_ok: bool = False) -> None:
+    """Every NIfTI file of ``folder`` is one that the ``what`` list names (the list and folder agree)."""
+    if not folder.is_dir():
+        if listed and not missing_ok:
+            raise DataError(f"{where}: {what} lists files but {folder} does not exist")
+        return
+    unlisted = sorted(p.name for p in _nifti_files(folder) if p.name not in listed)
+    if unlisted:
+        raise DataError(f"{where}: {folder / unlisted[0]} is not in the {what} list ({len(unlisted)} such files); "
+                        f"the list and the folder must agree")
+
+
+def _channel_cases(folder: Path, ending: str, n_channels: int, where: Path) -> dict[str, tuple[Path, ...]]:
+    """nnU-Net image files ``{case}_{XXXX}{ending}`` -> ``{case: (channel 0 file, channel 1 file, ...)}``."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not found (an nnU-Net raw folder has imagesTr/)")
+    cases: dict[str, dict[int, Path]] = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        match = CHANNEL_SUFFIX.match(path.name[: -len(ending)]) if path.name.endswith(ending) else None
+        if match is None:
+            raise DataError(f"{path}: not named {{case}}_{{XXXX}}{ending} as {where} (file_ending) says")
+        case_id = check_case_id(match["case"], str(folder))
+        cases.setdefault(case_id, {})[int(match["channel"])] = path
+    for case_id, files in cases.items():
+        if sorted(files) != list(range(n_channels)):
+            missing = sorted(set(range(n_channels)) - set(files)) or sorted(set(files) - set(range(n_channels)))
+            raise DataError(f"{folder}: case {case_id} has channel files {sorted(files)}, expected 0..{n_channels - 1} "
+                            f"({n_channels} channel_names in {where}); first odd one: {case_id}_{missing[0]:04d}{ending}")
+    return {case_id: tuple(files[k] for k in range(n_channels)) for case_id, files in cases.items()}
+
+
+def _group_channels(files: list[Path], folder: Path, n_channels: int | None = None,
+                    label_stems: set[str] | None = None) -> dict[str, tuple[Path, ...]]:
+    """Plain NIfTI names -> ``{case: (channel files...)}``. Files are read as nnU-Net channel files
+    ``{case}_{XXXX}`` only when that reading is unambiguous: every name has the suffix, every case has
+    channels 0..k-1 for one k (``n_channels`` when given, and then > 1), and every label is named
+    ``{case}``; otherwise each file is one single-channel case (``la_0001.nii.gz`` stays case ``la_0001``)."""
+    stems = [_strip_ending(p.name) for p in files]
+    if len(set(stems)) != len(stems):
+        raise DataError(f"{folder}: two files give the same case id (x.nii and x.nii.gz?)")
+    matches = [CHANNEL_SUFFIX.match(s) for s in stems]
+    cases: dict[str, dict[int, Path]] = {}
+    for m, p in zip(matches, files):
+        if m:
+            cases.setdefault(m["case"], {})[int(m["channel"])] = p
+    counts = {len(c) for c in cases.values()}
+    as_channels = (all(matches) and len(counts) == 1 and all(sorted(c) == list(range(len(c))) for c in cases.values())
+                   and (n_channels is None or (n_channels > 1 and counts == {n_channels}))
+                   and (label_stems is None or label_stems <= set(cases)))
+    if not as_channels:
+        return {check_case_id(s, str(folder)): (p,) for s, p in zip(stems, files)}
+    return {check_case_id(case_id, str(folder)): tuple(chans[k] for k in sorted(chans))
+            for case_id, chans in cases.items()}
+
+
+def _refuse_repeats(source: Source) -> None:
+    seen: dict[str, str] = {}
+    for case in source.cases:
+        if case.id in seen:
+            roles = {seen[case.id], case.role}
+            if roles == {"labeled", "test"} or roles == {"unlabeled", "test"}:
+                raise DataError(f"{source.path}: case {case.id} is both a training and a test case; "
+                                f"a test case must not be a training case")
+            raise DataError(f"{source.path}: case id {case.id} appears twice ({seen[case.id]} and {case.role})")
+        seen[case.id] = case.role
+
+
+def _names(value, where: Path, key: str) -> list[str]:
+    """``{"0": "FLAIR", "1": "T1w"}`` -> ``["FLAIR", "T1w"]`` (keys must be 0..n-1)."""
+    if not isinstance(value, dict) or not value:
+        raise DataError(f"{where}: '{key}' must be a non-empty {{\"0\": name, ...}} mapping")
+    try:
+        keys = sorted(int(k) for k in value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: '{key}' keys must be channel indices \"0\", \"1\", ...; got {sorted(value)}") from None
+    if keys != list(range(len(keys))):
+        raise DataError(f"{where}: '{key}' keys must be 0..{len(keys) - 1}, got {keys}")
+    return [str(value[str(k)]) for k in keys]
+
+
+def _msd_labels(value, where: Path) -> dict[str, int] | None:
+    """MSD ``{"0": "background", "1": "left atrium"}`` -> ``{"background": 0, "left atrium": 1}``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: 'labels' must be a {{\"0\": name, ...}} mapping")
+    try:
+        return _checked_labels({str(name): int(v) for v, name in value.items()}, where)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: Decathlon 'labels' keys must be integer values, got {sorted(value)}") from None
+
+
+def _nnunet_labels(value, where: Path) -> dict[str, int]:
+    """nnU-Net ``{"background": 0, "organ": 1}``; region-based labels (lists of values) are refused."""
+    if not isinstance(value, dict) or not value:
+        raise DataError(f"{where}: 'labels' must be a non-empty {{name: value}} mapping (nnU-Net v2)")
+    for name, v in value.items():
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise DataError(f"{where}: label {name!r} is {v!r}; only one integer value a label is supported "
+                            f"(not nnU-Net's region-based lists)")
+    return _checked_labels(dict(value), where)
+
+
+def _checked_labels(labels: dict[str, int], where: Path) -> dict[str, int]:
+    values = sorted(labels.values())
+    if len(set(values)) != len(values) or min(values) < 0 or 0 not in values:
+        raise DataError(f"{where}: labels {labels} must be distinct non-negative values including 0 (background)")
+    return dict(sorted(labels.items(), key=lambda kv: kv[1]))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not valid UTF-8 JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return meta
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI_ENDINGS)
+                  and not p.name.startswith("."))
+
+
+def _ending(name: str) -> str:
+    return next(e for e in NIFTI_ENDINGS if name.endswith(e))
+
+
+def _strip_ending(name: str) -> str:
+    for ending in NIFTI_ENDINGS:
+        if name.endswith(ending):
+            return name[: -len(ending)]
+    return name
+
+
+# ----------------------------------------------------------------------------- reading a volume
+def read_volume(path: Path, channel: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(array (X, Y, Z), affine 4x4)`` of a NIfTI file through nibabel. ``channel``: the index into the last
+    axis of a 4D file (MSD multi-modal); without it a 4D file is refused (one line, DataError)."""
+    import nibabel
+
+    try:
+        img = nibabel.load(str(path))
+        array = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for truncated or foreign files
+        raise DataError(f"{path}: unreadable NIfTI file ({type(e).__name__}: {e})") from None
+    if array.ndim == 4 and channel is not None:
+        if not 0 <= channel < array.shape[3]:
+            raise DataError(f"{path}: channel {channel} asked, the file has {array.shape[3]}")
+        array = array[..., channel]
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise DataError(f"{path}: a {array.ndim}D volume of shape {array.shape}; expected 3D (X, Y, Z)"
+                        + ("; put each channel in its own file (nnU-Net) or declare them in 'modality' (MSD)"
+                           if array.ndim == 4 else ""))
+    if array.size == 0:
+        raise DataError(f"{path}: an empty image (shape {array.shape})")
+    return array, np.asarray(img.affine, dtype=np.float64)
+
+
+__all__ = ["NIFTI_ENDINGS", "SourceCase", "Source", "read_source", "read_volume"]

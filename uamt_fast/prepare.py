@@ -1,0 +1,518 @@
+"""``python -m uamt_fast.data prepare SRC OUT --preset NAME``: any source folder -> the layout train.py reads.
+
+SRC is a Decathlon, nnU-Net v2 raw or plain NIfTI folder (``uamt_fast.formats``). OUT gets::
+
+    OUT/train.list, OUT/test.list, OUT/unlabeled.list (only when there are unlabeled cases)
+    OUT/2018LA_Seg_Training Set/<id>/mri_norm2.h5   image float32 (X, Y, Z), one input channel;
+                                                     label uint8 (X, Y, Z) in 0..C-1 (none for unlabeled cases)
+    OUT/dataset.json                                 format "uamt_fast.prepared/1": classes, labels, channel,
+                                                     patch and strides for train.py, split, and per case
+                                                     everything done to it (to map a prediction back)
+
+Each case, with MONAI's transforms: ``Orientationd`` to RAS; ``Spacingd`` to the preset's spacing (image
+bilinear, label nearest); a CT window ``ScaleIntensityRanged`` to [0, 1]; ``CropForegroundd`` on the image
+(never on a label); an MR z-score ``NormalizeIntensityd`` with the statistics recorded. An unlabeled case
+is never given a label file to open: its ``SourceCase.label`` is None from ``formats`` on.
+
+Writes are crash-safe: each h5 is written under a temporary name and renamed; ``dataset.json`` and then
+the lists (``train.list`` last) are written after every case, each atomically. A prepare that stops early
+leaves no list, so nothing reads its cases. MONAI and nibabel are the optional extra ``uamt_fast[data]``
+and are imported only when a prepare runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from uamt_fast import cli, data, formats
+from uamt_fast.data import DataError
+from uamt_fast.run_folder import atomic_write_text
+
+FORMAT = "uamt_fast.prepared/1"
+LISTS = ("train.list", "test.list", "unlabeled.list")
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # NIfTI world axes (nibabel's convention): RAS+
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What prepare does for one benchmark, and the training settings it hands train.py."""
+
+    spacing: tuple[float, float, float] | None  # target mm (RAS axes); None keeps the source grid
+    intensity: dict  # {"kind": "none"} | {"kind": "ct_window", "window": [lo, hi]} | {"kind": "zscore", ...}
+    crop: bool  # crop to the bounding box of the image's positive voxels (the body / the brain)
+    channel: str | None  # the input channel by name (case-insensitive); None: the only one
+    labels: dict | None  # target labels name -> value; None: the source's own (dataset.json or the files)
+    foreground: bool  # every source label > 0 becomes 1 (BraTS whole tumour)
+    patch: tuple[int, int, int]
+    stride_xy: int
+    stride_z: int
+    split: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (train, test) case numbers, in order
+    drop: tuple[int, ...] = ()  # case numbers never used
+
+
+# MC-Net's NIH Pancreas-CT split (ycwu1997/MC-Net MC-Net/data/Pancreas/train.list @39a5086, in its order: the
+# first 12 = 20% are the labeled ones; data/Pancreas/test.list @3253f74), as the numbers of image0001..image0082.
+PANCREAS_TRAIN = (57, 18, 62, 31, 20, 17, 32, 79, 61, 64, 70, 19, 48, 76, 41, 52, 49, 71, 72, 34, 10, 15, 77, 80, 27,
+                  47, 22, 14, 68, 58, 7, 11, 24, 42, 82, 35, 12, 55, 75, 78, 16, 13, 53, 23, 56, 33, 38, 30, 81, 29,
+                  36, 44, 2, 45, 26, 65, 66, 43, 28, 63, 69, 3)
+PANCREAS_TEST = (50, 59, 37, 60, 40, 74, 4, 46, 8, 54, 5, 73, 1, 39, 6, 67, 25, 51, 21, 9)
+
+PRESETS = {
+    # LA (2018 Atrial Segmentation Challenge, the UA-MT release's mri_norm2.h5): already 0.625 mm and
+    # normalized per scan, so no resampling, no intensity change, no crop. Patch 112x112x80 and strides 18/4:
+    # UA-MT code/test_LA.py and code/train_LA_meanteacher_certainty_unlabel.py (yulequan/UA-MT @80d0a34);
+    # the same in DTC code/test_LA.py (HiLab-git/DTC) and MC-Net mcnet/test_3d.py (ycwu1997/MC-Net @9a9730d).
+    "la": Preset(spacing=None, intensity={"kind": "none"}, crop=False, channel=None,
+                 labels={"background": 0, "left atrium": 1}, foreground=False, patch=(112, 112, 80), stride_xy=18,
+                 stride_z=4),
+    # NIH Pancreas-CT: MC-Net data/Pancreas/Pre-processing.ipynb (@3253f74) resamples to 1 mm (BSpline; here
+    # bilinear), windows HU to [75 - 400/2, 75 + 400/2] = [-125, 275] scaled to [0, 1]; it then crops around the
+    # *label* (+25 voxels in x, y) and z-scores the crop. A label crop is impossible for unlabeled and test
+    # cases, so this preset crops to the body (window > 0, i.e. HU > -125) and keeps [0, 1]. Patch 96^3,
+    # strides 16/16: MC-Net mcnet/test_3d.py (@9a9730d). Split: MC-Net's 62/20 lists above, less the two
+    # scans that TCIA withdrew as duplicates, PANCREAS_0025 and PANCREAS_0070 (the 80-scan version used by
+    # most of the literature); MC-Net's own lists still hold them (image0025 in test, image0070 in train), so
+    # here the split is 61/19.
+    "pancreas": Preset(spacing=(1.0, 1.0, 1.0), intensity={"kind": "ct_window", "window": [-125.0, 275.0]},
+                       crop=True, channel=None, labels={"background": 0, "pancreas": 1}, foreground=False,
+                       patch=(96, 96, 96), stride_xy=16, stride_z=16, split=(PANCREAS_TRAIN, PANCREAS_TEST),
+                       drop=(25, 70)),
+    # BraTS 2019, whole tumour on FLAIR: SSL4MIS code/dataloaders/brats_proprecessing.py (HiLab-git/SSL4MIS
+    # @bdd4fb4) crops to the brain (nonzero voxels), clips at the 99.9th percentile, z-scores with the mean and
+    # std of the voxels > 0 (applied to every voxel) and sets label > 0 to 1; no resampling (BraTS is 1 mm).
+    # Patch 96^3 (train_uncertainty_aware_mean_teacher_3D.py @0fc63df), strides 64/64 (code/test_3D.py and
+    # the validation in that training script).
+    "brats2019": Preset(spacing=None, intensity={"kind": "zscore", "over": "positive", "clip_percentile": 99.9},
+                        crop=True, channel="FLAIR", labels={"background": 0, "whole tumour": 1}, foreground=True,
+                        patch=(96, 96, 96), stride_xy=64, stride_z=64),
+    # Only canonical orientation and the input checks; classes from the source's labels; patch and strides are
+    # train.py's defaults (Config.patch, eval_stride_xy, eval_stride_z).
+    "none": Preset(spacing=None, intensity={"kind": "none"}, crop=False, channel=None, labels=None, foreground=False,
+                   patch=(112, 112, 80), stride_xy=18, stride_z=4),
+}
+
+
+@dataclass
+class Plan:
+    """Everything decided before the cases are read: what to do to each case and where it goes."""
+
+    preset_name: str
+    preset: Preset
+    source: formats.Source
+    channel_index: int
+    channel_name: str
+    allowed: set[int] | None  # source label values a label file may hold; None: any integer >= 0
+    lut: dict[int, int] | None  # source value -> target value; None: foreground (> 0 -> 1)
+    labels: dict[str, int]
+    roles: dict[str, str]  # case id -> role
+    split: dict
+
+
+# ----------------------------------------------------------------------------- the command
+def add_command(commands, fmt: dict) -> None:
+    """The ``prepare`` subcommand of ``python -m uamt_fast.data``."""
+    p = commands.add_parser("prepare", help="turn an MSD, nnU-Net or NIfTI folder into the layout train.py reads",
+                            description="Turn a Medical Segmentation Decathlon, nnU-Net v2 raw or plain NIfTI folder "
+                            "into the layout train.py reads (h5 cases, train.list, test.list, unlabeled.list) and a "
+                            "dataset.json record of every step. Needs pip install 'uamt_fast[data]'.", **fmt)
+    p.add_argument("src", help="source folder (dataset.json + imagesTr/labelsTr/imagesTs, or NIfTI files)")
+    p.add_argument("out", help="output folder (created; refused if it holds a prepared set, unless --overwrite)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="la",
+                   help="benchmark settings: spacing, intensity, crop, channel, labels, patch, strides (default: la)")
+    p.add_argument("--channel", action="append", metavar="NAME|INDEX",
+                   help="the input channel, by name (dataset.json) or index (default: the preset's, or the only one)")
+    p.add_argument("--unlabeled", metavar="DIR", help="a folder of NIfTI images to add as unlabeled cases")
+    held = p.add_mutually_exclusive_group()
+    held.add_argument("--test-fraction", type=cli.number(float, "(0, 1)"), metavar="F",
+                      help="hold out this fraction in (0, 1) of the labeled cases as test cases (when SRC has no "
+                      "imagesTs + labelsTs)")
+    held.add_argument("--test-count", type=cli.number(int, ">= 1"), metavar="N",
+                      help="hold out N >= 1 labeled cases as test cases (when SRC has no imagesTs + labelsTs)")
+    p.add_argument("--seed", type=cli.number(int, ">= 0"), default=0, metavar="S",
+                   help="seed >= 0 of the hold-out draw (default: 0)")
+    p.add_argument("--workers", type=cli.number(int, "[1, 64]"), default=min(4, os.cpu_count() or 1), metavar="W",
+                   help="cases prepared at once, in [1, 64] (default: min(4, CPUs))")
+    p.add_argument("--overwrite", action="store_true", help="replace a prepared set already in OUT")
+
+
+def run(args) -> int:
+    """Run ``prepare`` from parsed arguments: 0, or 2 after one line on stderr for bad input. (It prints the
+    error itself: under ``python -m uamt_fast.data`` the caller's DataError is ``__main__``'s, not this one.)"""
+    try:
+        record = prepare(args.src, args.out, args.preset, channel=args.channel, unlabeled=args.unlabeled,
+                         test_fraction=args.test_fraction, test_count=args.test_count, seed=args.seed,
+                         workers=args.workers, overwrite=args.overwrite)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    roles = [c["role"] for c in record["cases"].values()]
+    print(f"prepared {roles.count('labeled')} labeled, {roles.count('unlabeled')} unlabeled, {roles.count('test')} "
+          f"test cases ({record['num_classes']} classes, channel {record['channel']!r}, preset {args.preset}) in "
+          f"{args.out}; test cases: {record['split']['test']}")
+    return 0
+
+
+def prepare(src, out, preset: str = "la", *, channel=None, unlabeled=None, test_fraction=None, test_count=None,
+            seed: int = 0, workers: int = 1, overwrite: bool = False) -> dict:
+    """Prepare ``src`` into ``out`` (see the module docstring); returns the dataset.json record."""
+    _require_extra()
+    src, out = Path(src), Path(out)
+    if preset not in PRESETS:
+        raise DataError(f"--preset {preset!r}: not one of {sorted(PRESETS)}")
+    source = formats.read_source(src, unlabeled)
+    if src.resolve() == out.resolve() or src.resolve() in out.resolve().parents:
+        raise DataError(f"output folder {out} is inside the source folder {src}; choose a folder outside it")
+    plan = _plan(preset, source, channel, test_fraction, test_count, seed)
+    out = _claim(out, overwrite)
+    cases = [c for c in source.cases if c.id in plan.roles]
+    records = _prepare_all(cases, plan, out, workers)
+    p = plan.preset
+    record = {"format": FORMAT, "preset": plan.preset_name, "num_classes": len(plan.labels), "labels": plan.labels,
+              "channel": plan.channel_name,
+              "train": {"patch": list(p.patch), "eval_stride_xy": p.stride_xy, "eval_stride_z": p.stride_z},
+              "source": {"path": str(src.resolve()), "layout": source.layout}, "split": plan.split,
+              "cases": {c.id: records[c.id] for c in cases}}
+    atomic_write_text(out / "dataset.json", json.dumps(record, indent=1) + "\n")
+    lists = {name: [i for i in plan.split["order"][name.split(".")[0]]] for name in LISTS}
+    for name in ("test.list", "unlabeled.list", "train.list"):  # train.list last: it makes OUT a data root
+        if lists[name]:
+            atomic_write_text(out / name, "".join(f"{i}\n" for i in lists[name]))
+    return record
+
+
+def _require_extra() -> None:
+    try:
+        import monai  # noqa: F401
+        import nibabel  # noqa: F401
+    except ImportError as e:
+        raise DataError(f"prepare needs nibabel and MONAI ({e.name or 'import'} is missing): "
+                        f"pip install 'uamt_fast[data]'") from None
+
+
+# ----------------------------------------------------------------------------- the plan
+def _plan(preset_name: str, source: formats.Source, channel, test_fraction, test_count, seed) -> Plan:
+    preset = PRESETS[preset_name]
+    index, name = _pick_channel(source, preset, channel)
+    allowed, lut, labels = _label_plan(preset_name, preset, source)
+    split, roles = _split(preset, source, test_fraction, test_count, seed)
+    return Plan(preset_name, preset, source, index, name, allowed, lut, labels, roles, split)
+
+
+def _pick_channel(source: formats.Source, preset: Preset, channel) -> tuple[int, str]:
+    names = source.channel_names
+    asked = [part.strip() for c in channel or [] for part in str(c).split(",") if part.strip()]
+    if len(asked) > 1:
+        raise DataError(f"--channel names {len(asked)} channels ({', '.join(asked)}); the trainer reads one input "
+                        f"channel: give one --channel")
+    wanted = asked[0] if asked else preset.channel
+    if wanted is None or (not asked and len(names) == 1):
+        if len(names) > 1:
+            raise DataError(f"{source.path} has {len(names)} input channels ({', '.join(names)}); the trainer reads one "
+                            f"channel: choose it with --channel NAME|INDEX")
+        return 0, names[0]
+    if wanted.isdigit() and int(wanted) < len(names) and wanted not in names:
+        return int(wanted), names[int(wanted)]
+    found = [k for k, n in enumerate(names) if n.lower() == wanted.lower()]
+    if not found:
+        raise DataError(f"{'--channel' if asked else 'preset channel'} {wanted!r}: not a channel of {source.path} "
+                        f"(channels: {', '.join(f'{k}={n}' for k, n in enumerate(names))})")
+    return found[0], names[found[0]]
+
+
+def _label_plan(preset_name: str, preset: Preset, source: formats.Source):
+    """(allowed source values or None, source -> target lookup or None for foreground, target labels)."""
+    declared = source.labels
+    if preset.foreground:  # whole tumour: any declared values, every value > 0 -> 1
+        return (set(declared.values()) if declared else None), None, dict(preset.labels)
+    if preset.labels is not None:
+        values = set(preset.labels.values())
+        if declared and not set(declared.values()) <= values:
+            raise DataError(f"{source.path / 'dataset.json'}: labels {declared} do not fit preset {preset_name} "
+                            f"({preset.labels}); use --preset none to keep the source's classes")
+        return values, {v: v for v in values}, dict(preset.labels)
+    if declared is None:  # plain NIfTI: the classes are the values the label files hold
+        values = sorted(_observed_values(source))
+        declared = {"background" if v == 0 else f"label_{v}": v for v in values}
+        if 0 not in values:
+            declared = {"background": 0, **declared}
+    ordered = sorted(declared.items(), key=lambda kv: kv[1])
+    lut = {v: k for k, (_, v) in enumerate(ordered)}
+    return set(lut), lut, {name: k for k, (name, _) in enumerate(ordered)}
+
+
+def _observed_values(source: formats.Source) -> set[int]:
+    values: set[int] = set()
+    for case in source.cases:
+        if case.label is not None:  # never an unlabeled case's: it has none
+            label, _ = formats.read_volume(case.label)
+            values |= set(_integer_values(label, case.label).tolist())
+    return values
+
+
+def _split(preset: Preset, source: formats.Source, test_fraction, test_count, seed) -> tuple[dict, dict]:
+    """The case lists (``split["order"]``), how the test cases were chosen, and each case's role."""
+    dropped = sorted(c.id for c in source.cases if preset.drop and _number(c.id, None) in preset.drop)
+    cases = [c for c in source.cases if c.id not in dropped]
+    labeled = sorted(c.id for c in cases if c.role == "labeled")
+    unlabeled = sorted(c.id for c in cases if c.role == "unlabeled")
+    given_test = sorted(c.id for c in cases if c.role == "test")
+    held = test_fraction is not None or test_count is not None
+    split: dict = {"seed": None}
+    if given_test:
+        if held:
+            raise DataError(f"{source.path} has imagesTs with labelsTs (the test cases); --test-fraction / "
+                            f"--test-count would hold out more: drop the flag")
+        test, train, split["test"] = given_test, labeled, "imagesTs with labelsTs"
+    elif held:
+        n = test_count if test_count is not None else int(round(test_fraction * len(labeled)))
+        if not 1 <= n < len(labeled):
+            raise DataError(f"{'--test-count' if test_count is not None else '--test-fraction'}: holds out {n} of "
+                            f"{len(labeled)} labeled cases; need at least 1 test and 1 training case")
+        drawn = np.random.default_rng(seed).permutation(len(labeled))[:n]
+        test = sorted(labeled[k] for k in drawn)
+        train = [i for i in labeled if i not in set(test)]
+        how = f"--test-count {n}" if test_count is not None else f"--test-fraction {test_fraction}"
+        split.update(test=f"{how}: {n} of {len(labeled)} labeled cases drawn with numpy default_rng(seed)"
+                          f".permutation of the sorted ids", seed=seed)
+    elif preset.split:
+        train, test = _preset_split(preset, labeled, source)
+        split["test"] = "the preset's fixed split"
+    else:
+        raise DataError(f"{source.path}: no test cases (no imagesTs with labelsTs); hold some labeled cases out with "
+                        f"--test-fraction F or --test-count N")
+    if not train:
+        raise DataError(f"{source.path}: no labeled training case left after taking the test cases")
+    split.update(dropped=dropped, order={"train": train, "test": test, "unlabeled": unlabeled},
+                 train_order="the preset's list order" if preset.split and not held and not given_test else "sorted ids")
+    roles = {**{i: "labeled" for i in train}, **{i: "test" for i in test}, **{i: "unlabeled" for i in unlabeled}}
+    return split, roles
+
+
+def _preset_split(preset: Preset, labeled: list[str], source: formats.Source) -> tuple[list[str], list[str]]:
+    numbers = {_number(i, source.path): i for i in labeled}
+    train_n, test_n = preset.split
+    unknown = sorted(i for n, i in numbers.items() if n not in train_n and n not in test_n)
+    if unknown:
+        raise DataError(f"{source.path}: case {unknown[0]} is in neither list of the preset's split "
+                        f"(case numbers {min(train_n + test_n)}..{max(train_n + test_n)})")
+    return [numbers[n] for n in train_n if n in numbers], [numbers[n] for n in test_n if n in numbers]
+
+
+def _number(case_id: str, where) -> int | None:
+    """The case number at the end of an id (``image0025``, ``PANCREAS_0025`` -> 25)."""
+    match = re.search(r"(\d+)$", case_id)
+    if match is None and where is not None:
+        raise DataError(f"{where}: case id {case_id!r} ends in no case number; the preset's split names cases by "
+                        f"number (image0001 ... image0082)")
+    return int(match[1]) if match else None
+
+
+# ----------------------------------------------------------------------------- the output folder
+def _claim(out: Path, overwrite: bool) -> Path:
+    """OUT as a folder for a new prepared set: refused if it holds one (unless ``overwrite``: then that set's
+    record, lists and case files are removed first, lists before cases) or holds another data set."""
+    out = data.make_folder(out, "output folder")
+    found = [n for n in ("dataset.json", *LISTS) if (out / n).exists()]
+    if not found:
+        return out
+    old = _prepared_record(out / "dataset.json")
+    if old is None:
+        raise DataError(f"output folder {out} holds a data set that prepare did not write ({', '.join(found)}); "
+                        f"choose another folder")
+    if not overwrite:
+        raise DataError(f"output folder {out} already holds a prepared set ({', '.join(found)}); pass --overwrite to "
+                        f"replace it, or choose another folder")
+    for name in ("train.list", *LISTS[1:], "dataset.json"):
+        (out / name).unlink(missing_ok=True)
+    for case_id in old.get("cases", {}):
+        folder = out / data.IMAGES_DIR / data.check_case_id(case_id, str(out / "dataset.json"))
+        for name in (data.H5_NAME, data.H5_NAME + ".tmp"):
+            (folder / name).unlink(missing_ok=True)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return out
+
+
+def _prepared_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("format") == FORMAT else None
+
+
+# ----------------------------------------------------------------------------- the cases
+def _prepare_all(cases, plan: Plan, out: Path, workers: int) -> dict[str, dict]:
+    """Prepare every case in a thread pool (nibabel, zlib, torch and h5py release the GIL for the heavy parts);
+    a progress bar on stderr when it is a terminal. On the first error the cases written so far are removed."""
+    records, written = {}, []
+    bar = sys.stderr.isatty()
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(cases)))) as pool:
+        futures = {pool.submit(_prepare_case, case, plan, out): case for case in cases}
+        try:
+            for done, future in enumerate(as_completed(futures), 1):
+                case = futures[future]
+                records[case.id] = future.result()
+                written.append(case.id)
+                if bar:
+                    print(f"\rprepare: {done}/{len(cases)} cases", end="" if done < len(cases) else "\n",
+                          file=sys.stderr, flush=True)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            pool.shutdown(wait=True)
+            for case in cases:  # those written before the error, and any finished while shutting down
+                (out / data.IMAGES_DIR / case.id / data.H5_NAME).unlink(missing_ok=True)
+            if bar:
+                print(file=sys.stderr)
+            raise
+    return records
+
+
+def _prepare_case(case: formats.SourceCase, plan: Plan, out: Path) -> dict:
+    """Read, check, transform and write one case; returns its record for dataset.json."""
+    import nibabel
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import (ClipIntensityPercentilesd, CropForegroundd, NormalizeIntensityd, Orientationd,
+                                  ScaleIntensityRanged, Spacingd)
+
+    p = plan.preset
+    image_file = case.images[0] if case.channels_in_file else case.images[plan.channel_index]
+    image, affine = formats.read_volume(image_file, plan.channel_index if case.channels_in_file else None)
+    _check_image(image, image_file)
+    files = {"image": [_rel(image_file, plan.source.path)], "label": None}
+    hashes = {files["image"][0]: _sha256(image_file)}
+    d = {"image": MetaTensor(torch.from_numpy(np.ascontiguousarray(image, np.float32)[None]),
+                             affine=torch.from_numpy(affine))}
+    label_map = None
+    if case.label is not None:  # labeled and test cases only
+        label, label_affine = formats.read_volume(case.label)
+        values = _check_label(label, label_affine, image.shape, affine, case.label, plan)
+        lut = plan.lut if plan.lut is not None else {v: int(v > 0) for v in values}
+        label_map = {str(v): lut[v] for v in sorted(lut)}
+        target = np.zeros(label.shape, np.uint8)
+        for v in values:
+            target[label == v] = lut[v]
+        files["label"] = _rel(case.label, plan.source.path)
+        hashes[files["label"]] = _sha256(case.label)
+        d["label"] = MetaTensor(torch.from_numpy(target[None].astype(np.float32)), affine=torch.from_numpy(affine))
+    keys = list(d)
+    d = Orientationd(keys, axcodes="RAS", labels=RAS_LABELS)(d)
+    if p.spacing is not None:
+        modes = ["bilinear", "nearest"][: len(keys)]
+        d = Spacingd(keys, pixdim=p.spacing, mode=modes, padding_mode="border", dtype=np.float32)(d)
+    shape_resampled = list(d["image"].shape[1:])
+    intensity = {"kind": p.intensity["kind"]}
+    if p.intensity["kind"] == "ct_window":
+        lo, hi = p.intensity["window"]
+        d = ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(d)
+        intensity.update(window=[lo, hi], range=[0.0, 1.0])
+    crop_box = [[0, s] for s in shape_resampled]
+    if p.crop:  # the image's positive voxels (body after the CT window, brain in MR): never the label
+        d = CropForegroundd(keys, source_key="image", allow_smaller=True)(d)
+        crop_box = [[int(a), int(b)] for a, b in zip(d["foreground_start_coord"], d["foreground_end_coord"])]
+        if any(b <= a for a, b in crop_box):
+            raise DataError(f"{image_file}: no positive voxel to crop to after the {p.intensity['kind']} step")
+    if p.intensity["kind"] == "zscore":
+        percentile = p.intensity["clip_percentile"]
+        upper = float(np.percentile(d["image"].numpy(), percentile))
+        d = ClipIntensityPercentilesd("image", lower=None, upper=percentile)(d)
+        voxels = d["image"].numpy()
+        voxels = voxels[voxels > 0]
+        if voxels.size < 2 or not voxels.std() > 0:
+            raise DataError(f"{image_file}: fewer than two distinct positive voxels; cannot z-score it")
+        mean, std = float(voxels.mean()), float(voxels.std())
+        d = NormalizeIntensityd("image", subtrahend=mean, divisor=std)(d)
+        intensity.update(over="voxels > 0", mean=mean, std=std, clip_percentile=percentile, clip_upper=upper)
+    out_image = np.ascontiguousarray(d["image"].numpy()[0], np.float32)
+    out_label = None if "label" not in d else np.ascontiguousarray(np.rint(d["label"].numpy()[0]), np.uint8)
+    if not np.isfinite(out_image).all():
+        raise DataError(f"{image_file}: non-finite values after the {p.intensity['kind']} step")
+    _write_case(out, case.id, out_image, out_label)
+    final_affine = np.asarray(d["image"].affine, np.float64)
+    return {"role": plan.roles[case.id], "files": files, "sha256": hashes,
+            "orientation_original": "".join(nibabel.aff2axcodes(affine)), "orientation": "RAS",
+            "affine_original": affine.tolist(), "shape_original": list(image.shape),
+            "spacing_original": _spacing(affine), "spacing": _spacing(final_affine),
+            "shape_resampled": shape_resampled, "crop_box": crop_box, "shape": list(out_image.shape),
+            "affine": final_affine.tolist(), "intensity": intensity, "label_map": label_map}
+
+
+def _check_image(image: np.ndarray, path: Path) -> None:
+    if not (np.issubdtype(image.dtype, np.number) and not np.iscomplexobj(image)):
+        raise DataError(f"{path}: image dtype {image.dtype}; expected real numbers")
+    finite = np.isfinite(image)
+    if not finite.all():
+        raise DataError(f"{path}: image has {int(image.size - finite.sum())} NaN or Inf voxels")
+    if image.min() == image.max():
+        raise DataError(f"{path}: an empty image (every voxel is {image.flat[0]!r})")
+
+
+def _check_label(label, label_affine, shape, affine, path: Path, plan: Plan) -> list[int]:
+    if label.shape != shape:
+        raise DataError(f"{path}: label shape {label.shape} != image shape {shape}")
+    if not np.allclose(label_affine, affine, rtol=0, atol=1e-3):
+        raise DataError(f"{path}: label affine differs from the image's (max |difference| "
+                        f"{np.abs(label_affine - affine).max():.3g} mm); image and label must share one grid")
+    values = _integer_values(label, path).tolist()
+    bad = [v for v in values if v < 0 or (plan.allowed is not None and v not in plan.allowed)]
+    if bad:
+        where = "the declared labels" + (" (dataset.json)" if plan.source.labels else " of the preset")
+        raise DataError(f"{path}: label values {bad[:5]} not in {where} {sorted(plan.allowed or [])}")
+    return values
+
+
+def _integer_values(label: np.ndarray, path: Path) -> np.ndarray:
+    if not (np.issubdtype(label.dtype, np.integer) or label.dtype == bool):
+        if not np.isfinite(label).all() or (label != np.round(label)).any():
+            raise DataError(f"{path}: label holds non-integer values (dtype {label.dtype}); expected class values")
+        label = label.astype(np.int64)
+    return np.unique(label).astype(np.int64)
+
+
+def _write_case(out: Path, case_id: str, image: np.ndarray, label: np.ndarray | None) -> None:
+    """``<id>/mri_norm2.h5`` through a temporary name: a reader never sees a half-written file."""
+    folder = out / data.IMAGES_DIR / case_id
+    final, tmp = folder / data.H5_NAME, folder / (data.H5_NAME + ".tmp")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("image", data=image, compression="gzip", compression_opts=1)
+            if label is not None:
+                f.create_dataset("label", data=label, compression="gzip", compression_opts=1)
+        os.replace(tmp, final)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{final}: cannot write it ({e.strerror or e})") from None
+
+
+def _spacing(affine: np.ndarray) -> list[float]:
+    return [float(s) for s in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))]
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+__all__ = ["FORMAT", "Preset", "PRESETS", "add_command", "run", "prepare"]
