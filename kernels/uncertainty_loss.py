@@ -84,20 +84,26 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from uamt_fast.kernels import launch_config
 # TRITON_INTERPRET: the kernels run on CPU tensors through the Triton interpreter (what CI does).
 from uamt_fast.kernels.device import TRITON_INTERPRET, check_triton_can_take
 from uamt_fast.kernels.launch_config import LaunchConfig, config_for
 
-ENTROPY_EPS = 1e-6  # inside the log, as released
+ENTROPY_EPS = tl.constexpr(1e-6)  # inside the log, as released
 MASK_EPS = 1e-16  # added to C * N, as released
-NUM_PARTIALS = 5  # float partials per program: masked sq sum, u sum, u min, u max, NaN probe
+NUM_PARTIALS = 4  # float partials per program: masked sq sum, u sum (NaN-poisoned), u min, u max
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 UNROLL_MAX_LOADS = tl.constexpr(launch_config.UNROLL_MAX_LOADS)  # C * T up to which the pass loop is unrolled
 
 # Launch parameters of the loss forward, entropy and backward come from kernels/launch_config.py
 # (a fixed table keyed on dtype, layout, C, T and size; launchers take an explicit override).
 FINALIZE_BLOCK = 4 if TRITON_INTERPRET else 1024  # partials per step of the single finalize program
+# The kernels' APPROX flag: NVIDIA's hardware ex2 / lg2 / rcp (one instruction each) for CUDA builds of
+# torch; ROCm builds and the interpreter (which runs no inline PTX or libdevice) use Triton's portable math.
+APPROX = not TRITON_INTERPRET and torch.version.hip is None
 
 # Every output buffer of the launchers comes from these two; tests swap in NaN-filled versions to
 # prove that the kernels write every element.
@@ -146,79 +152,135 @@ def _to_fp32(xs, C: tl.constexpr):
     return out
 
 
+# Transcendentals and reciprocals. APPROX (NVIDIA targets): the hardware's approximations, one MUFU
+# instruction each: ex2.approx.ftz (max relative error 2^-22), lg2.approx.ftz (max absolute error
+# 2^-22 on [0.5, 2], relative 2^-22 elsewhere) and rcp.approx.ftz (1 ulp). Otherwise (the
+# interpreter, AMD) Triton's portable exp2 / log2 / division. The formulas are the same on both;
+# tests/test_uncertainty_loss.py bounds what the approximations can change (mask flips).
+
+
 @triton.jit
-def _softmax(xs, C: tl.constexpr):
-    """Softmax over a tuple of C fp32 class vectors, elementwise per voxel."""
+def _exp2(x, APPROX: tl.constexpr):
+    if APPROX:
+        return libdevice.exp2(x)  # __nv_exp2f under FTZ: ex2.approx.ftz.f32
+    else:
+        return tl.math.exp2(x)
+
+
+@triton.jit
+def _log2(x, APPROX: tl.constexpr):
+    if APPROX:
+        return libdevice.fast_log2f(x)  # lg2.approx.ftz.f32
+    else:
+        return tl.math.log2(x)
+
+
+@triton.jit
+def _rcp(x, APPROX: tl.constexpr):
+    if APPROX:  # 1 / x in one MUFU.RCP (libdevice's fast_dividef(1, x) adds a multiply by 1)
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _softmax_terms(xs, C: tl.constexpr, APPROX: tl.constexpr):
+    """Softmax of a tuple of C fp32 class vectors as ``(e, r)``: ``softmax_c = e_c * r``, with
+    ``e_c = 2^(x_c log2(e) - m log2(e))`` (m = max_c x_c; one fma per class) and one reciprocal
+    ``r = 1 / sum_c e_c`` per voxel. Any NaN or +Inf logit makes every ``e_c`` NaN (an fma of Inf
+    and -Inf); a -Inf logit only gives ``e_c = 0`` (probe it separately)."""
     m = xs[0]
     for c in tl.static_range(1, C):
         m = tl.maximum(m, xs[c])
+    m_log2e = m * LOG2E
     es = ()
     for c in tl.static_range(C):
-        es = es + (tl.exp(xs[c] - m),)
+        es = es + (_exp2(tl.fma(xs[c], LOG2E, -m_log2e), APPROX),)
     total = es[0]
     for c in tl.static_range(1, C):
         total += es[c]
-    ps = ()
-    for c in tl.static_range(C):
-        ps = ps + (es[c] / total,)
-    return ps
+    return es, _rcp(total, APPROX)
+
+
+@triton.jit
+def _sigmoid_terms(x0, x1, APPROX: tl.constexpr):
+    """C = 2: softmax_1 = 1 / (1 + e^(x0 - x1)) (softmax_0 = 1 - softmax_1), one exp and one
+    reciprocal. Returns ``(softmax_1, a)`` with ``a = (x0 - x1) log2(e)``: non-finite exactly when
+    a logit is (or when finite logits differ by more than 2.3e38), so ``a * 0`` is the NaN probe."""
+    a = (x0 - x1) * LOG2E
+    return _rcp(1.0 + _exp2(a, APPROX), APPROX), a
 
 
 @triton.jit
 def _nan_probe(probe, xs, C: tl.constexpr):
-    """``probe + sum_c x_c * 0``: stays 0 for finite logits, becomes NaN for any NaN or +-Inf."""
+    """``probe + sum_c x_c * 0`` (one fma per logit): stays 0 for finite logits, NaN for any NaN or +-Inf."""
     for c in tl.static_range(C):
-        probe += xs[c] * 0.0
+        probe = tl.fma(xs[c], 0.0, probe)
     return probe
 
 
 @triton.jit
-def _add_pass(mu, probe, xs, C: tl.constexpr):
-    """One pass: ``mu_c += softmax(x)_c`` for the C loaded class vectors ``xs``; ``probe`` += NaN probe."""
+def _add_pass(acc, probe, xs, C: tl.constexpr, APPROX: tl.constexpr):
+    """One pass: ``acc_c += softmax(x)_c`` for the loaded class vectors ``xs``; ``probe`` += NaN probe.
+    C = 2 keeps one accumulator (class 1; class 0 is T - acc)."""
     xs = _to_fp32(xs, C)
-    ps = _softmax(xs, C)
-    acc = ()
-    for c in tl.static_range(C):
-        acc = acc + (mu[c] + ps[c],)
-    return acc, _nan_probe(probe, xs, C)
+    if C == 2:
+        p1, a = _sigmoid_terms(xs[0], xs[1], APPROX)
+        return (acc[0] + p1,), tl.fma(a, 0.0, probe)
+    else:
+        es, r = _softmax_terms(xs, C, APPROX)
+        out = ()
+        for c in tl.static_range(C):
+            out = out + (tl.fma(es[c], r, acc[c]),)
+        return out, _nan_probe(probe, xs, C)
 
 
 @triton.jit
 def _mean_softmax_entropy(mc_ptr, mc_st, mc_sc, offs, ok, C: tl.constexpr, T: tl.constexpr,
-                          PAIRED: tl.constexpr, BLOCK_V: tl.constexpr):
+                          PAIRED: tl.constexpr, BLOCK_V: tl.constexpr, APPROX: tl.constexpr):
     """Per-voxel entropy of the mean softmax of the T passes at ``mc_ptr + t * mc_st`` (classes and
-    voxels addressed as in ``_load_classes``), and the NaN probe of every logit read.
+    voxels addressed as in ``_load_classes``), and the NaN probe of the passes (0, or NaN where a
+    logit is NaN or +-Inf).
 
     Up to UNROLL_MAX_LOADS class vectors (C * T), all T passes are loaded first and then reduced:
     every load is issued before the first use of any, so all are in flight together. Beyond, a
-    loop of T (C loads in flight) bounds compile time, code size and registers."""
+    loop of T (C loads in flight) bounds compile time, code size and registers.
+
+    ``u = -sum_c mu_c ln(mu_c + 1e-6) = -(ln 2 / T) sum_c acc_c log2(acc_c / T + 1e-6)`` with
+    ``acc_c = T mu_c``; for C = 2, ``mu_0 = 1 - mu_1``."""
     probe = tl.zeros([BLOCK_V], dtype=tl.float32)
-    mu = ()
-    for _ in tl.static_range(C):
-        mu = mu + (tl.zeros([BLOCK_V], dtype=tl.float32),)
+    acc = ()
+    for _ in tl.static_range(1 if C == 2 else C):
+        acc = acc + (tl.zeros([BLOCK_V], dtype=tl.float32),)
     if C * T <= UNROLL_MAX_LOADS:
         passes = ()
         for _ in tl.static_range(T):
             passes = passes + (_load_classes(mc_ptr, mc_sc, offs, ok, C, PAIRED),)
             mc_ptr += mc_st  # pointer increments: no int32 product t * mc_st can overflow
         for t in tl.static_range(T):
-            mu, probe = _add_pass(mu, probe, passes[t], C)
+            acc, probe = _add_pass(acc, probe, passes[t], C, APPROX)
     else:
         for _ in tl.range(T):
-            mu, probe = _add_pass(mu, probe, _load_classes(mc_ptr, mc_sc, offs, ok, C, PAIRED), C)
+            acc, probe = _add_pass(acc, probe, _load_classes(mc_ptr, mc_sc, offs, ok, C, PAIRED), C, APPROX)
             mc_ptr += mc_st
-    u = tl.zeros([BLOCK_V], dtype=tl.float32)
-    for c in tl.static_range(C):
-        mean = mu[c] / T
-        u -= mean * tl.log(mean + 1e-6)
+    if C == 2:
+        mu1 = acc[0] * (1.0 / T)
+        mu0 = 1.0 - mu1
+        w = mu0 * _log2(mu0 + ENTROPY_EPS, APPROX) + mu1 * _log2(mu1 + ENTROPY_EPS, APPROX)
+        u = w * -LN2
+    else:
+        w = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for c in tl.static_range(C):
+            w = tl.fma(acc[c], _log2(tl.fma(acc[c], 1.0 / T, ENTROPY_EPS), APPROX), w)
+        u = w * (-LN2 / T)
     return u, probe
 
 
 @triton.jit
-def _partials_combine(sq_a, u_sum_a, u_min_a, u_max_a, probe_a, count_a,
-                      sq_b, u_sum_b, u_min_b, u_max_b, probe_b, count_b):
+def _partials_combine(sq_a, u_sum_a, u_min_a, u_max_a, count_a, sq_b, u_sum_b, u_min_b, u_max_b, count_b):
     return (sq_a + sq_b, u_sum_a + u_sum_b, tl.minimum(u_min_a, u_min_b), tl.maximum(u_max_a, u_max_b),
-            probe_a + probe_b, count_a + count_b)
+            count_a + count_b)
 
 
 @triton.jit
@@ -245,6 +307,7 @@ def _uncertainty_loss_fwd_kernel(
     G_PAIRED: tl.constexpr,
     MC_PAIRED: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    APPROX: tl.constexpr,  # NVIDIA targets: hardware ex2 / lg2 / rcp (see _exp2)
 ):
     pid_v = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -255,20 +318,21 @@ def _uncertainty_loss_fwd_kernel(
     flat = pid_v * 2 * BLOCK_V + tl.arange(0, 2 * BLOCK_V).to(tl.int64)  # PAIRED tensors: 2 per voxel
     flat_ok = flat < 2 * V
 
-    # 1. Uncertainty of the T passes; the mask.
+    # 1. Uncertainty of the T passes and their NaN probe.
     if MC_PAIRED:
-        u, probe = _mean_softmax_entropy(mc_ptr + pid_b * mc_sb, mc_st, 1, flat, flat_ok, C, T, True, BLOCK_V)
+        u, probe = _mean_softmax_entropy(mc_ptr + pid_b * mc_sb, mc_st, 1, flat, flat_ok, C, T, True, BLOCK_V,
+                                         APPROX)
     else:
         u, probe = _mean_softmax_entropy(
-            mc_ptr + pid_b * mc_sb, mc_st, mc_sc, offs_v * mc_sv, vox_ok, C, T, False, BLOCK_V
+            mc_ptr + pid_b * mc_sb, mc_st, mc_sc, offs_v * mc_sv, vox_ok, C, T, False, BLOCK_V, APPROX
         )
     if THR_FROM_PTR:
         thr = tl.load(thr_ptr).to(tl.float32)
     else:
         thr = thr_value
-    keep = (u < thr) & vox_ok
 
-    # 2. Student and teacher softmax, squared difference summed over classes.
+    # 2. Student and teacher softmax p, q; d = p - q; sq = sum_c d_c^2; the gradient's
+    #    g_j = 2 p_j (d_j - sum_k d_k p_k) (without its 1 / (C N + eps), which waits for backward).
     if S_PAIRED:
         s = _load_classes(s_ptr + pid_b * s_sb, 1, flat, flat_ok, C, True)
     else:
@@ -278,23 +342,45 @@ def _uncertainty_loss_fwd_kernel(
     else:
         q = _load_classes(q_ptr + pid_b * q_sb, q_sc, offs_v * q_sv, vox_ok, C, False)
     s, q = _to_fp32(s, C), _to_fp32(q, C)
-    probe = _nan_probe(_nan_probe(probe, s, C), q, C)
-    p = _softmax(s, C)
-    pq = _softmax(q, C)
-    d = ()
-    sq = tl.zeros(offs_v.shape, dtype=tl.float32)
-    dp = tl.zeros(offs_v.shape, dtype=tl.float32)
-    for c in tl.static_range(C):
-        d = d + (p[c] - pq[c],)
-        sq += d[c] * d[c]
-        dp += d[c] * p[c]
-
-    # 3. Unnormalised gradient: dL/ds_j = 2 m p_j (d_j - sum_k d_k p_k) / (C N + eps); the division
-    #    waits for backward, which knows N. Unkept voxels get an exact 0.
-    if WRITE_GRAD:
-        g = ()
+    if C == 2:
+        # d_0 = -d_1, so sq = 2 d_1^2 (the 2 is applied to the program's sum) and
+        # g_1 = 2 p_1 (d_1 - d_1 (p_1 - p_0)) = 4 d_1 p_1 p_0 = -g_0.
+        p1, a_s = _sigmoid_terms(s[0], s[1], APPROX)
+        q1, a_q = _sigmoid_terms(q[0], q[1], APPROX)
+        probe = tl.fma(a_q, 0.0, tl.fma(a_s, 0.0, probe))
+        d1 = p1 - q1
+        sq = d1 * d1
+        g_kept = ((4.0 * d1) * tl.fma(-p1, p1, p1),)  # p_1 p_0 = p_1 - p_1^2
+    else:
+        es, r = _softmax_terms(s, C, APPROX)
+        eq, rq = _softmax_terms(q, C, APPROX)
+        probe = _nan_probe(_nan_probe(probe, s, C), q, C)
+        p = ()
+        d = ()
+        sq = tl.zeros(offs_v.shape, dtype=tl.float32)
+        dp = tl.zeros(offs_v.shape, dtype=tl.float32)
         for c in tl.static_range(C):
-            g = g + (tl.where(keep, 2.0 * p[c] * (d[c] - dp), 0.0).to(g_ptr.dtype.element_ty),)
+            p = p + (es[c] * r,)
+            d = d + (p[c] - eq[c] * rq,)
+            sq = tl.fma(d[c], d[c], sq)
+            dp = tl.fma(d[c], p[c], dp)
+        g_kept = ()
+        for c in tl.static_range(C):
+            g_kept = g_kept + ((2.0 * p[c]) * (d[c] - dp),)
+
+    # 3. The mask. A NaN probe poisons u (u + NaN): the voxel leaves the mask, and the NaN reaches
+    #    the loss, the backward scale and the stats through the program's u sum (_finalize_kernel).
+    u = u + probe
+    keep = (u < thr) & vox_ok
+
+    if WRITE_GRAD:  # unkept voxels get an exact 0
+        g = ()
+        if C == 2:
+            g1 = tl.where(keep, g_kept[0], 0.0)
+            g = ((-g1).to(g_ptr.dtype.element_ty), g1.to(g_ptr.dtype.element_ty))
+        else:
+            for c in tl.static_range(C):
+                g = g + (tl.where(keep, g_kept[c], 0.0).to(g_ptr.dtype.element_ty),)
         g_ptr += pid_b * g_sb
         if G_PAIRED:  # join the pair back: one contiguous (vector) store
             tl.store(g_ptr + flat, tl.reshape(tl.join(g[0], g[1]), [2 * BLOCK_V]), mask=flat_ok)
@@ -304,17 +390,18 @@ def _uncertainty_loss_fwd_kernel(
                 g_ptr += g_sc
 
     # 4. This program's partials (finished by _finalize_kernel in a fixed order): the only
-    #    reduction across threads, once per program, all six values in one pass through shared memory.
-    sq_sum, u_sum, u_min, u_max, probe_sum, count = tl.reduce(
+    #    reduction across threads, once per program, all five values in one pass through shared memory.
+    sq_sum, u_sum, u_min, u_max, count = tl.reduce(
         (tl.where(keep, sq, 0.0), tl.where(vox_ok, u, 0.0), tl.where(vox_ok, u, float("inf")),
-         tl.where(vox_ok, u, float("-inf")), probe, keep.to(tl.int32)),
+         tl.where(vox_ok, u, float("-inf")), keep.to(tl.int32)),
         0, _partials_combine,
     )
+    if C == 2:
+        sq_sum = 2.0 * sq_sum
     tl.store(part_ptr + 0 * P + prog, sq_sum)
     tl.store(part_ptr + 1 * P + prog, u_sum)
     tl.store(part_ptr + 2 * P + prog, u_min)
     tl.store(part_ptr + 3 * P + prog, u_max)
-    tl.store(part_ptr + 4 * P + prog, probe_sum)
     tl.store(count_ptr + prog, count)
 
 
@@ -333,7 +420,6 @@ def _finalize_kernel(
     u_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
     u_min = tl.full([BLOCK_P], float("inf"), dtype=tl.float32)
     u_max = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
-    probe = tl.zeros([BLOCK_P], dtype=tl.float32)
     count = tl.zeros([BLOCK_P], dtype=tl.int64)
     start = 0
     while start < P:  # fixed order, chunk by chunk (see the note on `while` above)
@@ -343,16 +429,16 @@ def _finalize_kernel(
         u_sum += tl.load(part_ptr + 1 * P + offs, mask=ok, other=0.0)
         u_min = tl.minimum(u_min, tl.load(part_ptr + 2 * P + offs, mask=ok, other=float("inf")))
         u_max = tl.maximum(u_max, tl.load(part_ptr + 3 * P + offs, mask=ok, other=float("-inf")))
-        probe += tl.load(part_ptr + 4 * P + offs, mask=ok, other=0.0)
         count += tl.load(count_ptr + offs, mask=ok, other=0).to(tl.int64)
         start += BLOCK_P
     n = tl.sum(count, axis=0).to(tl.float32)
-    nan_probe = tl.sum(probe, axis=0)  # 0 or NaN
+    u_total = tl.sum(u_sum, axis=0)
+    nan_probe = u_total * 0.0  # 0, or NaN when a logit was NaN or +-Inf (it poisoned its voxel's u)
     denom = C * n + 1e-16  # empty mask: 0 / 1e-16 = 0 exactly
     tl.store(loss_ptr, tl.sum(sq, axis=0) / denom + nan_probe)
     tl.store(scale_ptr, 1.0 / denom + nan_probe)
     tl.store(stats_ptr + 0, n / num_voxels)
-    tl.store(stats_ptr + 1, tl.sum(u_sum, axis=0) / num_voxels + nan_probe)
+    tl.store(stats_ptr + 1, u_total / num_voxels)
     tl.store(stats_ptr + 2, tl.min(u_min, axis=0) + nan_probe)
     tl.store(stats_ptr + 3, tl.max(u_max, axis=0) + nan_probe)
 
@@ -383,6 +469,7 @@ def _predictive_entropy_kernel(
     C: tl.constexpr,
     MC_PAIRED: tl.constexpr,  # C = 2 interleaved passes (see _load_classes)
     BLOCK_V: tl.constexpr,
+    APPROX: tl.constexpr,  # NVIDIA targets: hardware ex2 / lg2 / rcp (see _exp2)
 ):
     pid_v = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -390,10 +477,12 @@ def _predictive_entropy_kernel(
     vox_ok = offs_v < V
     if MC_PAIRED:
         flat = pid_v * 2 * BLOCK_V + tl.arange(0, 2 * BLOCK_V).to(tl.int64)
-        u, _ = _mean_softmax_entropy(mc_ptr + pid_b * mc_sb, mc_st, 1, flat, flat < 2 * V, C, T, True, BLOCK_V)
+        u, probe = _mean_softmax_entropy(mc_ptr + pid_b * mc_sb, mc_st, 1, flat, flat < 2 * V, C, T, True,
+                                         BLOCK_V, APPROX)
     else:
-        u, _ = _mean_softmax_entropy(mc_ptr + pid_b * mc_sb, mc_st, mc_sc, offs_v * mc_sv, vox_ok, C, T, False, BLOCK_V)
-    tl.store(u_ptr + pid_b * V + offs_v, u, mask=vox_ok)
+        u, probe = _mean_softmax_entropy(mc_ptr + pid_b * mc_sb, mc_st, mc_sc, offs_v * mc_sv, vox_ok, C, T, False,
+                                         BLOCK_V, APPROX)
+    tl.store(u_ptr + pid_b * V + offs_v, u + probe, mask=vox_ok)  # NaN where a logit is NaN or +-Inf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,7 +573,7 @@ def uncertainty_loss_forward(
         threshold if thr_from_ptr else loss, float(threshold_value),
         V, T=T, C=C, THR_FROM_PTR=thr_from_ptr, WRITE_GRAD=need_grad,
         S_PAIRED=_paired(s3), Q_PAIRED=_paired(q3), G_PAIRED=need_grad and _paired(g3), MC_PAIRED=_paired(mc4),
-        BLOCK_V=cfg.block, num_warps=cfg.num_warps,
+        BLOCK_V=cfg.block, APPROX=APPROX, num_warps=cfg.num_warps,
     )
     _finalize_kernel[(1,)](
         partials, counts, loss, bwd_scale, stats, num_programs, C, B * V, BLOCK_P=FINALIZE_BLOCK, num_warps=4
@@ -549,7 +638,8 @@ def predictive_entropy_forward(mc_logits: torch.Tensor, *, config: Optional[Laun
     out = _empty((B, *mc_logits.shape[3:]), device=mc_logits.device, dtype=torch.float32)
     cfg = config or config_for("entropy", mc_logits.dtype, _classes_last(mc4), C, T, B * V)
     _predictive_entropy_kernel[(triton.cdiv(V, cfg.block), B)](
-        mc4, *mc4.stride(), out, V, T=T, C=C, MC_PAIRED=_paired(mc4), BLOCK_V=cfg.block, num_warps=cfg.num_warps
+        mc4, *mc4.stride(), out, V, T=T, C=C, MC_PAIRED=_paired(mc4), BLOCK_V=cfg.block, APPROX=APPROX,
+        num_warps=cfg.num_warps,
     )
     return out
 

@@ -90,7 +90,7 @@ def _compile(variant: dict) -> dict:
     if kernel == "loss_fwd":
         fn = K._uncertainty_loss_fwd_kernel
         paired = classes_last and C == 2
-        constexprs = {"T": T, "C": C, "THR_FROM_PTR": True, "WRITE_GRAD": True, "BLOCK_V": cfg.block,
+        constexprs = {"T": T, "C": C, "THR_FROM_PTR": True, "WRITE_GRAD": True, "BLOCK_V": cfg.block, "APPROX": True,
                       "S_PAIRED": paired, "Q_PAIRED": paired, "G_PAIRED": paired, "MC_PAIRED": paired}
         constexprs.update({f"{p}_{unit_stride}": 1 for p in ("s", "q", "mc", "g")})
         pointers = {"s_ptr": variant.get("student", dtype), "q_ptr": variant.get("student", dtype),
@@ -98,7 +98,7 @@ def _compile(variant: dict) -> dict:
         num_warps = cfg.num_warps
     elif kernel == "entropy":
         fn = K._predictive_entropy_kernel
-        constexprs = {"T": T, "C": C, "BLOCK_V": cfg.block, f"mc_{unit_stride}": 1,
+        constexprs = {"T": T, "C": C, "BLOCK_V": cfg.block, f"mc_{unit_stride}": 1, "APPROX": True,
                       "MC_PAIRED": classes_last and C == 2}
         pointers, num_warps = {"mc_ptr": dtype}, cfg.num_warps
     elif kernel == "loss_bwd":
