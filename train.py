@@ -1,18 +1,20 @@
 """Train UA-MT (Yu et al., MICCAI 2019) on the left atrium MRI data set, fast, and evaluate it.
 
     python train.py --demo                                 # synthetic data, reduced sizes, CPU, ~1 minute
-    python train.py --data ../shared/data/LA               # released code: 16 labeled, 6000 iterations (UA-MT-UN)
-    python train.py --data ../shared/data/LA --consistency-on all   # the paper's "UA-MT" rows (--labeled 8, 16, 24)
-    python train.py --data ../shared/data/LA --method mt   # mean teacher without the uncertainty mask
-    python train.py --data ../shared/data/LA --method mt-dice   # mean teacher, soft-Dice consistency (paper: MT-Dice)
+    python train.py --data /path/to/LA               # released code: 16 labeled, 6000 iterations (UA-MT-UN)
+    python train.py --data /path/to/LA --consistency-on all   # the paper's "UA-MT" rows (--labeled 8, 16, 24)
+    python train.py --data /path/to/LA --method mt   # mean teacher without the uncertainty mask
+    python train.py --data /path/to/LA --method mt-dice   # mean teacher, soft-Dice consistency (paper: MT-Dice)
     python train.py --data LA_part1 --data LA_part2 --data LA_part3   # the data set in several folders (data.py pack)
-    python train.py --data ../shared/data/LA --method supervised [--no-dropout]  # Bayesian / vanilla V-Net
+    python train.py --data /path/to/LA --method supervised [--no-dropout]  # Bayesian / vanilla V-Net
     python train.py --resume runs/<run>                    # continue a run from its last checkpoint
-    python train.py --eval runs/<run>/student.pt --data ../shared/data/LA       # evaluate only: runs/<run>/eval_student.json
-    python train.py --data ../shared/data/LA --out runs/a --overwrite            # replace the run in runs/a
-    python train.py --eval runs/<run>/student.pt --data ../shared/data/LA --figures figs --figures-cases 2
+    python train.py --eval runs/<run>/student.pt --data /path/to/LA       # evaluate only: runs/<run>/eval_student.json
+    python train.py --data /path/to/LA --out runs/a --overwrite            # replace the run in runs/a
+    python train.py --eval runs/<run> --data /path/to/LA --cases ID1 ID2   # two test cases only (--first N: the first N)
+    python train.py --eval runs/<run> --data /path/to/LA --figures figs --figures-cases best median worst
+    python train.py --data /path/to/LA --tensorboard   # metrics.jsonl's scalars also in runs/<run>/tensorboard
     # reduced real-data run on a 2-core CPU, ~30 min (volumes downsampled 2x, narrower V-Net, shorter schedule):
-    python train.py --data ../shared/data/LA --downsample 2 --n-filters 4 --patch 64 48 32 --iterations 800 --threads 1
+    python train.py --data /path/to/LA --downsample 2 --n-filters 4 --patch 64 48 32 --iterations 800 --threads 1
 
 Every setting is a field of ``Config`` below (defaults = the paper's); ``--help`` lists them. One
 iteration (``train_step``): sample 2 labeled + 2 unlabeled crops -> the EMA teacher makes T=8 noisy
@@ -56,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 import uamt_fast
-from uamt_fast import checkpoints, cli, data, figures, inference, reference, run_folder
+from uamt_fast import checkpoints, cli, data, figures, inference, metrics_log, reference, run_folder, selection
 from uamt_fast.vnet import MAX_FILTERS, VNet
 
 TERMS = ("cross-entropy", "dice", "consistency")  # the loss terms, in the order train_step returns them
@@ -73,7 +75,9 @@ class Config:
     demo: bool = False  # synthetic LA-like data (kept in the run folder) + reduced sizes: the whole pipeline in ~1 min on CPU
     overwrite: bool = False  # replace the run already in --out (its config, metrics, checkpoints, evaluations)
     figures: str = ""  # write PNG figures here after the evaluation: per-case panels (and the run's training curves)
-    figures_cases: int = 0  # panels for the first N test cases only (0: all); each costs figures_passes evaluations
+    cases: list = field(default_factory=list)  # evaluate only these test case ids, in this order (default: all of test.list)
+    first: int = 0  # evaluate only the first N test cases (of --cases if given); 0: all
+    figures_cases: list = field(default_factory=list)  # panels of these evaluated cases: ids, or best / median / worst by Dice (default: all); each costs figures_passes evaluations
     figures_passes: int = 8  # T stochastic (MC-dropout) passes for the uncertainty map of the panels
     # method
     method: str = "uamt"  # uamt | mt (no uncertainty mask) | mt-dice (soft-Dice consistency) | supervised (no teacher)
@@ -116,7 +120,7 @@ class Config:
     fused_ema: bool = True  # single-launch EMA over a flat parameter buffer
     reference_ops: bool = False  # the plain PyTorch reference loss and EMA (sets --no-fused-loss --no-fused-ema)
     data_device: str = "auto"  # where volumes live and crops are cut: auto (= training device) | cuda | cpu
-    threads: int = 0  # torch CPU threads; 0: torch's default (one per core). 1 is faster on a busy shared CPU
+    threads: int = 0  # torch CPU threads; 0: torch's default (one per core). Matters on a CPU: on 2 shared cores a 20-case evaluation took 40 s with 1 thread, 116 s with the default
     # logging, checkpoints, evaluation
     seed: int = 1337  # seeds the model init, the sampler generator and the noise/dropout streams (released: 1337)
     log_every: int = 50  # iterations between log lines (the only host-device syncs in the loop)
@@ -125,10 +129,13 @@ class Config:
     eval_stride_xy: int = 18  # sliding-window stride in the axial plane (paper: 18)
     eval_stride_z: int = 4  # sliding-window stride along the last axis (paper: 4)
     eval_batch: int = 4  # windows per forward in the evaluation
+    tensorboard: bool = False  # also write metrics.jsonl's scalars to <run>/tensorboard (pip install 'uamt_fast[tensorboard]'); the JSONL stays the record
 
     def __post_init__(self):
         self.patch = tuple(self.patch) if isinstance(self.patch, (list, tuple)) else self.patch
         self.data = [self.data] if isinstance(self.data, str) else self.data  # saved configs before: one str
+        if type(self.figures_cases) is int:  # saved configs before ids and picks: a count (panels now follow --first)
+            self.figures_cases = []
         check_types(self)  # a config read from a file may hold anything: types first, then ranges
         self.data = [d for d in self.data if d]
         if self.reference_ops:
@@ -160,7 +167,7 @@ def _flag(name: str) -> str:
 # intervals, ">= a" / "> a" half-lines; floats must also be finite (nan and inf are never a setting). The
 # upper bounds of the floats keep every value (and lr * grad) inside float32, where the optimizer works.
 RANGES = {
-    "figures_cases": ">= 0", "figures_passes": "[1, 1024]", "labeled": ">= 1", "n_filters": f"[1, {MAX_FILTERS}]",
+    "first": ">= 0", "figures_passes": "[1, 1024]", "labeled": ">= 1", "n_filters": f"[1, {MAX_FILTERS}]",
     "num_classes": "[0, 255]",
     "downsample": "[1, 16]", "batch_labeled": "[1, 1024]", "batch_unlabeled": "[0, 1024]", "iterations": ">= 1",
     "lr": "(0, 1000]", "lr_step": ">= 1", "momentum": "[0, 1)", "weight_decay": "[0, 1]", "ema_decay": "[0, 1]",
@@ -193,11 +200,11 @@ def check_types(cfg) -> None:
             ok = isinstance(value, str)
         elif f.name == "patch":
             ok = isinstance(value, tuple) and all(type(p) is int for p in value)
-        elif f.name == "data":
+        elif f.type == "list":  # --data, --cases, --figures-cases
             ok = isinstance(value, list) and all(isinstance(d, str) for d in value)
         if not ok:
-            raise ValueError(f"--{_flag(f.name)}: expected {f.type if f.name not in ('patch', 'data') else f.name + ' as a list'}"
-                             f", got {type(value).__name__} {value!r:.60}")
+            expected = "patch as a list" if f.name == "patch" else "a list of strings" if f.type == "list" else f.type
+            raise ValueError(f"--{_flag(f.name)}: expected {expected}, got {type(value).__name__} {value!r:.60}")
 
 
 # The --demo sizes: same code path, smaller everything. Flags given on the command line still win.
@@ -210,7 +217,8 @@ DEMO_DATA_DIR = "demo_data"  # the --demo data set, inside the run folder
 RESUME_OVERRIDABLE = {"data", "resume", "out", "device", "compile", "compile_mode", "compile_blocks", "compile_cache",
                       "cudnn_benchmark", "log_every", "save_every", "stop_at",
                       "eval_stride_xy", "eval_stride_z", "eval_batch", "data_device", "threads",
-                      "figures", "figures_cases", "figures_passes"}
+                      "figures", "figures_cases", "figures_passes", "cases", "first", "tensorboard"}
+EVAL_ONLY = {"cases", "first", "figures_cases"}  # --eval takes these from its command line, never from the checkpoint
 
 
 def parse_args(argv=None) -> dict:
@@ -239,6 +247,8 @@ def make_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         elif f.name == "data":
             p.add_argument(flag, action="append", metavar="DIR", help=help)
+        elif f.type == "list":
+            p.add_argument(flag, nargs="+", metavar="ID", help=help)
         elif f.name == "patch":
             p.add_argument(flag, type=int, nargs=3, metavar=("X", "Y", "Z"), help=help)
         else:
@@ -268,13 +278,23 @@ def downsample_case(case, k: int):
     return dataclasses.replace(case, image=image, label=label)
 
 
+def case_ids(cfg: Config, split: str) -> list[str]:
+    """The ids of ``split`` to read: of the test split only those of --cases / --first (and the --figures-cases
+    picks are checked against them, before any training or evaluation)."""
+    ids = data.read_list(cfg.data, split)
+    if split == "test":
+        ids = selection.test_ids(ids, cfg.cases, cfg.first)
+        selection.check_picks(cfg.figures_cases, ids)
+    return ids
+
+
 def load_split(cfg: Config, split: str):
     """Cases of ``split`` read once ("unlabeled": prepare's unlabeled.list, images only); training cases are
     downsampled once (test cases stay at full resolution: ``evaluate`` scores full-resolution labels)."""
     if split == "unlabeled":
         cases = data.load_cases(cfg.data, data.read_unlabeled(cfg.data), labeled=False)
     else:
-        cases = data.load_cases(cfg.data, data.read_list(cfg.data, split))
+        cases = data.load_cases(cfg.data, case_ids(cfg, split))
     return cases if split == "test" else [downsample_case(c, cfg.downsample) for c in cases]
 
 
@@ -673,12 +693,13 @@ def _strict_json(x):
     return x
 
 
-def write_figures(model: VNet, cfg: Config, cases, run_dir: Path) -> None:
-    """--figures: panels of the first --figures-cases test cases, and the run's training curves if it has a log."""
+def write_figures(model: VNet, cfg: Config, cases, result: dict, run_dir: Path) -> None:
+    """--figures: panels of the --figures-cases picks among the evaluated ``cases`` (ids, or best / median / worst
+    by the Dice in ``result``), and the run's training curves if it has a log."""
     out = Path(cfg.figures)
     name = "UA-MT" if cfg.method == "uamt" else cfg.method
-    for path in figures.write_panels({name: model}, cases[: cfg.figures_cases or None], out, dataclasses.asdict(cfg),
-                                     cfg.figures_passes):
+    picked = selection.panel_cases(cases, result["cases"], cfg.figures_cases)
+    for path in figures.write_panels({name: model}, picked, out, dataclasses.asdict(cfg), cfg.figures_passes):
         print(f"wrote {path}")
     if (run_dir / "metrics.jsonl").is_file():
         print(f"wrote {figures.training_curves({run_dir.name: run_dir}, out / 'curves.png')}")
@@ -742,7 +763,7 @@ def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device) -> None:
     model, saved, path = load_model(Path(cfg.eval), device)
     saved = dataclasses.asdict(saved_config(saved, path, "--eval"))
     overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}
-    ecfg = Config(**({k: v for k, v in saved.items() if k not in ("out", "resume", "eval", "overwrite")}
+    ecfg = Config(**({k: v for k, v in saved.items() if k not in {"out", "resume", "eval", "overwrite", *EVAL_ONLY}}
                      | overrides | {"eval": str(path)}))
     if "data" not in given and not all((Path(root) / "test.list").is_file() for root in ecfg.data or [""]):
         demo = path.parent / DEMO_DATA_DIR  # a --demo run keeps its synthetic data in its folder
@@ -758,9 +779,9 @@ def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device) -> None:
         raise ValueError(f"--eval {path}: the model predicts {model.num_classes} classes, the data has {ecfg.num_classes}")
     cases = load_split(ecfg, "test")
     out = run_folder.make_folder(cfg.out or path.parent, "evaluation")  # writable? checked before the work
-    evaluate(model, ecfg, cases, out, name=f"eval_{path.stem}.json", checkpoint=str(path))
+    result = evaluate(model, ecfg, cases, out, name=f"eval_{path.stem}.json", checkpoint=str(path))
     if cfg.figures:
-        write_figures(model, ecfg, cases, path.parent)
+        write_figures(model, ecfg, cases, result, path.parent)
 
 
 def write_config(out: Path, cfg: Config, env: dict, split: dict, resumed: bool) -> None:
@@ -792,6 +813,8 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         if cfg.figures:
             figures.pyplot()  # fail now, not after training, when the optional matplotlib is missing
             run_folder.make_folder(cfg.figures, "figures", "--figures")
+        if cfg.tensorboard:
+            metrics_log.require_tensorboard()  # the same: fail now when the optional tensorboard is missing
         if cfg.eval:
             if cfg.overwrite:
                 raise ValueError("--overwrite replaces a training run; --eval never replaces anything (it writes a new "
@@ -872,6 +895,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.append("interrupted"))  # finish the iteration, save, exit
     try:
         write_config(out, cfg, env, split, resumed=resume_state is not None)
+        log = held.enter_context(contextlib.closing(metrics_log.MetricsLog(out, cfg.tensorboard, start)))
         for iteration in range(start, cfg.iterations):
             terms, stats = train_step(parts, iteration)
             done = iteration + 1
@@ -900,8 +924,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
                 if device.type == "cuda":
                     line["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 line |= monitor()
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(line) + "\n")
+                log.write(line)
                 print(f"\r{log_line(line, cfg.iterations)}", flush=True)
                 window.zero_()
                 n_window, t_log = 0, now
@@ -928,11 +951,10 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         if start < cfg.iterations:  # (a run stopped during its final evaluation trains nothing on --resume)
             print(f"trained {cfg.iterations - start} iterations in {elapsed:.1f} s ({speed['it_per_s']:.2f} it/s"
                   + (f", peak GPU memory {speed['peak_gpu_mem_gb']:.2f} GiB)" if device.type == "cuda" else ")"))
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"iteration": cfg.iterations, **speed}) + "\n")
-        evaluate(parts.student, cfg, parts.test_cases, out, name="eval.json", checkpoint=str(out / "student.pt"))
+            log.write({"iteration": cfg.iterations, **speed})
+        result = evaluate(parts.student, cfg, parts.test_cases, out, name="eval.json", checkpoint=str(out / "student.pt"))
         if cfg.figures:
-            write_figures(parts.student, cfg, parts.test_cases, out)
+            write_figures(parts.student, cfg, parts.test_cases, result, out)
     except NonFiniteLoss as e:
         print(f"\ntrain.py: {e}", file=sys.stderr)
         return 1

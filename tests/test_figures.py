@@ -39,8 +39,28 @@ def test_case_panel_png_has_one_cell_per_slice_and_column(case, tmp_path):
                               passes=2, n_slices=2)
     image = read_png(path)
     cell = figures.PANEL_INCHES * figures.DPI
-    assert image.shape[:2] == (round(2 * cell), round(4 * cell))  # 2 slices x (image, a, b, uncertainty)
+    header = figures.HEADER_INCHES * figures.DPI  # the case id and the legend
+    assert image.shape[:2] == (round(2 * cell + header), round(4 * cell))  # 2 slices x (image, a, b, uncertainty)
     assert_not_blank(image)
+
+
+def test_case_panel_shows_the_whole_case_id_and_a_legend(tmp_path, monkeypatch):
+    long_id = "06SR5RBREL16DQ6M8LWS_long_id"  # the old title cut ids at 12 characters
+    case = data.Case(long_id, np.random.default_rng(0).random((40, 36, 20), dtype=np.float32),
+                     (np.indices((40, 36, 20))[2] % 7 > 3).astype(np.uint8))
+    seen = {}
+
+    def keep(plt, fig, path, top=1.0):
+        seen["title"] = fig._suptitle.get_text()
+        seen["legend"] = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+        seen["colors"] = [h.get_color() for legend in fig.legends for h in legend.legend_handles]
+        plt.close(fig)
+        return path
+
+    monkeypatch.setattr(figures, "_save", keep)
+    figures.case_panel({"a": VNet(n_filters=2)}, case, tmp_path / "p.png", patch=(32, 32, 16), stride_xy=16,
+                       stride_z=8, passes=1, n_slices=1)
+    assert seen == {"title": f"case {long_id}", "legend": ["ground truth", "prediction"], "colors": ["red", "blue"]}
 
 
 def test_downsampled_prediction_is_full_resolution(case):
@@ -102,10 +122,75 @@ def test_train_eval_writes_the_panels_and_the_curves_of_its_run(tmp_path, monkey
     run.mkdir()
     torch.save({"model": VNet(n_filters=2).state_dict(), "config": dataclasses.asdict(cfg)}, run / "student.pt")
     (run / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "lr": 0.01, "loss_ce": 0.7, "it_per_s": 2}) + "\n")
-    assert train.main(["--eval", str(run / "student.pt"), "--figures", str(tmp_path / "figs"), "--figures-cases", "1",
+    assert train.main(["--eval", str(run / "student.pt"), "--figures", str(tmp_path / "figs"), "--first", "1",
                        "--figures-passes", "1"]) == 0
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["curves.png", "panel-synth0002.png"]
     assert (run / "eval_student.json").is_file()  # --eval writes a new file beside the checkpoint
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory):
+    """A student.pt of a tiny config, with a 4-case test set: (train module, data root, run folder)."""
+    import dataclasses
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train
+
+    base = tmp_path_factory.mktemp("eval_run")
+    root = data.write_synthetic_la(base / "la", n_train=2, n_test=4, shape=(40, 36, 20), seed=4)
+    cfg = train.Config(data=[str(root)], n_filters=2, patch=(32, 32, 16), eval_stride_xy=16, eval_stride_z=8)
+    run = base / "run"
+    run.mkdir()
+    torch.manual_seed(1)
+    torch.save({"model": VNet(n_filters=2).state_dict(), "config": dataclasses.asdict(cfg)}, run / "student.pt")
+    return train, root, run
+
+
+def test_eval_of_named_cases_or_the_first_n_evaluates_only_those(eval_run, tmp_path, monkeypatch):
+    train, root, run = eval_run
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ids = data.read_list(root, "test")
+    for flags, expected in ((["--cases", ids[2], ids[0]], [ids[2], ids[0]]), (["--first", "2"], ids[:2]),
+                            (["--cases", ids[3], ids[1], ids[0], "--first", "2"], [ids[3], ids[1]])):
+        out = tmp_path / "_".join(flags)
+        assert train.main(["--eval", str(run), "--out", str(out), *flags]) == 0
+        result = json.loads((out / "eval_student.json").read_text())
+        assert [row["case"] for row in result["cases"]] == expected == result["source"]["case_ids"]
+
+
+def test_eval_panels_picked_by_dice(eval_run, tmp_path, monkeypatch, capsys):
+    train, root, run = eval_run
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    figs = tmp_path / "figs"
+    assert train.main(["--eval", str(run), "--out", str(tmp_path / "e"), "--figures", str(figs), "--figures-passes",
+                       "1", "--figures-cases", "best", "worst", "best"]) == 0
+    rows = sorted(json.loads((tmp_path / "e" / "eval_student.json").read_text())["cases"],
+                  key=lambda r: (r["dice"], r["case"]))
+    assert sorted(p.name for p in figs.iterdir()) == sorted({f"panel-{rows[-1]['case']}.png",
+                                                             f"panel-{rows[0]['case']}.png"})
+
+
+@pytest.mark.parametrize("flags, words", [(["--cases", "nope"], ["--cases nope", "not in test.list"]),
+                                          (["--figures-cases", "2"], ["--figures-cases 2", "--first N"]),
+                                          (["--first", "2", "--figures-cases", "synth0004"], ["--figures-cases"])])
+def test_eval_refuses_unknown_cases_before_any_work(eval_run, tmp_path, capsys, flags, words):
+    train, _, run = eval_run
+    assert train.main(["--eval", str(run), "--out", str(tmp_path / "e"), "--figures", str(tmp_path / "f"),
+                       *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error: ") and err.count("\n") == 1 and all(w in err for w in words), err
+    assert not (tmp_path / "e").exists() and not any((tmp_path / "f").iterdir())
+
+
+def test_command_line_panels_by_id_and_by_dice(panel_inputs, tmp_path):
+    root, _ = panel_inputs
+    ids = data.read_list(root, "test")
+    assert figures.main(panels_argv(panel_inputs, tmp_path / "a", "--cases", ids[1], "--passes", "1")) == 0
+    assert [p.name for p in (tmp_path / "a").iterdir()] == [f"panel-{ids[1]}.png"]
+    assert figures.main(panels_argv(panel_inputs, tmp_path / "b", "--cases", "median", "--first", "1",
+                                    "--passes", "1")) == 0
+    assert [p.name for p in (tmp_path / "b").iterdir()] == [f"panel-{ids[0]}.png"]
 
 
 # ----------------------------------------------------------------------------- command-line errors
@@ -194,7 +279,7 @@ def test_panels_help_states_the_ranges(capsys):
     with pytest.raises(SystemExit):
         figures.main(["panels", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "N >= 0" in text and "T in [1, 1024]" in text and "not a file" in text
+    assert "N >= 0" in text and "T in [1, 1024]" in text and "not a file" in text and "best / median / worst" in text
 
 
 def test_figures_from_the_shell_print_one_line_not_a_traceback(panel_inputs, tmp_path):

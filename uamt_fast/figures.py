@@ -1,12 +1,15 @@
 """Figures: the paper's Fig. 2 style case panels and training curves, as PNG files (needs matplotlib).
 
     python -m uamt_fast.figures panels --data LA --checkpoint supervised=runs/a/student.pt \\
-        --checkpoint UA-MT=runs/b/student.pt --out figs --cases 2
+        --checkpoint UA-MT=runs/b/student.pt --out figs --cases best median worst
+    python -m uamt_fast.figures panels --data LA --checkpoint runs/b/student.pt --out figs --first 2
     python -m uamt_fast.figures curves runs/a runs/b --out figs/curves.png
 
 ``case_panel``: a grid of axial slices (rows) by columns image | one column per checkpoint with the
 ground truth (red contour) and its prediction (blue contour) | the uncertainty map (predictive entropy
-of T MC-dropout passes, 0..ln 2) of the last checkpoint. Predictions are the paper's sliding-window
+of T MC-dropout passes, 0..ln 2) of the last checkpoint; the case id and a legend above. ``panels
+--cases`` picks test cases by id or as best / median / worst by the Dice of the last checkpoint
+(``uamt_fast.selection``; those cost one evaluation of each candidate case); ``--first N``: among the first N. Predictions are the paper's sliding-window
 protocol on the full-resolution image (on the pooled image for ``downsample`` > 1 runs, upsampled
 back, as train.py's evaluation does). ``training_curves``: train.py's ``metrics.jsonl`` of one or
 more runs, overlaid: loss terms, lambda(t), threshold H(t), mask fraction, it/s.
@@ -25,10 +28,12 @@ import numpy as np
 import torch
 
 from uamt_fast import data as la_data
-from uamt_fast import checkpoints, cli, inference, metrics
+from uamt_fast import checkpoints, cli, inference, metrics, selection
 from uamt_fast.vnet import mc_dropout
 
 PANEL_INCHES = 2.4  # each cell of the panel grid is PANEL_INCHES square
+HEADER_INCHES = 0.35  # the strip above the grid: case id and legend
+COLORS = {"ground truth": "red", "prediction": "blue"}  # the contours of the panels
 DPI = 100
 PREDICTION_SETTINGS = ("patch", "downsample", "eval_stride_xy", "eval_stride_z")  # shared by all panel columns
 CURVES = (  # (title, metrics.jsonl keys, log scale)
@@ -90,8 +95,9 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
     """Write the Fig. 2 style panel of ``case`` (``.id``, ``.image``, ``.label``) for ``{name: model}`` to ``path``.
 
     Rows: ``n_slices`` axial slices. Columns: image, then per model the ground truth (red) and its
-    prediction (blue) with the case Dice in the title, then the uncertainty of the last model. The
-    PNG is ``PANEL_INCHES * DPI`` pixels a cell. The uncertainty map may show seams at window borders:
+    prediction (blue) with the case Dice in the title, then the uncertainty of the last model. Above the
+    grid: the whole case id and the legend. The PNG is ``PANEL_INCHES * DPI`` pixels a cell (plus the
+    ``HEADER_INCHES`` strip). The uncertainty map may show seams at window borders:
     each sliding window of each pass draws its own dropout masks. Refused (ValueError): no models,
     ``passes`` or ``n_slices`` < 1.
     """
@@ -110,16 +116,20 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
 
     slices = axial_slices(case.label, n_slices)
     columns = 2 + len(models)
-    fig, axes = plt.subplots(len(slices), columns, figsize=(PANEL_INCHES * columns, PANEL_INCHES * len(slices)),
-                             dpi=DPI, squeeze=False)
+    height = PANEL_INCHES * len(slices) + HEADER_INCHES
+    fig, axes = plt.subplots(len(slices), columns, figsize=(PANEL_INCHES * columns, height), dpi=DPI, squeeze=False)
+    fig.suptitle(f"case {case.id}", x=0.01, y=1 - 0.5 * HEADER_INCHES / height, ha="left", va="center", fontsize=9)
+    fig.legend(handles=[plt.Line2D([], [], color=c, linewidth=1.5, label=name) for name, c in COLORS.items()],
+               loc="center right", bbox_to_anchor=(0.99, 1 - 0.5 * HEADER_INCHES / height), ncol=2, fontsize=8,
+               frameon=False)
     for row, z in enumerate(slices):
         image, label = case.image[:, :, z].T, case.label[:, :, z].T  # x to the right, y down
         axes[row, 0].imshow(image, cmap="gray")
-        axes[row, 0].set_title(f"{case.id[:12]} z={z}", fontsize=8)
+        axes[row, 0].set_title(f"z={z}", fontsize=8)
         for col, (name, pred) in enumerate(predictions.items(), 1):
             ax = axes[row, col]
             ax.imshow(image, cmap="gray")
-            for mask, color in ((label, "red"), (pred[:, :, z].T, "blue")):
+            for mask, color in ((label, COLORS["ground truth"]), (pred[:, :, z].T, COLORS["prediction"])):
                 if mask.any() and not mask.all():
                     ax.contour(mask, levels=[0.5], colors=color, linewidths=0.8)
             ax.set_title(f"{name}: Dice {100 * metrics.dice(pred, case.label):.1f}%" if row == 0 else name, fontsize=8)
@@ -128,12 +138,13 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
         fig.colorbar(shown, ax=axes[row, -1], fraction=0.046, pad=0.02)
     for ax in axes.flat:
         ax.set_axis_off()
-    return _save(plt, fig, path)
+    return _save(plt, fig, path, top=1 - HEADER_INCHES / height)
 
 
-def _save(plt, fig, path) -> Path:
-    """Lay out ``fig``, write it to ``path`` (its folder made if needed) and free it."""
-    fig.tight_layout()
+def _save(plt, fig, path, top: float = 1.0) -> Path:
+    """Lay out ``fig`` below ``top`` (a fraction of its height), write it to ``path`` (its folder made if needed)
+    and free it."""
+    fig.tight_layout(rect=(0, 0, 1, top))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
@@ -213,8 +224,11 @@ def main(argv=None) -> int:
                         help="a train.py student.pt (repeat: side by side, the last one's uncertainty is shown; "
                         "names, by default the checkpoint's folder name, must differ)")
     panels.add_argument("--out", required=True, help="output folder (panel-<case>.png); not a file")
-    panels.add_argument("--cases", type=cli.number(int, ">= 0"), default=0, metavar="N",
-                        help="the first N >= 0 test cases only (default: 0, all)")
+    panels.add_argument("--cases", nargs="+", default=[], metavar="ID",
+                        help="test case ids, or best / median / worst by the last checkpoint's Dice (ranking costs "
+                        "an evaluation of each candidate case; default: every candidate)")
+    panels.add_argument("--first", type=cli.number(int, ">= 0"), default=0, metavar="N",
+                        help="candidates: the first N >= 0 test cases only (default: 0, all)")
     panels.add_argument("--passes", type=cli.number(int, "[1, 1024]"), default=8, metavar="T",
                         help="MC-dropout passes for the uncertainty map, T in [1, 1024] (default: 8)")
     curves = commands.add_parser("curves", help="training curves of one or more run folders, overlaid")
@@ -237,9 +251,16 @@ def main(argv=None) -> int:
             configs.append({k: tuple(cfg[k]) if k == "patch" else cfg[k] for k in PREDICTION_SETTINGS})
         if any(c != configs[0] for c in configs):
             raise ValueError(f"the checkpoints were trained with different {PREDICTION_SETTINGS}: {configs}")
-        ids = la_data.read_list(args.data, "test")
-        cases = la_data.load_cases(args.data, ids[: args.cases or None])
-        for path in write_panels(models, cases, args.out, cfg, args.passes):
+        ids = selection.test_ids(la_data.read_list(args.data, "test"), first=args.first)
+        selection.check_picks(args.cases, ids, "--cases")
+        ranked = any(p in selection.PICKS for p in args.cases)
+        cases = la_data.load_cases(args.data, ids if ranked or not args.cases else dict.fromkeys(args.cases))
+        rows = None
+        if ranked:  # the Dice of each candidate, by the last checkpoint (whose uncertainty the panels show)
+            rows = inference.evaluate(list(models.values())[-1], cases, patch_size=tuple(cfg["patch"]),
+                                      stride_xy=cfg["eval_stride_xy"], stride_z=cfg["eval_stride_z"],
+                                      batch_size=cfg.get("eval_batch", 4), downsample=cfg.get("downsample", 1))["cases"]
+        for path in write_panels(models, selection.panel_cases(cases, rows, args.cases), args.out, cfg, args.passes):
             print(path)
     except (ValueError, OSError, ImportError) as e:  # (OSError: a folder that cannot be made or written)
         print(f"error: {e}", file=sys.stderr)
