@@ -304,7 +304,9 @@ def test_synth_command_line(tmp_path):
 def test_pack_round_trip_is_bit_exact_on_synthetic_data(synthetic_root, tmp_path, capsys):
     argv = ["pack", str(synthetic_root), str(tmp_path), "--train", "1", "--unlabeled", "1", "--test", "1"]
     assert data.main(argv) == 0
-    assert "read back bit-exact; the first 3 fit in 60 MiB" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "3 cases" in out and "Lossless: every case was read back and its image and label are bit-identical" in out
+    assert "part" not in out and "affine" not in out  # part sizes only when parts were asked for
     assert data.read_list(tmp_path, "train") == ["synth0000", "synth0001"]
     assert data.read_list(tmp_path, "test") == ["synth0003"]
     assert not list(tmp_path.rglob("*.h5"))
@@ -376,7 +378,7 @@ def test_parts_give_the_same_lists_and_crops_as_one_root(synthetic_root, tmp_pat
                       "--max-part-mib", "0.03"]) == 0
     out = capsys.readouterr().out
     parts = sorted(tmp_path.glob("part*"))
-    assert len(parts) >= 2 and "--data " + str(parts[0]) in out
+    assert len(parts) >= 2 and "--data " + str(parts[0]) in out and f"{parts[0]}: " in out and "Lossless" in out
     assert not (tmp_path / data.IMAGES_DIR).exists() and not (tmp_path / "train.list").exists()
     assert sum(len(list((p / data.IMAGES_DIR).iterdir())) for p in parts) == 5  # each case in exactly one part
     for roots in (parts, parts[::-1]):  # every part holds the full lists: the order of --data does not matter
