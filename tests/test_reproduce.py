@@ -162,3 +162,56 @@ def test_an_unreadable_eval_json_is_a_row_reported_as_failed_not_a_traceback(tmp
     assert "| 0/1 (1 unreadable, see below) |" in uamt and f"Problem: uamt seed 0: not counted: {eval_json}" in table
     bayes = next(line for line in table.splitlines() if line.startswith("| bayes-8 |"))
     assert "| 1/1 |" in bayes and "| 80.00 |" in bayes and "| — |" in bayes and "| 3.00 |" in bayes  # null 95HD: —
+
+
+# The paper's tables as printed (Dice, Jaccard, ASD, 95HD): ../shared/paper/TABLES.md where present, else this copy.
+PAPER_TABLES = REPO.parent / "shared" / "paper" / "TABLES.md"
+PRINTED = """
+| Vanilla V-Net | 16 | 0 | 84.13 | 73.26 | 4.75 | 17.93 |
+| Bayesian V-Net | 16 | 0 | 86.03 | 76.06 | 3.51 | 14.26 |
+| Vanilla V-Net | 80 | 0 | 90.25 | 82.40 | 1.91 | 8.29 |
+| Bayesian V-Net | 80 | 0 | 91.14 | 83.82 | 1.52 | 5.75 |
+| Self-training | 16 | 64 | 86.92 | 77.28 | 2.21 | 9.19 |
+| DAN | 16 | 64 | 87.52 | 78.29 | 2.42 | 9.01 |
+| ASDNet | 16 | 64 | 87.90 | 78.85 | 2.08 | 9.24 |
+| TCSE | 16 | 64 | 88.15 | 79.20 | 2.44 | 9.57 |
+| UA-MT-UN (consistency on unlabeled only) | 16 | 64 | 88.83 | 80.13 | 3.12 | 10.04 |
+| UA-MT | 16 | 64 | 88.88 | 80.21 | 2.26 | 7.32 |
+| MT | 16 | 64 | 88.23 | 79.29 | 2.73 | 10.64 |
+| MT-Dice | 16 | 64 | 88.32 | 79.37 | 2.76 | 10.50 |
+| Bayesian V-Net | 8 | 0 | 79.99 | 68.12 | 5.48 | 21.11 |
+| UA-MT | 8 | 72 | 84.25 | 73.48 | 3.36 | 13.84 |
+| Bayesian V-Net | 24 | 0 | 88.52 | 79.70 | 2.60 | 10.45 |
+| UA-MT | 24 | 56 | 90.16 | 82.18 | 2.73 | 8.90 |
+"""
+
+
+def paper_rows() -> list[tuple[str, int, tuple]]:
+    """(method, labeled, (Dice, Jaccard, 95HD, ASD)) of every row of the paper's Tables 1 and 2."""
+    text = PAPER_TABLES.read_text() if PAPER_TABLES.is_file() else PRINTED
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[1].isdigit():
+            dice, jaccard, asd, hd95 = cells[3:]
+            rows.append((cells[0].split(" (")[0], int(cells[1]), (dice, jaccard, hd95, asd)))
+    return rows
+
+
+def test_the_table_prints_the_paper_value_of_every_row(tmp_path):
+    rows = paper_rows()
+    assert len(rows) == 16  # 10 in Table 1, 7 in Table 2, UA-MT on 16 + 64 in both: 16 different lines
+    table, _ = reproduce.markdown_table(tmp_path, list(reproduce.ROWS), 1, 6000, cpu=False)
+    assert "†" not in table and "not transcribed" not in table
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
+    matched = set()
+    for method, labeled, values in rows:
+        key = next((k for k, r in reproduce.ROWS.items() if r.name.split(" (")[0] == method and r.labeled == labeled),
+                   None)
+        if key is None:  # Table 1's other methods: in the note
+            assert method in reproduce.OTHER_METHODS and f"{method} {' / '.join(values)}" in table, method
+            continue
+        matched.add(key)
+        paper = lines[key].split(" | ")[6:13:2]  # the four paper columns
+        assert paper == list(values), (key, paper, values)
+    assert matched == set(reproduce.ROWS)  # every row the runner trains has its paper values
