@@ -5,11 +5,13 @@
   interpreted kernel's time means nothing. On a CPU the fused rows skip with a reason and only
   the reference rows run; on a GPU with ``TRITON_INTERPRET=1`` in the environment the run stops.
 - The ``bench`` fixture (one per session) knows the device, measures its copy bandwidth once and
-  collects one row per benchmark. At the end a table is printed (kernel time and eager wall-clock
-  per call, p20-p80, arithmetic floor, % of copy bandwidth, peak memory, speedup over each baseline
-  of the same group on both) and, with ``--bench-json PATH``, written with the environment as JSON.
+  collects one row per benchmark. At the end, after pytest-benchmark's own tables, a table is
+  printed (kernel time and eager wall-clock per call, p20-p80, arithmetic floor, % of copy bandwidth,
+  peak memory, speedup over each baseline of the same group on both), also written to
+  ``.benchmarks/uamt_fast_summary.txt`` (``--bench-summary PATH``) and, with ``--bench-json PATH``,
+  with the environment as JSON.
 
-Options: ``--bench-json PATH``; ``--bench-tiny`` (tiny shapes: the CPU dry run of gpu_check.sh; with
+Options: ``--bench-json PATH``; ``--bench-summary PATH``; ``--bench-tiny`` (tiny shapes: the CPU dry run of gpu_check.sh; with
 ``TRITON_INTERPRET=1`` exported beforehand the fused rows then run in the Triton interpreter, which
 checks their wiring, not their speed); ``UAMT_BENCH_DEVICE=cpu`` forces the CPU on a GPU machine.
 """
@@ -25,11 +27,15 @@ import torch
 
 from benchmarks import measure
 
+SUMMARY_PATH = ".benchmarks/uamt_fast_summary.txt"  # the summary table's file, relative to where pytest runs
+
 
 def pytest_addoption(parser):
     group = parser.getgroup("uamt_fast benchmarks")
     group.addoption("--bench-json", default=None, help="write every row and the environment as JSON to this path")
     group.addoption("--bench-tiny", action="store_true", help="tiny shapes (wiring check, e.g. gpu_check.sh --cpu)")
+    group.addoption("--bench-summary", default=SUMMARY_PATH, help="write the summary table (printed last) to this "
+                    "text file (default: %(default)s)")
 
 
 def pytest_collect_file(file_path, parent):
@@ -174,17 +180,27 @@ def bench(request) -> BenchSession:
     return _SESSION
 
 
+@pytest.hookimpl(wrapper=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The table comes after pytest-benchmark's tables (this wrapper's code after ``yield`` runs after every plain
+    summary hook; only pytest's short list of skips may follow) and is also written to ``--bench-summary``."""
+    result = yield
     if _SESSION is None or not _SESSION.rows:
-        return
+        return result
     rows = measure.add_speedups(sorted(_SESSION.rows, key=lambda r: r["group"]))
-    tr = terminalreporter
-    tr.write_sep("=", "uamt_fast micro-benchmarks")
-    tr.write_line(measure.environment_line(_SESSION.env))
     timers = "kernel: CUDA-graph replay (do_bench_cudagraph); wall: torch.utils.benchmark.Timer, synced; medians" \
         if _SESSION.cuda else "wall: perf_counter via pytest-benchmark, median; no kernel time on a CPU"
-    tr.write_line(f"copy bandwidth (read + write), same run: {_SESSION.copy_gbps:.1f} GB/s; {timers}")
-    tr.write_line(measure.format_table(rows))
+    text = "\n".join([measure.environment_line(_SESSION.env),
+                      f"copy bandwidth (read + write), same run: {_SESSION.copy_gbps:.1f} GB/s; {timers}",
+                      measure.format_table(rows)])
+    path = Path(config.getoption("--bench-summary"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    tr = terminalreporter
+    tr.write_sep("=", "uamt_fast micro-benchmarks: summary")
+    tr.write_line(text)
+    tr.write_line(f"this table is also in {path}")
     if _SESSION.json_path:
         _SESSION.write_json(complete=True)
         tr.write_line(f"rows written to {_SESSION.json_path}")
+    return result
