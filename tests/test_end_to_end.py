@@ -27,6 +27,7 @@ def test_demo_learns_the_synthetic_atria(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.real_data
 def test_short_run_on_the_real_la_files(la_root, tmp_path):
     """16 labeled + 64 unlabeled real scans through the real loader, trainer and full-resolution evaluation
     of all 20 test scans (volumes pooled 4x and a 2-filter V-Net keep it to seconds of training)."""
