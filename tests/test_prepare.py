@@ -232,6 +232,27 @@ def test_brats_flair_whole_tumour(tmp_path):
         assert abs(arrays["image"][inside].mean()) < 0.2
 
 
+def test_msd_multimodal_4d_channel(tmp_path):
+    """An MSD multi-modal image is one 4D file with the 'modality' channels on its last axis."""
+    root = tmp_path / "msd4d"
+    training = []
+    for k in range(3):
+        image, label = scan(k, shape=(20, 18, 10))
+        save(root / "imagesTr" / f"b{k}.nii.gz", np.stack([image, -image, image * 3], -1), LPS)
+        save(root / "labelsTr" / f"b{k}.nii.gz", label, LPS)
+        training.append({"image": f"./imagesTr/b{k}.nii.gz", "label": f"./labelsTr/b{k}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"modality": {"0": "FLAIR", "1": "T1w", "2": "T2w"},
+                                                   "labels": {"0": "background", "1": "a", "2": "b"},
+                                                   "training": training, "test": []}))
+    out = tmp_path / "out"
+    assert run_cli(root, out, "--preset", "none", "--channel", "2", "--test-count", "1") == 0
+    record = json.loads((out / "dataset.json").read_text())
+    assert record["channel"] == "T2w" and record["num_classes"] == 3
+    for case_id in record["cases"]:
+        np.testing.assert_array_equal(read_h5(out, case_id)["image"],
+                                      (scan(int(case_id[1:]), shape=(20, 18, 10))[0] * 3)[::-1, ::-1, :])
+
+
 def test_unlabeled_cases_never_open_a_label(tmp_path, monkeypatch):
     """Every file nibabel opens is an image or the label of a labeled/test case; an --unlabeled DIR with a
     booby-trapped 'label' beside its images is never looked into."""
@@ -339,6 +360,12 @@ def _msd_unlisted_file(root):
     save(root / "imagesTr" / "image0009.nii.gz", scan(9)[0], np.eye(4))
 
 
+def _nnunet_num_training(root):
+    write_nnunet(root)
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps(meta | {"numTraining": 7}))
+
+
 def _nnunet_missing_channel(root):
     write_nnunet(root)
     (root / "imagesTr" / "case001_0001.nii.gz").unlink()
@@ -373,6 +400,7 @@ BAD = {
     "4d": (_four_d_image, [], "a 4D volume of shape (20, 18, 10, 2); expected 3D"),
     "list names a missing file": (_msd_missing_file, [], "names a missing file"),
     "folder disagrees with the list": (_msd_unlisted_file, [], "image0009.nii.gz is not in the 'training' list"),
+    "numTraining disagrees": (_nnunet_num_training, [], "numTraining is 7 but imagesTr holds 5 cases (4 with a label"),
     "missing channel file": (_nnunet_missing_channel, [], "case case001 has channel files [0], expected 0..1"),
     "relative path id": (_msd_entry("../x.nii.gz"), [], "list entry '../x.nii.gz' is a path leaving"),
     "absolute path id": (_msd_entry("/abs/x.nii.gz"), [], "list entry '/abs/x.nii.gz' is a path leaving"),

@@ -300,11 +300,14 @@ def _names(value, where: Path, key: str) -> list[str]:
 
 
 def _msd_labels(value, where: Path) -> dict[str, int] | None:
-    """MSD ``{"0": "background", "1": "left atrium"}`` -> ``{"background": 0, "left atrium": 1}``."""
+    """MSD ``{"0": "background", "1": "left atrium"}`` -> ``{"background": 0, "left atrium": 1}`` (a file
+    written the nnU-Net way round, name -> value, is read as such)."""
     if value is None:
         return None
-    if not isinstance(value, dict):
-        raise DataError(f"{where}: 'labels' must be a {{\"0\": name, ...}} mapping")
+    if not isinstance(value, dict) or not value:
+        raise DataError(f"{where}: 'labels' must be a non-empty {{\"0\": name, ...}} mapping")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+        return _checked_labels({str(name): v for name, v in value.items()}, where)
     try:
         return _checked_labels({str(name): int(v) for v, name in value.items()}, where)
     except (TypeError, ValueError):

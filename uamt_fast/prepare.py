@@ -9,6 +9,14 @@ SRC is a Decathlon, nnU-Net v2 raw or plain NIfTI folder (``uamt_fast.formats``)
                                                      patch and strides for train.py, split, and per case
                                                      everything done to it (to map a prediction back)
 
+Per case the record holds: ``role``; ``files`` (``image``: [the channel file read], ``label``: file or null)
+and their ``sha256``; ``orientation_original`` (e.g. "LPS"), ``affine_original``, ``shape_original`` and
+``spacing_original`` (mm along the source array's axes); ``orientation`` ("RAS"), ``spacing`` (mm along the
+stored axes), ``shape_resampled`` (the grid after orientation and resampling), ``crop_box`` ([lo, hi) per
+axis in that grid), ``shape`` and ``affine`` of the stored arrays; ``intensity`` (kind and parameters) and
+``label_map`` (source value -> stored value). A prediction on the stored grid goes back to the source
+image's grid by resampling it (nearest) from ``affine`` to ``shape_original`` / ``affine_original``.
+
 Each case, with MONAI's transforms: ``Orientationd`` to RAS; ``Spacingd`` to the preset's spacing (image
 bilinear, label nearest); a CT window ``ScaleIntensityRanged`` to [0, 1]; ``CropForegroundd`` on the image
 (never on a label); an MR z-score ``NormalizeIntensityd`` with the statistics recorded. An unlabeled case
@@ -371,7 +379,11 @@ def _prepare_all(cases, plan: Plan, out: Path, workers: int) -> dict[str, dict]:
                 f.cancel()
             pool.shutdown(wait=True)
             for case in cases:  # those written before the error, and any finished while shutting down
-                (out / data.IMAGES_DIR / case.id / data.H5_NAME).unlink(missing_ok=True)
+                folder = out / data.IMAGES_DIR / case.id
+                for name in (data.H5_NAME, data.H5_NAME + ".tmp"):
+                    (folder / name).unlink(missing_ok=True)
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
             if bar:
                 print(file=sys.stderr)
             raise
