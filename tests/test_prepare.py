@@ -410,6 +410,9 @@ BAD = {
     "channel not chosen": (lambda r: write_nnunet(r), ["--test-count", "1"],
                            "has 2 input channels (T1, FLAIR); the trainer reads one channel"),
     "no test cases": (lambda r: write_nnunet(r, channels=("T1",)), [], "no test cases (no imagesTs with labelsTs)"),
+    "one class only": (lambda r: _nifti_case(_good_nifti(r), label=np.zeros((20, 18, 10), np.uint8))
+                       and [_nifti_case(r, f"c{k}", label=np.zeros((20, 18, 10), np.uint8)) for k in (2, 3)], [],
+                       "1 classes (background); the trainer needs 2..255"),
     "bad flag": (lambda r: write_nnunet(r, channels=("T1",)), ["--test-fraction", "1.5"],
                  "argument --test-fraction: expected a finite number in (0, 1)"),
 }

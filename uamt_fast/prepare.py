@@ -189,11 +189,15 @@ def prepare(src, out, preset: str = "la", *, channel=None, unlabeled=None, test_
               "train": {"patch": list(p.patch), "eval_stride_xy": p.stride_xy, "eval_stride_z": p.stride_z},
               "source": {"path": str(src.resolve()), "layout": source.layout}, "split": plan.split,
               "cases": {c.id: records[c.id] for c in cases}}
-    atomic_write_text(out / "dataset.json", json.dumps(record, indent=1) + "\n")
-    lists = {name: [i for i in plan.split["order"][name.split(".")[0]]] for name in LISTS}
-    for name in ("test.list", "unlabeled.list", "train.list"):  # train.list last: it makes OUT a data root
-        if lists[name]:
-            atomic_write_text(out / name, "".join(f"{i}\n" for i in lists[name]))
+    lists = {name: plan.split["order"][name.split(".")[0]] for name in LISTS}
+    try:
+        atomic_write_text(out / "dataset.json", json.dumps(record, indent=1) + "\n")
+        for name in ("test.list", "unlabeled.list", "train.list"):  # train.list last: it makes OUT a data root
+            if lists[name]:
+                atomic_write_text(out / name, "".join(f"{i}\n" for i in lists[name]))
+    except OSError as e:
+        raise DataError(f"output folder {out}: cannot write {Path(e.filename or 'dataset.json').name} "
+                        f"({e.strerror or e})") from None
     return record
 
 
@@ -253,6 +257,9 @@ def _label_plan(preset_name: str, preset: Preset, source: formats.Source):
         if 0 not in values:
             declared = {"background": 0, **declared}
     ordered = sorted(declared.items(), key=lambda kv: kv[1])
+    if not 2 <= len(ordered) <= 255:
+        raise DataError(f"{source.path}: {len(ordered)} classes ({', '.join(n for n, _ in ordered)}); the trainer needs "
+                        f"2..255 (background and at least one class, stored as uint8)")
     lut = {v: k for k, (_, v) in enumerate(ordered)}
     return set(lut), lut, {name: k for k, (name, _) in enumerate(ordered)}
 
