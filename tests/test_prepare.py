@@ -16,7 +16,7 @@ import pytest
 nibabel = pytest.importorskip("nibabel")
 pytest.importorskip("monai")
 
-from uamt_fast import data, prepare  # noqa: E402
+from uamt_fast import data, prepare
 
 SHAPE = (40, 36, 20)
 LPS = np.diag([-0.8, -0.8, 2.0, 1.0]) + np.array([[0, 0, 0, 30.0], [0, 0, 0, 25.0], [0, 0, 0, -18.0], [0, 0, 0, 0]])
@@ -141,7 +141,8 @@ def test_nnunet_multiclass(tmp_path, capsys):
         else:
             assert arrays["label"].dtype == np.uint8 and set(np.unique(arrays["label"])) == {0, 1, 2}
             np.testing.assert_array_equal(arrays["label"], source_label[::-1, ::-1, :])
-            assert case["label_map"] == {"0": 0, "1": 1, "2": 2} and case["files"]["label"] == f"labelsTr/{case_id}.nii.gz"
+            assert case["label_map"] == {"0": 0, "1": 1, "2": 2}
+            assert case["files"]["label"] == f"labelsTr/{case_id}.nii.gz"
     assert "prepared 3 labeled, 1 unlabeled, 1 test cases (3 classes" in capsys.readouterr().out
 
 
@@ -425,7 +426,8 @@ def test_bad_input_is_one_line(tmp_path, capsys, name):
     src.mkdir()
     build(src)
     out = tmp_path / "out"
-    needs_test = "--test-count" not in flags and name not in ("no test cases", "bad flag") and not (src / "imagesTs").exists()
+    needs_test = ("--test-count" not in flags and name not in ("no test cases", "bad flag")
+                  and not (src / "imagesTs").exists())
     assert run_cli(src, out, "--preset", "none", *flags, *(["--test-count", "1"] if needs_test else [])) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
@@ -454,7 +456,7 @@ def test_subprocess_bad_input(tmp_path):
     src = tmp_path / "src"
     _nan_voxels(src)
     proc = subprocess.run([sys.executable, "-m", "uamt_fast.data", "prepare", str(src), str(tmp_path / "out"),
-                           "--preset", "none", "--test-count", "1"], capture_output=True, text=True,
+                           "--preset", "none", "--test-count", "1"], capture_output=True, text=True, check=False,
                           cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -495,6 +497,6 @@ def test_core_import_needs_no_extra():
     """import uamt_fast, its data module and even prepare/formats load neither MONAI nor nibabel."""
     code = ("import sys, uamt_fast, uamt_fast.data, uamt_fast.formats, uamt_fast.prepare; "
             "print(sorted(m for m in ('monai', 'nibabel') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                           cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr

@@ -110,8 +110,8 @@ def _read_msd(src: Path, meta: dict) -> Source:
     test = meta.get("test", [])
     test_images = [_listed_file(src, e["image"] if isinstance(e, dict) else e, where, "imagesTs") for e in test]
     _same_files(src / "imagesTs", {p.name for p in test_images}, where, "'test'", missing_ok=True)
-    cases += _test_cases([(check_case_id(_strip_ending(p.name), f"{where} (test {p.name})"), (p,)) for p in test_images],
-                         src, len(channels) > 1, None)
+    test_cases = [(check_case_id(_strip_ending(p.name), f"{where} (test {p.name})"), (p,)) for p in test_images]
+    cases += _test_cases(test_cases, src, len(channels) > 1, None)
     return Source(src, "msd", channels, labels, cases)
 
 
@@ -125,7 +125,8 @@ def _read_nnunet(src: Path, meta: dict) -> Source:
     if not isinstance(ending, str) or not ending.startswith("."):
         raise DataError(f"{where}: 'file_ending' must be a string like \".nii.gz\", got {ending!r}")
     if ending not in NIFTI_ENDINGS:
-        raise DataError(f"{where}: file_ending {ending!r} is not NIfTI ({', '.join(NIFTI_ENDINGS)}); only NIfTI is read")
+        raise DataError(f"{where}: file_ending {ending!r} is not NIfTI ({', '.join(NIFTI_ENDINGS)}); "
+                        f"only NIfTI is read")
     labels = _nnunet_labels(meta.get("labels"), where)
     train = _channel_cases(src / "imagesTr", ending, len(channels), where)
     label_dir = src / "labelsTr"
@@ -182,7 +183,7 @@ def _test_cases(images: list[tuple[str, tuple[Path, ...]]], src: Path, in_file: 
                             f"{ending or _ending(paths[0].name)}); every imagesTs case needs one when labelsTs exists")
         cases.append(SourceCase(case_id, "test", tuple(paths), found.pop(case_id), in_file))
     if found:
-        name = sorted(found)[0]
+        name = min(found)
         raise DataError(f"{found[name]}: a test label with no image {name} in {src / 'imagesTs'}")
     return cases
 
@@ -207,10 +208,12 @@ def _unlabeled_folder(folder: Path, n_channels: int) -> list[SourceCase]:
 def _listed_file(src: Path, entry, where: Path, folder: str) -> Path:
     """The file a dataset.json list entry names: a relative path inside SRC that exists."""
     if not isinstance(entry, str) or not entry:
-        raise DataError(f"{where}: a list entry is {entry!r}, expected a relative file path such as ./{folder}/x.nii.gz")
+        raise DataError(f"{where}: a list entry is {entry!r}, expected a relative file path such as "
+                        f"./{folder}/x.nii.gz")
     rel = Path(entry)
     if rel.is_absolute() or ".." in rel.parts:
-        raise DataError(f"{where}: list entry {entry!r} is a path leaving {src}; entries must be relative paths inside it")
+        raise DataError(f"{where}: list entry {entry!r} is a path leaving {src}; entries must be relative paths "
+                        f"inside it")
     path = src / rel
     if not path.is_file():
         raise DataError(f"{where}: list entry {entry!r} names a missing file {path}")
@@ -245,8 +248,9 @@ def _channel_cases(folder: Path, ending: str, n_channels: int, where: Path) -> d
     for case_id, files in cases.items():
         if sorted(files) != list(range(n_channels)):
             missing = sorted(set(range(n_channels)) - set(files)) or sorted(set(files) - set(range(n_channels)))
-            raise DataError(f"{folder}: case {case_id} has channel files {sorted(files)}, expected 0..{n_channels - 1} "
-                            f"({n_channels} channel_names in {where}); first odd one: {case_id}_{missing[0]:04d}{ending}")
+            raise DataError(f"{folder}: case {case_id} has channel files {sorted(files)}, expected "
+                            f"0..{n_channels - 1} ({n_channels} channel_names in {where}); first odd one: "
+                            f"{case_id}_{missing[0]:04d}{ending}")
     return {case_id: tuple(files[k] for k in range(n_channels)) for case_id, files in cases.items()}
 
 
@@ -293,7 +297,8 @@ def _names(value, where: Path, key: str) -> list[str]:
     try:
         keys = sorted(int(k) for k in value)
     except (TypeError, ValueError):
-        raise DataError(f"{where}: '{key}' keys must be channel indices \"0\", \"1\", ...; got {sorted(value)}") from None
+        raise DataError(f"{where}: '{key}' keys must be channel indices \"0\", \"1\", ...; "
+                        f"got {sorted(value)}") from None
     if keys != list(range(len(keys))):
         raise DataError(f"{where}: '{key}' keys must be 0..{len(keys) - 1}, got {keys}")
     return [str(value[str(k)]) for k in keys]
@@ -369,7 +374,7 @@ def read_volume(path: Path, channel: int | None = None) -> tuple[np.ndarray, np.
     try:
         img = nibabel.load(str(path))
         array = np.asanyarray(img.dataobj)
-    except Exception as e:  # nibabel raises many types for truncated or foreign files
+    except Exception as e:  # noqa: BLE001 (nibabel raises many types for truncated or foreign files)
         raise DataError(f"{path}: unreadable NIfTI file ({type(e).__name__}: {e})") from None
     if array.ndim == 4 and channel is not None:
         if not 0 <= channel < array.shape[3]:
@@ -386,4 +391,4 @@ def read_volume(path: Path, channel: int | None = None) -> tuple[np.ndarray, np.
     return array, np.asarray(img.affine, dtype=np.float64)
 
 
-__all__ = ["NIFTI_ENDINGS", "SourceCase", "Source", "read_source", "read_volume"]
+__all__ = ["NIFTI_ENDINGS", "Source", "SourceCase", "read_source", "read_volume"]

@@ -78,7 +78,7 @@ PRESETS = {
     # LA (2018 Atrial Segmentation Challenge, the UA-MT release's mri_norm2.h5): already 0.625 mm and
     # normalized per scan, so no resampling, no intensity change, no crop. Patch 112x112x80 and strides 18/4:
     # UA-MT code/test_LA.py and code/train_LA_meanteacher_certainty_unlabel.py (yulequan/UA-MT @80d0a34);
-    # the same in DTC code/test_LA.py (HiLab-git/DTC) and MC-Net mcnet/test_3d.py (ycwu1997/MC-Net @9a9730d).
+    # the same in DTC code/test_LA.py (HiLab-git/DTC @0b7cfed) and MC-Net mcnet/test_3d.py (ycwu1997/MC-Net @9a9730d).
     "la": Preset(spacing=None, intensity={"kind": "none"}, crop=False, channel=None,
                  labels={"background": 0, "left atrium": 1}, foreground=False, patch=(112, 112, 80), stride_xy=18,
                  stride_z=4),
@@ -87,18 +87,18 @@ PRESETS = {
     # *label* (+25 voxels in x, y) and z-scores the crop. A label crop is impossible for unlabeled and test
     # cases, so this preset crops to the body (window > 0, i.e. HU > -125) and keeps [0, 1]. Patch 96^3,
     # strides 16/16: MC-Net mcnet/test_3d.py (@9a9730d). Split: MC-Net's 62/20 lists above, less the two
-    # scans that TCIA withdrew as duplicates, PANCREAS_0025 and PANCREAS_0070 (the 80-scan version used by
-    # most of the literature); MC-Net's own lists still hold them (image0025 in test, image0070 in train), so
-    # here the split is 61/19.
+    # scans that TCIA's Pancreas-CT page marks as duplicates, #25 and #70 (the 80-scan version most of the
+    # literature uses; taken from that page as remembered, not from a stored copy). MC-Net's own lists still
+    # hold both (image0025 in test, image0070 in train), so the split here is 61/19.
     "pancreas": Preset(spacing=(1.0, 1.0, 1.0), intensity={"kind": "ct_window", "window": [-125.0, 275.0]},
                        crop=True, channel=None, labels={"background": 0, "pancreas": 1}, foreground=False,
                        patch=(96, 96, 96), stride_xy=16, stride_z=16, split=(PANCREAS_TRAIN, PANCREAS_TEST),
                        drop=(25, 70)),
     # BraTS 2019, whole tumour on FLAIR: SSL4MIS code/dataloaders/brats_proprecessing.py (HiLab-git/SSL4MIS
-    # @bdd4fb4) crops to the brain (nonzero voxels), clips at the 99.9th percentile, z-scores with the mean and
+    # @6f98472) crops to the brain (nonzero voxels), clips at the 99.9th percentile, z-scores with the mean and
     # std of the voxels > 0 (applied to every voxel) and sets label > 0 to 1; no resampling (BraTS is 1 mm).
-    # Patch 96^3 (train_uncertainty_aware_mean_teacher_3D.py @0fc63df), strides 64/64 (code/test_3D.py and
-    # the validation in that training script).
+    # Patch 96^3 (train_uncertainty_aware_mean_teacher_3D.py @0fc63df), strides 64/64 (code/test_3D.py
+    # @132771f and the validation in that training script).
     "brats2019": Preset(spacing=None, intensity={"kind": "zscore", "over": "positive", "clip_percentile": 99.9},
                         crop=True, channel="FLAIR", labels={"background": 0, "whole tumour": 1}, foreground=True,
                         patch=(96, 96, 96), stride_xy=64, stride_z=64),
@@ -228,8 +228,8 @@ def _pick_channel(source: formats.Source, preset: Preset, channel) -> tuple[int,
     wanted = asked[0] if asked else preset.channel
     if wanted is None or (not asked and len(names) == 1):
         if len(names) > 1:
-            raise DataError(f"{source.path} has {len(names)} input channels ({', '.join(names)}); the trainer reads one "
-                            f"channel: choose it with --channel NAME|INDEX")
+            raise DataError(f"{source.path} has {len(names)} input channels ({', '.join(names)}); the trainer reads "
+                            f"one channel: choose it with --channel NAME|INDEX")
         return 0, names[0]
     if wanted.isdigit() and int(wanted) < len(names) and wanted not in names:
         return int(wanted), names[int(wanted)]
@@ -258,8 +258,8 @@ def _label_plan(preset_name: str, preset: Preset, source: formats.Source):
             declared = {"background": 0, **declared}
     ordered = sorted(declared.items(), key=lambda kv: kv[1])
     if not 2 <= len(ordered) <= 255:
-        raise DataError(f"{source.path}: {len(ordered)} classes ({', '.join(n for n, _ in ordered)}); the trainer needs "
-                        f"2..255 (background and at least one class, stored as uint8)")
+        raise DataError(f"{source.path}: {len(ordered)} classes ({', '.join(n for n, _ in ordered)}); the trainer "
+                        f"needs 2..255 (background and at least one class, stored as uint8)")
     lut = {v: k for k, (_, v) in enumerate(ordered)}
     return set(lut), lut, {name: k for k, (name, _) in enumerate(ordered)}
 
@@ -288,7 +288,7 @@ def _split(preset: Preset, source: formats.Source, test_fraction, test_count, se
                             f"--test-count would hold out more: drop the flag")
         test, train, split["test"] = given_test, labeled, "imagesTs with labelsTs"
     elif held:
-        n = test_count if test_count is not None else int(round(test_fraction * len(labeled)))
+        n = test_count if test_count is not None else round(test_fraction * len(labeled))
         if not 1 <= n < len(labeled):
             raise DataError(f"{'--test-count' if test_count is not None else '--test-fraction'}: holds out {n} of "
                             f"{len(labeled)} labeled cases; need at least 1 test and 1 training case")
@@ -306,8 +306,9 @@ def _split(preset: Preset, source: formats.Source, test_fraction, test_count, se
                         f"--test-fraction F or --test-count N")
     if not train:
         raise DataError(f"{source.path}: no labeled training case left after taking the test cases")
+    fixed = preset.split and not held and not given_test
     split.update(dropped=dropped, order={"train": train, "test": test, "unlabeled": unlabeled},
-                 train_order="the preset's list order" if preset.split and not held and not given_test else "sorted ids")
+                 train_order="the preset's list order" if fixed else "sorted ids")
     roles = {**{i: "labeled" for i in train}, **{i: "test" for i in test}, **{i: "unlabeled" for i in unlabeled}}
     return split, roles
 
@@ -402,8 +403,14 @@ def _prepare_case(case: formats.SourceCase, plan: Plan, out: Path) -> dict:
     import nibabel
     import torch
     from monai.data import MetaTensor
-    from monai.transforms import (ClipIntensityPercentilesd, CropForegroundd, NormalizeIntensityd, Orientationd,
-                                  ScaleIntensityRanged, Spacingd)
+    from monai.transforms import (
+        ClipIntensityPercentilesd,
+        CropForegroundd,
+        NormalizeIntensityd,
+        Orientationd,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
 
     p = plan.preset
     image_file = case.images[0] if case.channels_in_file else case.images[plan.channel_index]
@@ -534,4 +541,4 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["FORMAT", "Preset", "PRESETS", "add_command", "run", "prepare"]
+__all__ = ["FORMAT", "PRESETS", "Preset", "add_command", "prepare", "run"]
