@@ -500,3 +500,11 @@ def test_core_import_needs_no_extra():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                           cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
+    src = write_nnunet(tmp_path / "src", n_labeled=3, n_unlabeled=0, channels=("T1",))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert run_cli(src, tmp_path / "out", "--preset", "none", "--test-count", "1", "--workers", "2") == 0
+    err = capsys.readouterr().err
+    assert "\rprepare: 3/3 cases\n" in err and err.count("\rprepare: ") == 3
