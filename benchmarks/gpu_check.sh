@@ -6,13 +6,13 @@
 #   OUT_DIR   gets each stage's logs and JSON (small files), status.tsv (stage, step, exit code,
 #             seconds), gpu_check.json (every number of the stages found in OUT_DIR) and summary.txt.
 #   --stage   comma-separated, run in this order (default all = kernels,step,training):
-#             kernels   <= 4 min on an H100: every number of issue 8
+#             kernels   <= 4 min on an H100: the kernels' correctness, launch configs and speed
 #                       1. tests/test_uncertainty_loss.py tests/test_ema.py on the device: kernels vs
 #                          the float64 reference (tests/test_kernel_structure.py compiles for sm_90
 #                          on any CPU, so CI runs it; it is left out here to keep the 60 s)        60 s
 #                       2. python -m benchmarks.kernel_sweep (launch configs; when present)        55 s
 #                       3. micro rows: loss, entropy, EMA; kernel time and eager wall-clock       110 s
-#             step      <= 8 min: every number of issue 9
+#             step      <= 8 min: the train step against the released trainer's, and its profile
 #                       1. python -m benchmarks.train_step, every variant and both references    350 s
 #                       2. python -m benchmarks.profile_step (the step's profile; when present)     95 s
 #             training  <= 10 min: python train.py --data DIR, the paper's 6000 iterations, then the
