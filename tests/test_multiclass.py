@@ -1,12 +1,11 @@
-"""Any number of classes, end to end: a prepared data set's class count reaches the V-Net, the losses, the
-uncertainty bound, the evaluation (per class and their mean, distances in voxels and mm), and unlabeled.list
-cases feed the unlabeled stream without their labels ever being read. C = 2 (the LA release) is unchanged,
-as the rest of the suite checks.
+"""Any number of classes: a prepared data set's class count reaches the V-Net, the losses and the evaluation
+(per class and their mean, distances in voxels and mm), and unlabeled.list cases feed the unlabeled stream
+without their labels ever being read. A whole training on three classes is in tests/test_own_data.py;
+C = 2 (the LA release) is unchanged, as the rest of the suite checks.
 """
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -60,25 +59,6 @@ def write_prepared(root: Path, n_train=8, n_test=3, n_unlabeled=2, shape=(40, 36
 @pytest.fixture(scope="module")
 def three_classes(tmp_path_factory) -> Path:
     return write_prepared(tmp_path_factory.mktemp("three_classes"))
-
-
-@pytest.mark.slow
-def test_three_classes_train_and_score_each_class_well_above_chance(three_classes, tmp_path):
-    out = tmp_path / "run"
-    assert train.main(["--data", str(three_classes), *FAST, "--iterations", "120", "--log-every", "60",
-                       "--lr", "0.05", "--out", str(out)]) == 0
-    cfg = json.loads((out / "config.json").read_text())["config"]
-    assert cfg["num_classes"] == 3 and cfg["patch"] == [32, 32, 16] and cfg["eval_stride_xy"] == 16  # the preset's
-    result = json.loads((out / "eval.json").read_text())
-    per_class = result["mean_per_class"]
-    assert set(per_class) == {"1", "2"}
-    for c, m in per_class.items():  # chance: a class covers ~4% of the voxels
-        assert m["dice"] > 0.6, (c, m)
-    assert result["mean"]["dice"] == pytest.approx(np.mean([m["dice"] for m in per_class.values()]))
-    row = result["cases"][0]
-    assert set(row["classes"]) == {"1", "2"} and {"hd95_mm", "asd_mm"} <= set(row)
-    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "threshold" in line]
-    assert all(0.75 * math.log(3) - 1e-9 <= r["threshold"] <= math.log(3) + 1e-9 for r in log)  # U_max = ln C
 
 
 def test_unlabeled_list_cases_join_the_unlabeled_stream_without_their_labels(three_classes, tmp_path):
