@@ -400,6 +400,15 @@ def _prepare_all(cases, plan: Plan, out: Path, workers: int) -> dict[str, dict]:
 
 def _prepare_case(case: formats.SourceCase, plan: Plan, out: Path) -> dict:
     """Read, check, transform and write one case; returns its record for dataset.json."""
+    image, label, record = transform_case(case, plan)
+    _write_case(out, case.id, image, label)
+    return record
+
+
+def transform_case(case: formats.SourceCase, plan: Plan) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Read, check and transform one case as the module docstring says, writing nothing: ``(image float32,
+    label uint8 or None, the case's record for dataset.json)``. ``uamt_fast.predict`` runs new scans through
+    it (a case with no label) so that they get exactly the preprocessing the model's data had."""
     import nibabel
     import torch
     from monai.data import MetaTensor
@@ -464,14 +473,14 @@ def _prepare_case(case: formats.SourceCase, plan: Plan, out: Path) -> dict:
     out_label = None if "label" not in d else np.ascontiguousarray(np.rint(d["label"].numpy()[0]), np.uint8)
     if not np.isfinite(out_image).all():
         raise DataError(f"{image_file}: non-finite values after the {p.intensity['kind']} step")
-    _write_case(out, case.id, out_image, out_label)
     final_affine = np.asarray(d["image"].affine, np.float64)
-    return {"role": plan.roles[case.id], "files": files, "sha256": hashes,
-            "orientation_original": "".join(nibabel.aff2axcodes(affine)), "orientation": "RAS",
-            "affine_original": affine.tolist(), "shape_original": list(image.shape),
-            "spacing_original": _spacing(affine), "spacing": _spacing(final_affine),
-            "shape_resampled": shape_resampled, "crop_box": crop_box, "shape": list(out_image.shape),
-            "affine": final_affine.tolist(), "intensity": intensity, "label_map": label_map}
+    record = {"role": plan.roles[case.id], "files": files, "sha256": hashes,
+              "orientation_original": "".join(nibabel.aff2axcodes(affine)), "orientation": "RAS",
+              "affine_original": affine.tolist(), "shape_original": list(image.shape),
+              "spacing_original": _spacing(affine), "spacing": _spacing(final_affine),
+              "shape_resampled": shape_resampled, "crop_box": crop_box, "shape": list(out_image.shape),
+              "affine": final_affine.tolist(), "intensity": intensity, "label_map": label_map}
+    return out_image, out_label, record
 
 
 def _check_image(image: np.ndarray, path: Path) -> None:
@@ -541,4 +550,4 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["FORMAT", "PRESETS", "Preset", "add_command", "prepare", "run"]
+__all__ = ["FORMAT", "PRESETS", "Plan", "Preset", "add_command", "prepare", "run", "transform_case"]
