@@ -40,12 +40,9 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import inspect
 import json
 import math
 import os
-import platform
-import re
 import shutil
 import signal
 import sys
@@ -58,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 import uamt_fast
-from uamt_fast import checkpoints, cli, data, figures, inference, metrics_log, reference, run_folder, selection
+from uamt_fast import checkpoints, cli, data, figures, inference, metrics_log, provenance, reference, run_folder, selection
 from uamt_fast.vnet import MAX_FILTERS, VNet
 
 TERMS = ("cross-entropy", "dice", "consistency")  # the loss terms, in the order train_step returns them
@@ -136,19 +133,12 @@ class Config:
         self.data = [self.data] if isinstance(self.data, str) else self.data  # saved configs before: one str
         if type(self.figures_cases) is int:  # saved configs before ids and picks: a count (panels now follow --first)
             self.figures_cases = []
-        check_types(self)  # a config read from a file may hold anything: types first, then ranges
+        # a config read from a file may hold anything: types first, then choices and ranges
+        cli.check_fields(self, RANGES, CHOICES)
+        _check_patch(self.patch)
         self.data = [d for d in self.data if d]
         if self.reference_ops:
             self.fused_loss = self.fused_ema = False
-        for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"--{_flag(name)} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
-        if len(self.patch) != 3 or any(p < 16 or p % 16 or p > 1024 for p in self.patch):
-            raise ValueError(f"--patch must be three multiples of 16 in [16, 1024] (four stride-2 V-Net stages); "
-                             f"got {self.patch}")
-        for name, spec in RANGES.items():
-            if not cli.in_range(getattr(self, name), spec):
-                raise ValueError(f"--{_flag(name)} must be {cli.spec_text(spec)}; got {getattr(self, name)!r}")
         if self.batch_unlabeled < 1 and self.method != "supervised":
             raise ValueError(f"--batch-unlabeled must be >= 1 for --method {self.method}; got {self.batch_unlabeled}")
         if self.eval_stride_xy > min(self.patch[:2]) or self.eval_stride_z > self.patch[2]:
@@ -157,10 +147,6 @@ class Config:
                              "window covers")
         # The consistency ramp spans the run, as in the paper (40 periods of 150 = 6000 iterations).
         self.consistency_period = self.consistency_period or max(1, round(150 * self.iterations / 6000))
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
 
 
 # The valid values of each numeric setting, checked in Config and shown in --help: "[a, b]" / "(a, b]" are
@@ -177,34 +163,15 @@ RANGES = {
     "seed": f"[0, {2**63 - 1}]", "log_every": ">= 1", "save_every": ">= 1", "stop_at": ">= 0",
     "eval_stride_xy": ">= 1", "eval_stride_z": ">= 1", "eval_batch": "[1, 4096]",
 }
+def _check_patch(patch) -> None:
+    if len(patch) != 3 or any(p < 16 or p % 16 or p > 1024 for p in patch):
+        raise ValueError(f"--patch must be three multiples of 16 in [16, 1024] (four stride-2 V-Net stages); got {patch}")
+
+
 CHOICES = {"method": ("uamt", "mt", "mt-dice", "supervised"), "consistency_on": ("unlabeled", "all"),
            "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
            "sgd": ("auto", "fused", "foreach", "loop"), "device": ("auto", "cuda", "cpu"),
            "data_device": ("auto", "cuda", "cpu")}
-
-
-def check_types(cfg) -> None:
-    """Each field has its declared type (an int field an int, not a bool or float; a float field a real
-    number, stored as float; ...): the command line guarantees it, a config read from a file need not."""
-    for f in dataclasses.fields(cfg):
-        value, ok = getattr(cfg, f.name), True
-        if f.type == "int":
-            ok = type(value) is int
-        elif f.type == "float":
-            ok = type(value) in (int, float)
-            if ok:
-                setattr(cfg, f.name, float(value))
-        elif f.type in ("bool", "bool | None"):
-            ok = isinstance(value, bool) or (value is None and f.type == "bool | None")
-        elif f.type == "str":
-            ok = isinstance(value, str)
-        elif f.name == "patch":
-            ok = isinstance(value, tuple) and all(type(p) is int for p in value)
-        elif f.type == "list":  # --data, --cases, --figures-cases
-            ok = isinstance(value, list) and all(isinstance(d, str) for d in value)
-        if not ok:
-            expected = "patch as a list" if f.name == "patch" else "a list of strings" if f.type == "list" else f.type
-            raise ValueError(f"--{_flag(f.name)}: expected {expected}, got {type(value).__name__} {value!r:.60}")
 
 
 # The --demo sizes: same code path, smaller everything. Flags given on the command line still win.
@@ -227,33 +194,10 @@ def parse_args(argv=None) -> dict:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    """One flag per Config field, its --help text the field's comment, default and valid range; booleans as
-    --x / --no-x; the usage examples of this file's docstring close the --help text."""
-    comments = dict(re.findall(r"^    (\w+): [^#\n]*# (.*)$", inspect.getsource(Config), re.MULTILINE))
-    examples = __doc__.split("\n\n")[1]
-    p = cli.OneLineParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n" + examples)
-    for f in dataclasses.fields(Config):
-        flag, help = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
-        if f.default not in (None, "", dataclasses.MISSING):  # (MISSING: a default_factory, i.e. --data)
-            shown = {True: "on", False: "off"}.get(f.default, f.default) if isinstance(f.default, bool) else f.default
-            help += f" (default: {' '.join(map(str, shown)) if isinstance(shown, tuple) else shown})"
-        if f.name in RANGES:
-            help += f" (valid: {RANGES[f.name]})"
-        elif f.name in CHOICES:
-            help += f" (one of: {', '.join(CHOICES[f.name])})"
-        help = help.replace("%", "%%")
-        if f.type in ("bool", "bool | None"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
-        elif f.name == "data":
-            p.add_argument(flag, action="append", metavar="DIR", help=help)
-        elif f.type == "list":
-            p.add_argument(flag, nargs="+", metavar="ID", help=help)
-        elif f.name == "patch":
-            p.add_argument(flag, type=int, nargs=3, metavar=("X", "Y", "Z"), help=help)
-        else:
-            p.add_argument(flag, type={"int": int, "float": cli.number(float), "str": str}[f.type], help=help)
-    return p
+    """One flag per Config field (``uamt_fast.cli.dataclass_parser``); the usage examples of this file's
+    docstring close the --help text."""
+    return cli.dataclass_parser(Config, __doc__.split("\n")[0], "examples:\n" + __doc__.split("\n\n")[1], RANGES,
+                                CHOICES, appended=("data",))
 
 
 # ----------------------------------------------------------------------------- data
@@ -549,43 +493,6 @@ def train_step(parts: Parts, iteration: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def checkpoint_state(parts: Parts, iteration: int) -> dict:
-    """Everything that makes --resume continue the run bit-for-bit (on CPU): weights, teacher BN buffers,
-    optimizer momentum, sampler and RNG states, iteration count and config."""
-    state = {"iteration": iteration, "config": dataclasses.asdict(parts.cfg), "student": parts.student.state_dict(),
-             "optimizer": parts.optimizer.state_dict(), "sampler": parts.sampler.state_dict(),
-             "rng_cpu": torch.get_rng_state()}
-    if parts.data_split is not None:  # the case lists it trains on: --resume refuses other data
-        state["data_split"] = parts.data_split
-    if parts.teacher is not None:
-        state["teacher"] = parts.teacher.state_dict()
-    if parts.device.type == "cuda":
-        state["rng_cuda"] = torch.cuda.get_rng_state(parts.device)
-    return state
-
-
-RESUME_KEYS = ("iteration", "config", "student", "optimizer", "sampler", "rng_cpu")
-
-
-def restore(parts: Parts, state: dict, path: Path = Path("checkpoint.pt")) -> int:
-    """Load a checkpoint_state dict into ``parts``; a checkpoint that does not fit is a one-line ValueError."""
-    checkpoints.load_weights(parts.student, state["student"], path, "--resume", "student")
-    if parts.teacher is not None:
-        checkpoints.load_weights(parts.teacher, state.get("teacher"), path, "--resume", "teacher")
-    try:
-        parts.optimizer.load_state_dict(state["optimizer"])
-        parts.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and parts.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], parts.device)
-    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
-        raise ValueError(f"--resume {path}: optimizer, sampler or RNG state does not fit this run "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
-    if not isinstance(state["iteration"], int) or state["iteration"] < 0:
-        raise ValueError(f"--resume {path}: bad iteration {state['iteration']!r}")
-    return state["iteration"]
-
-
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
 
 
@@ -596,38 +503,6 @@ def load_model(path: Path, device: torch.device) -> tuple[VNet, dict, Path]:
 
 
 # ----------------------------------------------------------------------------- logging helpers
-def environment(device: torch.device, argv: list) -> dict:
-    """Versions, device and command line, for config.json."""
-    env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "uamt_fast": uamt_fast.__version__, "device": str(device), "argv": argv,
-           "started": datetime.datetime.now().isoformat(timespec="seconds")}
-    with contextlib.suppress(ImportError):
-        import triton
-
-        env["triton"] = triton.__version__
-    if device.type == "cuda":
-        env |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
-                "cudnn": torch.backends.cudnn.version()}
-    return env
-
-
-def gpu_monitor(device: torch.device):
-    """A function returning {gpu_util, gpu_power_w} via nvidia-ml-py, or {} when unavailable."""
-    if device.type != "cuda":
-        return dict
-    try:
-        import pynvml
-    except ImportError:  # nvidia-ml-py is optional
-        return dict
-    try:
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-    except pynvml.NVMLError:  # no usable NVML (e.g. in some containers): simply not logged
-        return dict
-    return lambda: {"gpu_util": pynvml.nvmlDeviceGetUtilizationRates(handle).gpu,
-                    "gpu_power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000}
-
-
 def progress(done: int, total: int, rate: float, end: str = "") -> None:
     """A one-line progress bar with it/s and ETA on stderr (only when it is a terminal)."""
     if not sys.stderr.isatty():
@@ -715,14 +590,14 @@ def make_config(given: dict) -> tuple[Config, dict | None]:
         if not path.is_file():
             raise ValueError(f"--resume {given['resume']}: no checkpoint.pt in that folder")
         state = checkpoints.read(path, "--resume")
-        missing = [k for k in RESUME_KEYS if k not in state]
+        missing = [k for k in checkpoints.TRAINING_KEYS if k not in state]
         if missing:
             raise ValueError(f"--resume {path}: not a train.py checkpoint.pt (lacks {', '.join(missing)})")
         saved = dataclasses.asdict(saved_config(checkpoints.config_of(state, path, "--resume", CONFIG_FIELDS),
                                                 path, "--resume"))
         changed = {k for k, v in given.items() if k not in RESUME_OVERRIDABLE and _norm(v) != _norm(saved[k])}
         if changed:
-            raise ValueError(f"--resume: cannot change {', '.join('--' + _flag(k) for k in sorted(changed))} "
+            raise ValueError(f"--resume: cannot change {', '.join(cli.flag(k) for k in sorted(changed))} "
                              f"of a run (allowed: {', '.join(sorted(RESUME_OVERRIDABLE))})")
         return Config(**(saved | given | {"out": given["resume"], "resume": given["resume"]})), state
     return Config(**((DEMO if given.get("demo") else {}) | data_settings(given.get("data")) | given)), None
@@ -738,23 +613,6 @@ def saved_config(saved: dict, path: Path, flag: str) -> Config:
 
 def _norm(v):
     return list(v) if isinstance(v, (tuple, list)) else v
-
-
-def check_same_data(state: dict, split: dict, path: Path) -> None:
-    """--resume: the case lists of --data must be the run's own (a run resumed on other data would finish
-    with exit 0, trained on two data sets). Checkpoints written before the lists were recorded pass."""
-    saved = state.get("data_split")
-    if not isinstance(saved, dict) or saved.get("sha256") == split["sha256"]:
-        return
-    for name in ("train", "test"):
-        ours, theirs = list(split[name]), list(saved.get(name) or [])
-        if ours != theirs:
-            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-            raise ValueError(f"--resume {path}: the data's {name}.list differs from the run's ({len(ours)} ids vs "
-                             f"{len(theirs)}, first difference at line {first + 1}); give the --data the run was "
-                             "trained on")
-    raise ValueError(f"--resume {path}: the data's case lists differ from the run's (hash {split['sha256'][:12]} vs "
-                     f"{str(saved.get('sha256'))[:12]}); give the --data the run was trained on")
 
 
 def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device) -> None:
@@ -783,18 +641,6 @@ def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device) -> None:
     result = evaluate(model, ecfg, cases, out, name=f"eval_{path.stem}.json", checkpoint=str(path))
     if cfg.figures:
         write_figures(model, ecfg, cases, result, path.parent)
-
-
-def write_config(out: Path, cfg: Config, env: dict, split: dict, resumed: bool) -> None:
-    """config.json: the settings, the case lists and the environment; a --resume adds its environment to
-    ``resumed`` and records the settings it runs with (the data may have moved), keeping the first start's."""
-    record = {"config": dataclasses.asdict(cfg), "data_split": split, "environment": env}
-    if resumed:
-        with contextlib.suppress(OSError, ValueError):
-            old = json.loads((out / "config.json").read_text())
-            record = old | {"config": record["config"], "data_split": split,
-                            "resumed": [*old.get("resumed", []), env]}
-    run_folder.atomic_write_text(out / "config.json", json.dumps(record, indent=1))
 
 
 def main(argv=None) -> int:
@@ -838,13 +684,13 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         split = data.split_fingerprint(cfg.data)  # refuses ids that are paths, lists that disagree or overlap
         resolve_classes(cfg)
         if resume_state is not None:
-            check_same_data(resume_state, split, out)
+            checkpoints.check_same_data(resume_state, split, out)
         parts = build(cfg)
         parts.data_split = split
         parts.test_cases = load_split(cfg, "test")
         start = 0
         if resume_state is not None:
-            start = restore(parts, resume_state, out / "checkpoint.pt")
+            start = checkpoints.restore_training(parts, resume_state, out / "checkpoint.pt")
             if start >= cfg.iterations and (out / "eval.json").is_file():
                 raise ValueError(f"--resume {out}: the run is finished (it has eval.json); evaluate it again with "
                                  f"--eval {out}")
@@ -858,7 +704,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         return 2
 
     # -- config.json, versions
-    env = environment(device, sys.argv[1:] if argv is None else list(argv))
+    env = provenance.environment(device, sys.argv[1:] if argv is None else list(argv))
     if device.type == "cuda":
         print(f"GPU {env['gpu']}, CUDA {env['cuda']}, cuDNN {env['cudnn']} (bf16 3D convs are slow off cuDNN: "
               f"pytorch#166122, cuDNN 9.8-9.14; channels_last_3d={parts.memory_format == torch.channels_last_3d})")
@@ -871,7 +717,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
     bad_at = torch.full((), -1, dtype=torch.long, device=device)  # first iteration with a non-finite term
     bad_term = torch.zeros((), dtype=torch.long, device=device)  # which term (index into TERMS)
     window = torch.zeros(5, device=device)  # sums of CE, Dice, consistency, mask fraction, uncertainty
-    monitor, stop = gpu_monitor(device), []
+    monitor, stop = provenance.gpu_monitor(device), []
     last_good = f"{out / 'checkpoint.pt'} (iteration {start})" if resume_state is not None else None
 
     def stopping() -> str:
@@ -888,14 +734,14 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             bad = None if model is None else checkpoints.first_nonfinite(model.state_dict())
             if bad is not None:
                 raise NonFiniteLoss(f"non-finite {name} weight {bad} after iteration {done}; {stopping()}")
-        run_folder.atomic_save(checkpoint_state(parts, done), out / "checkpoint.pt")
+        run_folder.atomic_save(checkpoints.training_state(parts, done), out / "checkpoint.pt")
         last_good = f"{out / 'checkpoint.pt'} (iteration {done})"
 
     t_log = t_bar = t0 = time.perf_counter()
     n_window = 0
     signal.signal(signal.SIGINT, lambda *_: stop.append("interrupted"))  # finish the iteration, save, exit
     try:
-        write_config(out, cfg, env, split, resumed=resume_state is not None)
+        provenance.write_config(out, dataclasses.asdict(cfg), env, split, resumed=resume_state is not None)
         log = held.enter_context(contextlib.closing(metrics_log.MetricsLog(out, cfg.tensorboard, start)))
         for iteration in range(start, cfg.iterations):
             terms, stats = train_step(parts, iteration)

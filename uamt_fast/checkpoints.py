@@ -3,7 +3,8 @@
 train.py writes two kinds of files, both plain dicts of tensors, numbers, strings and containers:
 
 - ``student.pt`` / ``teacher.pt``: ``{"model": state_dict, "config": train.py's Config as a dict}``;
-- ``checkpoint.pt``: ``{"iteration", "config", "student", "teacher", "optimizer", "sampler", "rng_cpu"[, "rng_cuda"]}``.
+- ``checkpoint.pt``: ``{"iteration", "config", "student", "teacher", "optimizer", "sampler", "rng_cpu"[, "rng_cuda"],
+  "data_split"}``, written by ``training_state`` and read back by ``restore_training``.
 
 People share checkpoints, so opening one must never run code from it: every read here goes through the
 weights-only unpickler, which refuses anything but those types. A file that needs more (an arbitrary
@@ -14,6 +15,7 @@ finite, a model setting out of range) is a
 """
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -124,8 +126,67 @@ def load_vnet(path, device="cpu", flag: str = "checkpoint", known_fields=None) -
     return model.to(device), cfg, path
 
 
+# ----------------------------------------------------------------------------- train.py's checkpoint.pt
+TRAINING_KEYS = ("iteration", "config", "student", "optimizer", "sampler", "rng_cpu")  # what --resume needs
+
+
+def training_state(parts, iteration: int) -> dict:
+    """Everything that makes --resume continue the run bit-for-bit (on CPU), from train.py's ``Parts``:
+    weights, teacher BN buffers, optimizer momentum, sampler and RNG states, iteration count, config and
+    the case lists it trains on."""
+    state = {"iteration": iteration, "config": dataclasses.asdict(parts.cfg), "student": parts.student.state_dict(),
+             "optimizer": parts.optimizer.state_dict(), "sampler": parts.sampler.state_dict(),
+             "rng_cpu": torch.get_rng_state()}
+    if parts.data_split is not None:  # the case lists it trains on: --resume refuses other data
+        state["data_split"] = parts.data_split
+    if parts.teacher is not None:
+        state["teacher"] = parts.teacher.state_dict()
+    if parts.device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(parts.device)
+    return state
+
+
+def restore_training(parts, state: dict, path: Path = Path("checkpoint.pt")) -> int:
+    """Load a ``training_state`` dict into train.py's ``Parts``; returns its iteration. A checkpoint that does
+    not fit is a one-line CheckpointError."""
+    load_weights(parts.student, state["student"], path, "--resume", "student")
+    if parts.teacher is not None:
+        load_weights(parts.teacher, state.get("teacher"), path, "--resume", "teacher")
+    try:
+        parts.optimizer.load_state_dict(state["optimizer"])
+        parts.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and parts.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], parts.device)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"--resume {path}: optimizer, sampler or RNG state does not fit this run "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    if not isinstance(state["iteration"], int) or state["iteration"] < 0:
+        raise CheckpointError(f"--resume {path}: bad iteration {state['iteration']!r}")
+    return state["iteration"]
+
+
+def check_same_data(state: dict, split: dict, path) -> None:
+    """--resume: the case lists of --data (``uamt_fast.data.split_fingerprint``) must be the run's own (a run
+    resumed on other data would finish with exit 0, trained on two data sets). Checkpoints written before
+    the lists were recorded pass."""
+    saved = state.get("data_split")
+    if not isinstance(saved, dict) or saved.get("sha256") == split["sha256"]:
+        return
+    for name in ("train", "test"):
+        ours, theirs = list(split[name]), list(saved.get(name) or [])
+        if ours != theirs:
+            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            raise CheckpointError(f"--resume {path}: the data's {name}.list differs from the run's ({len(ours)} ids "
+                                  f"vs {len(theirs)}, first difference at line {first + 1}); give the --data the run "
+                                  "was trained on")
+    raise CheckpointError(f"--resume {path}: the data's case lists differ from the run's (hash {split['sha256'][:12]} "
+                          f"vs {str(saved.get('sha256'))[:12]}); give the --data the run was trained on")
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:200]
 
 
-__all__ = ["CheckpointError", "read", "config_of", "load_weights", "first_nonfinite", "load_vnet"]
+__all__ = ["CheckpointError", "read", "config_of", "load_weights", "first_nonfinite", "load_vnet", "TRAINING_KEYS",
+           "training_state", "restore_training", "check_same_data"]
