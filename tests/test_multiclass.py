@@ -155,3 +155,30 @@ def test_labelmap_metrics_score_each_class_alone():
     assert m["classes"]["2"]["dice"] == pytest.approx(2 * 108 / (108 + 216))
     assert m["dice"] == pytest.approx((m["classes"]["1"]["dice"] + m["classes"]["2"]["dice"]) / 2)
     assert metrics.labelmap_metrics(pred, gt, 2)["dice"] == 1.0  # two classes: every nonzero voxel is foreground
+
+
+def test_panels_draw_each_class_in_its_own_colour(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    from uamt_fast import figures
+    from uamt_fast.vnet import VNet
+
+    root = write_prepared(tmp_path / "data", n_train=1, n_test=1, n_unlabeled=0)
+    case = data.load_case(root, "ts0")
+    drawn, contour = [], matplotlib.axes.Axes.contour
+
+    def spy(self, mask, *a, colors=None, linestyles=None, **k):
+        drawn.append((colors, linestyles))
+        return contour(self, mask, *a, colors=colors, linestyles=linestyles, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "contour", spy)
+    model = VNet(num_classes=3, n_filters=2)
+    with torch.no_grad():  # background everywhere: the ground truth's outlines are drawn, each class's colour
+        model.out_conv.weight.zero_()
+        model.out_conv.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    path = figures.case_panel({"m": model}, case, tmp_path / "panel.png", patch=(32, 32, 16), stride_xy=16,
+                              stride_z=8, passes=1)
+    assert path.is_file()
+    assert {c for c, _ in drawn} >= {figures.CLASS_COLORS[0], figures.CLASS_COLORS[1]}  # class 1 and class 2
+    assert {s for _, s in drawn} == {"solid"}  # ground truth solid (an empty prediction has no outline)

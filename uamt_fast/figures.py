@@ -33,7 +33,9 @@ from uamt_fast.vnet import mc_dropout
 
 PANEL_INCHES = 2.4  # each cell of the panel grid is PANEL_INCHES square
 HEADER_INCHES = 0.35  # the strip above the grid: case id and legend
-COLORS = {"ground truth": "red", "prediction": "blue"}  # the contours of the panels
+COLORS = {"ground truth": "red", "prediction": "blue"}  # the contours of the panels (two classes)
+# More classes: each foreground class in its own colour, the ground truth solid and the prediction dashed.
+CLASS_COLORS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:cyan", "tab:pink", "tab:olive")
 DPI = 100
 PREDICTION_SETTINGS = ("patch", "downsample", "eval_stride_xy", "eval_stride_z")  # shared by all panel columns
 CURVES = (  # (title, metrics.jsonl keys, log scale)
@@ -62,8 +64,9 @@ def pyplot():
 # ----------------------------------------------------------------------------- predictions
 def predict_probs(model, image, patch, stride_xy: int, stride_z: int, downsample: int = 1, batch_size: int = 4):
     """Averaged sliding-window softmax (C, X, Y, Z) at full resolution, as train.py evaluates
-    (``uamt_fast.inference.predict_probs``)."""
-    return inference.predict_probs(model, image, patch, stride_xy, stride_z, downsample, batch_size=batch_size)
+    (``uamt_fast.inference.predict_probs``); C is the model's ``num_classes`` (2 if it has none)."""
+    return inference.predict_probs(model, image, patch, stride_xy, stride_z, downsample,
+                                   num_classes=getattr(model, "num_classes", 2), batch_size=batch_size)
 
 
 @torch.no_grad()
@@ -95,7 +98,9 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
     """Write the Fig. 2 style panel of ``case`` (``.id``, ``.image``, ``.label``) for ``{name: model}`` to ``path``.
 
     Rows: ``n_slices`` axial slices. Columns: image, then per model the ground truth (red) and its
-    prediction (blue) with the case Dice in the title, then the uncertainty of the last model. Above the
+    prediction (blue) with the case Dice in the title (more than two classes: each class in its own colour,
+    ground truth solid, prediction dashed, the mean Dice over the classes), then the uncertainty of the
+    last model on [0, ln C]. Above the
     grid: the whole case id and the legend. The PNG is ``PANEL_INCHES * DPI`` pixels a cell (plus the
     ``HEADER_INCHES`` strip). The uncertainty map may show seams at window borders:
     each sliding window of each pass draws its own dropout masks. Refused (ValueError): no models,
@@ -119,9 +124,15 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
     height = PANEL_INCHES * len(slices) + HEADER_INCHES
     fig, axes = plt.subplots(len(slices), columns, figsize=(PANEL_INCHES * columns, height), dpi=DPI, squeeze=False)
     fig.suptitle(f"case {case.id}", x=0.01, y=1 - 0.5 * HEADER_INCHES / height, ha="left", va="center", fontsize=9)
-    fig.legend(handles=[plt.Line2D([], [], color=c, linewidth=1.5, label=name) for name, c in COLORS.items()],
-               loc="center right", bbox_to_anchor=(0.99, 1 - 0.5 * HEADER_INCHES / height), ncol=2, fontsize=8,
-               frameon=False)
+    classes = getattr(list(models.values())[-1], "num_classes", 2)
+    if classes == 2:
+        handles = [plt.Line2D([], [], color=c, linewidth=1.5, label=name) for name, c in COLORS.items()]
+    else:
+        handles = [plt.Line2D([], [], color="gray", linewidth=1.5, linestyle=style, label=name)
+                   for name, style in (("ground truth", "-"), ("prediction", "--"))]
+        handles += [plt.Line2D([], [], color=_class_color(c), linewidth=3, label=f"class {c}") for c in range(1, classes)]
+    fig.legend(handles=handles, loc="center right", bbox_to_anchor=(0.99, 1 - 0.5 * HEADER_INCHES / height),
+               ncol=min(len(handles), 6), fontsize=8, frameon=False)
     for row, z in enumerate(slices):
         image, label = case.image[:, :, z].T, case.label[:, :, z].T  # x to the right, y down
         axes[row, 0].imshow(image, cmap="gray")
@@ -129,16 +140,27 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
         for col, (name, pred) in enumerate(predictions.items(), 1):
             ax = axes[row, col]
             ax.imshow(image, cmap="gray")
-            for mask, color in ((label, COLORS["ground truth"]), (pred[:, :, z].T, COLORS["prediction"])):
+            if classes == 2:
+                outlines = [(label, COLORS["ground truth"], "solid"), (pred[:, :, z].T, COLORS["prediction"], "solid")]
+            else:
+                outlines = [(m == c, _class_color(c), style) for c in range(1, classes)
+                            for m, style in ((label, "solid"), (pred[:, :, z].T, "dashed"))]
+            for mask, color, style in outlines:
                 if mask.any() and not mask.all():
-                    ax.contour(mask, levels=[0.5], colors=color, linewidths=0.8)
-            ax.set_title(f"{name}: Dice {100 * metrics.dice(pred, case.label):.1f}%" if row == 0 else name, fontsize=8)
-        shown = axes[row, -1].imshow(uncertainty[:, :, z].T, cmap="inferno", vmin=0, vmax=math.log(2))
+                    ax.contour(mask, levels=[0.5], colors=color, linewidths=0.8, linestyles=style)
+            dice = metrics.labelmap_metrics(pred, case.label, classes)["dice"] if classes > 2 else \
+                metrics.dice(pred, case.label)
+            ax.set_title(f"{name}: Dice {100 * dice:.1f}%" if row == 0 else name, fontsize=8)
+        shown = axes[row, -1].imshow(uncertainty[:, :, z].T, cmap="inferno", vmin=0, vmax=math.log(classes))
         axes[row, -1].set_title(f"uncertainty ({list(models)[-1]}, T={passes})", fontsize=8)
         fig.colorbar(shown, ax=axes[row, -1], fraction=0.046, pad=0.02)
     for ax in axes.flat:
         ax.set_axis_off()
     return _save(plt, fig, path, top=1 - HEADER_INCHES / height)
+
+
+def _class_color(c: int) -> str:
+    return CLASS_COLORS[(c - 1) % len(CLASS_COLORS)]
 
 
 def _save(plt, fig, path, top: float = 1.0) -> Path:
