@@ -1,0 +1,349 @@
+"""predict: new scans -> masks (and uncertainty, probabilities) in each scan's own geometry.
+
+Tiny V-Nets (4 filters, 16^3 windows) trained in-process with ``train.main``. Synthetic CT-like NIfTI scans on
+an oblique anisotropic grid go through prepare's pancreas preset (resampled to 1 mm, windowed, cropped), and
+LPS anisotropic scans through preset none (orientation only); the mask predict writes is compared with what
+``train.py --eval`` scores on the prepared case. A real LA case (h5) when the data are present. Every refusal
+through the real command line (``predict.main`` in-process, and once as a subprocess).
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+nibabel = pytest.importorskip("nibabel")
+pytest.importorskip("monai")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+import uamt_fast.consistency  # noqa: E402
+import uamt_fast.ema  # noqa: E402
+from uamt_fast import data, inference, metrics, predict, prepare  # noqa: E402
+
+SHAPE = (40, 36, 20)
+LPS = np.array([[-0.8, 0, 0, 30.0], [0, -0.8, 0, 25.0], [0, 0, 2.0, -18.0], [0, 0, 0, 1]])
+TRAIN = ["--no-compile", "--device", "cpu", "--n-filters", "4", "--patch", "16", "16", "16", "--eval-stride-xy", "16",
+         "--eval-stride-z", "16", "--save-every", "1000"]
+
+
+def oblique(spacing=(1.2, 0.9, 2.5), degrees=20.0) -> np.ndarray:
+    t = np.deg2rad(degrees)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]]) @ np.diag(spacing)
+    affine[:3, 3] = (-20.0, -15.0, 10.0)
+    return affine
+
+
+def scan(seed: int, affine: np.ndarray, shape=SHAPE) -> tuple[np.ndarray, np.ndarray]:
+    """(image in [0, 1]: air 0, body 0.4, organ 0.8, noise; label): the organ a ball of 8 mm radius in world space."""
+    rng = np.random.default_rng(seed)
+    index = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    world = index @ affine[:3, :3].T + affine[:3, 3]
+    centre = affine[:3, :3] @ (np.array(shape) / 2 + rng.uniform(-3, 3, 3) * [1, 1, 0.3]) + affine[:3, 3]
+    label = (np.linalg.norm(world - centre, axis=-1) < 8.0).astype(np.uint8)
+    image = np.zeros(shape, np.float32)
+    image[3:-3, 3:-3, 2:-2] = 0.4
+    image[label > 0] = 0.8
+    return image + rng.normal(0, 0.05, shape).astype(np.float32), label
+
+
+def save(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nibabel.save(nibabel.Nifti1Image(array, affine), str(path))
+    return path
+
+
+def load(path: Path):
+    img = nibabel.load(str(path))
+    return np.asarray(img.dataobj), img
+
+
+def run(*args) -> int:
+    return predict.main([str(a) for a in args])
+
+
+def dice(mask: np.ndarray, label: np.ndarray) -> float:
+    return metrics.labelmap_metrics(mask, label, 2)["dice"]
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    """tests/conftest.py's trainer_on_cpu for module-scoped fixtures: the reference math, one thread."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(uamt_fast.consistency, "TRITON_ON_CPU", False)
+        mp.setattr(uamt_fast.ema, "TRITON_ON_CPU", False)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def organ(tmp_path_factory, cpu) -> SimpleNamespace:
+    """CT-like MSD scans (HU) on an oblique 1.2 x 0.9 x 2.5 mm grid, prepared with the pancreas preset (1 mm,
+    window, body crop), and a supervised tiny V-Net trained 40 iterations on them (test Dice ~0.8)."""
+    root = tmp_path_factory.mktemp("organ")
+    src, affine, training = root / "msd", oblique(), []
+    for k, case_id in enumerate(("image0001", "image0002", "image0005", "image0004", "image0003")):
+        image, label = scan(k, affine)
+        hu = np.where(image < 0.2, -1000.0, -125.0 + 400.0 * image).astype(np.float32)
+        test = case_id == "image0003"
+        save(src / ("imagesTs" if test else "imagesTr") / f"{case_id}.nii.gz", hu, affine)
+        if test:
+            save(src / "labelsTs" / f"{case_id}.nii.gz", label, affine)
+        elif case_id == "image0004":
+            training.append({"image": f"./imagesTr/{case_id}.nii.gz"})
+        else:
+            save(src / "labelsTr" / f"{case_id}.nii.gz", label, affine)
+            training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
+    (src / "dataset.json").write_text(json.dumps({"modality": {"0": "CT"}, "labels": {"0": "background", "1": "organ"},
+                                                  "training": training, "test": ["./imagesTs/image0003.nii.gz"]}))
+    prepared = root / "prepared"
+    prepare.prepare(src, prepared, "pancreas")
+    model = root / "run"
+    assert train.main(["--data", str(prepared), *TRAIN, "--iterations", "40", "--log-every", "40", "--labeled", "3",
+                       "--method", "supervised", "--batch-unlabeled", "0", "--lr", "0.05", "--out", str(model)]) == 0
+    return SimpleNamespace(src=src, prepared=prepared, model=model)
+
+
+@pytest.fixture(scope="module")
+def lps(tmp_path_factory, organ) -> SimpleNamespace:
+    """Plain NIfTI scans on an LPS 0.8 x 0.8 x 2 mm grid, prepared with preset none (orientation only)."""
+    root = tmp_path_factory.mktemp("lps")
+    src = root / "nifti"
+    for k, (folder, case_id) in enumerate((("Tr", "c1"), ("Tr", "c2"), ("Ts", "t1"))):
+        image, label = scan(20 + k, LPS)
+        save(src / f"images{folder}" / f"{case_id}.nii.gz", image, LPS)
+        save(src / f"labels{folder}" / f"{case_id}.nii.gz", label, LPS)
+    prepared = root / "prepared"
+    prepare.prepare(src, prepared, "none")
+    return SimpleNamespace(src=src, prepared=prepared, model=organ.model)
+
+
+@pytest.fixture(scope="module")
+def la_model(tmp_path_factory, cpu) -> Path:
+    """A tiny UA-MT V-Net trained 20 iterations on synthetic data in the LA release layout (no dataset.json); on a
+    real LA test case it marks about a quarter of the voxels (neither mask class is empty)."""
+    root = tmp_path_factory.mktemp("la_model")
+    data.write_synthetic_la(root / "data", n_train=4, n_test=1, shape=(32, 24, 16), seed=3)
+    assert train.main(["--data", str(root / "data"), *TRAIN, "--iterations", "20", "--lr", "0.05", "--labeled", "2",
+                       "--batch-labeled", "1", "--batch-unlabeled", "1", "--mc-passes", "2", "--log-every", "20",
+                       "--out", str(root / "run")]) == 0
+    return root / "run"
+
+
+def eval_labels(monkeypatch, model, data_root, out, *extra) -> tuple[dict, list]:
+    """train.py --eval of ``model`` on ``data_root``: its eval json and the label maps it scored."""
+    scored = []
+    real = inference.labelmap_metrics
+    monkeypatch.setattr(inference, "labelmap_metrics", lambda labels, *a: scored.append(np.array(labels)) or
+                        real(labels, *a))
+    assert train.main(["--eval", str(model), "--data", str(data_root), "--out", str(out), *extra]) == 0
+    return json.loads((out / "eval_student.json").read_text()), scored
+
+
+def boundary_band(mask: np.ndarray, width: int = 2) -> np.ndarray:
+    """Voxels within ``width`` voxels (Chebyshev) of the mask's boundary."""
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]
+    pool = torch.nn.functional.max_pool3d
+    k = 2 * width + 1
+    return (pool(m, k, 1, width) != -pool(-m, k, 1, width))[0, 0].numpy()
+
+
+# ----------------------------------------------------------------------------- geometry and --eval consistency
+def test_no_resampling_mask_is_evals_argmax_in_input_space(lps, tmp_path, monkeypatch):
+    """Preset none (LPS -> RAS only): the written mask is --eval's argmax indexed back exactly; the Dice against
+    the input-space label equals --eval's to 1e-6; the uncertainty is finite, in [0, ln 2], highest at the edge."""
+    result, scored = eval_labels(monkeypatch, lps.model, lps.prepared, tmp_path)
+    out = tmp_path / "masks"
+    assert run(lps.model, lps.src / "imagesTs", "--data", lps.prepared, "--out", out, "--uncertainty", "4") == 0
+    mask, img = load(out / "t1.nii.gz")
+    _, source = load(lps.src / "imagesTs" / "t1.nii.gz")
+    label, _ = load(lps.src / "labelsTs" / "t1.nii.gz")
+    assert mask.dtype == np.uint8 and mask.shape == SHAPE and np.array_equal(img.affine, source.affine)
+    np.testing.assert_array_equal(mask[::-1, ::-1, :], scored[0])  # RAS is LPS with x and y flipped
+    assert dice(mask, label) == pytest.approx(result["cases"][0]["dice"], abs=1e-6)
+    assert 0.5 < dice(mask, label)  # the model does find the organ
+    uncertainty, u_img = load(out / "t1_uncertainty.nii.gz")
+    assert uncertainty.dtype == np.float32 and uncertainty.shape == SHAPE and np.array_equal(u_img.affine,
+                                                                                             source.affine)
+    assert np.isfinite(uncertainty).all() and uncertainty.min() >= 0 and uncertainty.max() <= math.log(2)
+    band = boundary_band(mask)
+    assert uncertainty[band].mean() > uncertainty[~band].mean()
+
+
+def test_resampled_case_comes_back_on_its_oblique_grid(organ, tmp_path, monkeypatch):
+    """Pancreas preset (1 mm, window, crop): the mask and maps come back on the oblique 1.2 x 0.9 x 2.5 mm grid
+    with its shape and affine, and the Dice in the input's space is close to the one --eval reports."""
+    result, _ = eval_labels(monkeypatch, organ.model, organ.prepared, tmp_path)
+    out = tmp_path / "masks"
+    image = organ.src / "imagesTs" / "image0003.nii.gz"
+    assert run(organ.model, image, "--out", out, "--uncertainty", "3", "--probabilities") == 0  # data: the run's
+    mask, img = load(out / "image0003.nii.gz")
+    _, source = load(image)
+    label, _ = load(organ.src / "labelsTs" / "image0003.nii.gz")
+    assert mask.dtype == np.uint8 and mask.shape == SHAPE and np.array_equal(img.affine, source.affine)
+    evaluated = result["cases"][0]["dice"]
+    assert evaluated > 0.6 and dice(mask, label) == pytest.approx(evaluated, abs=0.05)
+    probs, p_img = load(out / "image0003_probabilities.nii.gz")
+    assert probs.dtype == np.float32 and probs.shape == (*SHAPE, 2) and np.array_equal(p_img.affine, source.affine)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert (probs.argmax(-1) == mask).mean() > 0.98  # trilinear probabilities vs nearest labels: edges only
+    uncertainty, _ = load(out / "image0003_uncertainty.nii.gz")
+    assert np.isfinite(uncertainty).all() and 0 <= uncertainty.min() and uncertainty.max() <= math.log(2)
+    record = json.loads((out / "predictions.json").read_text())
+    case = record["cases"][0]
+    assert record["model"] == str((organ.model / "student.pt").resolve()) and record["config"]["n_filters"] == 4
+    assert record["uamt_fast"] == predict.uamt_fast.__version__ and record["finished"]
+    assert record["settings"]["preprocessing"] == "prepare preset 'pancreas', channel 'CT'"
+    assert case["inputs"] == [{"file": str(image.resolve()), "sha256": prepare._sha256(image)}]
+    assert case["outputs"] == {"mask": "image0003.nii.gz", "uncertainty": "image0003_uncertainty.nii.gz",
+                               "probabilities": "image0003_probabilities.nii.gz"}
+    assert case["preprocessing"]["crop_box"] and case["preprocessing"]["spacing"] == pytest.approx([1, 1, 1], abs=1e-4)
+
+
+def test_inverse_is_exact_for_orientation_and_crop():
+    """to_input_grid: a flip-and-crop map is indexed exactly (outside the crop: the fill); a resampling map
+    agrees with the exact path where it is one too, and samples a linear ramp linearly."""
+    rng = np.random.default_rng(0)
+    stored = torch.from_numpy(rng.random((2, 6, 5, 4)).astype(np.float32))
+    affine_original = np.diag([-2.0, 1.0, 3.0, 1.0])  # input: x flipped
+    affine = affine_original @ np.array([[-1, 0, 0, 9], [0, 1, 0, 2], [0, 0, 1, 1], [0, 0, 0, 1.0]])  # RAS + crop
+    geometry = {"affine_original": affine_original.tolist(), "shape_original": [10, 8, 6], "affine": affine.tolist(),
+                "shape": [6, 5, 4]}
+    back = predict.to_input_grid(stored, geometry, [1.0, 0.0])
+    expected = np.tile(np.array([1.0, 0.0], np.float32)[:, None, None, None], (1, 10, 8, 6))
+    expected[:, 4:10, 2:7, 1:5] = stored.numpy()[:, ::-1]
+    np.testing.assert_array_equal(back.numpy(), expected)
+    ramp = torch.arange(6, dtype=torch.float32).view(1, 6, 1, 1).expand(1, 6, 5, 4).contiguous()
+    half = {**geometry, "affine": (affine @ np.diag([0.5, 1, 1, 1])).tolist()}  # model voxels half as wide in x
+    sampled = predict.to_input_grid(ramp, half, [0.0], "bilinear")[0].numpy()
+    # input voxel i sits at model voxel j = 2 * (9 - i) along x, inside the ramp for i in 7..9
+    np.testing.assert_allclose(sampled[7:10, 3, 2], [4.0, 2.0, 0.0], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the LA release layout
+@pytest.mark.real_data
+def test_real_la_case_mask_is_evals_argmax(la_model, la_root, tmp_path, monkeypatch):
+    case_id = data.read_list(la_root, "test")[0]
+    _, scored = eval_labels(monkeypatch, la_model, la_root, tmp_path, "--cases", case_id)
+    h5 = la_root / data.IMAGES_DIR / case_id / data.H5_NAME
+    out = tmp_path / "masks"
+    assert run(la_model, h5, "--out", out) == 0
+    mask, img = load(out / f"{case_id}.nii.gz")
+    assert 0.01 < mask.mean() < 0.99  # a mask with both classes: the comparison is not of two empty masks
+    np.testing.assert_array_equal(mask, scored[0])
+    with h5py.File(h5, "r") as f:
+        assert mask.shape == f["image"].shape
+    assert np.allclose(img.affine, np.diag([*data.LA_SPACING, 1.0]))
+
+
+def test_la_layout_inputs_data_root_and_nifti(la_model, tmp_path, monkeypatch):
+    """A data root predicts every case folder; a NIfTI scan with an LA model is used as it is (no record), and
+    its mask keeps the input's affine and header; the progress bar on a terminal; the next run's record is
+    predictions-2.json, never the first one replaced."""
+    root = la_model.parent / "data"
+    out = tmp_path / "masks"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert run(la_model, root, "--out", out, "--threads", "1") == 0
+    ids = sorted(p.name for p in (root / data.IMAGES_DIR).iterdir())
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{i}.nii.gz" for i in ids)
+    case = data.load_case(root, ids[0])
+    affine = np.diag([0.625, -0.625, 0.625, 1.0])
+    save(tmp_path / "in" / "scan.nii.gz", case.image, affine)
+    assert run(la_model, tmp_path / "in" / "scan.nii.gz", "--out", out) == 0
+    mask, img = load(out / "scan.nii.gz")
+    np.testing.assert_array_equal(mask, np.asarray(load(out / f"{ids[0]}.nii.gz")[0]))
+    assert np.array_equal(img.affine, affine) and img.header["descrip"].tobytes().startswith(b"uamt_fast.predict")
+    assert (out / "predictions.json").is_file() and (out / "predictions-2.json").is_file()
+    assert json.loads((out / "predictions-2.json").read_text())["settings"]["preprocessing"] == \
+        "none (the LA release layout)"
+
+
+# ----------------------------------------------------------------------------- refusals: one line, exit 2
+def _nan_weight(tmp, model):
+    state = torch.load(model / "student.pt", weights_only=True)
+    state["model"]["block_five.conv.3.weight"][0, 0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp / "bad.pt")
+    return [tmp / "bad.pt", _la_nifti(tmp)]
+
+
+def _la_nifti(tmp, shape=(20, 20, 12), affine=np.diag([0.625, 0.625, 0.625, 1.0]), name="ok.nii.gz"):
+    return save(tmp / "in" / name, np.random.default_rng(0).normal(size=shape).astype(np.float32), affine)
+
+
+BAD = {
+    "non-finite weight": (_nan_weight, "'model' tensor block_five.conv.3.weight holds NaN or Inf values"),
+    "2D image": (lambda t, m: [m, _la_nifti(t), _la_nifti(t, (20, 20), name="flat.nii.gz")],
+                 "flat.nii.gz: a 2D image of shape (20, 20); the model reads 3D volumes"),
+    "4D channels": (lambda t, m: [m, _la_nifti(t), _la_nifti(t, (20, 20, 12, 3), name="multi.nii.gz")],
+                    "multi.nii.gz: 3 channels (shape (20, 20, 12, 3)) and the model reads one (one channel); give "
+                    "--channel INDEX"),
+    "channel files": (lambda t, m: [m, _la_nifti(t, name="c_0000.nii.gz"), _la_nifti(t, name="c_0001.nii.gz")],
+                      "case c has 2 channel files and the model reads one"),
+    "channel out of range": (lambda t, m: [m, _la_nifti(t, (20, 20, 12, 2), name="two.nii.gz"), "--channel", "5"],
+                             "two.nii.gz: 2 channels (shape (20, 20, 12, 2)) and the model reads one (one channel); "
+                             "channel 5 is not among them"),
+    "spacing": (lambda t, m: [m, _la_nifti(t, affine=np.diag([2.5, 2.5, 2.5, 1.0]))],
+                "spacing (2.5, 2.5, 2.5) mm is more than 2x off the model's data"),
+    "same case twice": (lambda t, m: [m, _la_nifti(t), save(t / "b" / "ok.nii", np.ones((4, 4, 4), np.float32),
+                                                           np.eye(4))], "two inputs are case ok"),
+    "missing input": (lambda t, m: [m, t / "nowhere.nii.gz"], "INPUT"),
+    "no model": (lambda t, m: [t / "none.pt", _la_nifti(t)], "none.pt: no such file"),
+    "cuda": (lambda t, m: [m, _la_nifti(t), "--device", "cuda"] if not torch.cuda.is_available() else pytest.skip(),
+             "--device cuda: no CUDA device is available"),
+    "bad --uncertainty": (lambda t, m: [m, _la_nifti(t), "--uncertainty", "0"],
+                          "argument --uncertainty: expected an integer in [1, 1024], got '0'"),
+    "bad --device": (lambda t, m: [m, _la_nifti(t), "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    "bad --threads": (lambda t, m: [m, _la_nifti(t), "--threads", "-1"], "argument --threads: expected an integer"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_refusals_are_one_line_before_any_work(la_model, tmp_path, capsys, name):
+    build, message = BAD[name]
+    args = build(tmp_path, la_model)
+    out = tmp_path / "out"
+    assert run(*args, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("predict: error: ") and message in err, err
+    assert not out.exists()  # nothing predicted, not even the good scan listed first
+
+
+def test_missing_out_flag(la_model, tmp_path, capsys):
+    assert run(la_model, _la_nifti(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the following arguments are required: --out" in err
+
+
+def test_existing_output_needs_overwrite(la_model, tmp_path, capsys):
+    scan_file, out = _la_nifti(tmp_path), tmp_path / "out"
+    assert run(la_model, scan_file, "--out", out) == 0
+    before = (out / "ok.nii.gz").read_bytes()
+    (out / "ok.nii.gz").write_bytes(b"the user's own file")
+    assert run(la_model, scan_file, "--out", out, "--uncertainty", "2") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ok.nii.gz already exists (1 output file(s) there); pass --overwrite" in err
+    assert (out / "ok.nii.gz").read_bytes() == b"the user's own file" and not (out / "ok_uncertainty.nii.gz").exists()
+    assert run(la_model, scan_file, "--out", out, "--overwrite") == 0
+    assert (out / "ok.nii.gz").read_bytes() == before and not list(out.glob("*.tmp"))
+    assert sorted(p.name for p in out.glob("predictions*.json")) == ["predictions.json"]  # replaced, with --overwrite
+
+
+def test_subprocess_refusal(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "uamt_fast.predict", str(tmp_path / "none.pt"),
+                           str(_la_nifti(tmp_path)), "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          check=False, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("predict: error: MODEL ") \
+        and "none.pt: no such file" in proc.stderr, proc.stderr

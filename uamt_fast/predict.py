@@ -1,0 +1,615 @@
+"""``python -m uamt_fast.predict MODEL INPUT... --out DIR``: masks of new scans, in each scan's own geometry.
+
+MODEL is a train.py run folder (its ``student.pt``) or a checkpoint (``student.pt``, ``teacher.pt``,
+``checkpoint.pt``), read through ``uamt_fast.checkpoints`` only (weights-only, non-finite weights refused).
+INPUT is any mix of NIfTI files, folders of them (an MSD / nnU-Net ``imagesTs``, or a raw folder holding one;
+nnU-Net channel files ``{case}_{XXXX}`` make one case), and the training layout's h5 cases (an
+``mri_norm2.h5``, a case folder, or a data root: every case folder under ``2018LA_Seg_Training Set``).
+
+For each scan, in the prepare -> train -> predict order of nnU-Net:
+
+1. **The model's preprocessing.** The prepared set the model was trained on (the ``data`` roots saved in its
+   config, or ``--data``) has a ``dataset.json`` (``uamt_fast.prepare``): a NIfTI scan goes through
+   ``prepare.transform_case`` with that record's ``preset`` and ``channel``, the very code that prepared the
+   training cases. The LA release has no record: scans are used as they are (already normalized per scan,
+   0.625 mm). An h5 case is already in the training layout and is used as it is.
+2. **The paper's sliding-window inference** with the checkpoint's patch, strides, downsample and class count,
+   through ``inference.predict_probs``: the function ``train.py --eval`` scores, so the mask written for a
+   test case is the argmax ``--eval`` scores (on a CPU, and on CUDA with ``--no-amp``; by default CUDA runs
+   the forward under bf16 autocast, and ``--eval`` runs it in fp32).
+3. **The inverse** (``to_input_grid``): each voxel of the input's grid is mapped through the input's affine to
+   the world and back through the prepared grid's affine (the case record's ``affine_original`` and
+   ``affine``: orientation, resampling and crop in one 4x4 map). Where that map is a signed axis permutation
+   with an integer shift (orientation and crop only, no resampling) the prediction is indexed back exactly;
+   otherwise it is resampled, nearest for labels, trilinear for float maps. Voxels outside the prepared grid
+   (cropped away) are background: label 0, probability 1 for class 0, uncertainty 0.
+
+Writes into ``--out``: ``{case}.nii.gz`` (uint8 labels, the input's affine and header; an h5 case: the grid
+of its h5 and the affine its data set records, else the LA release's 0.625 mm), with ``--uncertainty T``
+``{case}_uncertainty.nii.gz`` (float32, the predictive entropy ``-sum_c mu_c ln(mu_c + 1e-6)`` of the mean
+``mu`` of T MC-dropout passes, clamped to [0, ln C]; the T passes of a window go through the network as one
+batch), with ``--probabilities`` ``{case}_probabilities.nii.gz`` (float32, (X, Y, Z, C)), and
+``predictions.json`` (rewritten atomically after every case; ``predictions-2.json`` ... when one exists,
+unless ``--overwrite``): each case's input files and their sha256, its outputs and preprocessing record,
+the model file, its config, the uamt_fast version and the times.
+
+Every input is checked before any prediction (dimensions, channels, spacing against the model's data, output
+files already there); each output is written under a temporary name and renamed; an existing output is never
+replaced without ``--overwrite``; every error is one line on stderr and exit status 2. nibabel (and MONAI for
+a prepared set's NIfTI scans) come with ``pip install 'uamt_fast[data]'``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import hashlib
+import json
+import math
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import uamt_fast
+from uamt_fast import checkpoints, cli, data, formats, inference, prepare, run_folder
+from uamt_fast.data import DataError
+from uamt_fast.vnet import mc_dropout
+
+SPACING_FACTOR = 2.0  # without resampling, an input spacing more than 2x off the training data's is refused
+SLAB_POINTS = 1 << 22  # input voxels resampled per grid_sample call (bounds the grid's memory)
+
+
+class PredictError(ValueError):
+    """A prediction that cannot run; the message is one line and names the file or flag."""
+
+
+# ----------------------------------------------------------------------------- the command line
+class _Parser(cli.OneLineParser):
+    error_type = PredictError
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m uamt_fast.predict", description=__doc__.split("\n")[0].split(": ", 1)[1],
+                epilog="example: python -m uamt_fast.predict runs/uamt imagesTs --out masks --uncertainty 8")
+    p.add_argument("model", metavar="MODEL", help="a train.py run folder (its student.pt) or a checkpoint file")
+    p.add_argument("inputs", metavar="INPUT", nargs="+",
+                   help="NIfTI files, folders of them (imagesTs), h5 cases (mri_norm2.h5, a case folder, a data root)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--data", action="append", metavar="DIR",
+                   help="the model's prepared data set (its dataset.json gives the preprocessing); default: the data "
+                   "roots saved in the checkpoint's config")
+    p.add_argument("--uncertainty", type=cli.number(int, "[1, 1024]"), metavar="T",
+                   help="also write {case}_uncertainty.nii.gz: predictive entropy of T MC-dropout passes, T in [1, 1024]")
+    p.add_argument("--probabilities", action="store_true",
+                   help="also write {case}_probabilities.nii.gz: the class probabilities (X, Y, Z, C)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
+    p.add_argument("--threads", type=cli.number(int, "[1, 1024]"), metavar="N", help="torch CPU threads (default: torch's)")
+    p.add_argument("--batch", type=cli.number(int, "[1, 1024]"), metavar="N",
+                   help="sliding windows per forward (default: the checkpoint's eval_batch)")
+    p.add_argument("--channel", type=cli.number(int, ">= 0"), metavar="INDEX",
+                   help="the input channel of multi-channel scans (default: the one the model was prepared with)")
+    p.add_argument("--no-amp", action="store_true", help="fp32 forward on CUDA too (as train.py --eval), not bf16")
+    p.add_argument("--overwrite", action="store_true", help="replace output files already in --out")
+    return p
+
+
+def main(argv=None) -> int:
+    """Run the command: 0, or 2 after one line on stderr."""
+    try:
+        args = make_parser().parse_args(argv)
+        return run(args)
+    except (ValueError, ImportError, OSError) as e:  # DataError, CheckpointError, RunFolderError are ValueErrors
+        message = run_folder.describe(e) if isinstance(e, OSError) else str(e)
+        print(f"predict: error: {' '.join(message.split())}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------- the model and its data
+@dataclass
+class Model:
+    """The network and everything that decides how a scan reaches it."""
+
+    net: torch.nn.Module
+    config: dict
+    path: Path
+    patch: tuple[int, int, int]
+    stride_xy: int
+    stride_z: int
+    downsample: int
+    batch: int
+    num_classes: int
+    record: dict | None  # the prepared set's dataset.json; None: the LA release (no preprocessing)
+    roots: list[str]  # where the record was read ([] when none could be)
+    channel: int | None  # index of the input channel the model was prepared with, when known
+
+
+def load_model(args, device: torch.device) -> Model:
+    net, cfg, path = checkpoints.load_vnet(args.model, device, "MODEL")
+    net.eval()
+    patch = cfg.get("patch", inference.PATCH_SIZE)
+    settings = {k: cfg.get(k, default) for k, default in (("eval_stride_xy", 18), ("eval_stride_z", 4),
+                                                         ("downsample", 1), ("eval_batch", 4))}
+    if not (isinstance(patch, (list, tuple)) and len(patch) == 3 and all(type(p) is int and p >= 16 for p in patch)) \
+            or not all(type(v) is int and v >= 1 for v in settings.values()) \
+            or settings["eval_stride_xy"] > min(patch[:2]) or settings["eval_stride_z"] > patch[2]:
+        raise checkpoints.CheckpointError(f"MODEL {path}: bad sliding-window settings in its config (patch "
+                                          f"{patch!r:.40}, {settings!r:.120})")
+    saved = cfg.get("data") or []
+    roots = list(args.data or ([saved] if isinstance(saved, str) else saved))
+    record, found = None, []
+    if args.data:  # given: must be there
+        record, found = data.read_record(roots), roots
+    elif roots and all(Path(r).is_dir() for r in roots):
+        record, found = data.read_record(roots), roots
+    if record is not None:
+        if record["num_classes"] != net.num_classes:
+            raise PredictError(f"MODEL {path}: the model predicts {net.num_classes} classes, its data "
+                               f"({', '.join(found)}) has {record['num_classes']}")
+        if record.get("preset") not in prepare.PRESETS:
+            raise DataError(f"{Path(found[0]) / data.RECORD_NAME}: preset {record.get('preset')!r} is not one of "
+                            f"{sorted(prepare.PRESETS)}")
+    return Model(net, cfg, path, tuple(patch), settings["eval_stride_xy"], settings["eval_stride_z"],
+                 settings["downsample"], args.batch or settings["eval_batch"], net.num_classes or 2, record, found,
+                 args.channel if args.channel is not None else _channel_index(record))
+
+
+def _channel_index(record: dict | None) -> int | None:
+    """The index of the record's input channel: from the source's dataset.json when it is still there, from a
+    channel that is an index ("0", "1": plain NIfTI folders), or from the nnU-Net suffix of the files read."""
+    if record is None:
+        return None
+    name = str(record.get("channel", ""))
+    meta_file = Path(str((record.get("source") or {}).get("path", ""))) / "dataset.json"
+    try:
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    except (OSError, ValueError):
+        meta = {}
+    names = meta.get("channel_names", meta.get("modality")) if isinstance(meta, dict) else None
+    if isinstance(names, dict):
+        hits = [k for k, v in names.items() if str(v).lower() == name.lower() and str(k).isdigit()]
+        if len(hits) == 1:
+            return int(hits[0])
+    if name.isdigit():
+        return int(name)
+    for case in (record.get("cases") or {}).values():
+        files = (case.get("files") or {}).get("image") or []
+        match = formats.CHANNEL_SUFFIX.match(formats._strip_ending(Path(files[0]).name)) if files else None
+        if match:
+            return int(match["channel"])
+    return None
+
+
+# ----------------------------------------------------------------------------- the inputs
+@dataclass
+class Scan:
+    """One case to predict: the file read (and the channel of a 4D file), every file of the case, its kind."""
+
+    id: str
+    kind: str  # "nifti" | "h5"
+    files: tuple[Path, ...]  # all files of the case (nnU-Net: one per channel)
+    image: Path | None = None  # the file read (set by check_scan)
+    channel: int | None = None  # index into the last axis of a 4D NIfTI file
+    root: Path | None = None  # h5: the data root holding it, when it sits in the release layout
+    outputs: dict = field(default_factory=dict)  # "mask" | "uncertainty" | "probabilities" -> Path
+
+
+def find_scans(inputs) -> list[Scan]:
+    """Every case named by the INPUT arguments, in the order given (a folder's cases sorted)."""
+    scans: list[Scan] = []
+    loose: dict[Path, list[Path]] = {}  # NIfTI files given one by one, by folder (channel files make one case)
+    for text in inputs:
+        path = Path(text)
+        if path.is_file() and path.name.endswith(formats.NIFTI_ENDINGS):
+            loose.setdefault(path.parent, []).append(path)
+        elif path.is_file() and path.suffix == ".h5":
+            scans.append(_h5_scan(path))
+        elif path.is_dir() and (path / data.IMAGES_DIR).is_dir():  # a data root: its case folders
+            folders = sorted(p for p in (path / data.IMAGES_DIR).iterdir() if (p / data.H5_NAME).is_file())
+            if not folders:
+                raise PredictError(f"INPUT {path}: a data root without h5 cases in {data.IMAGES_DIR}")
+            scans += [_h5_scan(f / data.H5_NAME) for f in folders]
+        elif path.is_dir() and (path / data.H5_NAME).is_file():
+            scans.append(_h5_scan(path / data.H5_NAME))
+        elif path.is_dir():
+            folder = path / "imagesTs" if (path / "dataset.json").is_file() and (path / "imagesTs").is_dir() else path
+            files = formats._nifti_files(folder)
+            if not files:
+                raise PredictError(f"INPUT {path}: no NIfTI images (.nii, .nii.gz) or h5 cases in it")
+            scans += _nifti_scans(files, folder)
+        elif path.exists():
+            raise PredictError(f"INPUT {path}: neither a NIfTI file (.nii, .nii.gz), an h5 case nor a folder of them")
+        else:
+            raise PredictError(f"INPUT {path}: no such file or folder")
+    for folder, files in loose.items():
+        scans += _nifti_scans(sorted(set(files)), folder)
+    seen: dict[str, Scan] = {}
+    for scan in scans:
+        if scan.id in seen:
+            raise PredictError(f"INPUT: two inputs are case {scan.id} ({seen[scan.id].files[0]} and {scan.files[0]}); "
+                               "their outputs would share a name")
+        seen[scan.id] = scan
+    return scans
+
+
+def _nifti_scans(files: list[Path], folder: Path) -> list[Scan]:
+    grouped = formats._group_channels(files, folder)  # the rule prepare reads sources by
+    return [Scan(case_id, "nifti", paths) for case_id, paths in grouped.items()]
+
+
+def _h5_scan(path: Path) -> Scan:
+    in_layout = path.name == data.H5_NAME and path.parent.parent.name == data.IMAGES_DIR
+    case_id = path.parent.name if path.name == data.H5_NAME else path.stem
+    return Scan(data.check_case_id(case_id, f"INPUT {path}"), "h5", (path,),
+                root=path.parent.parent.parent if in_layout else None)
+
+
+def check_scan(scan: Scan, model: Model) -> None:
+    """Headers only, before any work: a 3D volume of the model's one channel, at a spacing the model can take."""
+    if scan.kind == "h5":
+        scan.image = scan.files[0]
+        try:
+            with h5py.File(scan.image, "r") as f:
+                dataset = f.get("image")
+                shape = dataset.shape if isinstance(dataset, h5py.Dataset) else None
+        except OSError as e:
+            raise DataError(f"INPUT {scan.image}: unreadable HDF5 file ({e})") from None
+        if shape is None or len(shape) != 3:
+            raise PredictError(f"INPUT {scan.image}: " + ("no dataset 'image'" if shape is None else
+                               f"image of shape {shape}; the model reads 3D volumes (X, Y, Z)"))
+        _check_size(scan.image, shape, model)
+        return
+    import nibabel
+
+    wanted = model.channel
+    if len(scan.files) > 1:
+        if wanted is None or wanted >= len(scan.files):
+            raise PredictError(f"INPUT {scan.files[0].parent}: case {scan.id} has {len(scan.files)} channel files and "
+                               f"the model reads one ({_channel_name(model)}); "
+                               + ("give --channel INDEX" if wanted is None else f"channel {wanted} is not among them"))
+        scan.image = scan.files[wanted]
+    else:
+        scan.image = scan.files[0]
+    try:
+        header = nibabel.load(str(scan.image))
+        shape, affine = tuple(header.shape), np.asarray(header.affine, np.float64)
+    except Exception as e:  # noqa: BLE001 (nibabel raises many types for truncated or foreign files)
+        raise DataError(f"INPUT {scan.image}: unreadable NIfTI file ({type(e).__name__}: {e})") from None
+    if len(shape) == 4 and shape[3] > 1 and len(scan.files) == 1:
+        if wanted is None or wanted >= shape[3]:
+            raise PredictError(f"INPUT {scan.image}: {shape[3]} channels (shape {shape}) and the model reads one "
+                               f"({_channel_name(model)}); "
+                               + ("give --channel INDEX" if wanted is None else f"channel {wanted} is not among them"))
+        scan.channel = wanted
+        shape = shape[:3]
+    elif len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise PredictError(f"INPUT {scan.image}: a {len(shape)}D image of shape {shape}; the model reads 3D volumes "
+                           "(X, Y, Z) of one channel")
+    _check_size(scan.image, shape, model)
+    _check_spacing(scan.image, affine, model)
+
+
+def _channel_name(model: Model) -> str:
+    return f"channel {model.record.get('channel')!r}" if model.record else "one channel"
+
+
+def _check_size(path: Path, shape, model: Model) -> None:
+    if min(shape) < model.downsample:
+        raise PredictError(f"INPUT {path}: shape {tuple(shape)} is smaller than the model's downsample "
+                           f"{model.downsample} along an axis")
+
+
+def _check_spacing(path: Path, affine: np.ndarray, model: Model) -> None:
+    """Without resampling the model sees the scan's own voxels: refuse a spacing far from its data's."""
+    import nibabel
+
+    preset = prepare.PRESETS[model.record["preset"]] if model.record else None
+    if preset is not None and preset.spacing is not None:
+        return  # resampled to the preset's spacing
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    if model.record is None:
+        known = np.array([data.LA_SPACING])
+    else:
+        ras = np.empty(3)
+        for axis, (world, _) in enumerate(nibabel.io_orientation(affine)):  # prepare orients to RAS first
+            ras[int(world)] = spacing[axis]
+        spacing = ras
+        known = np.array([c["spacing"] for c in (model.record.get("cases") or {}).values() if c.get("spacing")])
+        if not known.size:
+            return
+    lo, hi = known.min(0) / SPACING_FACTOR, known.max(0) * SPACING_FACTOR
+    if not np.all((spacing >= lo) & (spacing <= hi)):
+        raise PredictError(f"INPUT {path}: spacing {tuple(round(float(s), 3) for s in spacing)} mm is more than "
+                           f"{SPACING_FACTOR:g}x off the model's data ({tuple(round(float(s), 3) for s in known.min(0))}"
+                           f" .. {tuple(round(float(s), 3) for s in known.max(0))} mm) and its preprocessing does "
+                           "not resample; resample the scan first")
+
+
+def plan_outputs(scans: list[Scan], out: Path, args) -> None:
+    """Each scan's output paths; refused if two scans would share one, or one exists (without --overwrite)."""
+    names: dict[str, str] = {}
+    for scan in scans:
+        kinds = {"mask": ""} | ({"uncertainty": "_uncertainty"} if args.uncertainty else {}) \
+            | ({"probabilities": "_probabilities"} if args.probabilities else {})
+        for kind, suffix in kinds.items():
+            name = f"{scan.id}{suffix}.nii.gz"
+            if name in names:
+                raise PredictError(f"--out {out}: cases {names[name]} and {scan.id} would both write {name}")
+            names[name] = scan.id
+            scan.outputs[kind] = out / name
+    taken = [p for s in scans for p in s.outputs.values() if p.exists()]
+    if taken and not args.overwrite:
+        raise PredictError(f"--out {out}: {taken[0].name} already exists ({len(taken)} output file(s) there); pass "
+                           "--overwrite to replace them, or choose another --out")
+
+
+# ----------------------------------------------------------------------------- reading and preprocessing
+@dataclass
+class Loaded:
+    scan: Scan
+    image: np.ndarray  # float32 (X, Y, Z) on the model's grid
+    geometry: dict  # affine_original, shape_original (the input's grid), affine, shape (the model's grid)
+    header: object | None  # the input's NIfTI header (None for an h5 case)
+    inputs: list[dict]  # [{"file", "sha256"}] of the files read
+    preprocessing: dict | None  # prepare's case record, for a prepared set's NIfTI scan
+
+
+def read_scan(scan: Scan, model: Model) -> Loaded:
+    """The scan on the model's grid, and what maps that grid back to the input's."""
+    inputs = [{"file": str(scan.image.resolve()), "sha256": _sha256(scan.image)}]
+    if scan.kind == "h5":
+        case = data._validated(scan.id, *data._read_h5(scan.image, labeled=False), scan.image)
+        record = data.read_record(scan.root) if scan.root is not None and scan.root.is_dir() else None
+        saved = ((record or {}).get("cases") or {}).get(scan.id) or {}
+        if saved.get("affine") is not None and list(saved.get("shape", [])) == list(case.image.shape):
+            affine = np.asarray(saved["affine"], np.float64)
+        else:
+            affine = np.diag([*data.case_spacing(record, scan.id), 1.0])
+        return Loaded(scan, case.image, _same_grid(affine, case.image.shape), None, inputs, None)
+    import nibabel
+
+    header = nibabel.load(str(scan.image)).header
+    if model.record is None:  # the LA release: no preprocessing
+        image, affine = formats.read_volume(scan.image, scan.channel)
+        if not np.issubdtype(image.dtype, np.number) or not np.isfinite(image).all():
+            raise DataError(f"INPUT {scan.image}: the image is not all finite real numbers")
+        return Loaded(scan, np.ascontiguousarray(image, np.float32), _same_grid(affine, image.shape), header,
+                      inputs, None)
+    name = model.record["preset"]
+    plan = prepare.Plan(name, prepare.PRESETS[name], formats.Source(scan.image.parent, "nifti", [], None),
+                        scan.channel or 0, str(model.record.get("channel")), None, None, model.record["labels"],
+                        {scan.id: "predicted"}, {})
+    case = formats.SourceCase(scan.id, "unlabeled", (scan.image,), None, channels_in_file=scan.channel is not None)
+    image, _, record = prepare.transform_case(case, plan)
+    geometry = {k: record[k] for k in ("affine_original", "shape_original", "affine", "shape")}
+    return Loaded(scan, image, geometry, header, inputs, record)
+
+
+def _same_grid(affine: np.ndarray, shape) -> dict:
+    return {"affine_original": affine.tolist(), "shape_original": list(shape), "affine": affine.tolist(),
+            "shape": list(shape)}
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# ----------------------------------------------------------------------------- inference
+class _MeanOfPasses(torch.nn.Module):
+    """``passes`` stochastic forwards of each window in one batch (dropout masks drawn per batch element, batch
+    norm on its running statistics); returns the log of their mean softmax, which ``sliding_window_predict``'s
+    softmax turns back into that mean (softmax(log mu) = mu / sum mu = mu)."""
+
+    def __init__(self, net: torch.nn.Module, passes: int):
+        super().__init__()
+        self.net, self.passes = net, passes
+
+    def forward(self, x):  # x: (n, 1, *patch)
+        logits = self.net(x.repeat(self.passes, 1, 1, 1, 1))  # (passes * n, C, *patch), pass-major
+        return torch.log(torch.softmax(logits.float(), 1).unflatten(0, (self.passes, x.shape[0])).mean(0))
+
+
+def predict_image(model: Model, image: np.ndarray, passes: int | None, autocast) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(averaged softmax (C, X, Y, Z), predictive entropy (X, Y, Z) of ``passes`` MC-dropout passes or None)."""
+    args = (model.patch, model.stride_xy, model.stride_z, model.downsample, model.num_classes)
+    probs = inference.predict_probs(model.net, image, *args, model.batch, autocast)
+    if not passes:
+        return probs, None
+    with mc_dropout(model.net):
+        mean = inference.predict_probs(_MeanOfPasses(model.net, passes), image, *args,
+                                       max(1, model.batch // passes), autocast)
+    entropy = -(mean * torch.log(mean + 1e-6)).sum(0)  # uamt_fast.reference's formula (and the figures')
+    return probs, entropy.clamp_(0.0, math.log(model.num_classes))
+
+
+# ----------------------------------------------------------------------------- the inverse
+def to_input_grid(volume: torch.Tensor, geometry: dict, fill, mode: str = "nearest") -> torch.Tensor:
+    """``volume`` (C, *shape) on the model's grid -> (C, *shape_original) on the input's grid.
+
+    Input voxel ``i`` lies at world ``affine_original @ i``, which is model-grid voxel ``j = inv(affine) @
+    affine_original @ i``. A signed permutation with an integer shift is indexed exactly; any other map is
+    sampled (``mode``: "nearest" or "bilinear", i.e. trilinear). ``fill`` (one value a channel) is what
+    voxels outside the model's grid get, and what the samples at its border blend with.
+    """
+    m = np.linalg.inv(np.asarray(geometry["affine"], np.float64)) @ np.asarray(geometry["affine_original"], np.float64)
+    shape, c = tuple(geometry["shape_original"]), volume.shape[0]
+    fill = torch.as_tensor(fill, dtype=volume.dtype, device=volume.device).view(c, 1, 1, 1)
+    out = fill.expand(c, *shape).clone()
+    axes = _axis_map(m)
+    if axes is not None:  # orientation and crop only: every input voxel is one model voxel
+        src = volume.permute(0, *[1 + b for b, _, _ in axes])  # src axis 1 + a is model axis b of input axis a
+        dst, take, flip = [slice(None)], [slice(None)], []
+        for a, ((_, sign, shift), n, size) in enumerate(zip(axes, shape, src.shape[1:])):
+            j = sign * np.arange(n) + shift
+            inside = np.flatnonzero((j >= 0) & (j < size))
+            if inside.size == 0:
+                return out
+            first, last = int(inside[0]), int(inside[-1])
+            dst.append(slice(first, last + 1))
+            take.append(slice(int(min(j[first], j[last])), int(max(j[first], j[last])) + 1))
+            if sign < 0:
+                flip.append(1 + a)
+        piece = src[tuple(take)]
+        out[tuple(dst)] = piece.flip(flip) if flip else piece
+        return out
+    padded = fill.expand(c, *[s + 2 for s in volume.shape[1:]]).clone()  # one voxel of fill around the grid
+    padded[:, 1:-1, 1:-1, 1:-1] = volume
+    size = torch.tensor(padded.shape[1:], dtype=torch.float64, device=volume.device)
+    mt = torch.from_numpy(m).to(volume.device)
+    slab = max(1, SLAB_POINTS // (shape[1] * shape[2]))
+    yz = torch.stack(torch.meshgrid(torch.arange(shape[1]), torch.arange(shape[2]), indexing="ij"), -1)
+    for x0 in range(0, shape[0], slab):
+        xs = torch.arange(x0, min(x0 + slab, shape[0]))
+        i = torch.cat([xs.view(-1, 1, 1, 1).expand(-1, *yz.shape[:2], 1), yz.expand(len(xs), *yz.shape)], -1)
+        j = i.to(volume.device, torch.float64) @ mt[:3, :3].T + mt[:3, 3] + 1  # + 1: the padding
+        grid = (2 * j / (size - 1) - 1).flip(-1).to(volume.dtype)  # grid_sample's last axis is (z, y, x)
+        out[:, x0 : x0 + len(xs)] = F.grid_sample(padded[None], grid[None], mode=mode, padding_mode="border",
+                                                  align_corners=True)[0]
+    return out
+
+
+def _axis_map(m: np.ndarray, tol: float = 1e-4):
+    """For a voxel map that sends input axis a to model axis b as ``j_b = sign * i_a + shift``: the list of
+    (b, sign, shift) per input axis; None for any other map (resampling)."""
+    r = np.rint(m[:3, :3])
+    if not (np.allclose(m[:3, :3], r, atol=tol) and np.allclose(m[:3, 3], np.rint(m[:3, 3]), atol=tol)
+            and (np.abs(r).sum(0) == 1).all() and (np.abs(r).sum(1) == 1).all()):
+        return None
+    rows = [int(np.flatnonzero(r[:, a])[0]) for a in range(3)]
+    return [(b, int(r[b, a]), int(np.rint(m[b, 3]))) for a, b in enumerate(rows)]
+
+
+# ----------------------------------------------------------------------------- writing
+def write_nifti(path: Path, array: np.ndarray, affine, header, overwrite: bool, what: str) -> None:
+    """``array`` as a gzipped NIfTI with the input's affine and header (new ones for an h5 case), written
+    under a temporary name and renamed; an existing file only with ``overwrite``."""
+    import nibabel
+
+    img = nibabel.Nifti1Image(array, np.asarray(affine, np.float64), header=header)
+    h = img.header
+    h.set_data_dtype(array.dtype)
+    h.set_slope_inter(None, None)  # stored values are the values: no scaling inherited from the input
+    h["cal_min"] = h["cal_max"] = 0
+    h["descrip"] = f"uamt_fast.predict {what}".encode()[:80]
+    payload = gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
+    if path.exists() and not overwrite:
+        raise PredictError(f"--out {path.parent}: {path.name} appeared while predicting; not replaced (--overwrite)")
+    run_folder.atomic_write(path, lambda f: f.write(payload))
+
+
+def _record_path(out: Path, overwrite: bool) -> Path:
+    path = out / "predictions.json"
+    return path if overwrite else run_folder.new_file(path)
+
+
+def _json(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json(v) for v in x]
+    return x if x is None or isinstance(x, (str, int, bool)) else str(x)
+
+
+# ----------------------------------------------------------------------------- the run
+def run(args) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise PredictError(f"--device cuda: no CUDA device is available (torch {torch.__version__})")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace(
+        "auto", "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        import nibabel  # noqa: F401 (the outputs are NIfTI files)
+    except ImportError:
+        raise ImportError("predict writes NIfTI files and needs nibabel: pip install 'uamt_fast[data]'") from None
+    model = load_model(args, device)
+    scans = find_scans(args.inputs)
+    if model.record is None and any(s.kind == "nifti" for s in scans) and model.config.get("data") \
+            and not model.roots:
+        raise PredictError(f"MODEL {model.path}: the data it was trained on ({model.config['data']}) is not "
+                           "there, so its preprocessing is unknown; give --data (the prepared set's folder)")
+    if model.record is not None and any(s.kind == "nifti" for s in scans):
+        prepare._require_extra()
+    for scan in scans:
+        check_scan(scan, model)
+    out = Path(args.out)
+    plan_outputs(scans, out, args)
+    run_folder.make_folder(out, "predictions")
+    autocast = torch.bfloat16 if device.type == "cuda" and not args.no_amp else None
+    record_path = _record_path(out, args.overwrite)
+    record = {"format": "uamt_fast.predictions/1", "model": str(model.path.resolve()), "config": model.config,
+              "uamt_fast": uamt_fast.__version__, "started": _now(), "finished": None,
+              "settings": {"patch": list(model.patch), "eval_stride_xy": model.stride_xy,
+                           "eval_stride_z": model.stride_z, "downsample": model.downsample, "batch": model.batch,
+                           "num_classes": model.num_classes, "device": str(device),
+                           "autocast": None if autocast is None else "bfloat16", "uncertainty_passes": args.uncertainty,
+                           "preprocessing": (f"prepare preset {model.record['preset']!r}, channel "
+                                             f"{model.record.get('channel')!r}" if model.record else
+                                             "none (the LA release layout)"), "data": model.roots},
+              "cases": []}
+    bar = sys.stderr.isatty()
+    with ThreadPoolExecutor(max_workers=1) as reader:  # reads (and preprocesses) the next scan meanwhile
+        ahead = reader.submit(read_scan, scans[0], model)
+        try:
+            for k, scan in enumerate(scans):
+                loaded = ahead.result()
+                if k + 1 < len(scans):
+                    ahead = reader.submit(read_scan, scans[k + 1], model)
+                record["cases"].append(predict_one(loaded, model, args, autocast))
+                run_folder.atomic_write_text(record_path, json.dumps(_json(record), indent=1) + "\n")
+                if bar:
+                    print(f"\rpredict: {k + 1}/{len(scans)} cases", end="" if k + 1 < len(scans) else "\n",
+                          file=sys.stderr, flush=True)
+        except BaseException:
+            ahead.cancel()
+            if bar:
+                print(file=sys.stderr)
+            raise
+    record["finished"] = _now()
+    run_folder.atomic_write_text(record_path, json.dumps(_json(record), indent=1) + "\n")
+    print(f"predicted {len(scans)} case(s) into {out}; record: {record_path}")
+    return 0
+
+
+def predict_one(loaded: Loaded, model: Model, args, autocast) -> dict:
+    """Predict one scan, map it back to the input's grid, write its files; returns its predictions.json entry."""
+    scan, geometry = loaded.scan, loaded.geometry
+    probs, entropy = predict_image(model, loaded.image, args.uncertainty, autocast)
+    labels = probs.argmax(0).to(torch.uint8)  # the argmax train.py --eval scores
+    affine = np.asarray(geometry["affine_original"], np.float64)
+    mask = to_input_grid(labels[None].float(), geometry, [0.0], "nearest")[0].to(torch.uint8)
+    write_nifti(scan.outputs["mask"], mask.cpu().numpy(), affine, loaded.header, args.overwrite, "labels")
+    if entropy is not None:
+        back = to_input_grid(entropy[None], geometry, [0.0], "bilinear")[0]
+        write_nifti(scan.outputs["uncertainty"], back.cpu().numpy().astype(np.float32), affine, loaded.header,
+                    args.overwrite, "uncertainty")
+    if args.probabilities:
+        background = [1.0] + [0.0] * (model.num_classes - 1)
+        back = to_input_grid(probs, geometry, background, "bilinear")
+        write_nifti(scan.outputs["probabilities"], np.ascontiguousarray(back.permute(1, 2, 3, 0).cpu().numpy(),
+                                                                        np.float32),
+                    affine, loaded.header, args.overwrite, "probabilities")
+    return {"case": scan.id, "inputs": loaded.inputs, "outputs": {k: p.name for k, p in scan.outputs.items()},
+            "shape": list(mask.shape), "model_grid_shape": list(loaded.image.shape),
+            "preprocessing": loaded.preprocessing, "predicted": _now()}
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+__all__ = ["PredictError", "main", "make_parser", "run", "to_input_grid", "predict_image", "find_scans"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
