@@ -182,3 +182,11 @@ def test_panels_draw_each_class_in_its_own_colour(tmp_path, monkeypatch):
     assert path.is_file()
     assert {c for c, _ in drawn} >= {figures.CLASS_COLORS[0], figures.CLASS_COLORS[1]}  # class 1 and class 2
     assert {s for _, s in drawn} == {"solid"}  # ground truth solid (an empty prediction has no outline)
+
+
+def test_pack_refuses_labels_it_cannot_store(tmp_path):
+    root = write_prepared(tmp_path / "data", n_train=1, n_test=1, n_unlabeled=1)
+    with pytest.raises(data.DataError, match="labels up to 2"):
+        data.pack_case(data.load_case(root, "tr0"), tmp_path / "out")
+    with pytest.raises(data.DataError, match="no label"):
+        data.pack_case(data.load_case(root, "un0", labeled=False), tmp_path / "out")

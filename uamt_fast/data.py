@@ -396,6 +396,10 @@ def pack_case(case: Case, out_root) -> tuple[Path, float]:
     """Write ``case`` packed under ``out_root``; verify the file reads back bit-exact. Returns (path, affine error).
     ``case.id`` must be a plain name (``check_case_id``): the file goes to ``out_root/<IMAGES_DIR>/<id>/``."""
     check_case_id(case.id, "pack_case")
+    if case.label is None or case.label.max() > 1:  # the packed label is one bit a voxel
+        raise DataError(f"case {case.id}: pack stores the LA release's binary labels; this case has "
+                        + ("no label" if case.label is None else f"labels up to {int(case.label.max())}")
+                        + " (train from the prepared h5 folder itself)")
     q, levels, offset, scale, error = quantize(case.image, f"case {case.id}")
     path = Path(out_root) / IMAGES_DIR / case.id / PACKED_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
