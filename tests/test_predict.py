@@ -232,6 +232,63 @@ def test_inverse_is_exact_for_orientation_and_crop():
     np.testing.assert_allclose(sampled[7:10, 3, 2], [4.0, 2.0, 0.0], atol=1e-5)
 
 
+def test_nnunet_channel_files_pick_the_prepared_channel(tmp_path):
+    """A two-channel nnU-Net set prepared on FLAIR (channel 1), three classes: a folder of {case}_{XXXX} files
+    is one case and predict reads its FLAIR file (the index from the source's dataset.json, or from the
+    prepared files' suffix once that is gone); probabilities have three channels, uncertainty <= ln 3."""
+    from uamt_fast.vnet import VNet
+
+    src = tmp_path / "nnunet"
+    (src / "imagesTr").mkdir(parents=True)
+    (src / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1", "1": "FLAIR"}, "file_ending": ".nii.gz",
+                                                  "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 2}))
+    for k in range(2):
+        image, label = scan(30 + k, LPS)
+        for c in range(2):
+            save(src / "imagesTr" / f"case{k}_{c:04d}.nii.gz", image * (c + 1), LPS)
+        save(src / "labelsTr" / f"case{k}.nii.gz", label * (k + 1), LPS)
+    prepared = tmp_path / "prepared"
+    record = prepare.prepare(src, prepared, "none", channel=["FLAIR"], test_count=1)
+    net = VNet(num_classes=3, n_filters=2, dropout=True)
+    config = {"n_filters": 2, "dropout": True, "num_classes": 3, "patch": [16, 16, 16], "eval_stride_xy": 16,
+              "eval_stride_z": 16, "data": [str(prepared)]}
+    torch.save({"model": net.state_dict(), "config": config}, tmp_path / "student.pt")
+    new = tmp_path / "new"
+    image, _ = scan(40, LPS, shape=(24, 20, 12))
+    for c in range(2):
+        save(new / f"n1_{c:04d}.nii.gz", image * (c + 1), LPS)
+    out = tmp_path / "out"
+    assert run(tmp_path / "student.pt", new, "--out", out, "--probabilities", "--uncertainty", "2") == 0
+    case = json.loads((out / "predictions.json").read_text())["cases"][0]
+    assert case["case"] == "n1" and [Path(i["file"]).name for i in case["inputs"]] == ["n1_0001.nii.gz"]
+    probs, img = load(out / "n1_probabilities.nii.gz")
+    assert probs.shape == (24, 20, 12, 3) and np.array_equal(img.affine, load(new / "n1_0000.nii.gz")[1].affine)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert load(out / "n1_uncertainty.nii.gz")[0].max() <= math.log(3)
+    moved = {**record, "source": {"path": str(tmp_path / "gone")}}
+    assert predict._channel_index(record) == 1 and predict._channel_index(moved) == 1
+
+
+def test_batched_passes_are_figures_uncertainty_map():
+    """With dropout off every pass is the same: the batched passes (chunked or not) give exactly the entropy
+    figures.uncertainty_map takes of whole sliding-window passes; with dropout on, the passes differ."""
+    from uamt_fast import figures
+    from uamt_fast.vnet import VNet
+
+    image = np.random.default_rng(1).normal(size=(20, 18, 17)).astype(np.float32)
+    for dropout in (False, True):
+        net = VNet(num_classes=2, n_filters=2, dropout=dropout).eval()
+        model = predict.Model(net, {}, Path("m"), (16, 16, 16), 8, 8, 1, 2, 2, None, [], None)
+        probs, entropy = predict.predict_image(model, image, 20, None)  # passes in forwards of 16 + 4
+        expected = figures.uncertainty_map(net, image, 20, patch=(16, 16, 16), stride_xy=8, stride_z=8)
+        if not dropout:
+            torch.testing.assert_close(entropy, expected.clamp(0, math.log(2)), atol=1e-5, rtol=0)
+            deterministic = -(probs * torch.log(probs + 1e-6)).sum(0)
+            torch.testing.assert_close(entropy, deterministic.clamp(0, math.log(2)), atol=1e-5, rtol=0)
+        else:
+            assert not torch.allclose(entropy, expected, atol=1e-4)  # other dropout masks, same quantity
+
+
 # ----------------------------------------------------------------------------- the LA release layout
 @pytest.mark.real_data
 def test_real_la_case_mask_is_evals_argmax(la_model, la_root, tmp_path, monkeypatch):
@@ -278,7 +335,10 @@ def _nan_weight(tmp, model):
     return [tmp / "bad.pt", _la_nifti(tmp)]
 
 
-def _la_nifti(tmp, shape=(20, 20, 12), affine=np.diag([0.625, 0.625, 0.625, 1.0]), name="ok.nii.gz"):
+LA_AFFINE = np.diag([0.625, 0.625, 0.625, 1.0])
+
+
+def _la_nifti(tmp, shape=(20, 20, 12), affine=LA_AFFINE, name="ok.nii.gz"):
     return save(tmp / "in" / name, np.random.default_rng(0).normal(size=shape).astype(np.float32), affine)
 
 
@@ -287,13 +347,13 @@ BAD = {
     "2D image": (lambda t, m: [m, _la_nifti(t), _la_nifti(t, (20, 20), name="flat.nii.gz")],
                  "flat.nii.gz: a 2D image of shape (20, 20); the model reads 3D volumes"),
     "4D channels": (lambda t, m: [m, _la_nifti(t), _la_nifti(t, (20, 20, 12, 3), name="multi.nii.gz")],
-                    "multi.nii.gz: 3 channels (shape (20, 20, 12, 3)) and the model reads one (one channel); give "
-                    "--channel INDEX"),
+                    ("multi.nii.gz: 3 channels (shape (20, 20, 12, 3)) and the model reads one (one channel); give "
+                     "--channel INDEX")),
     "channel files": (lambda t, m: [m, _la_nifti(t, name="c_0000.nii.gz"), _la_nifti(t, name="c_0001.nii.gz")],
                       "case c has 2 channel files and the model reads one"),
     "channel out of range": (lambda t, m: [m, _la_nifti(t, (20, 20, 12, 2), name="two.nii.gz"), "--channel", "5"],
-                             "two.nii.gz: 2 channels (shape (20, 20, 12, 2)) and the model reads one (one channel); "
-                             "channel 5 is not among them"),
+                             ("two.nii.gz: 2 channels (shape (20, 20, 12, 2)) and the model reads one (one "
+                              "channel); channel 5 is not among them")),
     "spacing": (lambda t, m: [m, _la_nifti(t, affine=np.diag([2.5, 2.5, 2.5, 1.0]))],
                 "spacing (2.5, 2.5, 2.5) mm is more than 2x off the model's data"),
     "same case twice": (lambda t, m: [m, _la_nifti(t), save(t / "b" / "ok.nii", np.ones((4, 4, 4), np.float32),

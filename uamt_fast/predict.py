@@ -27,8 +27,9 @@ For each scan, in the prepare -> train -> predict order of nnU-Net:
 Writes into ``--out``: ``{case}.nii.gz`` (uint8 labels, the input's affine and header; an h5 case: the grid
 of its h5 and the affine its data set records, else the LA release's 0.625 mm), with ``--uncertainty T``
 ``{case}_uncertainty.nii.gz`` (float32, the predictive entropy ``-sum_c mu_c ln(mu_c + 1e-6)`` of the mean
-``mu`` of T MC-dropout passes, clamped to [0, ln C]; the T passes of a window go through the network as one
-batch), with ``--probabilities`` ``{case}_probabilities.nii.gz`` (float32, (X, Y, Z, C)), and
+``mu`` of T MC-dropout passes, clamped to [0, ln C]; the passes of a window go through the network stacked
+in one batch, as the trainer stacks its teacher passes, up to max(--batch, min(T, 16)) patches a forward; the
+mean of T whole sliding-window passes, as ``figures.uncertainty_map`` takes it, is the same average), with ``--probabilities`` ``{case}_probabilities.nii.gz`` (float32, (X, Y, Z, C)), and
 ``predictions.json`` (rewritten atomically after every case; ``predictions-2.json`` ... when one exists,
 unless ``--overwrite``): each case's input files and their sha256, its outputs and preprocessing record,
 the model file, its config, the uamt_fast version and the times.
@@ -143,9 +144,7 @@ def load_model(args, device: torch.device) -> Model:
     saved = cfg.get("data") or []
     roots = list(args.data or ([saved] if isinstance(saved, str) else saved))
     record, found = None, []
-    if args.data:  # given: must be there
-        record, found = data.read_record(roots), roots
-    elif roots and all(Path(r).is_dir() for r in roots):
+    if args.data or (roots and all(Path(r).is_dir() for r in roots)):  # --data given: it must be there
         record, found = data.read_record(roots), roots
     if record is not None:
         if record["num_classes"] != net.num_classes:
@@ -404,17 +403,23 @@ def _sha256(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- inference
 class _MeanOfPasses(torch.nn.Module):
-    """``passes`` stochastic forwards of each window in one batch (dropout masks drawn per batch element, batch
-    norm on its running statistics); returns the log of their mean softmax, which ``sliding_window_predict``'s
-    softmax turns back into that mean (softmax(log mu) = mu / sum mu = mu)."""
+    """``passes`` stochastic forwards of each window batched as the trainer batches its teacher passes (dropout
+    masks drawn per batch element; batch norm in eval mode, on its running statistics), at most ``per_forward``
+    patches a forward. Returns the log of the mean softmax, which ``sliding_window_predict``'s softmax turns
+    back into that mean (softmax(log mu) = mu / sum mu = mu)."""
 
-    def __init__(self, net: torch.nn.Module, passes: int):
+    def __init__(self, net: torch.nn.Module, passes: int, per_forward: int):
         super().__init__()
-        self.net, self.passes = net, passes
+        self.net, self.passes, self.per_forward = net, passes, per_forward
 
     def forward(self, x):  # x: (n, 1, *patch)
-        logits = self.net(x.repeat(self.passes, 1, 1, 1, 1))  # (passes * n, C, *patch), pass-major
-        return torch.log(torch.softmax(logits.float(), 1).unflatten(0, (self.passes, x.shape[0])).mean(0))
+        n, total = x.shape[0], 0.0
+        chunk = max(1, self.per_forward // n)
+        for first in range(0, self.passes, chunk):
+            p = min(chunk, self.passes - first)
+            logits = self.net(x.repeat(p, 1, 1, 1, 1))  # (p * n, C, *patch), pass-major
+            total = total + torch.softmax(logits.float(), 1).unflatten(0, (p, n)).sum(0)
+        return torch.log(total / self.passes)
 
 
 def predict_image(model: Model, image: np.ndarray, passes: int | None, autocast) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -424,7 +429,8 @@ def predict_image(model: Model, image: np.ndarray, passes: int | None, autocast)
     if not passes:
         return probs, None
     with mc_dropout(model.net):
-        mean = inference.predict_probs(_MeanOfPasses(model.net, passes), image, *args,
+        per_forward = max(model.batch, min(passes, 16))  # patches a forward: the windows' batch, or the passes
+        mean = inference.predict_probs(_MeanOfPasses(model.net, passes, per_forward), image, *args,
                                        max(1, model.batch // passes), autocast)
     entropy = -(mean * torch.log(mean + 1e-6)).sum(0)  # uamt_fast.reference's formula (and the figures')
     return probs, entropy.clamp_(0.0, math.log(model.num_classes))
@@ -539,7 +545,11 @@ def run(args) -> int:
         raise PredictError(f"MODEL {model.path}: the data it was trained on ({model.config['data']}) is not "
                            "there, so its preprocessing is unknown; give --data (the prepared set's folder)")
     if model.record is not None and any(s.kind == "nifti" for s in scans):
-        prepare._require_extra()
+        try:
+            import monai  # noqa: F401 (prepare's transforms)
+        except ImportError:
+            raise ImportError("predict runs prepare's MONAI transforms on NIfTI scans of a prepared set: pip install "
+                              "'uamt_fast[data]'") from None
     for scan in scans:
         check_scan(scan, model)
     out = Path(args.out)
@@ -608,7 +618,7 @@ def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-__all__ = ["PredictError", "main", "make_parser", "run", "to_input_grid", "predict_image", "find_scans"]
+__all__ = ["PredictError", "find_scans", "main", "make_parser", "predict_image", "run", "to_input_grid"]
 
 
 if __name__ == "__main__":
