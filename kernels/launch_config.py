@@ -85,8 +85,6 @@ def default_config(key: tuple[str, str, str, int, int, str], voxels: int) -> Lau
         return LaunchConfig(4096 if elem_bytes >= 4 else 8192, 8)
     num_warps = 4
     per_thread = 16 // elem_bytes  # voxels: one 128-bit load per class and pass (C = 2 pairs: two)
-    if key[2] == "classes_last" and num_classes != 2:
-        per_thread = 4  # strided: one element per class and voxel
     in_flight = num_classes * (num_passes if num_classes * num_passes <= UNROLL_MAX_LOADS else 1)
     while per_thread > 1 and (in_flight + num_classes) * per_thread > VALUES_PER_THREAD:  # loads + accumulators
         per_thread //= 2

@@ -94,6 +94,11 @@ from uamt_fast.kernels.launch_config import LaunchConfig, config_for
 ENTROPY_EPS = tl.constexpr(1e-6)  # inside the log, as released
 MASK_EPS = 1e-16  # added to C * N, as released
 NUM_PARTIALS = 4  # float partials per program: masked sq sum, u sum (NaN-poisoned), u min, u max
+# How a (B, C, V) tensor's class vectors lie in memory: the kernels' *_LAYOUT constexprs.
+VEC = tl.constexpr(0)  # voxel stride 1: each class vector a contiguous run (vector loads, packed conversions)
+PAIRS = tl.constexpr(1)  # C = 2, class stride 1, voxel stride 2 (channels_last_3d): one interleaved run
+STRIDED = tl.constexpr(2)  # class stride 1, voxel stride C (channels_last_3d, C != 2): one element per class and voxel
+GENERIC = tl.constexpr(3)  # any other voxel stride (e.g. a W slice with step 2), read through the runtime stride
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 UNROLL_MAX_LOADS = tl.constexpr(launch_config.UNROLL_MAX_LOADS)  # C * T up to which the pass loop is unrolled
@@ -123,33 +128,121 @@ _empty_like = torch.empty_like
 
 
 @triton.jit
-def _load_classes(ptr, class_stride, offs, ok, C: tl.constexpr, PAIRED: tl.constexpr):
-    """The C class vectors of one tensor as a tuple of [BLOCK_V] vectors in the tensor's dtype
-    (converted to fp32 where they are used, so the loads of all passes can be issued first).
+def _load_classes(ptr, class_stride, offs, ok, C: tl.constexpr, LAYOUT: tl.constexpr, MASKED: tl.constexpr):
+    """The C class vectors of one tensor, as loaded (in the tensor's dtype; ``_to_fp32`` converts
+    them where they are used, so the loads of all passes can be issued first).
 
-    PAIRED (C = 2, class stride 1, voxel stride 2: channels_last_3d): ``offs`` / ``ok`` are the
+    PAIRS (C = 2, class stride 1, voxel stride 2: channels_last_3d): ``offs`` / ``ok`` are the
     flat offsets of the program's 2 * BLOCK_V interleaved elements; one contiguous (vector) load,
-    then reshape to [BLOCK_V, 2] and split, both of which keep a voxel's pair in its thread.
-    Otherwise ``offs`` / ``ok`` are per voxel and class c is read at ``ptr + c * class_stride + offs``
-    (pointer increments: no int32 product ``c * class_stride`` can overflow)."""
-    if PAIRED:
-        x = tl.load(ptr + offs, mask=ok, other=0.0)
-        a, b = tl.split(tl.reshape(x, [offs.shape[0] // 2, 2]))
-        xs = (a, b)
-    else:
-        xs = ()
-        for _ in tl.static_range(C):
-            xs = xs + (tl.load(ptr + offs, mask=ok, other=0.0),)
-            ptr += class_stride
+    returned as a 1-tuple (``_to_fp32`` splits it). Otherwise ``offs`` / ``ok`` are per voxel and
+    class c is read at ``ptr + c * class_stride + offs`` (pointer increments: no int32 product
+    ``c * class_stride`` can overflow). MASKED: lanes outside ``ok`` are not read (their values are
+    undefined, and every use of them is masked); otherwise every offset is in bounds (``_block_voxels``)
+    and the loads carry no mask, hence no zero fill of the destination registers either."""
+    xs = ()
+    for _ in tl.static_range(1 if LAYOUT == PAIRS else C):
+        if MASKED:
+            xs = xs + (tl.load(ptr + offs, mask=ok),)
+        else:
+            xs = xs + (tl.load(ptr + offs),)
+        ptr += class_stride
     return xs
 
 
 @triton.jit
-def _to_fp32(xs, C: tl.constexpr):
-    out = ()
-    for c in tl.static_range(C):
-        out = out + (xs[c].to(tl.float32),)
-    return out
+def _block_voxels(pid_v, V, N: tl.constexpr, BLOCK_V: tl.constexpr, MASKED: tl.constexpr, WIDE: tl.constexpr):
+    """``(offs, mine)``: the N = BLOCK_V voxel indices program ``pid_v`` computes (N = 2 BLOCK_V: the
+    element indices of its voxels' interleaved pairs), and which of them it owns (counts, sums).
+    MASKED (V < BLOCK_V): the block starts at ``pid_v * BLOCK_V`` and owns the indices below V (the
+    loads and stores are masked). Otherwise the last block is moved back to end at V, so every index
+    is in bounds and no load or store needs a mask; it owns only the indices from ``pid_v * BLOCK_V``
+    on, and stores the voxels before them again with the same bits as the previous block (each
+    voxel's values depend on its own inputs only). int32 indices unless WIDE (an element offset of
+    some tensor within one sample reaches 2^31: the launcher decides)."""
+    per_voxel: tl.constexpr = N // BLOCK_V
+    if WIDE:
+        pid_v = pid_v.to(tl.int64)
+        lanes = tl.arange(0, N).to(tl.int64)
+    else:
+        lanes = tl.arange(0, N)
+    start = pid_v * BLOCK_V
+    if MASKED:
+        offs = per_voxel * start + lanes
+        return offs, offs < per_voxel * V
+    else:
+        offs = per_voxel * tl.minimum(start, V - BLOCK_V) + lanes
+        return offs, offs >= per_voxel * start
+
+
+@triton.jit
+def _store(ptr, value, mine, MASKED: tl.constexpr):
+    """Store a block's values: masked to the owned lanes if MASKED, else all (see ``_block_voxels``)."""
+    if MASKED:
+        tl.store(ptr, value, mask=mine)
+    else:
+        tl.store(ptr, value)
+
+
+@triton.jit
+def _voxel_offsets(offs, voxel_stride, C: tl.constexpr, LAYOUT: tl.constexpr):
+    """Element offsets of voxels ``offs`` in a VEC / STRIDED / GENERIC tensor (PAIRS: see ``_load_classes``)."""
+    if LAYOUT == STRIDED:
+        return offs * C  # the constexpr stride: shifts and adds, not a 64-bit multiply per voxel
+    else:
+        return offs * voxel_stride  # VEC: the stride is the constant 1 (Triton specialises it)
+
+
+@triton.jit
+def _cvt_fp32(x, PACKED: tl.constexpr, APPROX: tl.constexpr):
+    """``x.to(fp32)``. PACKED (``x`` came from vector loads) bf16 on NVIDIA: two values per 32-bit register
+    at once (a shift for the low half, an and for the high half: the generic lowering spends a permute and
+    a shift on the high half; on separately loaded values the generic one-shift conversion is cheaper)."""
+    if APPROX and PACKED and x.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _cvt_store(x, dtype: tl.constexpr, PACKED: tl.constexpr, APPROX: tl.constexpr):
+    """fp32 ``x`` as ``dtype`` (round to nearest even). PACKED (stored with vector stores) 16-bit on
+    NVIDIA: one packed conversion per two values (``cvt.rn.{bf16,f16}x2.f32``, after any select on the
+    fp32 values)."""
+    if APPROX and PACKED and dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.bfloat16,
+                                         is_pure=True, pack=2)
+    elif APPROX and PACKED and dtype == tl.float16:
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _negate_stored(x, x_fp32, APPROX: tl.constexpr):
+    """``-x`` for ``x = _cvt_store(x_fp32)``: 16-bit on NVIDIA, the two sign bits of a packed pair flipped
+    (exact); otherwise ``-x_fp32`` converted again (the interpreter's bf16 negation is not a sign flip)."""
+    if APPROX and (x.dtype == tl.bfloat16 or x.dtype == tl.float16):
+        return tl.inline_asm_elementwise("xor.b32 $0, $1, 0x80008000;", "=r,r", [x], dtype=x.dtype, is_pure=True,
+                                         pack=2)
+    else:
+        return (-x_fp32).to(x.dtype)
+
+
+@triton.jit
+def _to_fp32(xs, C: tl.constexpr, LAYOUT: tl.constexpr, APPROX: tl.constexpr):
+    """The loaded class vectors of ``_load_classes`` as a C-tuple of fp32 [BLOCK_V] vectors. PAIRS:
+    converted as loaded, then reshaped to [BLOCK_V, 2] and split (both keep a voxel's pair in its thread)."""
+    if LAYOUT == PAIRS:
+        x = _cvt_fp32(xs[0], True, APPROX)
+        a, b = tl.split(tl.reshape(x, [x.shape[0] // 2, 2]))
+        return a, b
+    else:
+        out = ()
+        for c in tl.static_range(C):
+            out = out + (_cvt_fp32(xs[c], LAYOUT == VEC, APPROX),)
+        return out
 
 
 # Transcendentals and reciprocals. APPROX (NVIDIA targets): the hardware's approximations, one MUFU
@@ -185,15 +278,16 @@ def _rcp(x, APPROX: tl.constexpr):
 
 
 @triton.jit
-def _softmax_terms(xs, C: tl.constexpr, APPROX: tl.constexpr):
+def _softmax_terms(xs, C: tl.constexpr, APPROX: tl.constexpr, bias=0.0):
     """Softmax of a tuple of C fp32 class vectors as ``(e, r)``: ``softmax_c = e_c * r``, with
     ``e_c = 2^(x_c log2(e) - m log2(e))`` (m = max_c x_c; one fma per class) and one reciprocal
     ``r = 1 / sum_c e_c`` per voxel. Any NaN or +Inf logit makes every ``e_c`` NaN (an fma of Inf
-    and -Inf); a -Inf logit only gives ``e_c = 0`` (probe it separately)."""
+    and -Inf); a -Inf logit only gives ``e_c = 0`` (probe it separately). ``bias`` (0 or NaN: a NaN
+    probe) is added to ``m log2(e)`` in its fma, so a NaN poisons every ``e_c``."""
     m = xs[0]
     for c in tl.static_range(1, C):
         m = tl.maximum(m, xs[c])
-    m_log2e = m * LOG2E
+    m_log2e = tl.fma(m, LOG2E, bias)
     es = ()
     for c in tl.static_range(C):
         es = es + (_exp2(tl.fma(xs[c], LOG2E, -m_log2e), APPROX),)
@@ -221,60 +315,104 @@ def _nan_probe(probe, xs, C: tl.constexpr):
 
 
 @triton.jit
-def _add_pass(acc, probe, xs, C: tl.constexpr, APPROX: tl.constexpr):
+def _add_pass(acc, probe, xs, C: tl.constexpr, LAYOUT: tl.constexpr, APPROX: tl.constexpr, FIRST: tl.constexpr):
     """One pass: ``acc_c += softmax(x)_c`` for the loaded class vectors ``xs``; ``probe`` += NaN probe.
-    C = 2 keeps one accumulator (class 1; class 0 is T - acc)."""
-    xs = _to_fp32(xs, C)
+    C = 2 keeps one accumulator (class 1; class 0 is T - acc). FIRST: ``acc`` and ``probe`` are
+    not read (the first unrolled pass starts them: no additions of 0)."""
+    xs = _to_fp32(xs, C, LAYOUT, APPROX)
     if C == 2:
         p1, a = _sigmoid_terms(xs[0], xs[1], APPROX)
-        return (acc[0] + p1,), tl.fma(a, 0.0, probe)
+        if FIRST:
+            return (p1,), a * 0.0
+        else:
+            return (acc[0] + p1,), tl.fma(a, 0.0, probe)
     else:
         es, r = _softmax_terms(xs, C, APPROX)
         out = ()
         for c in tl.static_range(C):
-            out = out + (tl.fma(es[c], r, acc[c]),)
-        return out, _nan_probe(probe, xs, C)
+            if FIRST:
+                out = out + (es[c] * r,)
+            else:
+                out = out + (tl.fma(es[c], r, acc[c]),)
+        if FIRST:
+            probe = xs[0] * 0.0
+            for c in tl.static_range(1, C):
+                probe = tl.fma(xs[c], 0.0, probe)
+            return out, probe
+        else:
+            return out, _nan_probe(probe, xs, C)
 
 
 @triton.jit
-def _mean_softmax_entropy(mc_ptr, mc_st, mc_sc, offs, ok, C: tl.constexpr, T: tl.constexpr,
-                          PAIRED: tl.constexpr, BLOCK_V: tl.constexpr, APPROX: tl.constexpr):
-    """Per-voxel entropy of the mean softmax of the T passes at ``mc_ptr + t * mc_st`` (classes and
-    voxels addressed as in ``_load_classes``), and the NaN probe of the passes (0, or NaN where a
-    logit is NaN or +-Inf).
+def _pass_sums(mc_ptr, mc_st, mc_sc, offs, ok, C: tl.constexpr, T: tl.constexpr, LAYOUT: tl.constexpr,
+               BLOCK_V: tl.constexpr, APPROX: tl.constexpr, MASKED: tl.constexpr):
+    """``(acc, probe)``: per voxel the sums over the T passes at ``mc_ptr + t * mc_st`` (classes and
+    voxels addressed as in ``_load_classes``) of their softmax, ``acc_c = T mu_c`` (C = 2: class 1
+    only), and their NaN probe (0, or NaN where a logit is NaN or +-Inf).
 
     Up to UNROLL_MAX_LOADS class vectors (C * T), all T passes are loaded first and then reduced:
     every load is issued before the first use of any, so all are in flight together. Beyond, a
-    loop of T (C loads in flight) bounds compile time, code size and registers.
-
-    ``u = -sum_c mu_c ln(mu_c + 1e-6) = -(ln 2 / T) sum_c acc_c log2(acc_c / T + 1e-6)`` with
-    ``acc_c = T mu_c``; for C = 2, ``mu_0 = 1 - mu_1``."""
-    probe = tl.zeros([BLOCK_V], dtype=tl.float32)
-    acc = ()
-    for _ in tl.static_range(1 if C == 2 else C):
-        acc = acc + (tl.zeros([BLOCK_V], dtype=tl.float32),)
+    loop of T (C loads in flight) bounds compile time, code size and registers."""
     if C * T <= UNROLL_MAX_LOADS:
         passes = ()
         for _ in tl.static_range(T):
-            passes = passes + (_load_classes(mc_ptr, mc_sc, offs, ok, C, PAIRED),)
+            passes = passes + (_load_classes(mc_ptr, mc_sc, offs, ok, C, LAYOUT, MASKED),)
             mc_ptr += mc_st  # pointer increments: no int32 product t * mc_st can overflow
-        for t in tl.static_range(T):
-            acc, probe = _add_pass(acc, probe, passes[t], C, APPROX)
+        if C == 2:
+            acc, probe = _add_pass((), 0.0, passes[0], C, LAYOUT, APPROX, True)
+            for t in tl.static_range(1, T):
+                acc, probe = _add_pass(acc, probe, passes[t], C, LAYOUT, APPROX, False)
+        else:
+            # The probe of every logit first, folded into the first pass's softmax: that makes the
+            # first exp wait for every load, so ptxas issues all of them before it (it otherwise
+            # interleaves the strided one-element loads with the math of the earlier passes).
+            xs = ()
+            for t in tl.static_range(T):
+                xs = xs + (_to_fp32(passes[t], C, LAYOUT, APPROX),)
+            probe = xs[0][0] * 0.0
+            for t in tl.static_range(T):
+                for c in tl.static_range(1 if t == 0 else 0, C):
+                    probe = tl.fma(xs[t][c], 0.0, probe)
+            es, r = _softmax_terms(xs[0], C, APPROX, probe)
+            acc = ()
+            for c in tl.static_range(C):
+                acc = acc + (es[c] * r,)
+            for t in tl.static_range(1, T):
+                es, r = _softmax_terms(xs[t], C, APPROX)
+                out = ()
+                for c in tl.static_range(C):
+                    out = out + (tl.fma(es[c], r, acc[c]),)
+                acc = out
+            probe = 0.0  # (in acc)
     else:
+        probe = tl.zeros([BLOCK_V], dtype=tl.float32)
+        acc = ()
+        for _ in tl.static_range(1 if C == 2 else C):
+            acc = acc + (tl.zeros([BLOCK_V], dtype=tl.float32),)
         for _ in tl.range(T):
-            acc, probe = _add_pass(acc, probe, _load_classes(mc_ptr, mc_sc, offs, ok, C, PAIRED), C, APPROX)
+            acc, probe = _add_pass(acc, probe, _load_classes(mc_ptr, mc_sc, offs, ok, C, LAYOUT, MASKED), C, LAYOUT,
+                                   APPROX, False)
             mc_ptr += mc_st
+    return acc, probe
+
+
+@triton.jit
+def _entropy(acc, probe, C: tl.constexpr, T: tl.constexpr, APPROX: tl.constexpr):
+    """``u = -sum_c mu_c ln(mu_c + 1e-6) = -(ln 2 / T) sum_c acc_c log2(acc_c / T + 1e-6)`` per voxel from
+    ``_pass_sums``, plus ``probe`` (0 or NaN; added inside the last fma, where it costs nothing). C = 2:
+    ``mu_0 = 1 - mu_1``, as ``-ln 2 mu_0 = acc_1 ln 2 / T - ln 2`` and ``mu_0 + 1e-6 = 1 + 1e-6 - acc_1 / T``
+    (one fma each)."""
     if C == 2:
-        mu1 = acc[0] * (1.0 / T)
-        mu0 = 1.0 - mu1
-        w = mu0 * _log2(mu0 + ENTROPY_EPS, APPROX) + mu1 * _log2(mu1 + ENTROPY_EPS, APPROX)
-        u = w * -LN2
+        n1 = acc[0] * (-LN2 / T)  # -ln 2 mu_1
+        n0 = tl.fma(acc[0], LN2 / T, -LN2)  # -ln 2 mu_0
+        l1 = _log2(tl.fma(acc[0], 1.0 / T, ENTROPY_EPS), APPROX)
+        l0 = _log2(tl.fma(acc[0], -1.0 / T, 1.0 + ENTROPY_EPS), APPROX)
+        return tl.fma(n0, l0, tl.fma(n1, l1, probe))
     else:
-        w = tl.zeros([BLOCK_V], dtype=tl.float32)
+        w = probe
         for c in tl.static_range(C):
             w = tl.fma(acc[c], _log2(tl.fma(acc[c], 1.0 / T, ENTROPY_EPS), APPROX), w)
-        u = w * (-LN2 / T)
-    return u, probe
+        return w * (-LN2 / T)
 
 
 @triton.jit
@@ -302,59 +440,61 @@ def _uncertainty_loss_fwd_kernel(
     C: tl.constexpr,
     THR_FROM_PTR: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
-    S_PAIRED: tl.constexpr,  # student, teacher, gradient, passes: C = 2 interleaved (see _load_classes)
-    Q_PAIRED: tl.constexpr,
-    G_PAIRED: tl.constexpr,
-    MC_PAIRED: tl.constexpr,
+    S_LAYOUT: tl.constexpr,  # student, teacher, gradient, passes: VEC, PAIRS, STRIDED or GENERIC
+    Q_LAYOUT: tl.constexpr,
+    G_LAYOUT: tl.constexpr,
+    MC_LAYOUT: tl.constexpr,
     BLOCK_V: tl.constexpr,
     APPROX: tl.constexpr,  # NVIDIA targets: hardware ex2 / lg2 / rcp (see _exp2)
+    MASKED: tl.constexpr,  # V < BLOCK_V: masked loads and stores (see _block_voxels)
+    WIDE: tl.constexpr,  # int64 element offsets (see _block_voxels)
 ):
-    pid_v = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
     P = tl.num_programs(0) * tl.num_programs(1)
-    prog = pid_b * tl.num_programs(0) + pid_v
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-    vox_ok = offs_v < V
-    flat = pid_v * 2 * BLOCK_V + tl.arange(0, 2 * BLOCK_V).to(tl.int64)  # PAIRED tensors: 2 per voxel
-    flat_ok = flat < 2 * V
+    prog = pid_b * tl.num_programs(0) + tl.program_id(0)
+    offs_v, mine = _block_voxels(tl.program_id(0), V, BLOCK_V, BLOCK_V, MASKED, WIDE)
+    flat, flat_mine = _block_voxels(tl.program_id(0), V, 2 * BLOCK_V, BLOCK_V, MASKED, WIDE)  # PAIRS: 2 per voxel
 
-    # 1. Uncertainty of the T passes and their NaN probe.
-    if MC_PAIRED:
-        u, probe = _mean_softmax_entropy(mc_ptr + pid_b * mc_sb, mc_st, 1, flat, flat_ok, C, T, True, BLOCK_V,
-                                         APPROX)
+    # 1. Uncertainty of the T passes (NaN where one of their logits is NaN or +-Inf).
+    if MC_LAYOUT == PAIRS:
+        acc, probe = _pass_sums(mc_ptr + pid_b * mc_sb, mc_st, 1, flat, flat_mine, C, T, PAIRS, BLOCK_V, APPROX,
+                                MASKED)
     else:
-        u, probe = _mean_softmax_entropy(
-            mc_ptr + pid_b * mc_sb, mc_st, mc_sc, offs_v * mc_sv, vox_ok, C, T, False, BLOCK_V, APPROX
-        )
+        acc, probe = _pass_sums(mc_ptr + pid_b * mc_sb, mc_st, mc_sc, _voxel_offsets(offs_v, mc_sv, C, MC_LAYOUT),
+                                mine, C, T, MC_LAYOUT, BLOCK_V, APPROX, MASKED)
+    u = _entropy(acc, probe, C, T, APPROX)  # (the same bits as _predictive_entropy_kernel's)
     if THR_FROM_PTR:
         thr = tl.load(thr_ptr).to(tl.float32)
     else:
         thr = thr_value
 
     # 2. Student and teacher softmax p, q; d = p - q; sq = sum_c d_c^2; the gradient's
-    #    g_j = 2 p_j (d_j - sum_k d_k p_k) (without its 1 / (C N + eps), which waits for backward).
-    if S_PAIRED:
-        s = _load_classes(s_ptr + pid_b * s_sb, 1, flat, flat_ok, C, True)
+    #    g_j = 2 p_j (d_j - sum_k d_k p_k), stored as g / GRAD_SCALE (4 for C = 2, else 2: a power of two,
+    #    so the rounding is g's own) without its GRAD_SCALE / (C N + eps), which waits for backward.
+    if S_LAYOUT == PAIRS:
+        s = _load_classes(s_ptr + pid_b * s_sb, 1, flat, flat_mine, C, PAIRS, MASKED)
     else:
-        s = _load_classes(s_ptr + pid_b * s_sb, s_sc, offs_v * s_sv, vox_ok, C, False)
-    if Q_PAIRED:
-        q = _load_classes(q_ptr + pid_b * q_sb, 1, flat, flat_ok, C, True)
+        s = _load_classes(s_ptr + pid_b * s_sb, s_sc, _voxel_offsets(offs_v, s_sv, C, S_LAYOUT), mine, C, S_LAYOUT,
+                          MASKED)
+    if Q_LAYOUT == PAIRS:
+        q = _load_classes(q_ptr + pid_b * q_sb, 1, flat, flat_mine, C, PAIRS, MASKED)
     else:
-        q = _load_classes(q_ptr + pid_b * q_sb, q_sc, offs_v * q_sv, vox_ok, C, False)
-    s, q = _to_fp32(s, C), _to_fp32(q, C)
+        q = _load_classes(q_ptr + pid_b * q_sb, q_sc, _voxel_offsets(offs_v, q_sv, C, Q_LAYOUT), mine, C, Q_LAYOUT,
+                          MASKED)
+    s, q = _to_fp32(s, C, S_LAYOUT, APPROX), _to_fp32(q, C, Q_LAYOUT, APPROX)
     if C == 2:
         # d_0 = -d_1, so sq = 2 d_1^2 (the 2 is applied to the program's sum) and
         # g_1 = 2 p_1 (d_1 - d_1 (p_1 - p_0)) = 4 d_1 p_1 p_0 = -g_0.
         p1, a_s = _sigmoid_terms(s[0], s[1], APPROX)
         q1, a_q = _sigmoid_terms(q[0], q[1], APPROX)
-        probe = tl.fma(a_q, 0.0, tl.fma(a_s, 0.0, probe))
+        u = tl.fma(a_q, 0.0, tl.fma(a_s, 0.0, u))  # the NaN probe of student and teacher
         d1 = p1 - q1
         sq = d1 * d1
-        g_kept = ((4.0 * d1) * tl.fma(-p1, p1, p1),)  # p_1 p_0 = p_1 - p_1^2
+        g_kept = (d1 * tl.fma(-p1, p1, p1),)  # g_1 / 4 (p_1 p_0 = p_1 - p_1^2)
     else:
         es, r = _softmax_terms(s, C, APPROX)
         eq, rq = _softmax_terms(q, C, APPROX)
-        probe = _nan_probe(_nan_probe(probe, s, C), q, C)
+        u = _nan_probe(_nan_probe(u, s, C), q, C)
         p = ()
         d = ()
         sq = tl.zeros(offs_v.shape, dtype=tl.float32)
@@ -366,35 +506,43 @@ def _uncertainty_loss_fwd_kernel(
             dp = tl.fma(d[c], p[c], dp)
         g_kept = ()
         for c in tl.static_range(C):
-            g_kept = g_kept + ((2.0 * p[c]) * (d[c] - dp),)
+            g_kept = g_kept + (p[c] * (d[c] - dp),)  # g_c / 2
 
-    # 3. The mask. A NaN probe poisons u (u + NaN): the voxel leaves the mask, and the NaN reaches
-    #    the loss, the backward scale and the stats through the program's u sum (_finalize_kernel).
-    u = u + probe
-    keep = (u < thr) & vox_ok
+    # 3. The mask. A NaN probe poisons u (any non-finite logit: a pass, the student, the teacher): the
+    #    voxel leaves the mask, and the NaN reaches the loss, the backward scale and the stats through
+    #    the program's u sum (_finalize_kernel).
+    kept = u < thr  # the mask of the gradient (a stored voxel gets its own value, owned or not) ...
+    keep = kept & mine  # ... and of the sums and the count (owned voxels only)
 
     if WRITE_GRAD:  # unkept voxels get an exact 0
-        g = ()
-        if C == 2:
-            g1 = tl.where(keep, g_kept[0], 0.0)
-            g = ((-g1).to(g_ptr.dtype.element_ty), g1.to(g_ptr.dtype.element_ty))
-        else:
-            for c in tl.static_range(C):
-                g = g + (tl.where(keep, g_kept[c], 0.0).to(g_ptr.dtype.element_ty),)
+        g_dtype: tl.constexpr = g_ptr.dtype.element_ty
         g_ptr += pid_b * g_sb
-        if G_PAIRED:  # join the pair back: one contiguous (vector) store
-            tl.store(g_ptr + flat, tl.reshape(tl.join(g[0], g[1]), [2 * BLOCK_V]), mask=flat_ok)
+        if C == 2:
+            g1 = tl.where(kept, g_kept[0], 0.0)
+            if G_LAYOUT == PAIRS:  # join the pair back: one contiguous (vector) store
+                g01 = _cvt_store(tl.reshape(tl.join(-g1, g1), [2 * BLOCK_V]), g_dtype, True, APPROX)
+                _store(g_ptr + flat, g01, flat_mine, MASKED)
+            else:
+                g1_stored = _cvt_store(g1, g_dtype, G_LAYOUT == VEC, APPROX)
+                g_offs = _voxel_offsets(offs_v, g_sv, C, G_LAYOUT)
+                _store(g_ptr + g_offs, _negate_stored(g1_stored, g1, APPROX), mine, MASKED)
+                _store(g_ptr + g_sc + g_offs, g1_stored, mine, MASKED)
         else:
+            g_offs = _voxel_offsets(offs_v, g_sv, C, G_LAYOUT)
             for c in tl.static_range(C):
-                tl.store(g_ptr + offs_v * g_sv, g[c], mask=vox_ok)
+                _store(g_ptr + g_offs, _cvt_store(tl.where(kept, g_kept[c], 0.0), g_dtype, G_LAYOUT == VEC, APPROX),
+                       mine, MASKED)
                 g_ptr += g_sc
 
     # 4. This program's partials (finished by _finalize_kernel in a fixed order): the only
     #    reduction across threads, once per program, all five values in one pass through shared memory.
+    #    Unmasked blocks need no select for the min and max (a voxel counted twice changes neither).
+    if MASKED:
+        u_lo, u_hi = tl.where(mine, u, float("inf")), tl.where(mine, u, float("-inf"))
+    else:
+        u_lo, u_hi = u, u
     sq_sum, u_sum, u_min, u_max, count = tl.reduce(
-        (tl.where(keep, sq, 0.0), tl.where(vox_ok, u, 0.0), tl.where(vox_ok, u, float("inf")),
-         tl.where(vox_ok, u, float("-inf")), keep.to(tl.int32)),
-        0, _partials_combine,
+        (tl.where(keep, sq, 0.0), tl.where(mine, u, 0.0), u_lo, u_hi, keep.to(tl.int32)), 0, _partials_combine,
     )
     if C == 2:
         sq_sum = 2.0 * sq_sum
@@ -410,7 +558,7 @@ def _finalize_kernel(
     part_ptr,  # fp32 (NUM_PARTIALS, P)
     count_ptr,  # int32 (P,)
     loss_ptr,  # out: fp32 0-dim loss
-    scale_ptr,  # out: fp32 0-dim backward scale 1 / (C N + 1e-16) (+ NaN probe)
+    scale_ptr,  # out: fp32 0-dim backward scale GRAD_SCALE / (C N + 1e-16) (+ NaN probe)
     stats_ptr,  # out: fp32 (4,): mask fraction, uncertainty mean, min, max
     P, C, num_voxels,  # num_voxels = B * V
     BLOCK_P: tl.constexpr,
@@ -436,7 +584,8 @@ def _finalize_kernel(
     nan_probe = u_total * 0.0  # 0, or NaN when a logit was NaN or +-Inf (it poisoned its voxel's u)
     denom = C * n + 1e-16  # empty mask: 0 / 1e-16 = 0 exactly
     tl.store(loss_ptr, tl.sum(sq, axis=0) / denom + nan_probe)
-    tl.store(scale_ptr, 1.0 / denom + nan_probe)
+    grad_scale = tl.where(C == 2, 4.0, 2.0)  # the forward stored g / 4 (C = 2) or g / 2: see the forward kernel
+    tl.store(scale_ptr, grad_scale / denom + nan_probe)
     tl.store(stats_ptr + 0, n / num_voxels)
     tl.store(stats_ptr + 1, u_total / num_voxels)
     tl.store(stats_ptr + 2, tl.min(u_min, axis=0) + nan_probe)
@@ -447,7 +596,7 @@ def _finalize_kernel(
 def _scale_grad_kernel(
     g_ptr,  # unnormalised gradient, dense (any layout; addressed as its flat storage)
     out_ptr,  # out: gradient, same dtype and strides as g
-    scale_ptr,  # fp32 0-dim, 1 / (C N + 1e-16) (+ NaN probe)
+    scale_ptr,  # fp32 0-dim, GRAD_SCALE / (C N + 1e-16) (+ NaN probe)
     grad_out_ptr,  # 0-dim dL_total / dloss
     numel,
     BLOCK: tl.constexpr,
@@ -467,22 +616,23 @@ def _predictive_entropy_kernel(
     V,
     T: tl.constexpr,
     C: tl.constexpr,
-    MC_PAIRED: tl.constexpr,  # C = 2 interleaved passes (see _load_classes)
+    MC_LAYOUT: tl.constexpr,  # VEC, PAIRS, STRIDED or GENERIC (see _load_classes)
     BLOCK_V: tl.constexpr,
     APPROX: tl.constexpr,  # NVIDIA targets: hardware ex2 / lg2 / rcp (see _exp2)
+    MASKED: tl.constexpr,  # V < BLOCK_V: masked loads and stores (see _block_voxels)
+    WIDE: tl.constexpr,  # int64 element offsets (see _block_voxels)
 ):
-    pid_v = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-    vox_ok = offs_v < V
-    if MC_PAIRED:
-        flat = pid_v * 2 * BLOCK_V + tl.arange(0, 2 * BLOCK_V).to(tl.int64)
-        u, probe = _mean_softmax_entropy(mc_ptr + pid_b * mc_sb, mc_st, 1, flat, flat < 2 * V, C, T, True,
-                                         BLOCK_V, APPROX)
+    offs_v, mine = _block_voxels(tl.program_id(0), V, BLOCK_V, BLOCK_V, MASKED, WIDE)
+    if MC_LAYOUT == PAIRS:
+        flat, flat_mine = _block_voxels(tl.program_id(0), V, 2 * BLOCK_V, BLOCK_V, MASKED, WIDE)
+        acc, probe = _pass_sums(mc_ptr + pid_b * mc_sb, mc_st, 1, flat, flat_mine, C, T, PAIRS, BLOCK_V, APPROX,
+                                MASKED)
     else:
-        u, probe = _mean_softmax_entropy(mc_ptr + pid_b * mc_sb, mc_st, mc_sc, offs_v * mc_sv, vox_ok, C, T, False,
-                                         BLOCK_V, APPROX)
-    tl.store(u_ptr + pid_b * V + offs_v, u + probe, mask=vox_ok)  # NaN where a logit is NaN or +-Inf
+        acc, probe = _pass_sums(mc_ptr + pid_b * mc_sb, mc_st, mc_sc, _voxel_offsets(offs_v, mc_sv, C, MC_LAYOUT),
+                                mine, C, T, MC_LAYOUT, BLOCK_V, APPROX, MASKED)
+    u = _entropy(acc, probe, C, T, APPROX)  # NaN where a logit is NaN or +-Inf
+    _store(u_ptr + pid_b * V + offs_v, u, mine, MASKED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,6 +679,23 @@ def _paired(x3: torch.Tensor) -> bool:
             and x3.shape[-1] < 2**30)
 
 
+def _wide(*views: torch.Tensor) -> bool:
+    """Whether some element offset within one sample (and pass) of these (..., C, V) views, or twice the
+    voxel count (the interleaved pairs' index), needs int64: the kernels' WIDE."""
+    reach = max(2 * x.shape[-1] + sum((n - 1) * st for n, st in zip(x.shape[-2:], x.stride()[-2:])) for x in views)
+    return reach >= 2**31
+
+
+def _layout(x3: torch.Tensor) -> int:
+    """The kernels' *_LAYOUT code of a (..., C, V) view: VEC (voxel stride 1), PAIRS (see ``_paired``),
+    STRIDED (class stride 1, voxel stride C), else GENERIC."""
+    if _paired(x3):
+        return PAIRS.value
+    if x3.stride(-1) == 1 or x3.shape[-1] == 1:
+        return VEC.value
+    return STRIDED.value if x3.stride(-2) == 1 and x3.stride(-1) == x3.shape[-2] else GENERIC.value
+
+
 def uncertainty_loss_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -572,8 +739,9 @@ def uncertainty_loss_forward(
         partials, counts,
         threshold if thr_from_ptr else loss, float(threshold_value),
         V, T=T, C=C, THR_FROM_PTR=thr_from_ptr, WRITE_GRAD=need_grad,
-        S_PAIRED=_paired(s3), Q_PAIRED=_paired(q3), G_PAIRED=need_grad and _paired(g3), MC_PAIRED=_paired(mc4),
-        BLOCK_V=cfg.block, APPROX=APPROX, num_warps=cfg.num_warps,
+        S_LAYOUT=_layout(s3), Q_LAYOUT=_layout(q3), G_LAYOUT=_layout(g3) if need_grad else 0, MC_LAYOUT=_layout(mc4),
+        BLOCK_V=cfg.block, APPROX=APPROX, MASKED=V < cfg.block, WIDE=_wide(s3, q3, g3, mc4),
+        num_warps=cfg.num_warps,
     )
     _finalize_kernel[(1,)](
         partials, counts, loss, bwd_scale, stats, num_programs, C, B * V, BLOCK_P=FINALIZE_BLOCK, num_warps=4
@@ -638,8 +806,8 @@ def predictive_entropy_forward(mc_logits: torch.Tensor, *, config: Optional[Laun
     out = _empty((B, *mc_logits.shape[3:]), device=mc_logits.device, dtype=torch.float32)
     cfg = config or config_for("entropy", mc_logits.dtype, _classes_last(mc4), C, T, B * V)
     _predictive_entropy_kernel[(triton.cdiv(V, cfg.block), B)](
-        mc4, *mc4.stride(), out, V, T=T, C=C, MC_PAIRED=_paired(mc4), BLOCK_V=cfg.block, APPROX=APPROX,
-        num_warps=cfg.num_warps,
+        mc4, *mc4.stride(), out, V, T=T, C=C, MC_LAYOUT=_layout(mc4), BLOCK_V=cfg.block, APPROX=APPROX,
+        MASKED=V < cfg.block, WIDE=_wide(mc4), num_warps=cfg.num_warps,
     )
     return out
 

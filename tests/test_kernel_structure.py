@@ -14,7 +14,12 @@ pointers, unit voxel stride or unit class stride, 16-divisible strides), then:
 - vector loads: contiguous inputs are read with 128-bit ``ld.global.v4`` only, one per class and
   pass (and student, teacher) per thread at the default config; the gradient is stored the same way;
 - no spills: ``cuobjdump --dump-resource-usage`` of the cubin (ptxas bundled with Triton) reports
-  no local memory, and the register count leaves room for several programs per SM.
+  no local memory, and the register count leaves room for several programs per SM;
+- instruction budget: the warp-instructions each voxel costs (SASS, loops counted T times) over
+  the issue rate of an H100 / H200, against the bytes each voxel moves over the card's copy
+  bandwidth: at most 0.5 on an H200 at the paper's T = 8, C = 2 in every dtype and layout, 0.75
+  for the other C and T (see ``issue_over_memory``; ``python -m benchmarks.instruction_budget``
+  prints the table).
 
 The compile runs in a subprocess (this process runs the interpreter, which never compiles), in
 parallel over the CPU cores, once per session; Triton's cache makes reruns fast.
@@ -89,17 +94,17 @@ def _compile(variant: dict) -> dict:
     unit_stride = "sc" if classes_last else "sv"
     if kernel == "loss_fwd":
         fn = K._uncertainty_loss_fwd_kernel
-        paired = classes_last and C == 2
+        layout = (K.PAIRS if C == 2 else K.STRIDED).value if classes_last else K.VEC.value
         constexprs = {"T": T, "C": C, "THR_FROM_PTR": True, "WRITE_GRAD": True, "BLOCK_V": cfg.block, "APPROX": True,
-                      "S_PAIRED": paired, "Q_PAIRED": paired, "G_PAIRED": paired, "MC_PAIRED": paired}
+                      "MASKED": False, "WIDE": False, "S_LAYOUT": layout, "Q_LAYOUT": layout, "G_LAYOUT": layout, "MC_LAYOUT": layout}
         constexprs.update({f"{p}_{unit_stride}": 1 for p in ("s", "q", "mc", "g")})
         pointers = {"s_ptr": variant.get("student", dtype), "q_ptr": variant.get("student", dtype),
                     "g_ptr": variant.get("student", dtype), "mc_ptr": dtype, "count_ptr": "i32"}
         num_warps = cfg.num_warps
     elif kernel == "entropy":
         fn = K._predictive_entropy_kernel
-        constexprs = {"T": T, "C": C, "BLOCK_V": cfg.block, f"mc_{unit_stride}": 1, "APPROX": True,
-                      "MC_PAIRED": classes_last and C == 2}
+        constexprs = {"T": T, "C": C, "BLOCK_V": cfg.block, f"mc_{unit_stride}": 1, "APPROX": True, "MASKED": False, "WIDE": False,
+                      "MC_LAYOUT": (K.PAIRS if C == 2 else K.STRIDED).value if classes_last else K.VEC.value}
         pointers, num_warps = {"mc_ptr": dtype}, cfg.num_warps
     elif kernel == "loss_bwd":
         fn, constexprs = K._scale_grad_kernel, {"BLOCK": cfg.block}
@@ -145,6 +150,65 @@ def _compile_all() -> list[dict] | None:
         return None
     with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         return list(pool.map(_compile, _variants()))
+
+
+# ---------------------------------------------------------------------------------------------
+# the instruction budget (also used by benchmarks/instruction_budget.py)
+# ---------------------------------------------------------------------------------------------
+
+# Issue rate: one warp-instruction per scheduler per clock, 4 schedulers per SM; 132 SMs at the
+# 1.98 GHz boost clock (H100 SXM and H200 SXM alike).
+SMS, SCHEDULERS_PER_SM, CLOCK_HZ = 132, 4, 1.98e9
+# Device-copy bandwidth (bytes/s): H100 as measured by benchmarks/ (benchmarks/results/2026-11-27-h100),
+# H200 the same fraction of its 4.8 TB/s peak.
+COPY_BANDWIDTH = {"H100": 3.0e12, "H200": 4.3e12}
+PAPER_BUDGET, OTHER_BUDGET = 0.5, 0.75  # issue time / memory time on an H200
+
+
+def sass_instructions(sass: str) -> list[str]:
+    """The instructions of a cuobjdump listing, up to the last EXIT (not the padding after it)."""
+    lines = [x for x in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", x)]
+    last_exit = max(i for i, x in enumerate(lines) if re.search(r"\bEXIT\b", x))
+    return lines[: last_exit + 1]
+
+
+def dynamic_instructions(sass: str, trips: int) -> int:
+    """Warp-instructions one warp executes: straight-line code counts once; the body of a loop (a
+    backward branch: the pass loop past UNROLL_MAX_LOADS) counts ``trips`` times."""
+    lines = sass_instructions(sass)
+    address = [int(re.search(r"/\*([0-9a-f]{4,})\*/", x).group(1), 16) for x in lines]
+    total = len(lines)
+    for i, x in enumerate(lines):
+        branch = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", x)
+        if branch and int(branch.group(1), 16) < address[i]:
+            body = i - address.index(int(branch.group(1), 16)) + 1
+            total += (trips - 1) * body
+    return total
+
+
+def bytes_per_voxel(k: dict) -> int:
+    """Bytes each voxel moves: the T passes' C logits; for the loss also the student and teacher
+    read and the gradient written (the student's dtype); for the entropy the fp32 map written."""
+    passes = k["T"] * k["C"] * ELEM_BYTES[k["dtype"]]
+    if k["kernel"] == "loss_fwd":
+        return passes + 3 * k["C"] * ELEM_BYTES[k.get("student", k["dtype"])]
+    return passes + 4
+
+
+def warp_instructions_per_voxel(k: dict) -> float:
+    block, num_warps = k["config"]
+    return dynamic_instructions(k["sass"], k["T"]) / (block / num_warps)
+
+
+def issue_over_memory(k: dict, card: str) -> float:
+    """Issue time / memory time of one voxel: warp-instructions / (SMs x schedulers x clock) over
+    bytes / copy bandwidth. Above 1 the kernel cannot reach the copy bandwidth whatever its schedule."""
+    issue_s = warp_instructions_per_voxel(k) / (SMS * SCHEDULERS_PER_SM * CLOCK_HZ)
+    return issue_s / (bytes_per_voxel(k) / COPY_BANDWIDTH[card])
+
+
+def budget(k: dict) -> float:
+    return PAPER_BUDGET if (k["C"], k["T"]) == (2, 8) else OTHER_BUDGET
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +318,18 @@ def test_enough_bytes_in_flight_per_sm(compiled, name):
     programs = min(65536 // (registers * 32 * num_warps), 64 // num_warps, 32)
     in_flight = per_thread * 32 * num_warps * programs
     assert in_flight >= MIN_BYTES_IN_FLIGHT_PER_SM, (name, per_thread, programs, in_flight)
+
+
+@pytest.mark.parametrize("name", _names("loss_fwd") + _names("entropy"))
+def test_instruction_budget(compiled, name):
+    """Issue time / memory time on an H200 (the constants above): <= 0.5 at the paper's T = 8, C = 2
+    (fp32, bf16, fp16, channels_last, bf16 passes with an fp32 student), <= 0.75 for the other C, T.
+    The pass loop past UNROLL_MAX_LOADS is the only loop (counted T times); all else is straight-line."""
+    k = compiled[name]
+    loops = sum(1 for x in sass_instructions(k["sass"]) if re.search(r"\bBRA\b", x))
+    assert loops == (1 if k["C"] * k["T"] > 64 else 0), (name, loops)
+    ratio = issue_over_memory(k, "H200")
+    assert ratio <= budget(k), (name, round(warp_instructions_per_voxel(k), 2), bytes_per_voxel(k), round(ratio, 3))
 
 
 def test_gradient_is_stored_with_vector_stores(compiled):
