@@ -43,3 +43,49 @@ def test_wheel_has_no_top_level_kernels(tmp_path):
     modules |= {f"uamt_fast/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
     assert modules <= set(names), sorted(modules - set(names))  # every module ships (figures.py, launch_config.py...)
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+
+
+def readme_install_args() -> list[str]:
+    """The arguments after ``pip install`` of the README's install line (its first command block)."""
+    import re
+    import shlex
+
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    command = next(c for line in block.splitlines() for c in re.split(r"&&|;|\|\|", line) if "pip install -e" in c)
+    return shlex.split(command)[2:]  # after "pip install"
+
+
+@pytest.mark.slow
+def test_the_readme_install_imports_the_package_from_the_folder_holding_the_clone(tmp_path):
+    """A clone named uamt_fast/ in the working directory is a namespace package to Python (it has no
+    __init__.py); setuptools' default editable install (a meta-path finder, asked only after the working
+    directory) then lost to it: `import uamt_fast` gave an empty module. The README's install puts the source
+    on sys.path, where a real package wins over a namespace one."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "uamt_fast"
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            (clone / name).write_bytes((ROOT / name).read_bytes())
+    # A fresh environment that sees this one's packages (torch, setuptools, pip) as plain paths: this
+    # environment's own install of uamt_fast (a .pth) is not processed there.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    inner = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    import site
+
+    Path(inner, "_outer_packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    args = readme_install_args()
+    assert args[:2] == ["-e", ".[test]"] and "editable_mode=compat" in args, args
+    out = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", *args],
+                         cwd=clone, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    check = "import uamt_fast, uamt_fast.kernels; uamt_fast.ghost_batch_norm_; print(uamt_fast.__file__)"
+    out = subprocess.run([python, "-c", check], cwd=tmp_path, capture_output=True, text=True)  # beside the clone
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert Path(out.stdout.strip()) == clone / "uamt_fast" / "__init__.py"
