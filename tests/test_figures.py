@@ -147,6 +147,11 @@ def eval_run(tmp_path_factory):
     return train, root, run
 
 
+def test_a_saved_config_with_the_old_count_of_panels_still_loads(eval_run):
+    train, root, _ = eval_run
+    assert train.Config(data=[str(root)], figures_cases=2).figures_cases == []  # configs saved before ids and picks
+
+
 def test_eval_of_named_cases_or_the_first_n_evaluates_only_those(eval_run, tmp_path, monkeypatch):
     train, root, run = eval_run
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
