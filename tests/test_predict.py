@@ -210,6 +210,13 @@ def test_resampled_case_comes_back_on_its_oblique_grid(organ, tmp_path, monkeypa
     assert case["outputs"] == {"mask": "image0003.nii.gz", "uncertainty": "image0003_uncertainty.nii.gz",
                                "probabilities": "image0003_probabilities.nii.gz"}
     assert case["preprocessing"]["crop_box"] and case["preprocessing"]["spacing"] == pytest.approx([1, 1, 1], abs=1e-4)
+    # the scan predict feeds the model is, bit for bit, the case prepare stored (one MONAI chain: transform_case)
+    model = predict.load_model(predict.make_parser().parse_args([str(organ.model), str(image), "--out", "x"]),
+                               torch.device("cpu"))
+    found = predict.find_scans([image])[0]
+    predict.check_scan(found, model)
+    with h5py.File(organ.prepared / data.IMAGES_DIR / "image0003" / data.H5_NAME, "r") as f:
+        np.testing.assert_array_equal(predict.read_scan(found, model).image, f["image"][()])
 
 
 def test_inverse_is_exact_for_orientation_and_crop():
@@ -265,7 +272,7 @@ def test_nnunet_channel_files_pick_the_prepared_channel(tmp_path):
     assert probs.shape == (24, 20, 12, 3) and np.array_equal(img.affine, load(new / "n1_0000.nii.gz")[1].affine)
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     assert load(out / "n1_uncertainty.nii.gz")[0].max() <= math.log(3)
-    moved = {**record, "source": {"path": str(tmp_path / "gone")}}
+    moved = {**record, "source": {**record["source"], "path": str(tmp_path / "gone")}}
     assert predict._channel_index(record) == 1 and predict._channel_index(moved) == 1
 
 

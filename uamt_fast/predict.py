@@ -160,7 +160,8 @@ def load_model(args, device: torch.device) -> Model:
 
 def _channel_index(record: dict | None) -> int | None:
     """The index of the record's input channel: from the source's dataset.json when it is still there, from a
-    channel that is an index ("0", "1": plain NIfTI folders), or from the nnU-Net suffix of the files read."""
+    channel that is an index ("0", "1": plain NIfTI folders), or from the suffix of the nnU-Net files read;
+    None when none tells (a multi-channel scan then needs --channel)."""
     if record is None:
         return None
     name = str(record.get("channel", ""))
@@ -176,6 +177,8 @@ def _channel_index(record: dict | None) -> int | None:
             return int(hits[0])
     if name.isdigit():
         return int(name)
+    if (record.get("source") or {}).get("layout") != "nnunet":  # only nnU-Net names every file by its channel
+        return None
     for case in (record.get("cases") or {}).values():
         files = (case.get("files") or {}).get("image") or []
         match = formats.CHANNEL_SUFFIX.match(formats._strip_ending(Path(files[0]).name)) if files else None
