@@ -393,6 +393,13 @@ def test_missing_out_flag(la_model, tmp_path, capsys):
     assert err.count("\n") == 1 and "the following arguments are required: --out" in err
 
 
+def test_missing_extra_names_the_install(la_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nibabel", None)  # import nibabel -> ImportError
+    assert run(la_model, tmp_path / "x.nii.gz", "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs nibabel: pip install 'uamt_fast[data]'" in err
+
+
 def test_existing_output_needs_overwrite(la_model, tmp_path, capsys):
     scan_file, out = _la_nifti(tmp_path), tmp_path / "out"
     assert run(la_model, scan_file, "--out", out) == 0

@@ -105,6 +105,10 @@ def main(argv=None) -> int:
     try:
         args = make_parser().parse_args(argv)
         return run(args)
+    except torch.cuda.OutOfMemoryError:
+        print("predict: error: out of GPU memory; give a smaller --batch (windows per forward) or fewer --uncertainty "
+              "passes", file=sys.stderr)
+        return 2
     except (ValueError, ImportError, OSError) as e:  # DataError, CheckpointError, RunFolderError are ValueErrors
         message = run_folder.describe(e) if isinstance(e, OSError) else str(e)
         print(f"predict: error: {' '.join(message.split())}", file=sys.stderr)
