@@ -682,7 +682,8 @@ def _paired(x3: torch.Tensor) -> bool:
 def _wide(*views: torch.Tensor) -> bool:
     """Whether some element offset within one sample (and pass) of these (..., C, V) views, or twice the
     voxel count (the interleaved pairs' index), needs int64: the kernels' WIDE."""
-    reach = max(2 * x.shape[-1] + sum((n - 1) * st for n, st in zip(x.shape[-2:], x.stride()[-2:])) for x in views)
+    reach = max(max(2 * x.shape[-1], 1 + sum((n - 1) * st for n, st in zip(x.shape[-2:], x.stride()[-2:])))
+                for x in views)
     return reach >= 2**31
 
 

@@ -182,6 +182,54 @@ def test_strided_inputs():
     check_against_reference(student2, teacher, mc, safe_threshold(mc))
 
 
+@pytest.mark.parametrize("C", [2, 3])
+def test_generic_voxel_stride_is_read_in_place(C):
+    """A W slice with step 2 merges into one voxel stride of 2 (class stride != 1): the GENERIC layout,
+    read through the runtime strides (C = 2 is not the interleaved PAIRS case here)."""
+    student, teacher, mc = make_logits(2, C, 3, (4, 5, 12))
+    student = student.detach()[..., ::2].requires_grad_()
+    teacher, mc = teacher[..., ::2], mc[..., ::2]
+    for x, lead in ((student, 1), (teacher, 1), (mc, 2)):
+        view = kernels._voxel_view(x, lead)
+        assert view.data_ptr() == x.data_ptr() and view.stride(-1) == 2
+        assert kernels._layout(view) == kernels.GENERIC.value
+    check_against_reference(student, teacher, mc, safe_threshold(mc), grad_output=0.7)
+
+
+@pytest.mark.parametrize("C, layout", [(2, "contiguous"), (2, "channels_last"), (3, "channels_last")])
+def test_wide_offsets_give_the_same_bits(monkeypatch, C, layout):
+    """WIDE (int64 element offsets, chosen by the launcher from 2^31 elements per sample on) computes
+    the same bits as the int32 offsets; forced here on a small input."""
+    student, teacher, mc = make_logits(2, C, 4, (3, 5, 7))
+    if layout == "channels_last":
+        student = student.detach().to(memory_format=torch.channels_last_3d).requires_grad_()
+        teacher = teacher.to(memory_format=torch.channels_last_3d)
+        mc = mc.flatten(0, 1).to(memory_format=torch.channels_last_3d).unflatten(0, mc.shape[:2])
+    h = safe_threshold(mc)
+    narrow = [run(student, teacher, mc, h), uamt_fast.predictive_entropy(mc)]
+    assert not kernels._wide(kernels._voxel_view(mc, 2))
+    monkeypatch.setattr(kernels, "_wide", lambda *views: True)
+    wide = [run(student, teacher, mc, h), uamt_fast.predictive_entropy(mc)]
+    for a, b in zip((*narrow[0], narrow[1]), (*wide[0], wide[1])):
+        assert torch.equal(a, b)
+
+
+def test_launcher_picks_wide_offsets_past_two_to_the_31():
+    big = torch.empty_strided((1, 2, 2**30), (2**31, 1, 2), device="meta")  # interleaved pairs: 2^31 elements
+    assert kernels._wide(big) and not kernels._wide(big[..., : 2**30 - 1])
+    assert kernels._wide(torch.empty_strided((1, 3, 4), (0, 2**30, 1), device="meta"))  # the class stride reaches it
+
+
+@pytest.mark.parametrize("spatial", [(2, 3, 4), (5,)])
+def test_volumes_smaller_than_one_block_use_masked_loads(spatial):
+    """V < block (the interpreter's 32): the MASKED kernels (loads and stores masked, no moved-back block)."""
+    student, teacher, mc = make_logits(2, 2, 3, spatial)
+    assert student[0, 0].numel() < kernels.config_for("loss_fwd", torch.float32, False, 2, 3, 2).block
+    check_against_reference(student, teacher, mc, safe_threshold(mc))
+    assert rel_err(uamt_fast.predictive_entropy(mc, spatial_dims=len(spatial)),
+                   reference.predictive_entropy(mc.double())) <= 1e-5
+
+
 def test_threshold_as_tensor_equals_float():
     student, teacher, mc = make_logits(2, 2, 3, (3, 4, 5))
     h = safe_threshold(mc)
@@ -198,6 +246,62 @@ def test_deterministic_bit_identical():
     second = run(student, teacher, mc, h)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# the hardware approximations of the GPU build (APPROX): how many mask decisions they can move
+# ---------------------------------------------------------------------------------------------
+
+# On NVIDIA GPUs the kernels use ex2.approx.ftz, lg2.approx.ftz and rcp.approx.ftz (kernels/
+# uncertainty_loss.py, _exp2 / _log2 / _rcp), which the interpreter cannot run. Their documented
+# accuracy (PTX ISA; CUDA's __exp2f / __log2f / __frcp intrinsics): ex2 2 ulp (relative 2^-22),
+# lg2 absolute 2^-22 on [0.5, 2] and 2 ulp elsewhere, rcp 1 ulp (relative 2^-23). Taken at twice that:
+EX2_REL, LG2_ERR, RCP_REL = 2.0**-21, 2.0**-21, 2.0**-22
+MAX_FLIP_FRACTION = 1e-5  # of the voxels, per threshold
+
+
+def approx_uncertainty_bound(mc64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, delta)``: the float64 uncertainty of (T, B, C, *S) passes and a bound on how far the
+    APPROX arithmetic can move the kernels' u from their exact-function value (first order, per voxel).
+
+    Each pass's softmax p_c = e_c r, r = 1 / sum_k e_k: relative error <= 2 EX2_REL + RCP_REL (C = 2:
+    the sigmoid 1 / (1 + e), <= EX2_REL + RCP_REL); so is mu_c's (a mean of such). With
+    l_c = log2(mu_c + 1e-6) and u = -ln 2 sum_c mu_c l_c:
+    |du| <= ln 2 sum_c (|d mu_c| |l_c + 1 / ln 2| + mu_c |d l_c|), |d l_c| <= LG2_ERR max(1, |l_c|);
+    for C = 2, d mu_0 = -d mu_1 (mu_0 = 1 - mu_1): |du| <= ln 2 (|d mu_1| |l_1 - l_0| + sum_c mu_c |d l_c|)."""
+    C = mc64.shape[2]
+    mu = torch.softmax(mc64, dim=2).mean(0)
+    lg = torch.log2(mu + reference.ENTROPY_EPS)
+    u = -math.log(2) * (mu * lg).sum(1)
+    dlog = LG2_ERR * (mu * lg.abs().clamp_min(1.0)).sum(1)
+    if C == 2:
+        dmu = mu[:, 1] * (EX2_REL + RCP_REL)
+        delta = math.log(2) * (dmu * (lg[:, 1] - lg[:, 0]).abs() + dlog)
+    else:
+        dmu = mu * (2 * EX2_REL + RCP_REL)
+        delta = math.log(2) * ((dmu * (lg + 1 / math.log(2)).abs()).sum(1) + dlog)
+    return u, delta
+
+
+@pytest.mark.parametrize("C, T", [(2, 8), (3, 4)])
+def test_approximations_move_a_tiny_bounded_fraction_of_mask_decisions(C, T):
+    """The paper's shape (B = 2, C = 2, T = 8, 112 x 112 x 80; and C = 3, T = 4), over the UA-MT
+    threshold ramp (0.75 ln C to ln C): only voxels whose float64 u is within the bound of the threshold
+    can be decided differently by the APPROX build: at most MAX_FLIP_FRACTION of them per threshold (0 to
+    7 of the 2,007,040 at C = 2 in this seed), and toggling every one of them moves the float64 loss
+    by less than the fp32 tolerance."""
+    torch.manual_seed(19)
+    student, teacher, mc = (x.detach().double().cpu() for x in make_logits(2, C, T, (112, 112, 80)))
+    u, delta = approx_uncertainty_bound(mc)
+    assert delta[u > 0.5 * math.log(C)].max() < 3e-6  # where thresholds are: about 25 ulp of fp32 at ln 2
+    dist = ((torch.softmax(student, 1) - torch.softmax(teacher, 1)) ** 2).sum(1)
+    for i in (0, 1000, 2000, 3000, 4500, 6000):
+        h = reference.uncertainty_threshold(i, 6000, C)
+        kept = u < h
+        near = (u - h).abs() <= delta
+        assert near.sum() <= MAX_FLIP_FRACTION * u.numel(), (i, h, int(near.sum()))
+        losses = [(dist * m).sum() / (C * m.sum() + reference.MASK_EPS) for m in (kept, kept | near, kept & ~near)]
+        assert max(abs(x - losses[0]) / losses[0] for x in losses[1:]) < TOL[torch.float32], (i, h)
 
 
 # ---------------------------------------------------------------------------------------------
