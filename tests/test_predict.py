@@ -219,6 +219,18 @@ def test_resampled_case_comes_back_on_its_oblique_grid(organ, tmp_path, monkeypa
         np.testing.assert_array_equal(predict.read_scan(found, model).image, f["image"][()])
 
 
+def test_prepared_h5_case_keeps_its_grid_and_recorded_affine(organ, tmp_path, monkeypatch):
+    """An h5 case of a prepared set is already the model's input: its mask is --eval's argmax on the h5 grid,
+    placed in the world by the affine the set's dataset.json records for it."""
+    _, scored = eval_labels(monkeypatch, organ.model, organ.prepared, tmp_path)
+    out = tmp_path / "masks"
+    assert run(organ.model, organ.prepared / data.IMAGES_DIR / "image0003", "--out", out) == 0
+    mask, img = load(out / "image0003.nii.gz")
+    np.testing.assert_array_equal(mask, scored[0])
+    recorded = json.loads((organ.prepared / data.RECORD_NAME).read_text())["cases"]["image0003"]["affine"]
+    np.testing.assert_allclose(img.affine, recorded, atol=1e-4)  # (NIfTI stores the affine in float32)
+
+
 def test_inverse_is_exact_for_orientation_and_crop():
     """to_input_grid: a flip-and-crop map is indexed exactly (outside the crop: the fill); a resampling map
     agrees with the exact path where it is one too, and samples a linear ramp linearly."""
