@@ -14,11 +14,12 @@ compile analysis (``tests/test_kernel_structure.py``):
   part of them with the math to save registers; tests/test_kernel_structure.py checks from the
   SASS that the bytes in flight per SM still exceed 40 kB. The voxels per thread halve while the
   loads in flight plus the C accumulators exceed VALUES_PER_THREAD values (the paper's bf16 case
-  sits at the budget: (16 + 2) x 8 = 144, 79 registers on sm_90 with Triton 3.9). Beyond
-  UNROLL_MAX_LOADS (C * T) the passes are a loop, with C loads in flight. Channels-last inputs
-  (class stride 1) with C = 2 get the same voxels per thread, read as interleaved pairs (two
-  128-bit loads per pass: the trainer's bf16 case has 70 kB in flight per SM at 1,024 voxels
-  against 48 kB at 512); other C get 4 voxels per thread, one strided element per class.
+  sits at the budget: (16 + 2) x 8 = 144). Beyond UNROLL_MAX_LOADS (C * T) the passes are a loop,
+  with C loads in flight. Channels-last inputs (class stride 1) get the same voxels per thread:
+  C = 2 read as interleaved pairs (two 128-bit loads per pass: the trainer's bf16 case has 70 kB in
+  flight per SM at 1,024 voxels against 48 kB at 512), other C one element per class and voxel (8
+  bf16 voxels per thread rather than 4 halve the per-program work per voxel: 0.67 instead of 0.75
+  of an H200's copy time in issue slots at C = 3, T = 4; tests/test_kernel_structure.py).
 - backward scale: an elementwise pass, 16 elements per thread at 8 warps (four 128-bit accesses
   per operand for fp32, two for 16-bit).
 - small problems (fewer than MIN_PROGRAMS programs of the big block) halve the block until there

@@ -14,15 +14,28 @@ Kernels, top to bottom:
 
 - ``_uncertainty_loss_fwd_kernel``: grid (voxel blocks, B). Reads every input element exactly once
   (the T passes, the student, the teacher), writes the *unnormalised* student gradient
-  ``g = 2 m p (d - <d, p>)`` and one row of per-program partials: masked squared-difference sum,
-  mask count, uncertainty sum / min / max, and a NaN probe (``sum x * 0`` over every logit read:
-  0 when all are finite, NaN otherwise; a NaN uncertainty would otherwise just fail ``u < H`` and
-  drop out of the mask, giving a silent finite loss).
+  ``g = 2 m p (d - <d, p>)`` divided by GRAD_SCALE (4 for C = 2, else 2: an exact power of two, put
+  back by the backward scale) and one row of per-program partials: masked squared-difference sum,
+  mask count, uncertainty sum / min / max. Any NaN or +-Inf logit of a voxel makes its u NaN (the
+  sigmoid / softmax of NaN and +Inf is NaN already; ``x * 0`` probes catch the rest, one fma each),
+  and the NaN u reaches the program's u sum, from which the finalize poisons the loss, the scale
+  and the stats (a NaN u alone would just fail ``u < H`` and drop out of the mask: a silent finite loss).
 - ``_finalize_kernel``: one program reduces the partials in a fixed order (no float atomics, so a
   given input gives a bit-identical loss on every run) and writes the loss, the backward scale
-  ``1 / (C N + 1e-16)`` and the stats (mask fraction, uncertainty mean / min / max).
+  ``GRAD_SCALE / (C N + 1e-16)`` and the stats (mask fraction, uncertainty mean / min / max).
 - ``_scale_grad_kernel`` (backward): ``grad_student = g * grad_output * scale``, one light pass.
 - ``_predictive_entropy_kernel``: the same per-voxel entropy, written as a (B, V) fp32 map.
+
+Instructions (the kernels are memory-bound only if they issue few enough instructions per byte:
+``tests/test_kernel_structure.py::test_instruction_budget`` counts them in the sm_90 SASS and
+``python -m benchmarks.instruction_budget`` prints the table). C = 2 is a sigmoid:
+``softmax_1 = 1 / (1 + 2^((x_0 - x_1) log2 e))``, one exp and one reciprocal per pass, one
+accumulator (``mu_0 = 1 - mu_1``); other C take one reciprocal per softmax and a multiply per class.
+On NVIDIA the exp, log and reciprocal are the hardware's ``ex2`` / ``lg2`` / ``rcp`` approximations
+(APPROX; 2^-22 relative or absolute error, see ``_exp2``), bf16 pairs are converted two per
+register, and no load carries a mask (the last block of a row is moved back to end at V, see
+``_block_voxels``), so no load is zero-filled; offsets are int32 unless some tensor's sample spans
+2^31 elements (WIDE). The interpreter and ROCm run the same formulas with Triton's portable math.
 
 Gradient strategy. The loss is the last op of its branch, so the gradient is produced during the
 forward pass (as Liger's cross-entropy does) and only scaled in backward. The alternative, saving a
@@ -57,25 +70,27 @@ them for sm_90 on the CPU and checks each point in the TTGIR, PTX and SASS):
 - The T passes are unrolled (constexpr T): straight-line code, every load of every pass issued
   before the first exp, no barrier anywhere before the last load. Past ``UNROLL_MAX_LOADS`` class
   vectors (C * T > 64) a loop over T bounds compile time and registers.
-- Contiguous inputs (voxel stride 1, specialised by Triton) are read with 128-bit loads: 4 fp32 or
-  8 bf16/fp16 voxels per thread and vector. channels_last_3d inputs (class stride 1) are read in
-  place: for C = 2 a block's interleaved pairs are one contiguous run, loaded with 128-bit loads
-  and split in-thread by ``tl.reshape`` + ``tl.split`` (the gradient is joined back and stored the
-  same way); other C read each class with a strided load (the C loads of a warp hit the same lines).
+- Contiguous inputs (voxel stride 1, specialised by Triton: layout VEC) are read with 128-bit loads:
+  4 fp32 or 8 bf16/fp16 voxels per thread and vector. channels_last_3d inputs (class stride 1) are
+  read in place: for C = 2 (PAIRS) a block's interleaved pairs are one contiguous run, loaded with
+  128-bit loads and split in-thread by ``tl.reshape`` + ``tl.split`` (the gradient is joined back
+  and stored the same way); other C (STRIDED, voxel stride C as a constexpr) read each class with a
+  one-element load (the C loads of a warp hit the same lines). Any other voxel stride (GENERIC) is
+  read through its runtime stride.
 - Launch configs come from ``kernels/launch_config.py``: a fixed table keyed on (kernel, dtype,
   layout, C, T, size) with a rule behind it, so the same input always gets the same config and the
   same bits; ``python -m benchmarks.kernel_sweep`` times the candidates on a GPU and prints the table.
 - Two launches for the forward (kernel + single-program finalize) rather than one with an atomic
-  "last program" ticket: the finalize reads 6 values per program (a few kB) and costs one small
+  "last program" ticket: the finalize reads 5 values per program (a few kB) and costs one small
   launch; the ticket variant needs a persistent zeroed counter per device (hidden state that
   concurrent streams and CUDA graphs would share) and release/acquire ordering that no CPU test
   can check. Not built; ``kernel_sweep`` times the finalize alone, the most it could save.
 
 Strides. Every logits tensor is addressed as (B, C, V) with a batch, class and voxel stride (mc
-has a pass stride in front), so a channels_last_3d student (class stride 1, voxel stride C) or a
-batch slice is read in place, without a copy. Spatial dims that cannot be merged into one voxel
-stride (e.g. a slice along W) are copied with ``.contiguous()`` first: that costs one extra read +
-write of that tensor.
+has a pass stride in front), so a channels_last_3d student (class stride 1, voxel stride C), a
+batch slice or a W slice with a step is read in place, without a copy. Spatial dims that cannot be
+merged into one voxel stride (e.g. a slice along W that keeps part of it) are copied with
+``.contiguous()`` first: that costs one extra read + write of that tensor.
 """
 from __future__ import annotations
 
