@@ -22,31 +22,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 import train  # noqa: E402
+from trainer_cli import ENV, TINY, Payload, one_error_line  # noqa: E402
 from uamt_fast import checkpoints, data, run_folder  # noqa: E402
 
-TINY = ["--n-filters", "4", "--patch", "16", "16", "16", "--labeled", "2", "--no-compile", "--device", "cpu",
-        "--log-every", "2", "--save-every", "2", "--eval-stride-xy", "16", "--eval-stride-z", "16", "--iterations", "2"]
-ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
-
 pytestmark = pytest.mark.usefixtures("trainer_on_cpu")  # tests/conftest.py
-
-
-class Payload:
-    """Unpickling this runs ``touch MARKER``."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def one_error_line(capsys, *words) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "error" in err and "Traceback" not in err, err
-    assert all(w in err for w in words), err
-    return err
 
 
 def metrics(out: Path) -> list[int]:
@@ -356,7 +337,7 @@ def test_the_runner_states_and_checks_its_ranges(tmp_path, capsys, args, words):
     from benchmarks import reproduce
 
     assert reproduce.main([*args, "--out", str(tmp_path / "runs"), "--table-only"]) == 2
-    one_error_line(capsys, *words)
+    one_error_line(capsys, *words, prefix="error: ")
     (tmp_path / "file").write_text("x")
     assert reproduce.main(["--out", str(tmp_path / "file"), "--table-only"]) == 2
-    one_error_line(capsys, "--out", "is a file")
+    one_error_line(capsys, "--out", "is a file", prefix="error: ")

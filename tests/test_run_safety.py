@@ -19,13 +19,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 import train  # noqa: E402
+from trainer_cli import ENV, TINY, Payload, one_error_line  # noqa: E402
 from uamt_fast import checkpoints, data, figures  # noqa: E402
-
-TINY = ["--n-filters", "4", "--patch", "16", "16", "16", "--labeled", "2", "--no-compile", "--device", "cpu",
-        "--log-every", "2", "--save-every", "2", "--eval-stride-xy", "16", "--eval-stride-z", "16", "--iterations", "2"]
-ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
-
 
 pytestmark = pytest.mark.usefixtures("trainer_on_cpu")  # tests/conftest.py
 
@@ -36,23 +33,6 @@ def run(tiny_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run"
     assert train.main(["--data", str(tiny_root), *TINY, "--out", str(out)]) == 0
     return out
-
-
-class Payload:
-    """Unpickling this runs ``touch MARKER``: what a hostile checkpoint could do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def one_error_line(capsys, *words) -> str:
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and err.startswith("train.py: error: "), err
-    assert all(w in err for w in words), err
-    return err
 
 
 # ----------------------------------------------------------------------------- checkpoints never run code
