@@ -292,3 +292,24 @@ def test_figures_from_the_shell_print_one_line_not_a_traceback(panel_inputs, tmp
     result = subprocess.run([sys.executable, "-m", "uamt_fast.figures", *argv], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr == "error: argument --passes: expected an integer in [1, 1024], " \
         "got '0'\n", result.stderr
+
+
+def test_a_predicted_nifti_gets_its_panel_and_mismatched_files_one_line(tmp_path, capsys):
+    nibabel = pytest.importorskip("nibabel")
+    affine = np.diag([-0.8, -0.8, 2.0, 1.0])
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in (24, 20, 12)], indexing="ij"), -1)
+    label = ((((grid - [12, 10, 6]) / [6, 5, 3]) ** 2).sum(-1) <= 1).astype(np.uint8)
+    files = {}
+    for name, array in (("image", label * 2.0 + 0.1), ("mask", label), ("unc", label * 0.3), ("gt", label)):
+        files[name] = tmp_path / f"{name}.nii.gz"
+        nibabel.save(nibabel.Nifti1Image(np.asarray(array, np.float32 if name in ("image", "unc") else np.uint8),
+                                         affine), str(files[name]))
+    out = tmp_path / "panel.png"
+    assert figures.main(["predicted", str(files["image"]), str(files["mask"]), "--uncertainty", str(files["unc"]),
+                         "--label", str(files["gt"]), "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    nibabel.save(nibabel.Nifti1Image(label[:, :, :6], affine), str(tmp_path / "short.nii.gz"))
+    assert figures.main(["predicted", str(files["image"]), str(tmp_path / "short.nii.gz"), "--out",
+                         str(tmp_path / "p2.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "short.nii.gz" in err and "differ" in err, err

@@ -159,6 +159,58 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
     return _save(plt, fig, path, top=1 - HEADER_INCHES / height)
 
 
+def predicted_panel(image_file, mask_file, path, uncertainty_file=None, label_file=None, n_slices: int = 3) -> Path:
+    """The Fig. 2 style panel of a scan as ``python -m uamt_fast.predict`` leaves it: the NIfTI image, the
+    predicted mask (blue; each class its own colour beyond two) over it, the ground truth (red) if a label
+    file is given, and the uncertainty map if given, all in the scan's own geometry (needs nibabel)."""
+    from uamt_fast import formats
+
+    plt = pyplot()
+    image, affine = formats.read_volume(Path(image_file))
+    arrays = {}
+    for name, file in (("mask", mask_file), ("uncertainty", uncertainty_file), ("label", label_file)):
+        if file is not None:
+            arrays[name], other = formats.read_volume(Path(file))
+            if arrays[name].shape != image.shape or not np.allclose(other, affine, atol=1e-4):
+                raise ValueError(f"{file}: shape {arrays[name].shape} or affine differ from the image's "
+                                 f"({image.shape}, {image_file}); give the files of one scan")
+    mask = np.rint(arrays["mask"]).astype(np.int64)
+    label = np.rint(arrays["label"]).astype(np.int64) if "label" in arrays else None
+    classes = max(2, int(mask.max()) + 1, int(label.max()) + 1 if label is not None else 0)
+    slices = axial_slices(mask if label is None else label, n_slices)
+    columns = 2 + ("uncertainty" in arrays)
+    height = PANEL_INCHES * len(slices) + HEADER_INCHES
+    fig, axes = plt.subplots(len(slices), columns, figsize=(PANEL_INCHES * columns, height), dpi=DPI, squeeze=False)
+    fig.suptitle(Path(image_file).name, x=0.01, y=1 - 0.5 * HEADER_INCHES / height, ha="left", va="center",
+                 fontsize=9)
+    names = (["ground truth"] if label is not None else []) + ["prediction"]
+    fig.legend(handles=[plt.Line2D([], [], color=COLORS[n], linewidth=1.5, label=n) for n in names],
+               loc="center right", bbox_to_anchor=(0.99, 1 - 0.5 * HEADER_INCHES / height), ncol=2, fontsize=8,
+               frameon=False)
+    for row, z in enumerate(slices):
+        axes[row, 0].imshow(image[:, :, z].T, cmap="gray")
+        axes[row, 0].set_title(f"z={z}", fontsize=8)
+        axes[row, 1].imshow(image[:, :, z].T, cmap="gray")
+        for c in range(1, classes):  # two classes: ground truth red, prediction blue; more: a colour a class
+            outlines = [(mask, COLORS["prediction"] if classes == 2 else _class_color(c),
+                         "solid" if classes == 2 else "dashed")]
+            if label is not None:
+                outlines.append((label, COLORS["ground truth"] if classes == 2 else _class_color(c), "solid"))
+            for volume, color, style in outlines:
+                outline = volume[:, :, z].T == c
+                if outline.any() and not outline.all():
+                    axes[row, 1].contour(outline, levels=[0.5], colors=color, linewidths=0.8, linestyles=style)
+        axes[row, 1].set_title("predicted mask", fontsize=8)
+        if "uncertainty" in arrays:
+            shown = axes[row, 2].imshow(arrays["uncertainty"][:, :, z].T, cmap="inferno", vmin=0,
+                                        vmax=math.log(classes))
+            axes[row, 2].set_title("uncertainty", fontsize=8)
+            fig.colorbar(shown, ax=axes[row, 2], fraction=0.046, pad=0.02)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    return _save(plt, fig, path, top=1 - HEADER_INCHES / height)
+
+
 def _class_color(c: int) -> str:
     return CLASS_COLORS[(c - 1) % len(CLASS_COLORS)]
 
@@ -253,6 +305,12 @@ def main(argv=None) -> int:
                         help="candidates: the first N >= 0 test cases only (default: 0, all)")
     panels.add_argument("--passes", type=cli.number(int, "[1, 1024]"), default=8, metavar="T",
                         help="MC-dropout passes for the uncertainty map, T in [1, 1024] (default: 8)")
+    predicted = commands.add_parser("predicted", help="the panel of a scan predicted by python -m uamt_fast.predict")
+    predicted.add_argument("image", help="the scan (NIfTI), as given to predict")
+    predicted.add_argument("mask", help="its {case}.nii.gz from predict")
+    predicted.add_argument("--uncertainty", help="its {case}_uncertainty.nii.gz (predict --uncertainty T)")
+    predicted.add_argument("--label", help="a ground-truth NIfTI of the scan, drawn in red")
+    predicted.add_argument("--out", required=True, help="output PNG file (not a folder)")
     curves = commands.add_parser("curves", help="training curves of one or more run folders, overlaid")
     curves.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")
     curves.add_argument("--out", required=True, help="output PNG file (not a folder)")
@@ -261,6 +319,9 @@ def main(argv=None) -> int:
         check_output(args.out, "--out", folder=args.command == "panels")
         if args.command == "curves":
             print(training_curves({Path(r).name if Path(r).is_dir() else r: r for r in args.runs}, args.out))
+            return 0
+        if args.command == "predicted":
+            print(predicted_panel(args.image, args.mask, args.out, args.uncertainty, args.label))
             return 0
         models, configs = {}, []
         for spec in args.checkpoint:
@@ -284,7 +345,7 @@ def main(argv=None) -> int:
                                       batch_size=cfg.get("eval_batch", 4), downsample=cfg.get("downsample", 1))["cases"]
         for path in write_panels(models, selection.panel_cases(cases, rows, args.cases), args.out, cfg, args.passes):
             print(path)
-    except (ValueError, OSError, ImportError) as e:  # (OSError: a folder that cannot be made or written)
+    except (ValueError, OSError, ImportError) as e:  # (OSError: a folder that cannot be made or written; DataError)
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
