@@ -11,9 +11,9 @@
   ``.benchmarks/uamt_fast_summary.txt`` (``--bench-summary PATH``) and, with ``--bench-json PATH``,
   with the environment as JSON.
 
-Options: ``--bench-json PATH``; ``--bench-summary PATH``; ``--bench-tiny`` (tiny shapes: the CPU dry run of gpu_check.sh; with
-``TRITON_INTERPRET=1`` exported beforehand the fused rows then run in the Triton interpreter, which
-checks their wiring, not their speed); ``UAMT_BENCH_DEVICE=cpu`` forces the CPU on a GPU machine.
+Options: ``--bench-json PATH``; ``--bench-summary PATH``; ``--bench-tiny`` (tiny shapes: the CPU dry run of
+gpu_check.sh; with ``TRITON_INTERPRET=1`` exported beforehand the fused rows then run in the Triton
+interpreter, which checks their wiring, not their speed); ``UAMT_BENCH_DEVICE=cpu`` forces the CPU on a GPU machine.
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ def test_the_summary_is_printed_after_pytest_benchmarks_tables_and_written_to_a_
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"UAMT_BENCH_DEVICE": "cpu"}
     out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/bench_ema.py", "-k", "foreach_lerp", "-q",
                           "--benchmark-min-rounds=1", "--benchmark-max-time=0.01", "-p", "no:cacheprovider",
+                          "--bench-tiny",
                           "--bench-summary", str(summary)], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

@@ -9,9 +9,9 @@
 ground truth (red contour) and its prediction (blue contour) | the uncertainty map (predictive entropy
 of T MC-dropout passes, 0..ln 2) of the last checkpoint; the case id and a legend above. ``panels
 --cases`` picks test cases by id or as best / median / worst by the Dice of the last checkpoint
-(``uamt_fast.selection``; those cost one evaluation of each candidate case); ``--first N``: among the first N. Predictions are the paper's sliding-window
-protocol on the full-resolution image (on the pooled image for ``downsample`` > 1 runs, upsampled
-back, as train.py's evaluation does). ``training_curves``: train.py's ``metrics.jsonl`` of one or
+(``uamt_fast.selection``; those cost one evaluation of each candidate case); ``--first N``: among the first N.
+Predictions are the paper's sliding-window protocol on the full-resolution image (on the pooled image
+for ``downsample`` > 1 runs, upsampled back, as train.py's evaluation does). ``training_curves``: train.py's ``metrics.jsonl`` of one or
 more runs, overlaid: loss terms, lambda(t), threshold H(t), mask fraction, it/s.
 
 matplotlib is an optional extra (``pip install 'uamt_fast[figures]'``); without it the functions raise

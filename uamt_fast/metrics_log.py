@@ -32,7 +32,8 @@ class MetricsLog:
         self.path = Path(run) / "metrics.jsonl"
         self.writer = None
         if tensorboard:
-            self.writer = require_tensorboard()(str(Path(run) / TENSORBOARD_DIR), purge_step=start + 1 if start else None)
+            purge = start + 1 if start else None  # events after the checkpoint: written again by this run
+            self.writer = require_tensorboard()(str(Path(run) / TENSORBOARD_DIR), purge_step=purge)
 
     def write(self, line: dict) -> None:
         with open(self.path, "a") as f:

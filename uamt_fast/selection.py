@@ -47,7 +47,8 @@ def panel_cases(cases, rows, picks) -> list:
         return list(cases)
     ranked = []  # ids by Dice, lowest first (ties by id, so the choice is reproducible)
     if any(p in PICKS for p in picks):
-        ranked = [r["case"] for r in sorted((r for r in rows if r["case"] in by_id), key=lambda r: (r["dice"], r["case"]))]
+        rows = [r for r in rows if r["case"] in by_id]
+        ranked = [r["case"] for r in sorted(rows, key=lambda r: (r["dice"], r["case"]))]
     chosen = {"worst": ranked[:1], "median": ranked[(len(ranked) - 1) // 2:][:1], "best": ranked[-1:]}
     ids = [i for p in picks for i in (chosen[p] if p in PICKS else [p])]
     return [by_id[i] for i in dict.fromkeys(ids)]
