@@ -1,5 +1,6 @@
-"""Which tensors a Triton kernel can take: CUDA tensors, and CPU tensors while the Triton interpreter is on;
-and which tensors an in-place update may write: none whose memory overlaps itself or another operand.
+"""Which tensors a Triton kernel can take: tensors on a GPU Triton runs (NVIDIA from compute capability 7.0,
+AMD CDNA2-4 and RDNA3-4), and CPU tensors while the Triton interpreter is on; and which tensors an in-place
+update may write: none whose memory overlaps itself or another operand.
 
 The one place that answers both, for the public ops (``uamt_fast.consistency``, ``uamt_fast.ema``), which
 route a tensor to the kernels or to the reference math, for the launchers, which refuse what no kernel
@@ -9,27 +10,89 @@ Imports torch only, so it can be asked before (or without) importing Triton.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
 # Read once, as Triton reads it when it is imported: a compiled kernel cannot take CPU tensors.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-__all__ = ["TRITON_INTERPRET", "triton_can_take", "check_triton_can_take", "memory_span", "internal_overlap",
-           "check_writes"]
+# The GPUs whose tensors run the kernels. NVIDIA: compute capability 7.0 (V100) and later, Triton's
+# floor (torch.compile's inductor states the same); tests/test_kernel_targets.py compiles every kernel
+# for sm_70 to sm_120. AMD: the families Triton's AMD backend targets, CDNA2 to CDNA4 (MI200, MI300,
+# MI350: gfx90a, gfx942, gfx950) and RDNA3 / RDNA4 (gfx11*, gfx12*); gfx90a and gfx942 are compiled
+# in the same test. Any other GPU (a Pascal card, an MI50 or MI100, RDNA2) gets the reference math.
+MIN_CUDA_CAPABILITY = (7, 0)
+ROCM_ARCHS = ("gfx90a", "gfx942", "gfx950")
+ROCM_ARCH_FAMILIES = ("gfx11", "gfx12")
+
+__all__ = ["TRITON_INTERPRET", "triton_can_take", "check_triton_can_take", "gpu_runs_triton", "nvidia_arch",
+           "memory_span", "internal_overlap", "check_writes"]
+
+_gpu_verdicts: dict[tuple[str, int], tuple[bool, str]] = {}
+
+
+def _gpu_verdict(device: torch.device) -> tuple[bool, str]:
+    """``(runs Triton, what the GPU is)`` of a CUDA / ROCm device, decided once per device; a GPU that
+    does not run the kernels is named in one warning, the first time."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (device.type, index)
+    verdict = _gpu_verdicts.get(key)
+    if verdict is None:
+        if torch.version.hip is not None:
+            arch = torch.cuda.get_device_properties(index).gcnArchName.split(":")[0]
+            verdict = (arch in ROCM_ARCHS or arch.startswith(ROCM_ARCH_FAMILIES), arch)
+        else:
+            major, minor = torch.cuda.get_device_capability(index)
+            verdict = ((major, minor) >= MIN_CUDA_CAPABILITY, f"compute capability {major}.{minor}")
+        if not verdict[0]:
+            warnings.warn(
+                f"uamt_fast: {device.type}:{index} ({torch.cuda.get_device_name(index)}, {verdict[1]}) is a GPU "
+                "Triton does not run (NVIDIA from compute capability 7.0, AMD gfx90a / gfx942 / gfx950 / gfx11 / "
+                "gfx12); the fused ops use the reference PyTorch math on it",
+                RuntimeWarning, stacklevel=4,
+            )
+        _gpu_verdicts[key] = verdict
+    return verdict
+
+
+def gpu_runs_triton(device: torch.device) -> bool:
+    """True for a CUDA / ROCm device whose GPU runs the Triton kernels (see MIN_CUDA_CAPABILITY, ROCM_ARCHS)."""
+    return _gpu_verdict(device)[0]
+
+
+def nvidia_arch(device: torch.device) -> int:
+    """The kernels' APPROX: ``10 * major + minor`` of an NVIDIA GPU (its hardware ex2 / lg2 / rcp and, from
+    80 on, packed 16-bit conversions), 0 for ROCm, the CPU and the interpreter (Triton's portable math)."""
+    if TRITON_INTERPRET or device.type != "cuda" or torch.version.hip is not None:
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    arch = _nvidia_archs.get(index)
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability(index)
+        arch = _nvidia_archs[index] = 10 * major + minor
+    return arch
+
+
+_nvidia_archs: dict[int, int] = {}
 
 
 def triton_can_take(x: torch.Tensor, cpu: bool = TRITON_INTERPRET) -> bool:
-    """True for a CUDA tensor, and for a CPU tensor when ``cpu`` (the interpreter is on, by default)."""
-    return x.is_cuda or (cpu and x.is_cpu)
+    """True for a tensor on a GPU that runs Triton (``gpu_runs_triton``), and for a CPU tensor when
+    ``cpu`` (the interpreter is on, by default)."""
+    if x.is_cuda:
+        return gpu_runs_triton(x.device)
+    return cpu and x.is_cpu
 
 
 def check_triton_can_take(op: str, *tensors: torch.Tensor) -> None:
     """Raise ``RuntimeError`` naming ``op`` and the device if a Triton kernel cannot read one of ``tensors``."""
     for x in tensors:
         if not triton_can_take(x):
+            what = f"{x.device} ({_gpu_verdict(x.device)[1]})" if x.is_cuda else str(x.device)
             raise RuntimeError(
-                f"{op}: tensor on {x.device} cannot run a Triton kernel; CUDA tensors run the kernels, CPU "
+                f"{op}: tensor on {what} cannot run a Triton kernel; tensors on GPUs Triton runs (NVIDIA from "
+                "compute capability 7.0, AMD gfx90a / gfx942 / gfx950 / gfx11 / gfx12) run the kernels, CPU "
                 "tensors only under TRITON_INTERPRET=1 (the public uamt_fast ops route other tensors to the "
                 "reference math)"
             )

@@ -103,7 +103,7 @@ from triton.language.extra import libdevice
 
 from uamt_fast.kernels import launch_config
 # TRITON_INTERPRET: the kernels run on CPU tensors through the Triton interpreter (what CI does).
-from uamt_fast.kernels.device import TRITON_INTERPRET, check_triton_can_take
+from uamt_fast.kernels.device import TRITON_INTERPRET, check_triton_can_take, nvidia_arch
 from uamt_fast.kernels.launch_config import LaunchConfig, config_for
 
 ENTROPY_EPS = tl.constexpr(1e-6)  # inside the log, as released
@@ -121,9 +121,6 @@ UNROLL_MAX_LOADS = tl.constexpr(launch_config.UNROLL_MAX_LOADS)  # C * T up to w
 # Launch parameters of the loss forward, entropy and backward come from kernels/launch_config.py
 # (a fixed table keyed on dtype, layout, C, T and size; launchers take an explicit override).
 FINALIZE_BLOCK = 4 if TRITON_INTERPRET else 1024  # partials per step of the single finalize program
-# The kernels' APPROX flag: NVIDIA's hardware ex2 / lg2 / rcp (one instruction each) for CUDA builds of
-# torch; ROCm builds and the interpreter (which runs no inline PTX or libdevice) use Triton's portable math.
-APPROX = not TRITON_INTERPRET and torch.version.hip is None
 
 # Every output buffer of the launchers comes from these two; tests swap in NaN-filled versions to
 # prove that the kernels write every element.
@@ -224,10 +221,10 @@ def _cvt_store(x, dtype: tl.constexpr, PACKED: tl.constexpr, APPROX: tl.constexp
     """fp32 ``x`` as ``dtype`` (round to nearest even). PACKED (stored with vector stores) 16-bit on
     NVIDIA: one packed conversion per two values (``cvt.rn.{bf16,f16}x2.f32``, after any select on the
     fp32 values)."""
-    if APPROX and PACKED and dtype == tl.bfloat16:
+    if APPROX >= 80 and PACKED and dtype == tl.bfloat16:  # (cvt.rn.{bf16,f16}x2.f32: sm_80 and later)
         return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.bfloat16,
                                          is_pure=True, pack=2)
-    elif APPROX and PACKED and dtype == tl.float16:
+    elif APPROX >= 80 and PACKED and dtype == tl.float16:
         return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.float16,
                                          is_pure=True, pack=2)
     else:
@@ -260,7 +257,8 @@ def _to_fp32(xs, C: tl.constexpr, LAYOUT: tl.constexpr, APPROX: tl.constexpr):
         return out
 
 
-# Transcendentals and reciprocals. APPROX (NVIDIA targets): the hardware's approximations, one MUFU
+# Transcendentals and reciprocals. APPROX (NVIDIA targets: the compute capability as 10 major + minor,
+# from kernels/device.nvidia_arch; 0 elsewhere): the hardware's approximations, one MUFU
 # instruction each: ex2.approx.ftz (max relative error 2^-22), lg2.approx.ftz (max absolute error
 # 2^-22 on [0.5, 2], relative 2^-22 elsewhere) and rcp.approx.ftz (1 ulp). Otherwise (the
 # interpreter, AMD) Triton's portable exp2 / log2 / division. The formulas are the same on both;
@@ -460,7 +458,7 @@ def _uncertainty_loss_fwd_kernel(
     G_LAYOUT: tl.constexpr,
     MC_LAYOUT: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    APPROX: tl.constexpr,  # NVIDIA targets: hardware ex2 / lg2 / rcp (see _exp2)
+    APPROX: tl.constexpr,  # NVIDIA: 10 major + minor (hardware ex2 / lg2 / rcp, see _exp2); 0: portable math
     MASKED: tl.constexpr,  # V < BLOCK_V: masked loads and stores (see _block_voxels)
     WIDE: tl.constexpr,  # int64 element offsets (see _block_voxels)
 ):
@@ -633,7 +631,7 @@ def _predictive_entropy_kernel(
     C: tl.constexpr,
     MC_LAYOUT: tl.constexpr,  # VEC, PAIRS, STRIDED or GENERIC (see _load_classes)
     BLOCK_V: tl.constexpr,
-    APPROX: tl.constexpr,  # NVIDIA targets: hardware ex2 / lg2 / rcp (see _exp2)
+    APPROX: tl.constexpr,  # NVIDIA: 10 major + minor (hardware ex2 / lg2 / rcp, see _exp2); 0: portable math
     MASKED: tl.constexpr,  # V < BLOCK_V: masked loads and stores (see _block_voxels)
     WIDE: tl.constexpr,  # int64 element offsets (see _block_voxels)
 ):
@@ -756,7 +754,7 @@ def uncertainty_loss_forward(
         threshold if thr_from_ptr else loss, float(threshold_value),
         V, T=T, C=C, THR_FROM_PTR=thr_from_ptr, WRITE_GRAD=need_grad,
         S_LAYOUT=_layout(s3), Q_LAYOUT=_layout(q3), G_LAYOUT=_layout(g3) if need_grad else 0, MC_LAYOUT=_layout(mc4),
-        BLOCK_V=cfg.block, APPROX=APPROX, MASKED=V < cfg.block, WIDE=_wide(s3, q3, g3, mc4),
+        BLOCK_V=cfg.block, APPROX=nvidia_arch(device), MASKED=V < cfg.block, WIDE=_wide(s3, q3, g3, mc4),
         num_warps=cfg.num_warps,
     )
     _finalize_kernel[(1,)](
@@ -822,7 +820,8 @@ def predictive_entropy_forward(mc_logits: torch.Tensor, *, config: Optional[Laun
     out = _empty((B, *mc_logits.shape[3:]), device=mc_logits.device, dtype=torch.float32)
     cfg = config or config_for("entropy", mc_logits.dtype, _classes_last(mc4), C, T, B * V)
     _predictive_entropy_kernel[(triton.cdiv(V, cfg.block), B)](
-        mc4, *mc4.stride(), out, V, T=T, C=C, MC_LAYOUT=_layout(mc4), BLOCK_V=cfg.block, APPROX=APPROX,
+        mc4, *mc4.stride(), out, V, T=T, C=C, MC_LAYOUT=_layout(mc4), BLOCK_V=cfg.block,
+        APPROX=nvidia_arch(mc_logits.device),
         MASKED=V < cfg.block, WIDE=_wide(mc4), num_warps=cfg.num_warps,
     )
     return out

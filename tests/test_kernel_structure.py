@@ -84,6 +84,10 @@ def _compile(variant: dict) -> dict:
 
     kernel, dtype, C, T = variant["kernel"], variant["dtype"], variant["C"], variant["T"]
     classes_last = variant.get("classes_last", False)
+    # sm_90 unless the variant names a target (tests/test_kernel_targets.py): ("cuda", capability, 32) or
+    # ("hip", "gfx...", 64); the kernels' APPROX is the NVIDIA capability, 0 on AMD (kernels/device.nvidia_arch)
+    target = tuple(variant.get("target", ("cuda", 90, 32)))
+    approx = target[1] if target[0] == "cuda" else 0
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     paper_voxels = 2 * 112 * 112 * 80
     cfg = None
@@ -92,18 +96,19 @@ def _compile(variant: dict) -> dict:
     # stride arguments: unit stride along voxels (contiguous) or classes (channels_last) is
     # specialised to the constant 1 as at runtime; the other strides are 16-divisible there
     unit_stride = "sc" if classes_last else "sv"
+    common = {"APPROX": approx, "MASKED": variant.get("masked", False), "WIDE": variant.get("wide", False)}
     if kernel == "loss_fwd":
         fn = K._uncertainty_loss_fwd_kernel
         layout = (K.PAIRS if C == 2 else K.STRIDED).value if classes_last else K.VEC.value
-        constexprs = {"T": T, "C": C, "THR_FROM_PTR": True, "WRITE_GRAD": True, "BLOCK_V": cfg.block, "APPROX": True,
-                      "MASKED": False, "WIDE": False, "S_LAYOUT": layout, "Q_LAYOUT": layout, "G_LAYOUT": layout, "MC_LAYOUT": layout}
+        constexprs = {"T": T, "C": C, "THR_FROM_PTR": True, "WRITE_GRAD": True, "BLOCK_V": cfg.block, **common,
+                      "S_LAYOUT": layout, "Q_LAYOUT": layout, "G_LAYOUT": layout, "MC_LAYOUT": layout}
         constexprs.update({f"{p}_{unit_stride}": 1 for p in ("s", "q", "mc", "g")})
         pointers = {"s_ptr": variant.get("student", dtype), "q_ptr": variant.get("student", dtype),
                     "g_ptr": variant.get("student", dtype), "mc_ptr": dtype, "count_ptr": "i32"}
         num_warps = cfg.num_warps
     elif kernel == "entropy":
         fn = K._predictive_entropy_kernel
-        constexprs = {"T": T, "C": C, "BLOCK_V": cfg.block, f"mc_{unit_stride}": 1, "APPROX": True, "MASKED": False, "WIDE": False,
+        constexprs = {"T": T, "C": C, "BLOCK_V": cfg.block, f"mc_{unit_stride}": 1, **common,
                       "MC_LAYOUT": (K.PAIRS if C == 2 else K.STRIDED).value if classes_last else K.VEC.value}
         pointers, num_warps = {"mc_ptr": dtype}, cfg.num_warps
     elif kernel == "loss_bwd":
@@ -114,7 +119,8 @@ def _compile(variant: dict) -> dict:
         pointers, num_warps = {"count_ptr": "i32"}, 4
     else:
         fn, constexprs = E._ema_update_kernel, {"BLOCK": E.BLOCK}
-        pointers, num_warps = {}, E.NUM_WARPS
+        ema_dtype = variant.get("ema_dtype", "fp32")  # teacher and student buffers (fp32 in train.py)
+        pointers, num_warps = {"teacher_ptr": ema_dtype, "student_ptr": ema_dtype}, E.NUM_WARPS
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -128,7 +134,10 @@ def _compile(variant: dict) -> dict:
         if signature[name] != "fp32" and not runtime_int:
             attrs[(i,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+                              target=GPUTarget(*target), options={"num_warps": num_warps})
+    if "target" in variant:  # the cross-target compile: what came out, not the SASS
+        return {**variant, "stages": sorted(compiled.asm), "binary_bytes": len(compiled.asm.get("cubin", b"") or
+                                                                                compiled.asm.get("hsaco", b""))}
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
