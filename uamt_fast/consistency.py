@@ -1,11 +1,13 @@
 """Public UA-MT consistency ops: input checks and device dispatch in front of the fused kernels.
 
-- CUDA tensors run the Triton kernels (``uamt_fast.kernels.uncertainty_loss``), registered as
+- CUDA / ROCm tensors on a GPU Triton runs (``uamt_fast.kernels.device.gpu_runs_triton``: NVIDIA from
+  compute capability 7.0, AMD CDNA2-4 and RDNA3-4) run the Triton kernels
+  (``uamt_fast.kernels.uncertainty_loss``), registered as
   ``torch.ops.uamt_fast.*`` so ``torch.compile(fullgraph=True)`` keeps them in the graph; eager
   calls skip the custom-op dispatcher and call the same launchers directly (less host time).
 - CPU tensors run the same kernels through the Triton interpreter when ``TRITON_INTERPRET=1`` was
   set before import (how CI tests them), else the reference math of ``uamt_fast.reference`` in
-  fp32. Other devices use the reference math.
+  fp32. Other devices use the reference math, and so does an older GPU (with one warning per device).
 
 Everything is checked before any launch; bad input raises ``TypeError`` / ``ValueError`` naming
 the argument, what was expected and what came.
