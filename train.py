@@ -13,6 +13,7 @@
     python train.py --eval runs/<run> --data /path/to/LA --cases ID1 ID2   # two test cases only (--first N: the first N)
     python train.py --eval runs/<run> --data /path/to/LA --figures figs --figures-cases best median worst
     python train.py --data /path/to/LA --tensorboard   # metrics.jsonl's scalars also in runs/<run>/tensorboard
+    torchrun --nproc_per_node 4 train.py --data /path/to/LA   # DDP over 4 GPUs: global batch 4 x 4 crops (--lr-scale, --sync-bn)
     # reduced real-data run on a 2-core CPU, ~30 min (volumes downsampled 2x, narrower V-Net, shorter schedule):
     python train.py --data /path/to/LA --downsample 2 --n-filters 4 --patch 64 48 32 --iterations 800 --threads 1
 
@@ -55,7 +56,19 @@ import torch
 import torch.nn.functional as F
 
 import uamt_fast
-from uamt_fast import checkpoints, cli, data, figures, inference, metrics_log, provenance, reference, run_folder, selection
+from uamt_fast import (
+    checkpoints,
+    cli,
+    data,
+    distributed,
+    figures,
+    inference,
+    metrics_log,
+    provenance,
+    reference,
+    run_folder,
+    selection,
+)
 from uamt_fast.vnet import MAX_FILTERS, VNet
 
 TERMS = ("cross-entropy", "dice", "consistency")  # the loss terms, in the order train_step returns them
@@ -126,6 +139,10 @@ class Config:
     eval_stride_xy: int = 18  # sliding-window stride in the axial plane (paper: 18)
     eval_stride_z: int = 4  # sliding-window stride along the last axis (paper: 4)
     eval_batch: int = 4  # windows per forward in the evaluation
+    # torchrun (uamt_fast/distributed.py; no effect without it)
+    sync_bn: bool = False  # batch-norm statistics over all ranks' crops (default: per rank, each rank's batch alone)
+    lr_scale: str = "none"  # none: --lr whatever the world size | linear: --lr x world size (the global batch grows with it)
+    dist_timeout: int = 600  # seconds a collective waits for the other ranks before the run stops
     tensorboard: bool = False  # also write metrics.jsonl's scalars to <run>/tensorboard (pip install 'uamt_fast[tensorboard]'); the JSONL stays the record
 
     def __post_init__(self):
@@ -161,7 +178,7 @@ RANGES = {
     "mc_passes": "[1, 1024]", "noise_std": "[0, 1000]", "noise_clip": "[0, 1000]", "teacher_chunks": "[1, 1025]",
     "threads": "[0, 4096]",
     "seed": f"[0, {2**63 - 1}]", "log_every": ">= 1", "save_every": ">= 1", "stop_at": ">= 0",
-    "eval_stride_xy": ">= 1", "eval_stride_z": ">= 1", "eval_batch": "[1, 4096]",
+    "eval_stride_xy": ">= 1", "eval_stride_z": ">= 1", "eval_batch": "[1, 4096]", "dist_timeout": "[1, 86400]",
 }
 def _check_patch(patch) -> None:
     if len(patch) != 3 or any(p < 16 or p % 16 or p > 1024 for p in patch):
@@ -171,7 +188,7 @@ def _check_patch(patch) -> None:
 CHOICES = {"method": ("uamt", "mt", "mt-dice", "supervised"), "consistency_on": ("unlabeled", "all"),
            "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
            "sgd": ("auto", "fused", "foreach", "loop"), "device": ("auto", "cuda", "cpu"),
-           "data_device": ("auto", "cuda", "cpu")}
+           "data_device": ("auto", "cuda", "cpu"), "lr_scale": ("none", "linear")}
 
 
 # The --demo sizes: same code path, smaller everything. Flags given on the command line still win.
@@ -184,7 +201,7 @@ DEMO_DATA_DIR = "demo_data"  # the --demo data set, inside the run folder
 RESUME_OVERRIDABLE = {"data", "resume", "out", "device", "compile", "compile_mode", "compile_blocks", "compile_cache",
                       "cudnn_benchmark", "log_every", "save_every", "stop_at",
                       "eval_stride_xy", "eval_stride_z", "eval_batch", "data_device", "threads",
-                      "figures", "figures_cases", "figures_passes", "cases", "first", "tensorboard"}
+                      "figures", "figures_cases", "figures_passes", "cases", "first", "tensorboard", "dist_timeout"}
 EVAL_ONLY = {"cases", "first", "figures_cases"}  # --eval takes these from its command line, never from the checkpoint
 
 
@@ -277,6 +294,8 @@ class Parts:
     memory_format: torch.memory_format = torch.contiguous_format
     test_cases: list = field(default_factory=list)
     data_split: dict | None = None  # data.split_fingerprint of cfg.data, saved in checkpoints
+    ddp: object = None  # under torchrun: the student in DistributedDataParallel (the forward train_step runs)
+    lr_factor: float = 1.0  # --lr-scale linear under torchrun: the world size
 
 
 def pick_device(cfg: Config) -> torch.device:
@@ -286,8 +305,9 @@ def pick_device(cfg: Config) -> torch.device:
     return torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu"))
 
 
-def build(cfg: Config, train_cases=None) -> Parts:
-    """Model, EMA teacher, optimizer and batch sampler for ``cfg`` (reads the train split unless given)."""
+def build(cfg: Config, train_cases=None, rank: int = 0) -> Parts:
+    """Model, EMA teacher, optimizer and batch sampler for ``cfg`` (reads the train split unless given); ``rank``
+    (torchrun) seeds the sampler and the noise / dropout streams by (seed, rank), the weights by seed alone."""
     device = pick_device(cfg)
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)
@@ -306,7 +326,7 @@ def build(cfg: Config, train_cases=None) -> Parts:
         [by_id[i] for i in labeled_ids], [by_id[i] for i in unlabeled_ids] if cfg.method != "supervised" else [],
         patch_size=cfg.patch, batch_labeled=cfg.batch_labeled,
         batch_unlabeled=cfg.batch_unlabeled if cfg.method != "supervised" else 0,
-        device=data_device, seed=cfg.seed)
+        device=data_device, seed=distributed.rank_seed(cfg.seed, rank))
 
     memory_format = torch.channels_last_3d if (cfg.channels_last if cfg.channels_last is not None else cuda) \
         else torch.contiguous_format
@@ -324,6 +344,8 @@ def build(cfg: Config, train_cases=None) -> Parts:
         teacher.load_state_dict(student.state_dict())
         teacher.requires_grad_(False)
         teacher.train()  # as released: the teacher normalises by batch statistics and keeps dropout on
+    if rank:  # every rank starts from the same weights, then draws its own noise and dropout masks
+        torch.manual_seed(distributed.rank_seed(cfg.seed, rank))
     if cfg.fused_ema and teacher is not None:
         # One contiguous buffer per model (parameters become views) -> the EMA is a single kernel launch.
         uamt_fast.flatten_parameters_(student)
@@ -445,7 +467,7 @@ def train_step(parts: Parts, iteration: int) -> tuple[torch.Tensor, torch.Tensor
     cfg, dev = parts.cfg, parts.device
     lr, weight, threshold = schedule(cfg, iteration)
     for group in parts.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * parts.lr_factor
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and dev.type == "cuda")
     cuda_graphs = cfg.compile_mode == "reduce-overhead" and dev.type == "cuda" and cfg.compile is not False
     if cuda_graphs:  # a new step: the compiled parts' graph outputs of the last one may be overwritten
@@ -472,7 +494,7 @@ def train_step(parts: Parts, iteration: int) -> tuple[torch.Tensor, torch.Tensor
         images, labels = images[: cfg.batch_labeled], labels[: cfg.batch_labeled]
     with phase("student"), amp:
         loss, terms, stats = parts.student_losses(
-            parts.student, images, labels, target, mc_logits,
+            parts.student if parts.ddp is None else parts.ddp, images, labels, target, mc_logits,
             torch.full((), weight, device=dev), torch.full((), threshold, device=dev),  # fill kernels, no sync
             n_labeled=cfg.batch_labeled, method=cfg.method, consistency_on=cfg.consistency_on,
             fused_loss=cfg.fused_loss)
@@ -527,7 +549,8 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.json", checkpoint: str | None = None) -> dict:
+def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.json", checkpoint: str | None = None,
+             world: distributed.World = distributed.SINGLE) -> dict:
     """The paper's sliding-window protocol on ``cases`` (full resolution); prints the table and writes it to
     ``out_dir / name`` (a new file: if that name is taken, ``<stem>-2.json``, ``-3``... so an evaluation never
     replaces another), with a ``source`` record (checkpoint, data, case ids, settings). Strict JSON: an
@@ -537,13 +560,18 @@ def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.j
     k-times downsampled image; the averaged softmax is upsampled trilinearly back to full resolution
     (each low-resolution voxel sits at the centre of its k^3 block, ``align_corners=False``), the
     remainder voxels dropped by the pooling take their nearest neighbour's value, and the argmax is
-    scored against the full-resolution label.
+    scored against the full-resolution label. Under torchrun each rank scores its share of the cases and
+    rank 0 writes the one file.
     """
     model.eval()
     t0 = time.perf_counter()
-    result = inference.evaluate(model, cases, patch_size=cfg.patch, stride_xy=cfg.eval_stride_xy,
+    mine = distributed.shard(world, cases)
+    result = inference.evaluate(model, mine, patch_size=cfg.patch, stride_xy=cfg.eval_stride_xy,
                                 stride_z=cfg.eval_stride_z, batch_size=cfg.eval_batch, downsample=cfg.downsample,
-                                num_classes=cfg.num_classes or 2)
+                                num_classes=cfg.num_classes or 2) if mine or not world.enabled else None
+    result = distributed.gather_evaluation(world, result, cases)
+    if not world.main:
+        return result
     print(inference.format_table(result))
     print(f"evaluated {len(cases)} cases in {time.perf_counter() - t0:.1f} s")
     result["source"] = {
@@ -615,7 +643,7 @@ def _norm(v):
     return list(v) if isinstance(v, (tuple, list)) else v
 
 
-def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device) -> None:
+def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device, world=distributed.SINGLE) -> None:
     """--eval: the checkpoint's own settings (width, patch, downsample), the data of the command line or of its
     run, results in a new eval_<checkpoint>.json beside it (or in --out) that never replaces an earlier one."""
     model, saved, path = load_model(Path(cfg.eval), device)
@@ -638,8 +666,8 @@ def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device) -> None:
     ecfg.num_classes = model.num_classes
     cases = load_split(ecfg, "test")
     out = run_folder.make_folder(cfg.out or path.parent, "evaluation")  # writable? checked before the work
-    result = evaluate(model, ecfg, cases, out, name=f"eval_{path.stem}.json", checkpoint=str(path))
-    if cfg.figures:
+    result = evaluate(model, ecfg, cases, out, name=f"eval_{path.stem}.json", checkpoint=str(path), world=world)
+    if cfg.figures and world.main:
         write_figures(model, ecfg, cases, result, path.parent)
 
 
@@ -651,9 +679,12 @@ def main(argv=None) -> int:
 def _main(argv, held: contextlib.ExitStack) -> int:
     # -- configuration, run folder and bad input (one line on stderr, exit code 2)
     out, created = None, False  # created: this call made the run folder (removed again if it stays empty)
+    world = distributed.SINGLE  # torchrun: this process's rank, the world size, the backend
     try:
         given = parse_args(argv)
         cfg, resume_state = make_config(given)
+        world = distributed.setup(cfg.device, cfg.dist_timeout)  # torchrun's process group (SINGLE without it)
+        held.callback(distributed.close, world)
         device = pick_device(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -666,37 +697,47 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             if cfg.overwrite:
                 raise ValueError("--overwrite replaces a training run; --eval never replaces anything (it writes a new "
                                  "eval_<checkpoint>.json): drop --overwrite")
-            evaluate_checkpoint(cfg, given, device)
+            evaluate_checkpoint(cfg, given, device, world)
             return 0
         if not cfg.data and not cfg.demo:
             raise ValueError("--data is required (the LA root holding train.list), or use --demo")
-        out = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}")
-        created = not out.exists()
-        if resume_state is None:
-            held.enter_context(run_folder.claim(out, cfg.overwrite))  # refuses a folder another process runs in
-            if cfg.overwrite and (out / DEMO_DATA_DIR / "train.list").is_file():
-                shutil.rmtree(out / DEMO_DATA_DIR)
-        else:
-            held.enter_context(run_folder.RunLock(out, "--resume"))
-        if cfg.demo and not cfg.data:  # kept in the run folder, so the run can be evaluated again later
+        if world.main:  # one writer: rank 0 alone claims the run folder (and writes the --demo data into it)
+            out = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}")
+            created = not out.exists()
+            if resume_state is None:
+                held.enter_context(run_folder.claim(out, cfg.overwrite))  # refuses a folder another process runs in
+                if cfg.overwrite and (out / DEMO_DATA_DIR / "train.list").is_file():
+                    shutil.rmtree(out / DEMO_DATA_DIR)
+            else:
+                held.enter_context(run_folder.RunLock(out, "--resume"))
+            if cfg.demo and not cfg.data:  # kept in the run folder, so the run can be evaluated again later
+                data.write_synthetic_la(str((out / DEMO_DATA_DIR).resolve()), **DEMO_DATA)
+        out = Path(world.settle(out))  # torchrun: rank 0's folder to every rank, or every rank stops with its error
+        if cfg.demo and not cfg.data:
             cfg.data = [str((out / DEMO_DATA_DIR).resolve())]
-            data.write_synthetic_la(cfg.data[0], **DEMO_DATA)
         split = data.split_fingerprint(cfg.data)  # refuses ids that are paths, lists that disagree or overlap
         resolve_classes(cfg)
         if resume_state is not None:
+            distributed.check_world_size(world, resume_state, out)  # its samplers and streams are per rank
             checkpoints.check_same_data(resume_state, split, out)
-        parts = build(cfg)
+        parts = build(cfg, rank=world.rank)
         parts.data_split = split
         parts.test_cases = load_split(cfg, "test")
         start = 0
         if resume_state is not None:
             start = checkpoints.restore_training(parts, resume_state, out / "checkpoint.pt")
+            distributed.restore_rank(world, parts, resume_state, out / "checkpoint.pt")
             if start >= cfg.iterations and (out / "eval.json").is_file():
                 raise ValueError(f"--resume {out}: the run is finished (it has eval.json); evaluate it again with "
                                  f"--eval {out}")
-            run_folder.drop_metrics_after(out / "metrics.jsonl", start)  # logged after the checkpoint: logged again
+            if world.main:
+                run_folder.drop_metrics_after(out / "metrics.jsonl", start)  # logged after the checkpoint: again
+        parts.ddp, parts.lr_factor = distributed.wrap(world, parts, cfg.sync_bn), distributed.lr_factor(world, cfg)
     except (data.DataError, ValueError, ImportError, OSError) as e:
-        print(f"train.py: error: {run_folder.describe(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+        message = run_folder.describe(e) if isinstance(e, OSError) else str(e)
+        world.settle(error=message)  # (torchrun, an error before the folder was shared: the other ranks stop too)
+        if world.main:
+            print(f"train.py: error: {message}", file=sys.stderr)
         if created and out is not None and run_folder.is_empty_but_lock(out):  # leave no empty run folder
             (out / run_folder.LOCK_NAME).unlink(missing_ok=True)
             held.close()
@@ -705,6 +746,9 @@ def _main(argv, held: contextlib.ExitStack) -> int:
 
     # -- config.json, versions
     env = provenance.environment(device, sys.argv[1:] if argv is None else list(argv))
+    if world.enabled:  # the global batch and the lr rule, in the log and in config.json
+        env["distributed"] = distributed.describe(world, cfg)
+        print(distributed.summary_line(world, cfg))
     if device.type == "cuda":
         print(f"GPU {env['gpu']}, CUDA {env['cuda']}, cuDNN {env['cudnn']} (bf16 3D convs are slow off cuDNN: "
               f"pytorch#166122, cuDNN 9.8-9.14; channels_last_3d={parts.memory_format == torch.channels_last_3d})")
@@ -723,9 +767,10 @@ def _main(argv, held: contextlib.ExitStack) -> int:
     def stopping() -> str:
         return f"stopping (last good checkpoint: {last_good})" if last_good else "stopping (no checkpoint saved yet)"
 
-    def check_finite():  # a host-device sync point
-        if int(bad_at) >= 0:
-            raise NonFiniteLoss(f"non-finite {TERMS[int(bad_term)]} loss at iteration {int(bad_at)}; {stopping()}")
+    def check_finite():  # a host-device sync point (torchrun: a collective, every rank stops at the same iteration)
+        at, term, rank = distributed.first_nonfinite(world, bad_at, bad_term)
+        if at >= 0:
+            raise NonFiniteLoss(f"non-finite {TERMS[term]} loss at iteration {at}{world.on(rank)}; {stopping()}")
 
     def save_checkpoint(done):
         nonlocal last_good
@@ -734,15 +779,20 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             bad = None if model is None else checkpoints.first_nonfinite(model.state_dict())
             if bad is not None:
                 raise NonFiniteLoss(f"non-finite {name} weight {bad} after iteration {done}; {stopping()}")
-        run_folder.atomic_save(checkpoints.training_state(parts, done), out / "checkpoint.pt")
+        ranks = distributed.gather_rank_states(world, parts)  # torchrun: every rank's sampler and RNG states
+        if world.main:
+            run_folder.atomic_save(checkpoints.training_state(parts, done) | ranks, out / "checkpoint.pt")
         last_good = f"{out / 'checkpoint.pt'} (iteration {done})"
 
     t_log = t_bar = t0 = time.perf_counter()
     n_window = 0
-    signal.signal(signal.SIGINT, lambda *_: stop.append("interrupted"))  # finish the iteration, save, exit
+    if not world.enabled:  # (under torchrun Ctrl-C ends every rank: ranks would stop at different iterations)
+        signal.signal(signal.SIGINT, lambda *_: stop.append("interrupted"))  # finish the iteration, save, exit
     try:
-        provenance.write_config(out, dataclasses.asdict(cfg), env, split, resumed=resume_state is not None)
-        log = held.enter_context(contextlib.closing(metrics_log.MetricsLog(out, cfg.tensorboard, start)))
+        if world.main:
+            provenance.write_config(out, dataclasses.asdict(cfg), env, split, resumed=resume_state is not None)
+        log = held.enter_context(contextlib.closing(metrics_log.MetricsLog(out, cfg.tensorboard, start)
+                                                    if world.main else distributed.NoLog()))
         for iteration in range(start, cfg.iterations):
             terms, stats = train_step(parts, iteration)
             done = iteration + 1
@@ -759,10 +809,12 @@ def _main(argv, held: contextlib.ExitStack) -> int:
                 t_bar = now
             if done % cfg.log_every == 0 or done == cfg.iterations:
                 check_finite()
-                ce, dice, cons, mask, unc = (window / n_window).tolist()  # sync
+                means = distributed.mean_over_ranks(world, window / n_window)  # torchrun: averaged over the ranks
+                distributed.check_same_weights(world, {"student": parts.student, "teacher": parts.teacher}, done)
+                ce, dice, cons, mask, unc = means.tolist()  # sync
                 now = time.perf_counter()
                 lr, weight, threshold = schedule(cfg, iteration)
-                line = {"iteration": done, "lr": lr, "loss_ce": ce, "loss_dice": dice, "loss_supervised": 0.5 * (ce + dice)}
+                line = {"iteration": done, "lr": lr * parts.lr_factor, "loss_ce": ce, "loss_dice": dice, "loss_supervised": 0.5 * (ce + dice)}
                 if cfg.method != "supervised":  # no teacher, no consistency term
                     line |= {"loss_consistency": cons, "consistency_weight": weight}
                 if cfg.method == "uamt":  # only UA-MT has an uncertainty mask
@@ -786,10 +838,13 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         save_checkpoint(cfg.iterations)  # (checks the losses and the weights first)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-        # -- the end: final weights, speed, evaluation of the student
-        run_folder.atomic_save({"model": parts.student.state_dict(), "config": dataclasses.asdict(cfg)},
-                               out / "student.pt")
-        if parts.teacher is not None:
+        # -- the end: final weights, speed, evaluation of the student (split over the ranks under torchrun)
+        for model in (parts.student, parts.teacher) if cfg.sync_bn else ():
+            distributed.local_batch_norm_(model)  # the evaluation runs each rank alone
+        if world.main:
+            run_folder.atomic_save({"model": parts.student.state_dict(), "config": dataclasses.asdict(cfg)},
+                                   out / "student.pt")
+        if parts.teacher is not None and world.main:
             run_folder.atomic_save({"model": parts.teacher.state_dict(), "config": dataclasses.asdict(cfg)},
                                    out / "teacher.pt")
         speed = {"train_seconds": elapsed, "it_per_s": (cfg.iterations - start) / elapsed}
@@ -799,12 +854,18 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             print(f"trained {cfg.iterations - start} iterations in {elapsed:.1f} s ({speed['it_per_s']:.2f} it/s"
                   + (f", peak GPU memory {speed['peak_gpu_mem_gb']:.2f} GiB)" if device.type == "cuda" else ")"))
             log.write({"iteration": cfg.iterations, **speed})
-        result = evaluate(parts.student, cfg, parts.test_cases, out, name="eval.json", checkpoint=str(out / "student.pt"))
-        if cfg.figures:
+        result = evaluate(parts.student, cfg, parts.test_cases, out, name="eval.json", checkpoint=str(out / "student.pt"),
+                          world=world)
+        if cfg.figures and world.main:
             write_figures(parts.student, cfg, parts.test_cases, result, out)
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, distributed.RankMismatch) as e:
         print(f"\ntrain.py: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # torchrun: a collective failed (another rank died, raised or hung)
+        if not (world.enabled and distributed.is_comm_failure(e)):
+            raise
+        print(f"\ntrain.py: error: {distributed.comm_failure_line(world, e)}; {stopping()}", file=sys.stderr)
+        return 3
     except OSError as e:  # a full disk, a folder gone: one line; every file was written atomically, none is torn
         print(f"\ntrain.py: error: cannot write the run in {out} ({run_folder.describe(e)}); "
               + (f"continue from {last_good} with --resume {out}" if last_good else "no checkpoint saved yet"),

@@ -3,6 +3,7 @@
     python -m benchmarks.reproduce --data /path/to/LA --seeds 3                 # GPU: all rows
     python -m benchmarks.reproduce --data LA/part1 --data LA/part2 --rows uamt --seeds 3 --parallel 3
     python -m benchmarks.reproduce --data /path/to/LA --cpu --rows bayes-16,uamt   # reduced scale, CPU
+    python -m benchmarks.reproduce --data /path/to/LA --seeds 3 --devices 0,1,2,3 --parallel 2  # 2 runs per GPU
     python -m benchmarks.reproduce --out runs/reproduce --table-only                  # re-write the table
 
 Each (row, seed) is one ``python train.py`` process with its own run folder ``OUT/<row>/seed<k>``
@@ -12,7 +13,9 @@ continues with ``train.py --resume``; a run folder with neither (killed before i
 starts again. The scores are those of the *final* student (train.py evaluates the last weights; no
 checkpoint is picked on the test set). ``--parallel K`` runs K processes at once: on one GPU they share
 it (several seeds fill an under-used device), with several GPUs each process gets one
-(``CUDA_VISIBLE_DEVICES``, round robin).
+(``CUDA_VISIBLE_DEVICES``, round robin). ``--devices 0,1,2,3`` (or ``all``: every visible GPU) spreads the
+rows x seeds over those GPUs, ``--parallel K`` runs on each device at once, each child seeing only its GPU
+(its own ``CUDA_VISIBLE_DEVICES``); a child that fails is a line of results.md, never silently missing.
 
 ``OUT/results.md``: per row Dice and Jaccard (%), 95HD and ASD (voxels) as mean ± std over the
 finished seeds (sample std, n - 1), the paper's value beside each, and the mean training time. A
@@ -116,6 +119,9 @@ def parse_args(argv=None):
                    help="folder of the run folders, logs, table, figures (default: %(default)s)")
     p.add_argument("--parallel", type=cli.number(int, "[1, 256]"), default=1,
                    help="train.py processes at once, in [1, 256]: one GPU shared, or one each (default: 1)")
+    p.add_argument("--devices", default="",
+                   help="GPUs to spread the runs over: comma-separated ids (0,1,2,3) or all (every visible GPU); "
+                        "--parallel runs on each, every child with its own CUDA_VISIBLE_DEVICES (default: none)")
     p.add_argument("--cpu", action="store_true", help="reduced scale on the CPU: " + " ".join(CPU_FLAGS))
     p.add_argument("--table-only", action="store_true", help="run nothing: write the table of the finished runs")
     p.add_argument("--no-figures", dest="figures", action="store_false", help="skip the curves and panels")
@@ -132,6 +138,16 @@ def parse_args(argv=None):
     if not args.data and not args.table_only:
         p.error("--data is required (the LA root, or several --data for a data set in parts)")
     args.iterations = args.iterations or (200 if args.cpu else 6000)
+    args.device_list = []
+    if args.devices == "all":
+        args.device_list = visible_gpus()
+        if not args.device_list:
+            p.error("--devices all: no CUDA device is visible on this machine")
+    elif args.devices:
+        args.device_list = [d.strip() for d in args.devices.split(",")]
+        if not all(args.device_list) or len(set(args.device_list)) != len(args.device_list) \
+                or any(" " in d for d in args.device_list):
+            p.error(f"--devices {args.devices!r}: expected distinct comma-separated GPU ids (0,1,2,3) or all")
     return args
 
 
@@ -168,7 +184,7 @@ def run_one(args, row: str, seed: int, gpu: str | None) -> dict:
         f.flush()
         rc = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     finished = rc == 0 and (folder / "eval.json").is_file()  # rc 0 without eval.json: stopped (--stop-at, Ctrl-C)
-    return {"row": row, "seed": seed, "mode": mode, "rc": rc, "finished": finished,
+    return {"row": row, "seed": seed, "mode": mode, "rc": rc, "finished": finished, "gpu": gpu,
             "wall_s": time.perf_counter() - t, "log": str(log)}
 
 
@@ -188,10 +204,16 @@ def run_all(args) -> list[dict]:
     todo = [(row, seed) for row, seed in jobs if not (run_dir(Path(args.out), row, seed) / "eval.json").is_file()]
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} finished already, {len(todo)} to run "
           f"({args.parallel} at a time)", flush=True)
-    gpus = visible_gpus()
-    slots = queue.Queue()  # slot k runs on GPU k mod (number of GPUs); one GPU (or none): all share it
-    for k in range(args.parallel):
-        slots.put(gpus[k % len(gpus)] if len(gpus) > 1 else None)
+    slots = queue.Queue()
+    workers = args.parallel
+    if args.device_list:  # --devices: K = --parallel slots on each device
+        workers = args.parallel * len(args.device_list)
+        for k in range(workers):
+            slots.put(args.device_list[k % len(args.device_list)])
+    else:  # slot k runs on GPU k mod (number of GPUs); one GPU (or none): all share it
+        gpus = visible_gpus()
+        for k in range(args.parallel):
+            slots.put(gpus[k % len(gpus)] if len(gpus) > 1 else None)
 
     def work(job):
         row, seed = job
@@ -206,7 +228,7 @@ def run_all(args) -> list[dict]:
         print(f"  {row} seed {seed}: {status} in {result['wall_s']:.0f} s ({result['mode']})", flush=True)
         return result
 
-    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(work, todo))
 
 
@@ -335,6 +357,9 @@ def main(argv=None) -> int:
         return 2
     results = [] if args.table_only else run_all(args)
     table, problems = markdown_table(out, args.row_list, args.seeds, args.iterations, args.cpu)
+    failed = [r for r in results if r["rc"] != 0]
+    table += problems_text([f"{r['row']} seed {r['seed']} FAILED (exit {r['rc']}"
+                            + (f", GPU {r['gpu']}" if r.get("gpu") else "") + f"); log {r['log']}" for r in failed])
     (out / "results.md").write_text(table)
     print(table)
     print(f"wrote {out / 'results.md'}")
@@ -343,7 +368,6 @@ def main(argv=None) -> int:
         if figure_problems:  # in results.md too: its reader learns why a figure lacks a row
             (out / "results.md").write_text(table + problems_text(figure_problems))
         problems += figure_problems
-    failed = [r for r in results if r["rc"] != 0]
     for r in failed:
         print(f"FAILED: {r['row']} seed {r['seed']} (exit {r['rc']}); log {r['log']}", file=sys.stderr)
     for problem in problems:
