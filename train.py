@@ -565,6 +565,7 @@ def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.j
     """
     model.eval()
     t0 = time.perf_counter()
+    distributed.from_rank0_(world, model)  # torchrun: every rank scores the saved weights and BN statistics
     mine = distributed.shard(world, cases)
     result = inference.evaluate(model, mine, patch_size=cfg.patch, stride_xy=cfg.eval_stride_xy,
                                 stride_z=cfg.eval_stride_z, batch_size=cfg.eval_batch, downsample=cfg.downsample,

@@ -7,10 +7,11 @@ near a minute on a shared 2-core machine:
   bit-identical students and teachers; the 2-rank step equals one single-process step over the union of
   both ranks' crops (ghost batch norm with one group per rank, the mean of the per-rank losses) to float
   rounding; --sync-bn normalises by the statistics of both ranks' crops; a non-finite loss on one rank
-  stops every rank at its iteration; a teacher that differs is caught naming the iteration;
+  stops every rank at its iteration; a teacher that differs is caught naming the iteration; before the
+  evaluation every rank takes rank 0's batch-norm statistics (the saved ones);
 - a 2-rank run stopped at iteration 2 and resumed equals the uninterrupted run bit for bit (one run folder,
-  one metrics.jsonl without duplicated lines, one eval.json of all test cases); a resume by another world
-  size is one line, exit 2;
+  one metrics.jsonl without duplicated lines, one eval.json of all test cases, equal to an --eval of the saved
+  student.pt); a resume by another world size is one line, exit 2;
 - killing one rank ends the run, non-zero, within 60 s (that run trains with --sync-bn, --lr-scale linear);
 - ``benchmarks.reproduce --devices`` with fake devices: each child's CUDA_VISIBLE_DEVICES, K per device.
 """
@@ -66,6 +67,7 @@ def test_ranks_agree_and_a_2_rank_step_is_the_single_process_step_over_both_rank
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["identical_across_ranks"] and result["still_flat"] and result["crops_differ"]
+    assert result["bn_stats_differed"] and result["bn_stats_shared"]
     # float rounding: the weights moved by ~1e-2 in 2 steps; the two agree to ~1e-5 of that (fp32 sums in
     # another order: one conv backward over 8 crops vs two over 4, averaged by the all-reduce)
     assert result["student_moved"] > 1e-3, result
@@ -178,6 +180,18 @@ def _rank_main(data_root: str, out: str) -> int:
     result["local_bn_differs"] = float((synced(seen[world.rank]["batches"][0][0]).detach()
                                         - y_whole[4 * world.rank: 4 * world.rank + 4]).abs().max())
 
+    # the evaluation's shares: every rank takes rank 0's weights and BN statistics (each rank's last forward
+    # moved its own running statistics)
+    def buffers():
+        return [b.clone() for b in parts.student.buffers() if b.is_floating_point()]
+
+    before = gather(buffers())
+    distributed.from_rank0_(world, parts.student)
+    after = gather(buffers())
+    result["bn_stats_differed"] = not all(torch.equal(a, b) for a, b in zip(*before))
+    result["bn_stats_shared"] = all(torch.equal(a, b) for a, b in zip(*after)) and \
+        all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+
     # a non-finite loss on rank 1 only: every rank learns (iteration, term, rank)
     bad_at = torch.tensor(5 if world.rank == 1 else -1)
     result["nonfinite"] = gather(list(distributed.first_nonfinite(world, bad_at, torch.tensor(2))))
@@ -236,6 +250,10 @@ def test_a_2_rank_run_resumed_equals_the_uninterrupted_run_with_one_writer(root,
     assert not torch.equal(state["ranks"][0]["sampler"]["generator"], state["ranks"][1]["sampler"]["generator"])
     evaluation = json.loads((tmp_path / "whole" / "eval.json").read_text())
     assert [c["case"] for c in evaluation["cases"]] == (root / "test.list").read_text().split()  # both ranks' shares
+    # each rank's share scored the saved student (rank 0's batch-norm statistics): as an --eval of student.pt does
+    assert train.main(["--eval", str(tmp_path / "whole" / "student.pt"), "--threads", "1"]) == 0
+    again = json.loads((tmp_path / "whole" / "eval_student.json").read_text())
+    assert again["cases"] == evaluation["cases"] and again["mean"] == evaluation["mean"]
 
 
 def _children(pid: int) -> list[int]:

@@ -313,6 +313,17 @@ def restore_rank(world: World, parts, state: dict, path) -> None:
 
 
 # ----------------------------------------------------------------------------- evaluation split over the ranks
+def from_rank0_(world: World, model: nn.Module) -> nn.Module:
+    """Every rank takes rank 0's weights and buffers (its batch-norm running statistics: the ones it saves;
+    DDP syncs them at the start of each forward, but each rank's last forward moved its own), so every share
+    of an evaluation scores the saved model."""
+    if world.enabled:
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(t.data, 0)
+    return model
+
+
 def shard(world: World, cases: list) -> list:
     """This rank's share of the test cases (every size-th, from its rank on)."""
     return cases if not world.enabled else cases[world.rank:: world.size]
@@ -357,5 +368,5 @@ def comm_failure_line(world: World, e: BaseException) -> str:
 __all__ = ["World", "SINGLE", "OtherRankFailed", "RankMismatch", "launched", "env_rank", "setup", "close", "rank_seed",
            "describe", "lr_factor", "summary_line", "wrap", "SyncGhostBatchNorm3d", "sync_batch_norm_",
            "local_batch_norm_", "first_nonfinite", "mean_over_ranks", "checksum", "check_same_weights", "rank_state",
-           "gather_rank_states", "check_world_size", "restore_rank", "shard", "gather_evaluation", "NoLog",
+           "gather_rank_states", "check_world_size", "restore_rank", "from_rank0_", "shard", "gather_evaluation", "NoLog",
            "is_comm_failure", "comm_failure_line"]
