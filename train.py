@@ -841,7 +841,8 @@ def _main(argv, held: contextlib.ExitStack) -> int:
 
         # -- the end: final weights, speed, evaluation of the student (split over the ranks under torchrun)
         for model in (parts.student, parts.teacher) if cfg.sync_bn else ():
-            distributed.local_batch_norm_(model)  # the evaluation runs each rank alone
+            if model is not None:  # (no teacher for --method supervised)
+                distributed.local_batch_norm_(model)  # the evaluation runs each rank alone
         if world.main:
             run_folder.atomic_save({"model": parts.student.state_dict(), "config": dataclasses.asdict(cfg)},
                                    out / "student.pt")
