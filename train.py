@@ -51,9 +51,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 import uamt_fast
 from uamt_fast import (
@@ -218,45 +216,19 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- data
-def downsample_case(case, k: int):
-    """Image average-pooled by k (each output voxel = mean of a k^3 block), label by majority (block mean
-    >= 0.5); a remainder smaller than k along an axis is dropped."""
-    if k == 1:
-        return case
-    if min(np.shape(case.image)) < k:
-        raise data.DataError(f"--downsample {k}: case {case.id} has shape {tuple(np.shape(case.image))}, smaller than "
-                             f"{k} along an axis (nothing would be left of it)")
-    image = torch.as_tensor(np.asarray(case.image))[None, None]
-    image = F.avg_pool3d(image, k)[0, 0].numpy()
-    if case.label is None:
-        return dataclasses.replace(case, image=image)
-    label = torch.as_tensor(np.asarray(case.label)).long()[None]
-    if int(label.max()) <= 1:  # two classes: the majority as before (block mean >= 0.5, ties to foreground)
-        label = (F.avg_pool3d(label[None].float(), k)[0, 0] >= 0.5).to(torch.uint8).numpy()
-    else:  # more: the most frequent class of each block (ties to the lower class)
-        counts = F.avg_pool3d(F.one_hot(label[0]).permute(3, 0, 1, 2)[None].float(), k)[0]
-        label = counts.argmax(0).to(torch.uint8).numpy()
-    return dataclasses.replace(case, image=image, label=label)
-
-
-def case_ids(cfg: Config, split: str) -> list[str]:
-    """The ids of ``split`` to read: of the test split only those of --cases / --first (and the --figures-cases
-    picks are checked against them, before any training or evaluation)."""
+def load_split(cfg: Config, split: str):
+    """Cases of ``split`` read once ("unlabeled": prepare's unlabeled.list, images only; "test": only those of
+    --cases / --first, the --figures-cases picks checked against them before any work); training cases are
+    downsampled once (test cases stay at full resolution: ``evaluate`` scores full-resolution labels)."""
+    if split == "unlabeled":
+        return [data.downsample(c, cfg.downsample) for c in
+                data.load_cases(cfg.data, data.read_unlabeled(cfg.data), labeled=False)]
     ids = data.read_list(cfg.data, split)
     if split == "test":
         ids = selection.test_ids(ids, cfg.cases, cfg.first)
         selection.check_picks(cfg.figures_cases, ids)
-    return ids
-
-
-def load_split(cfg: Config, split: str):
-    """Cases of ``split`` read once ("unlabeled": prepare's unlabeled.list, images only); training cases are
-    downsampled once (test cases stay at full resolution: ``evaluate`` scores full-resolution labels)."""
-    if split == "unlabeled":
-        cases = data.load_cases(cfg.data, data.read_unlabeled(cfg.data), labeled=False)
-    else:
-        cases = data.load_cases(cfg.data, case_ids(cfg, split))
-    return cases if split == "test" else [downsample_case(c, cfg.downsample) for c in cases]
+        return data.load_cases(cfg.data, ids)
+    return [data.downsample(c, cfg.downsample) for c in data.load_cases(cfg.data, ids)]
 
 
 def data_settings(roots) -> dict:

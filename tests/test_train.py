@@ -338,7 +338,7 @@ def test_downsample_case_pools_image_and_label():
     label[:2, :2, :2] = 1  # a full block -> 1
     label[2:, 2:, :2] = [[[1, 0], [1, 0]], [[0, 0], [1, 1]]]  # 4 of 8 -> 1 (ties go to foreground)
     label[:2, 2:, :2] = [[[1, 0], [0, 0]], [[0, 0], [1, 1]]]  # 3 of 8 -> 0
-    small = train.downsample_case(data.Case("c", image, label), 2)
+    small = data.downsample(data.Case("c", image, label), 2)
     assert small.image.shape == small.label.shape == (2, 2, 2)  # the odd last slice is dropped
     assert small.image[0, 0, 0] == pytest.approx(image[:2, :2, :2].mean())
     assert small.label[:, :, 0].tolist() == [[1, 0], [0, 1]] and small.label[:, :, 1].sum() == 0

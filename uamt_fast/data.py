@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import bz2
+import dataclasses
 import hashlib
 import json
 import os
@@ -276,6 +277,28 @@ def load_case(roots, case_id: str, labeled: bool = True, record: dict | None = N
         raise DataError(f"case file not found: {folder / H5_NAME} (nor a packed {PACKED_NAME})")
     classes = 2 if record is None else record["num_classes"]
     return _validated(case_id, image, label, path, classes, case_spacing(record, case_id))
+
+
+def downsample(case: Case, k: int) -> Case:
+    """``case`` pooled k-fold (train.py --downsample, for CPU runs): the image average-pooled (each output voxel
+    the mean of a k^3 block), the label by majority (two classes: block mean >= 0.5; more: the most frequent
+    class); a remainder smaller than k along an axis is dropped."""
+    if k == 1:
+        return case
+    if min(np.shape(case.image)) < k:
+        raise DataError(f"--downsample {k}: case {case.id} has shape {tuple(np.shape(case.image))}, smaller than "
+                             f"{k} along an axis (nothing would be left of it)")
+    image = torch.as_tensor(np.asarray(case.image))[None, None]
+    image = torch.nn.functional.avg_pool3d(image, k)[0, 0].numpy()
+    if case.label is None:
+        return dataclasses.replace(case, image=image)
+    label = torch.as_tensor(np.asarray(case.label)).long()[None]
+    if int(label.max()) <= 1:  # two classes: the majority as before (block mean >= 0.5, ties to foreground)
+        label = (torch.nn.functional.avg_pool3d(label[None].float(), k)[0, 0] >= 0.5).to(torch.uint8).numpy()
+    else:  # more: the most frequent class of each block (ties to the lower class)
+        counts = torch.nn.functional.avg_pool3d(torch.nn.functional.one_hot(label[0]).permute(3, 0, 1, 2)[None].float(), k)[0]
+        label = counts.argmax(0).to(torch.uint8).numpy()
+    return dataclasses.replace(case, image=image, label=label)
 
 
 def load_cases(roots, ids, labeled: bool = True) -> list[Case]:
