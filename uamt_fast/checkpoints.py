@@ -155,16 +155,24 @@ def restore_training(parts, state: dict, path: Path = Path("checkpoint.pt")) -> 
         load_weights(parts.teacher, state.get("teacher"), path, "--resume", "teacher")
     try:
         parts.optimizer.load_state_dict(state["optimizer"])
-        parts.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and parts.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], parts.device)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
-        raise CheckpointError(f"--resume {path}: optimizer, sampler or RNG state does not fit this run "
-                              f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+        raise CheckpointError(f"--resume {path}: the optimizer state does not fit this run ({_first_line(e)})") from None
+    restore_streams(parts, state, path)
     if not isinstance(state["iteration"], int) or state["iteration"] < 0:
         raise CheckpointError(f"--resume {path}: bad iteration {state['iteration']!r}")
     return state["iteration"]
+
+
+def restore_streams(parts, streams: dict, path, whose: str = "") -> None:
+    """The sampler and RNG states of ``streams`` (a checkpoint, or one rank's part of it) into ``parts``."""
+    try:
+        parts.sampler.load_state_dict(streams["sampler"])
+        torch.set_rng_state(streams["rng_cpu"])
+        if "rng_cuda" in streams and parts.device.type == "cuda":
+            torch.cuda.set_rng_state(streams["rng_cuda"], parts.device)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"--resume {path}: {whose}sampler or RNG state does not fit this run "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
 
 
 def check_same_data(state: dict, split: dict, path) -> None:
@@ -190,4 +198,4 @@ def _first_line(e: BaseException) -> str:
 
 
 __all__ = ["CheckpointError", "read", "config_of", "load_weights", "first_nonfinite", "load_vnet", "TRAINING_KEYS",
-           "training_state", "restore_training", "check_same_data"]
+           "training_state", "restore_training", "restore_streams", "check_same_data"]

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from uamt_fast import checkpoints
 from uamt_fast.ghost_norm import GhostBatchNorm3d
 from uamt_fast.metrics import summarize
 
@@ -301,15 +302,10 @@ def restore_rank(world: World, parts, state: dict, path) -> None:
     top-level ones ``checkpoints.restore_training`` already loaded)."""
     if not world.enabled or world.size == 1:
         return
-    mine = state["ranks"][world.rank]
-    try:
-        parts.sampler.load_state_dict(mine["sampler"])
-        torch.set_rng_state(mine["rng_cpu"])
-        if "rng_cuda" in mine and parts.device.type == "cuda":
-            torch.cuda.set_rng_state(mine["rng_cuda"], parts.device)
-    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
-        raise ValueError(f"--resume {path}: rank {world.rank}'s sampler or RNG state does not fit this run "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    ranks = state.get("ranks")
+    if not isinstance(ranks, list) or len(ranks) <= world.rank or not isinstance(ranks[world.rank], dict):
+        raise ValueError(f"--resume {path}: no sampler and RNG state of rank {world.rank} in the checkpoint")
+    checkpoints.restore_streams(parts, ranks[world.rank], path, f"rank {world.rank}'s ")
 
 
 # ----------------------------------------------------------------------------- evaluation split over the ranks
