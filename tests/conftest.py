@@ -35,20 +35,31 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def trainer_on_cpu(monkeypatch):
+def _on_cpu(mp: pytest.MonkeyPatch):
     """The trainer as a CPU user runs it: the public fused ops take their CPU path (the reference math), not
     the Triton interpreter switched on above (~15 s per loss call at trainer sizes; the kernel tests cover
     the kernels), and one torch thread (on a shared 2-core machine two OpenMP threads measured 5x slower)."""
     import uamt_fast.consistency
     import uamt_fast.ema
 
-    monkeypatch.setattr(uamt_fast.consistency, "TRITON_ON_CPU", False)
-    monkeypatch.setattr(uamt_fast.ema, "TRITON_ON_CPU", False)
+    mp.setattr(uamt_fast.consistency, "TRITON_ON_CPU", False)
+    mp.setattr(uamt_fast.ema, "TRITON_ON_CPU", False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def trainer_on_cpu(monkeypatch):
+    yield from _on_cpu(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def trainer_on_cpu_module():
+    """``trainer_on_cpu`` for module-scoped fixtures (a trained model shared by a module's tests)."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield from _on_cpu(mp)
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,6 @@ pytest.importorskip("monai")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-import uamt_fast.consistency  # noqa: E402
-import uamt_fast.ema  # noqa: E402
 from uamt_fast import data, inference, metrics, predict, prepare  # noqa: E402
 
 SHAPE = (40, 36, 20)
@@ -77,19 +75,7 @@ def dice(mask: np.ndarray, label: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def cpu():
-    """tests/conftest.py's trainer_on_cpu for module-scoped fixtures: the reference math, one thread."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(uamt_fast.consistency, "TRITON_ON_CPU", False)
-        mp.setattr(uamt_fast.ema, "TRITON_ON_CPU", False)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        yield
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def organ(tmp_path_factory, cpu) -> SimpleNamespace:
+def organ(tmp_path_factory, trainer_on_cpu_module) -> SimpleNamespace:
     """CT-like MSD scans (HU) on an oblique 1.2 x 0.9 x 2.5 mm grid, prepared with the pancreas preset (1 mm,
     window, body crop), and a supervised tiny V-Net trained 40 iterations on them (test Dice ~0.8)."""
     root = tmp_path_factory.mktemp("organ")
@@ -131,7 +117,7 @@ def lps(tmp_path_factory, organ) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def la_model(tmp_path_factory, cpu) -> Path:
+def la_model(tmp_path_factory, trainer_on_cpu_module) -> Path:
     """A tiny UA-MT V-Net trained 20 iterations on synthetic data in the LA release layout (no dataset.json); on a
     real LA test case it marks about a quarter of the voxels (neither mask class is empty)."""
     root = tmp_path_factory.mktemp("la_model")
