@@ -42,7 +42,7 @@ import h5py
 import numpy as np
 import torch
 
-from uamt_fast import cli
+from uamt_fast import cli, run_folder
 
 IMAGES_DIR = "2018LA_Seg_Training Set"
 H5_NAME = "mri_norm2.h5"
@@ -326,17 +326,12 @@ def read_unlabeled(roots) -> list[str]:
 
 
 def make_folder(path, what: str) -> Path:
-    """``mkdir -p path``, or a one-line DataError naming ``what`` (a flag, "output folder") and the path."""
-    path = Path(path)
-    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise DataError(f"{what} {path}: " + ("is a file" if blocker == path else f"{blocker} is a file") +
-                        "; expected a folder")
+    """``mkdir -p path`` (``uamt_fast.run_folder.make_folder``: refused when it is or lies under a file, or cannot
+    be written), or a one-line DataError naming ``what`` (a flag, "output folder") and the path."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"{what} {path}: cannot create it ({e.strerror})") from None
-    return path
+        return run_folder.make_folder(path, "data set", what)
+    except run_folder.RunFolderError as e:
+        raise DataError(str(e)) from None
 
 
 def _existing_root(root) -> Path:

@@ -32,8 +32,10 @@ def make_folder(out, purpose: str, flag: str = "--out") -> Path:
     """``mkdir -p out`` and a check that files can be created in it; one-line errors for a path that is a
     file, lies under a file, or cannot be written (permissions, a read-only file system, a full disk)."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"{flag} {out}: is a file; give a folder for the {purpose}")
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise RunFolderError(f"{flag} {out}: " + ("is a file" if blocker == out else f"{blocker} is a file")
+                             + f"; expected a folder for the {purpose}")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):  # the only sure test: root ignores permission bits, mounts do not
