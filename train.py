@@ -633,9 +633,10 @@ def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device, world=di
                              "give --data (for a --demo run: python -m uamt_fast.data synth DIR --train "
                              f"{DEMO_DATA['n_train']} --test {DEMO_DATA['n_test']} --shape "
                              f"{' '.join(map(str, DEMO_DATA['shape']))} --seed {DEMO_DATA['seed']})")
-    if data.num_classes(ecfg.data) != model.num_classes:
+    classes = data.num_classes(ecfg.data)
+    if classes != model.num_classes:
         raise ValueError(f"--eval {path}: the model predicts {model.num_classes} classes, the data "
-                         f"({', '.join(ecfg.data)}) has {data.num_classes(ecfg.data)}")
+                         f"({', '.join(ecfg.data)}) has {classes}")
     ecfg.num_classes = model.num_classes
     cases = load_split(ecfg, "test")
     out = run_folder.make_folder(cfg.out or path.parent, "evaluation")  # writable? checked before the work
