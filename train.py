@@ -44,7 +44,6 @@ import datetime
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -60,6 +59,7 @@ from uamt_fast import (
     data,
     distributed,
     figures,
+    files,
     inference,
     metrics_log,
     provenance,
@@ -268,6 +268,7 @@ class Parts:
     data_split: dict | None = None  # data.split_fingerprint of cfg.data, saved in checkpoints
     ddp: object = None  # under torchrun: the student in DistributedDataParallel (the forward train_step runs)
     lr_factor: float = 1.0  # --lr-scale linear under torchrun: the world size
+    ignore_label: int | None = None  # the label of not-annotated voxels (the data's record), kept out of CE and Dice
 
 
 def pick_device(cfg: Config) -> torch.device:
@@ -342,7 +343,9 @@ def build(cfg: Config, train_cases=None, rank: int = 0) -> Parts:
         else:
             losses_fn = torch.compile(student_losses, **options)
             teacher_fn = torch.compile(teacher, **options) if teacher is not None else None
-    return Parts(cfg, device, student, teacher, optimizer, sampler, losses_fn, teacher_fn, memory_format)
+    ignore = next((c.ignore_label for c in train_cases if getattr(c, "ignore_label", None) is not None), None)
+    return Parts(cfg, device, student, teacher, optimizer, sampler, losses_fn, teacher_fn, memory_format,
+                 ignore_label=ignore)
 
 
 def compile_cache(folder: str) -> None:
@@ -390,17 +393,20 @@ def teacher_passes(teacher_forward, teacher: VNet, x: torch.Tensor, passes: int,
 
 
 def student_losses(student, images, labels, target, mc_logits, weight, threshold, *,
-                   n_labeled: int, method: str, consistency_on: str, fused_loss: bool):
+                   n_labeled: int, method: str, consistency_on: str, fused_loss: bool,
+                   ignore_index: int | None = None):
     """Student forward and the UA-MT objective.
 
     images (B, 1, *S), labels (B, *S) with the labeled rows first; target (b, C, *S) and mc_logits
     (T, b, C, *S) from the teacher for the b rows that get consistency; weight lambda and threshold H
     are 0-dim device tensors. Returns the total loss, the terms (CE, Dice, consistency) and the
-    uncertainty statistics (mask fraction, mean uncertainty), all device tensors.
+    uncertainty statistics (mask fraction, mean uncertainty), all device tensors. ``ignore_index``: labeled
+    voxels with this label (not annotated) enter neither CE nor Dice; the consistency term sees every voxel.
     """
     logits = student(images)  # (B, C, *S)
     lab_logits, lab = logits[:n_labeled].float(), labels[:n_labeled]
-    ce, dice = reference.cross_entropy(lab_logits, lab), reference.dice_loss(lab_logits, lab)
+    ce = reference.cross_entropy(lab_logits, lab, ignore_index)
+    dice = reference.dice_loss(lab_logits, lab, ignore_index)
     zero = ce.new_zeros(())
     consistency, mask_fraction, uncertainty = zero, zero, zero
     if method != "supervised":
@@ -469,7 +475,7 @@ def train_step(parts: Parts, iteration: int) -> tuple[torch.Tensor, torch.Tensor
             parts.student if parts.ddp is None else parts.ddp, images, labels, target, mc_logits,
             torch.full((), weight, device=dev), torch.full((), threshold, device=dev),  # fill kernels, no sync
             n_labeled=cfg.batch_labeled, method=cfg.method, consistency_on=cfg.consistency_on,
-            fused_loss=cfg.fused_loss)
+            fused_loss=cfg.fused_loss, ignore_index=parts.ignore_label)
     with phase("backward"):
         parts.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -552,8 +558,8 @@ def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.j
         "settings": {k: getattr(cfg, k) for k in ("patch", "eval_stride_xy", "eval_stride_z", "eval_batch",
                                                   "downsample", "n_filters", "dropout", "num_classes")},
         "uamt_fast": uamt_fast.__version__, "evaluated": datetime.datetime.now().isoformat(timespec="seconds")}
-    path = run_folder.new_file(out_dir / name)
-    run_folder.atomic_write_text(path, json.dumps(_strict_json(result), indent=1, allow_nan=False))
+    text = json.dumps(_strict_json(result), indent=1, allow_nan=False)
+    path = files.write_new(out_dir / name, lambda f: f.write(text.encode()))  # eval-2.json ... when taken
     print(f"wrote {path}")
     return result
 
@@ -678,10 +684,10 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         if world.main:  # one writer: rank 0 alone claims the run folder (and writes the --demo data into it)
             out = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}")
             created = not out.exists()
-            if resume_state is None:
-                held.enter_context(run_folder.claim(out, cfg.overwrite))  # refuses a folder another process runs in
+            if resume_state is None:  # (claim refuses a folder another process writes, and overwriting the data)
+                held.enter_context(run_folder.claim(out, cfg.overwrite, inputs=data.input_folders(cfg.data)))
                 if cfg.overwrite and (out / DEMO_DATA_DIR / "train.list").is_file():
-                    shutil.rmtree(out / DEMO_DATA_DIR)
+                    files.remove(out, DEMO_DATA_DIR)  # the old --demo run's data (not --data: claim checked)
             else:
                 held.enter_context(run_folder.RunLock(out, "--resume"))
             if cfg.demo and not cfg.data:  # kept in the run folder, so the run can be evaluated again later
@@ -755,7 +761,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
                 raise NonFiniteLoss(f"non-finite {name} weight {bad} after iteration {done}; {stopping()}")
         ranks = distributed.gather_rank_states(world, parts)  # torchrun: every rank's sampler and RNG states
         if world.main:
-            run_folder.atomic_save(checkpoints.training_state(parts, done) | ranks, out / "checkpoint.pt")
+            files.atomic_save(checkpoints.training_state(parts, done) | ranks, out / "checkpoint.pt")
         last_good = f"{out / 'checkpoint.pt'} (iteration {done})"
 
     t_log = t_bar = t0 = time.perf_counter()
@@ -817,10 +823,10 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             if model is not None:  # (no teacher for --method supervised)
                 distributed.local_batch_norm_(model)  # the evaluation runs each rank alone
         if world.main:
-            run_folder.atomic_save({"model": parts.student.state_dict(), "config": dataclasses.asdict(cfg)},
+            files.atomic_save({"model": parts.student.state_dict(), "config": dataclasses.asdict(cfg)},
                                    out / "student.pt")
         if parts.teacher is not None and world.main:
-            run_folder.atomic_save({"model": parts.teacher.state_dict(), "config": dataclasses.asdict(cfg)},
+            files.atomic_save({"model": parts.teacher.state_dict(), "config": dataclasses.asdict(cfg)},
                                    out / "teacher.pt")
         speed = {"train_seconds": elapsed, "it_per_s": (cfg.iterations - start) / elapsed}
         if device.type == "cuda":
@@ -841,8 +847,9 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             raise
         print(f"\ntrain.py: error: {distributed.comm_failure_line(world, e)}; {stopping()}", file=sys.stderr)
         return 3
-    except OSError as e:  # a full disk, a folder gone: one line; every file was written atomically, none is torn
-        print(f"\ntrain.py: error: cannot write the run in {out} ({run_folder.describe(e)}); "
+    except (OSError, files.FolderError) as e:  # a full disk, a folder gone, a link planted: one line, none torn
+        reason = run_folder.describe(e) if isinstance(e, OSError) else str(e)
+        print(f"\ntrain.py: error: cannot write the run in {out} ({reason}); "
               + (f"continue from {last_good} with --resume {out}" if last_good else "no checkpoint saved yet"),
               file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from benchmarks import measure
+from uamt_fast import files
 
 SUMMARY_PATH = ".benchmarks/uamt_fast_summary.txt"  # the summary table's file, relative to where pytest runs
 
@@ -195,7 +196,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                       measure.format_table(rows)])
     path = Path(config.getoption("--bench-summary"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
+    files.atomic_write_text(path, text + "\n")
     tr = terminalreporter
     tr.write_sep("=", "uamt_fast micro-benchmarks: summary")
     tr.write_line(text)

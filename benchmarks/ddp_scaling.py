@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     args, extra = p.parse_known_args(argv)  # anything else goes to every train.py call
     import torch
 
-    from uamt_fast import data
+    from uamt_fast import data, files
 
     gpus = 0 if args.cpu else torch.cuda.device_count()
     if not args.cpu and gpus == 0:
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     device = "CPU (gloo)" if args.cpu else f"{gpus} x {torch.cuda.get_device_name(0)} (NCCL)"
     print(f"{device}, torch {torch.__version__}, {iterations} iterations a launch, per-rank batch 2 + 2 crops")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "iterations": iterations, "rows": rows}, indent=1))
+        files.atomic_write_text(args.json, json.dumps({"device": device, "iterations": iterations, "rows": rows},
+                                                      indent=1))
     return 0
 
 

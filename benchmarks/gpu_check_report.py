@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import measure
+from uamt_fast import files
 
 # The targets of the kernels and of the train step, on an H100.
 TARGET_PCT_COPY = 80.0  # kernel time >= 80% of the measured copy bandwidth (bytes floor)
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
     result = collect(a.dirs, a.mode, a.elapsed)
     text = summarize(result)  # also fills each kernel row's "target"
     measure.write_json(a.dirs[0] / "gpu_check.json", result)
-    (a.dirs[0] / "summary.txt").write_text(text + "\n")
+    files.atomic_write_text(a.dirs[0] / "summary.txt", text + "\n")
     print("\n" + "=" * 100 + "\n" + text)
     return 0
 

@@ -52,7 +52,7 @@ def rows() -> list[tuple[str, float]]:
             try:
                 us = _median_us(f"uamt_fast.uncertainty_consistency_loss(s, t, mc, {thr})", env)
             except TypeError:
-                us = float("nan")  # refused before issue 11
+                us = float("nan")  # numpy scalars were refused before the API changes
             out.append((f"uncertainty_consistency_loss, threshold {label} (math stubbed)", us))
         out.append(("uncertainty_consistency_loss, return_stats=True (math stubbed)",
                     _median_us("uamt_fast.uncertainty_consistency_loss(s, t, mc, 0.5, return_stats=True)", env)))
@@ -105,7 +105,7 @@ def rows() -> list[tuple[str, float]]:
         try:
             us = _median_us("uamt_fast.ema_update_(t, s, np.float32(0.99), step=np.int64(1000))", env_ema)
         except TypeError:
-            us = float("nan")  # refused before issue 11
+            us = float("nan")  # numpy scalars were refused before the API changes
         out.append(("ema_update_, flattened V-Nets, numpy decay/step (update stubbed)", us))
         out.append(("ema_update_, unflattened V-Nets, list path (foreach stubbed)",
                     _median_us("uamt_fast.ema_update_(tp, sp, 0.99, step=1000)", env_ema)))

@@ -118,7 +118,9 @@ def main(argv=None) -> dict:
     print(table(after, before))
     result = {"after": after, "before": before, "before_rev": args.before, "triton": triton.__version__}
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+        from uamt_fast import files
+
+        files.atomic_write_text(args.json, json.dumps(result, indent=1))
     return result
 
 

@@ -39,6 +39,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from uamt_fast import files
+
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -386,5 +388,5 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     """Write ``obj`` as indented JSON, creating the parent folder; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    files.atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
     return path

@@ -39,7 +39,6 @@ import gzip
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -50,6 +49,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import measure
+from uamt_fast import files
 
 CATEGORIES = ("conv fprop", "conv dgrad", "conv wgrad", "conv backward (unsplit)",
               "conv other (bias, cuDNN transforms)", "batch norm", "other inductor kernels", "fused UA-MT ops",
@@ -513,8 +513,7 @@ def main(argv=None) -> int:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     if out is not None and args.trace:
-        with open(trace_path, "rb") as src, gzip.open(out / "trace.json.gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        files.atomic_write(out / "trace.json.gz", lambda f: f.write(gzip.compress(trace_path.read_bytes())))
     trace = json.loads(trace_path.read_text())
 
     # ceilings, same run; the reduction (a failure here still leaves the timings and, with --trace, the trace)
@@ -547,7 +546,7 @@ def main(argv=None) -> int:
     print(text)
     if out is not None:
         measure.write_json(out / "profile.json", result)
-        (out / "profile.md").write_text(text)
+        files.atomic_write_text(out / "profile.md", text)
         print(f"wrote {out / 'profile.json'}, {out / 'profile.md'}" + (", trace.json.gz" if args.trace else ""))
     with contextlib.suppress(OSError):
         workdir.cleanup()

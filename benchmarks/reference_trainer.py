@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from uamt_fast import data
+from uamt_fast import data, files
 from uamt_fast.vnet import VNet
 
 
@@ -144,9 +144,9 @@ def write_release_h5(job) -> None:
     path, image, label = job
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("image", data=np.asarray(image, dtype=np.float32), compression="gzip", compression_opts=4)
-        f.create_dataset("label", data=np.asarray(label, dtype=np.uint8), compression="gzip", compression_opts=4)
+    files.atomic_write_h5(path, lambda f: (
+        f.create_dataset("image", data=np.asarray(image, dtype=np.float32), compression="gzip", compression_opts=4),
+        f.create_dataset("label", data=np.asarray(label, dtype=np.uint8), compression="gzip", compression_opts=4)))
 
 
 def release_h5_folder(roots, cases, workdir) -> Path:

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import queue
-import shutil
 import statistics
 import subprocess
 import sys
@@ -171,16 +170,18 @@ def train_command(args, row: str, seed: int) -> tuple[list[str], str]:
 
 def run_one(args, row: str, seed: int, gpu: str | None) -> dict:
     """One train.py process for (row, seed), its output in the log file; returns what happened."""
+    from uamt_fast import files
+
     folder = run_dir(Path(args.out), row, seed)
     command, mode = train_command(args, row, seed)
-    if mode == "fresh" and folder.exists():  # killed before its first checkpoint: nothing to resume
-        shutil.rmtree(folder)
+    if mode == "fresh" and os.path.lexists(folder):  # killed before its first checkpoint: nothing to resume
+        files.remove(folder.parent, folder.name)
     log = Path(args.out) / "logs" / f"{row}-seed{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ) | ({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})
     t = time.perf_counter()
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(command)}\n")
+    with files.open_log(log) as f:
+        f.write(f"$ {' '.join(command)}\n".encode())
         f.flush()
         rc = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     finished = rc == 0 and (folder / "eval.json").is_file()  # rc 0 without eval.json: stopped (--stop-at, Ctrl-C)
@@ -347,7 +348,7 @@ def write_figures(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from uamt_fast import run_folder
+    from uamt_fast import files, run_folder
 
     try:
         args = parse_args(argv)
@@ -360,13 +361,13 @@ def main(argv=None) -> int:
     failed = [r for r in results if r["rc"] != 0]
     table += problems_text([f"{r['row']} seed {r['seed']} FAILED (exit {r['rc']}"
                             + (f", GPU {r['gpu']}" if r.get("gpu") else "") + f"); log {r['log']}" for r in failed])
-    (out / "results.md").write_text(table)
+    files.atomic_write_text(out / "results.md", table)
     print(table)
     print(f"wrote {out / 'results.md'}")
     if args.figures and args.data and not args.table_only:
         figure_problems = write_figures(args)
         if figure_problems:  # in results.md too: its reader learns why a figure lacks a row
-            (out / "results.md").write_text(table + problems_text(figure_problems))
+            files.atomic_write_text(out / "results.md", table + problems_text(figure_problems))
         problems += figure_problems
     for r in failed:
         print(f"FAILED: {r['row']} seed {r['seed']} (exit {r['rc']}); log {r['log']}", file=sys.stderr)

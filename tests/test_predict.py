@@ -8,8 +8,10 @@ through the real command line (``predict.main`` in-process, and once as a subpro
 """
 from __future__ import annotations
 
+import gzip
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +27,10 @@ pytest.importorskip("monai")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from test_prepare import with_sform  # noqa: E402 (tests/ is on sys.path under pytest)
+
 import train  # noqa: E402
-from uamt_fast import data, inference, metrics, predict, prepare  # noqa: E402
+from uamt_fast import data, files, inference, metrics, predict, prepare  # noqa: E402
 
 SHAPE = (40, 36, 20)
 LPS = np.array([[-0.8, 0, 0, 30.0], [0, -0.8, 0, 25.0], [0, 0, 2.0, -18.0], [0, 0, 0, 1]])
@@ -189,10 +193,12 @@ def test_resampled_case_comes_back_on_its_oblique_grid(organ, tmp_path, monkeypa
     assert np.isfinite(uncertainty).all() and 0 <= uncertainty.min() and uncertainty.max() <= math.log(2)
     record = json.loads((out / "predictions.json").read_text())
     case = record["cases"][0]
-    assert record["model"] == str((organ.model / "student.pt").resolve()) and record["config"]["n_filters"] == 4
-    assert record["uamt_fast"] == predict.uamt_fast.__version__ and record["finished"]
-    assert record["settings"]["preprocessing"] == "prepare preset 'pancreas', channel 'CT'"
-    assert case["inputs"] == [{"file": str(image.resolve()), "sha256": prepare._sha256(image)}]
+    (made,) = record["runs"]
+    assert case["run"] == 0 and record["format"] == predict.RECORD_FORMAT
+    assert made["model"] == str((organ.model / "student.pt").resolve()) and made["config"]["n_filters"] == 4
+    assert made["uamt_fast"] == predict.uamt_fast.__version__ and made["finished"]
+    assert made["settings"]["preprocessing"] == "prepare preset 'pancreas', channel 'CT'"
+    assert case["inputs"] == [{"file": str(image.resolve()), "sha256": files.sha256(image)}]
     assert case["outputs"] == {"mask": "image0003.nii.gz", "uncertainty": "image0003_uncertainty.nii.gz",
                                "probabilities": "image0003_probabilities.nii.gz"}
     assert case["preprocessing"]["crop_box"] and case["preprocessing"]["spacing"] == pytest.approx([1, 1, 1], abs=1e-4)
@@ -312,8 +318,8 @@ def test_real_la_case_mask_is_evals_argmax(la_model, la_root, tmp_path, monkeypa
 
 def test_la_layout_inputs_data_root_and_nifti(la_model, tmp_path, monkeypatch):
     """A data root predicts every case folder; a NIfTI scan with an LA model is used as it is (no record), and
-    its mask keeps the input's affine and header; the progress bar on a terminal; the next run's record is
-    predictions-2.json, never the first one replaced."""
+    its mask keeps the input's affine and header; the progress bar on a terminal; the next run's cases are
+    merged into the folder's predictions.json, which then describes every output there."""
     root = la_model.parent / "data"
     out = tmp_path / "masks"
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
@@ -327,9 +333,11 @@ def test_la_layout_inputs_data_root_and_nifti(la_model, tmp_path, monkeypatch):
     mask, img = load(out / "scan.nii.gz")
     np.testing.assert_array_equal(mask, np.asarray(load(out / f"{ids[0]}.nii.gz")[0]))
     assert np.array_equal(img.affine, affine) and img.header["descrip"].tobytes().startswith(b"uamt_fast.predict")
-    assert (out / "predictions.json").is_file() and (out / "predictions-2.json").is_file()
-    assert json.loads((out / "predictions-2.json").read_text())["settings"]["preprocessing"] == \
-        "none (the LA release layout)"
+    record = json.loads((out / "predictions.json").read_text())
+    assert sorted(p.name for p in out.glob("predictions*.json")) == ["predictions.json"]
+    assert sorted(c["case"] for c in record["cases"]) == sorted([*ids, "scan"]) and len(record["runs"]) == 2
+    assert {c["run"] for c in record["cases"] if c["case"] == "scan"} == {1}
+    assert all(r["settings"]["preprocessing"] == "none (the LA release layout)" for r in record["runs"])
 
 
 # ----------------------------------------------------------------------------- refusals: one line, exit 2
@@ -345,6 +353,28 @@ LA_AFFINE = np.diag([0.625, 0.625, 0.625, 1.0])
 
 def _la_nifti(tmp, shape=(20, 20, 12), affine=LA_AFFINE, name="ok.nii.gz"):
     return save(tmp / "in" / name, np.random.default_rng(0).normal(size=shape).astype(np.float32), affine)
+
+
+def _odd_sform(sform):
+    return lambda t, m: [m, _la_nifti(t), with_sform(_la_nifti(t, name="odd.nii.gz"), sform)]
+
+
+def _record(text=None, **fields):
+    """--data of a prepared set whose dataset.json is ``text``, or a record of two classes with ``fields``."""
+    def build(t, m):
+        (t / "prepared").mkdir()
+        record = {"format": data.RECORD_FORMAT, "num_classes": 2, "preset": "none", **fields}
+        (t / "prepared" / data.RECORD_NAME).write_text(text or json.dumps(record))
+        return [m, _la_nifti(t), "--data", t / "prepared"]
+    return build
+
+
+def _h5_case_singular_affine(t, m):
+    root = data.write_synthetic_la(t / "root", n_train=1, n_test=1, shape=(20, 20, 12), seed=0)
+    case = {"affine": np.diag([0.625, 0.625, 0.0, 1.0]).tolist(), "shape": [20, 20, 12]}
+    (root / data.RECORD_NAME).write_text(json.dumps({"format": data.RECORD_FORMAT, "num_classes": 2,
+                                                     "cases": {"synth0000": case}}))
+    return [m, root / data.IMAGES_DIR / "synth0001", root / data.IMAGES_DIR / "synth0000"]
 
 
 BAD = {
@@ -371,6 +401,31 @@ BAD = {
                           "argument --uncertainty: expected an integer in [1, 1024], got '0'"),
     "bad --device": (lambda t, m: [m, _la_nifti(t), "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     "bad --threads": (lambda t, m: [m, _la_nifti(t), "--threads", "-1"], "argument --threads: expected an integer"),
+    "zero voxel size": (_odd_sform(np.diag([0.625, 0.0, 0.625, 1.0])),
+                        ("odd.nii.gz: the NIfTI affine (sform / qform / pixdim) gives array axis 1 a voxel size of "
+                         "0 mm")),
+    "two axes on one world axis": (_odd_sform([[0.625, 0.625, 0, 0], [0, 0, 0.625, 0], [0, 0, 0, 0]]),
+                                   ("odd.nii.gz: the NIfTI affine (sform / qform / pixdim) points array axes 0 and 1 "
+                                    "along one world direction")),
+    "NaN in the affine": (_odd_sform(np.diag([0.625, np.nan, 0.625, 1.0])),
+                          "odd.nii.gz: the NIfTI affine (sform / qform / pixdim) holds NaN or Inf"),
+    "record nested 100,000 deep": (_record("[" * 100_000 + "]" * 100_000),
+                                   "prepared/dataset.json: the prepared data set's record is nested too deeply"),
+    "record train a string": (_record(train="patch"), ("prepared/dataset.json: field train is 'patch'; expected an "
+                                                       "object")),
+    "record cases a list": (_record(cases=[1]), "prepared/dataset.json: field cases is [1]; expected an object"),
+    "record cases a number": (_record(cases=5), "prepared/dataset.json: field cases is 5; expected an object"),
+    "record affine 3x3": (_record(cases={"c1": {"affine": np.eye(3).tolist()}}),
+                          "prepared/dataset.json: field cases.c1.affine is a matrix of shape (3, 3); expected 4x4"),
+    "record affine 1x1": (_record(cases={"c1": {"affine": [[1.0]]}}),
+                          "prepared/dataset.json: field cases.c1.affine is a matrix of shape (1, 1); expected 4x4"),
+    "record affine NaN": (_record(cases={"c1": {"affine": np.diag([1.0, np.nan, 1.0, 1.0]).tolist()}}),
+                          "prepared/dataset.json: field cases.c1.affine holds NaN or Inf"),
+    "record spacing ragged": (_record(cases={"c1": {"spacing": [0.6, [0.6], 0.6]}}),
+                              ("prepared/dataset.json: field cases.c1.spacing is [0.6, [0.6], 0.6]; expected 3 voxel "
+                               "sizes in mm")),
+    "record affine singular, h5 case": (_h5_case_singular_affine, ("root/dataset.json: field cases.synth0000.affine "
+                                                                   "gives array axis 2 a voxel size of 0 mm")),
 }
 
 
@@ -409,7 +464,9 @@ def test_existing_output_needs_overwrite(la_model, tmp_path, capsys):
     assert (out / "ok.nii.gz").read_bytes() == b"the user's own file" and not (out / "ok_uncertainty.nii.gz").exists()
     assert run(la_model, scan_file, "--out", out, "--overwrite") == 0
     assert (out / "ok.nii.gz").read_bytes() == before and not list(out.glob("*.tmp"))
-    assert sorted(p.name for p in out.glob("predictions*.json")) == ["predictions.json"]  # replaced, with --overwrite
+    record = json.loads((out / "predictions.json").read_text())  # the case's entry replaced, its old run gone
+    assert sorted(p.name for p in out.glob("predictions*.json")) == ["predictions.json"]
+    assert [c["case"] for c in record["cases"]] == ["ok"] and len(record["runs"]) == 1
 
 
 def test_subprocess_refusal(tmp_path):
@@ -419,3 +476,96 @@ def test_subprocess_refusal(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("predict: error: MODEL ") \
         and "none.pt: no such file" in proc.stderr, proc.stderr
+
+
+# ----------------------------------------------------------------------------- writes: links, inputs, one writer
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: files.sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and not p.is_symlink()}
+
+
+def test_links_planted_at_the_old_temporary_names_are_never_written_through(la_model, tmp_path):
+    scan_file, out = _la_nifti(tmp_path), tmp_path / "out"
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"the user's own file")
+    out.mkdir()
+    for name in ("ok.nii.gz.tmp", "predictions.json.tmp", "ok_uncertainty.nii.gz.tmp"):
+        (out / name).symlink_to(victim)
+    assert run(la_model, scan_file, "--out", out, "--uncertainty", "2") == 0
+    assert victim.read_bytes() == b"the user's own file"
+    assert (out / "ok.nii.gz").is_file() and not (out / "ok.nii.gz").is_symlink()
+    (out / "ok.nii.gz").unlink()
+    (out / "ok.nii.gz").symlink_to(victim)  # a link at the output's own name: replaced by the file, not followed
+    assert run(la_model, scan_file, "--out", out, "--overwrite") == 0
+    assert victim.read_bytes() == b"the user's own file" and not (out / "ok.nii.gz").is_symlink()
+    (out / files.LOCK_NAME).unlink()
+    (out / files.LOCK_NAME).symlink_to(victim)  # the lock file is opened O_NOFOLLOW
+    assert run(la_model, scan_file, "--out", out, "--overwrite") == 2
+    assert victim.read_bytes() == b"the user's own file"
+
+
+def test_an_input_is_never_replaced_even_with_overwrite(la_model, tmp_path, capsys):
+    scans = tmp_path / "scans"
+    for name in ("case01.nii.gz", "case02.nii.gz"):
+        _la_nifti(tmp_path, name=name)
+    (tmp_path / "in").rename(scans)
+    before = _hashes(scans)
+    for extra in ([], ["--overwrite"]):
+        assert run(la_model, scans, "--out", scans, *extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "would be written over the input" in err and "pass --overwrite" not in err
+    hard = tmp_path / "elsewhere"  # a hard link of an input at an output's name: the same inode
+    hard.mkdir()
+    os.link(scans / "case01.nii.gz", hard / "case01.nii.gz")
+    assert run(la_model, scans / "case01.nii.gz", "--out", hard, "--overwrite") == 2
+    assert "input" in capsys.readouterr().err
+    assert _hashes(scans) == before and sorted(p.name for p in scans.iterdir()) == ["case01.nii.gz", "case02.nii.gz"]
+
+
+def test_one_predict_a_folder_and_the_record_describes_every_output(la_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    a, b = _la_nifti(tmp_path, name="a.nii.gz"), _la_nifti(tmp_path, name="b.nii.gz")
+    out.mkdir()
+    with files.FolderLock(out, "--out", "predict"):  # another predict writing there now
+        assert run(la_model, a, "--out", out) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"pid {os.getpid()}" in err
+    assert list(out.iterdir()) == [out / files.LOCK_NAME]
+    assert run(la_model, a, "--out", out) == 0
+    assert run(la_model, b, "--out", out) == 0
+    record = json.loads((out / "predictions.json").read_text())
+    assert [(c["case"], c["run"]) for c in record["cases"]] == [("a", 0), ("b", 1)] and len(record["runs"]) == 2
+    described = {name for c in record["cases"] for name in c["outputs"].values()}
+    assert described == {p.name for p in out.glob("*.nii.gz")}
+    (out / "predictions.json").write_text("[1, 2")  # not a record: refused without --overwrite, nothing written
+    c = _la_nifti(tmp_path, name="c.nii.gz")
+    assert run(la_model, c, "--out", out) == 2
+    assert "predictions.json there is not a predictions record" in capsys.readouterr().err
+    assert not (out / "c.nii.gz").exists()
+    assert run(la_model, c, "--out", out, "--overwrite") == 0
+
+
+def _huge_header(path: Path) -> Path:
+    """A 200-byte .nii.gz whose header claims 2^33 voxels (8 GiB of uint8)."""
+    img = nibabel.Nifti1Image(np.zeros((2, 2, 2), np.uint8), LA_AFFINE)
+    img.header.set_data_shape((2048, 2048, 2048))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(img.header.binaryblock + b"\0" * 4 + bytes(64)))
+    return path
+
+
+def test_every_input_is_checked_before_anything_is_written(la_model, tmp_path, capsys):
+    good = _la_nifti(tmp_path, name="a.nii.gz")
+    image = np.random.default_rng(1).normal(size=(20, 20, 12)).astype(np.float32)
+    image[3, 4, 5] = np.nan
+    bad = save(tmp_path / "in" / "b.nii.gz", image, LA_AFFINE)
+    out = tmp_path / "out"
+    assert run(la_model, good, bad, "--out", out) == 2
+    assert "b.nii.gz: the image is not all finite" in capsys.readouterr().err
+    assert not out.exists()  # a.nii.gz was not predicted first
+    huge = _huge_header(tmp_path / "huge" / "h.nii.gz")
+    assert run(la_model, good, huge, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "claims shape (2048, 2048, 2048)" in err and "--max-voxels" in err
+    assert not out.exists()
+    assert run(la_model, good, "--out", out, "--max-voxels", "100") == 2
+    assert "more than --max-voxels 100" in capsys.readouterr().err

@@ -3,8 +3,12 @@
 Synthetic NIfTI volumes (small, non-identity affines: LPS and oblique, anisotropic spacing) through the real
 command line (``data.main`` in-process, and once as a subprocess); the real LA data round trip when present.
 """
+import gzip
 import hashlib
 import json
+import os
+import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +20,7 @@ import pytest
 nibabel = pytest.importorskip("nibabel")
 pytest.importorskip("monai")
 
-from uamt_fast import data, prepare
+from uamt_fast import data, files, prepare
 
 SHAPE = (40, 36, 20)
 LPS = np.diag([-0.8, -0.8, 2.0, 1.0]) + np.array([[0, 0, 0, 30.0], [0, 0, 0, 25.0], [0, 0, 0, -18.0], [0, 0, 0, 0]])
@@ -35,6 +39,16 @@ def oblique(spacing=(1.2, 0.9, 2.5), degrees=20.0) -> np.ndarray:
 def save(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     nibabel.save(nibabel.Nifti1Image(array, affine), str(path))
+    return path
+
+
+def with_sform(path: Path, sform) -> Path:
+    """The .nii.gz at ``path`` with its header's sform set to ``sform`` (3x4 rows, qform off) byte by byte: an
+    affine nibabel refuses to write (a zero column, NaN) as a file written elsewhere may hold it."""
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    struct.pack_into("<hh", raw, 252, 0, 1)  # qform_code 0, sform_code 1
+    struct.pack_into("<12f", raw, 280, *np.asarray(sform, np.float32)[:3].ravel())  # srow_x, srow_y, srow_z
+    path.write_bytes(gzip.compress(bytes(raw)))
     return path
 
 
@@ -282,6 +296,7 @@ def test_overwrite_and_interrupted_prepare(tmp_path, monkeypatch, capsys):
     assert run_cli(src, out, "--preset", "none", "--test-count", "1") == 0
     assert run_cli(src, out, "--preset", "none", "--test-count", "1") == 2
     assert "already holds a prepared set" in capsys.readouterr().err
+    before = tree_hashes(out)
     calls = []
 
     def dies_on_the_second(out_, case_id, image, label):
@@ -294,11 +309,20 @@ def test_overwrite_and_interrupted_prepare(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prepare, "_write_case", dies_on_the_second)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare(src, out, "none", test_count=1, overwrite=True)
-    # the old set was removed first, the new one never got its record or lists, and no case file is left
-    assert not any((out / n).exists() for n in ("dataset.json", "train.list", "test.list", "unlabeled.list"))
-    assert not list((out / data.IMAGES_DIR).rglob("*.h5*"))
+    assert tree_hashes(out) == before  # the old set exactly as it was, no staging folder left
+    first = tmp_path / "first"
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(src, first, "none", test_count=1)
+    assert not first.exists()  # a first prepare that fails leaves nothing a reader could take for a data set
     monkeypatch.setattr(prepare, "_write_case", real_write)
-    assert run_cli(src, out, "--preset", "none", "--test-count", "1") == 0  # no prepared set there any more
+    assert run_cli(src, out, "--preset", "none", "--test-count", "1", "--overwrite") == 0
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (links by their target text), the lock file aside."""
+    return {str(p.relative_to(folder)): os.readlink(p) if p.is_symlink() else files.sha256(p)
+            for p in sorted(folder.rglob("*")) if (p.is_file() or p.is_symlink()) and p.name != files.LOCK_NAME}
 
 
 # ----------------------------------------------------------------------------- bad input: one line, exit 2
@@ -381,6 +405,33 @@ def _msd_entry(entry):
     return build
 
 
+def _msd_meta(**fields):
+    def build(root):
+        write_msd(root)
+        meta = json.loads((root / "dataset.json").read_text())
+        (root / "dataset.json").write_text(json.dumps(meta | fields))
+    return build
+
+
+def _image_sform(sform):
+    def build(root):
+        _nifti_case(_good_nifti(root))
+        with_sform(root / "imagesTr" / "c1.nii.gz", sform)
+    return build
+
+
+def _uint64_label(root):
+    write_nnunet(root, n_labeled=3, n_unlabeled=0, channels=("T1",))
+    label = scan(0)[1].astype(np.uint64)
+    label[0, 0, 0] = 2**64 - 1
+    nibabel.save(nibabel.Nifti1Image(label, LPS, dtype=np.uint64), str(root / "labelsTr" / "case000.nii.gz"))
+
+
+def _deep_json(root):
+    write_msd(root)
+    (root / "dataset.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
 def _train_and_test(root):
     write_msd(root)
     image, label = scan(3, classes=2)
@@ -416,6 +467,24 @@ BAD = {
                        "1 classes (background); the trainer needs 2..255"),
     "bad flag": (lambda r: write_nnunet(r, channels=("T1",)), ["--test-fraction", "1.5"],
                  "argument --test-fraction: expected a finite number in (0, 1)"),
+    "zero voxel size": (_image_sform(np.diag([0.8, 0.0, 2.0, 1.0])), [],
+                        ("src/imagesTr/c1.nii.gz: the NIfTI affine (sform / qform / pixdim) gives array axis 1 a voxel "
+                         "size of 0 mm")),
+    "two axes on one world axis": (_image_sform([[0.8, 0.8, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 0]]), [],
+                                   ("src/imagesTr/c1.nii.gz: the NIfTI affine (sform / qform / pixdim) points array "
+                                    "axes 0 and 1 along one world direction")),
+    "NaN in the affine": (_image_sform(np.diag([0.8, np.nan, 2.0, 1.0])), [],
+                          "src/imagesTr/c1.nii.gz: the NIfTI affine (sform / qform / pixdim) holds NaN or Inf"),
+    "test entry without image": (_msd_meta(test=[{"label": "./labelsTs/image0003.nii.gz"}]), [],
+                                 ("src/dataset.json: test entry 1 is {'label': './labelsTs/image0003.nii.gz'}, "
+                                  "expected an image path or {\"image\": path}")),
+    "test not a list": (_msd_meta(test="./imagesTs/image0003.nii.gz"), [], "src/dataset.json: 'test' must be a list"),
+    "negative label": (_msd_meta(labels={"-1": "outside", "0": "background", "1": "pancreas"}), [],
+                       "src/dataset.json: label 'outside' is -1: negative label values are not allowed"),
+    "uint64 label value": (_uint64_label, [], ("src/labelsTr/case000.nii.gz: label values [18446744073709551615] not "
+                                               "in the declared labels")),
+    "dataset.json nested 100,000 deep": (_deep_json, [], ("src/dataset.json: the data set description (Decathlon / "
+                                                          "nnU-Net) is nested too deeply to read")),
 }
 
 
@@ -433,6 +502,21 @@ def test_bad_input_is_one_line(tmp_path, capsys, name):
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not any((out / n).exists() for n in ("dataset.json", "train.list", "test.list", "unlabeled.list"))
     assert not list(out.rglob("*.h5")) if out.exists() else True
+
+
+def test_hidden_files_are_skipped_in_every_layout(tmp_path):
+    """A .DS_Store and macOS's ._{name} twins in imagesTr / labelsTr are no cases, in an nnU-Net folder as in a
+    plain NIfTI one: both prepare as if they were not there."""
+    nnunet = write_nnunet(tmp_path / "nnunet", n_labeled=2, n_unlabeled=0, channels=("T1",))
+    plain = _good_nifti(tmp_path / "plain")
+    for root, ids in ((nnunet, ["case000", "case001"]), (plain, ["c2", "c3"])):
+        for folder in ("imagesTr", "labelsTr"):
+            last = max((root / folder).iterdir()).name
+            (root / folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+            (root / folder / f"._{last}").write_bytes(b"\0\5\26\7 AppleDouble")
+        out = tmp_path / f"{root.name}_out"
+        assert run_cli(root, out, "--preset", "none", "--test-count", "1") == 0
+        assert sorted(json.loads((out / "dataset.json").read_text())["cases"]) == ids
 
 
 def test_missing_extra_names_the_install(tmp_path, capsys, monkeypatch):
@@ -508,3 +592,76 @@ def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
     assert run_cli(src, tmp_path / "out", "--preset", "none", "--test-count", "1", "--workers", "2") == 0
     err = capsys.readouterr().err
     assert "\rprepare: 3/3 cases\n" in err and err.count("\rprepare: ") == 3
+
+
+# ----------------------------------------------------------------------------- writes: links, one writer, staging
+def test_links_planted_in_out_are_never_written_through_nor_removed_beyond(tmp_path, capsys):
+    src = write_nnunet(tmp_path / "nnunet", n_labeled=3, n_unlabeled=0, channels=("T1",))
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"the user's own file")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "dataset.json.tmp").symlink_to(victim)
+    (out / "train.list.tmp").symlink_to(victim)
+    assert run_cli(src, out, "--preset", "none", "--test-count", "1") == 0
+    assert victim.read_bytes() == b"the user's own file"
+    case_folder = out / data.IMAGES_DIR / "case000"
+    (case_folder / (data.H5_NAME + ".tmp")).symlink_to(victim)
+    outside = tmp_path / "outside"  # a case folder that is a link to a folder of the user's
+    outside.mkdir()
+    (outside / data.H5_NAME).write_bytes(b"the user's h5")
+    shutil.rmtree(out / data.IMAGES_DIR / "case001")
+    (out / data.IMAGES_DIR / "case001").symlink_to(outside, target_is_directory=True)
+    assert run_cli(src, out, "--preset", "none", "--test-count", "1", "--overwrite") == 0
+    assert victim.read_bytes() == b"the user's own file" and (outside / data.H5_NAME).read_bytes() == b"the user's h5"
+    assert not (out / data.IMAGES_DIR / "case001").is_symlink() and "image" in read_h5(out, "case001")
+    (out / data.IMAGES_DIR).rename(tmp_path / "moved")  # the image folder itself a link: refused, nothing written
+    (out / data.IMAGES_DIR).symlink_to(outside, target_is_directory=True)
+    assert run_cli(src, out, "--preset", "none", "--test-count", "1", "--overwrite") == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert sorted(p.name for p in outside.iterdir()) == [data.H5_NAME]
+
+
+def test_one_prepare_a_folder(tmp_path, capsys):
+    one = write_nnunet(tmp_path / "one", n_labeled=3, n_unlabeled=0, channels=("T1",))
+    other = tmp_path / "other"
+    shutil.copytree(one, other)
+    for path in (other / "imagesTr").iterdir():  # another data set: the images differ
+        img = nibabel.load(str(path))
+        save(path, np.asarray(img.dataobj) * 3.0 + 1.0, img.affine)
+    out = tmp_path / "out"
+    out.mkdir()
+    with files.FolderLock(out, "OUT", "prepare"):  # a prepare running there now
+        assert run_cli(one, out, "--preset", "none", "--test-count", "1") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"prepare is in progress there (pid {os.getpid()} holds" in err
+    assert sorted(p.name for p in out.iterdir()) == [files.LOCK_NAME]
+    procs = [subprocess.Popen([sys.executable, "-m", "uamt_fast.data", "prepare", str(s), str(out), "--preset", "none",
+                               "--test-count", "1"], stderr=subprocess.PIPE, text=True) for s in (one, other)]
+    codes = [p.wait(timeout=300) for p in procs]
+    assert sorted(codes) == [0, 2], [p.stderr.read() for p in procs]
+    winner = (one, other)[codes.index(0)]
+    record = json.loads((out / "dataset.json").read_text())
+    assert record["source"]["path"] == str(winner.resolve())
+    reference = tmp_path / "reference"
+    assert run_cli(winner, reference, "--preset", "none", "--test-count", "1") == 0
+    for case_id in record["cases"]:  # every case file is the winner's: one run's set, not a mix
+        np.testing.assert_array_equal(read_h5(out, case_id)["image"], read_h5(reference, case_id)["image"])
+
+
+def test_a_failing_overwrite_leaves_the_old_set_as_it_was(tmp_path, capsys):
+    src = write_nnunet(tmp_path / "nnunet", n_labeled=3, n_unlabeled=0, channels=("T1",))
+    out = tmp_path / "out"
+    assert run_cli(src, out, "--preset", "none", "--test-count", "1") == 0
+    before = tree_hashes(out)
+    last = sorted((src / "imagesTr").iterdir())[-1]
+    img = nibabel.load(str(last))
+    image = np.asarray(img.dataobj).astype(np.float32)
+    image[1, 2, 3] = np.nan
+    save(last, image, img.affine)
+    assert run_cli(src, out, "--preset", "none", "--test-count", "1", "--overwrite") == 2
+    assert f"{last}: image has 1 NaN or Inf voxels" in capsys.readouterr().err
+    assert tree_hashes(out) == before and not list(out.glob(".prepare-*"))
+    first = tmp_path / "first"
+    assert run_cli(src, first, "--preset", "none", "--test-count", "1") == 2
+    assert not first.exists()  # no empty skeleton for train.py to misread

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import train  # noqa: E402
 from trainer_cli import ENV, TINY, Payload, one_error_line  # noqa: E402
-from uamt_fast import checkpoints, data, figures  # noqa: E402
+from uamt_fast import checkpoints, data, figures, files  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("trainer_on_cpu")  # tests/conftest.py
 
@@ -232,3 +232,50 @@ def test_data_cli_help_shows_every_default_and_examples(command, defaults, capsy
 def test_overwrite_with_eval_is_refused_not_ignored(run, capsys):
     assert train.main(["--eval", str(run), "--overwrite"]) == 2
     one_error_line(capsys, "--overwrite", "--eval")
+
+
+# ----------------------------------------------------------------------------- no link followed, no data removed
+def test_links_planted_in_the_run_folder_are_never_written_through(tiny_root, tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"the user's own file")
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("config.json.tmp", "checkpoint.pt.tmp", "student.pt.tmp", "eval.json.tmp"):
+        (out / name).symlink_to(victim)
+    assert train.main(["--data", str(tiny_root), *TINY, "--out", str(out)]) == 0
+    assert victim.read_bytes() == b"the user's own file"
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "student.pt", "eval.json"):
+        assert (out / name).is_file() and not (out / name).is_symlink(), name
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "run.lock").symlink_to(victim)
+    assert train.main(["--data", str(tiny_root), *TINY, "--out", str(again)]) == 2
+    one_error_line(capsys, "symbolic link", "run.lock")
+    assert victim.read_bytes() == b"the user's own file"
+    (again / "run.lock").unlink()
+    (again / "metrics.jsonl").symlink_to(victim)  # refused as a run's file; with --overwrite the link itself goes
+    assert train.main(["--data", str(tiny_root), *TINY, "--out", str(again)]) == 2
+    assert train.main(["--data", str(tiny_root), *TINY, "--out", str(again), "--overwrite"]) == 0
+    assert victim.read_bytes() == b"the user's own file" and not (again / "metrics.jsonl").is_symlink()
+    capsys.readouterr()
+    (again / "link.jsonl").symlink_to(victim)
+    with pytest.raises(files.FolderError, match="symbolic link"):  # the log's appends: O_NOFOLLOW
+        files.append_line(again / "link.jsonl", "x\n")
+    assert victim.read_bytes() == b"the user's own file"
+    hard = tmp_path / "hard"  # a hard link at the lock's name: the lock would truncate the user's file
+    hard.mkdir()
+    os.link(victim, hard / "run.lock")
+    assert train.main(["--data", str(tiny_root), *TINY, "--out", str(hard)]) == 2
+    one_error_line(capsys, "hard links", "run.lock")
+    assert victim.read_bytes() == b"the user's own file"
+
+
+def test_overwrite_never_removes_the_data_it_was_given(tmp_path, capsys):
+    out = tmp_path / "R"
+    demo = out / "demo_data"
+    data.write_synthetic_la(demo, n_train=3, n_test=1, shape=(24, 24, 16), seed=1)
+    before = {str(p.relative_to(demo)): p.read_bytes() for p in demo.rglob("*") if p.is_file()}
+    for folder in (out, demo, demo / "runs"):  # the run folder holds, is, or lies inside the data
+        assert train.main(["--data", str(demo), *TINY, "--out", str(folder), "--overwrite"]) == 2
+        one_error_line(capsys, "--overwrite would remove files where the run's data lives")
+    assert {str(p.relative_to(demo)): p.read_bytes() for p in demo.rglob("*") if p.is_file()} == before

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train
 import uamt_fast
-from uamt_fast import data, reference, run_folder
+from uamt_fast import data, files, reference, run_folder
 from uamt_fast.vnet import VNet
 
 TINY = ["--n-filters", "4", "--patch", "16", "16", "16", "--labeled", "2", "--no-compile", "--device", "cpu",
@@ -208,7 +208,7 @@ def test_resume_refuses_to_change_the_run(tiny_root, tmp_path, capsys):
 def test_atomic_save_survives_a_crash_mid_save(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     good = {"iteration": 3, "w": torch.arange(10.0)}
-    run_folder.atomic_save(good, path)
+    files.atomic_save(good, path)
 
     def crash(obj, f, *a, **k):  # half a file written, then the process "dies"
         f.write(b"PK\x03\x04 partial")
@@ -217,7 +217,7 @@ def test_atomic_save_survives_a_crash_mid_save(tmp_path, monkeypatch):
     save = torch.save
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        run_folder.atomic_save({"iteration": 4}, path)
+        files.atomic_save({"iteration": 4}, path)
     monkeypatch.setattr(torch, "save", save)
     back = torch.load(path, weights_only=True)
     assert back["iteration"] == 3 and torch.equal(back["w"], good["w"])
@@ -228,7 +228,7 @@ def test_atomic_save_survives_a_killed_process(tmp_path):
     """A process that dies (os._exit: no cleanup, no exception handling) halfway through writing the new
     checkpoint leaves the old one loadable."""
     path = tmp_path / "checkpoint.pt"
-    run_folder.atomic_save({"iteration": 1, "w": torch.ones(1000)}, path)
+    files.atomic_save({"iteration": 1, "w": torch.ones(1000)}, path)
     pid = os.fork()
     if pid == 0:  # the child: start saving, die mid-write
         def dying_save(obj, f, *a, **k):
@@ -237,12 +237,16 @@ def test_atomic_save_survives_a_killed_process(tmp_path):
             os._exit(9)
 
         torch.save = dying_save
-        run_folder.atomic_save({"iteration": 2}, path)
+        files.atomic_save({"iteration": 2}, path)
         os._exit(0)  # not reached
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 9
     back = torch.load(path, weights_only=True)
     assert back["iteration"] == 1 and torch.equal(back["w"], torch.ones(1000))
+    (stale,) = [p for p in tmp_path.iterdir() if p != path]  # the dead writer's temporary file
+    assert stale.name.startswith(".checkpoint.pt.") and stale.name.endswith(".tmp")
+    with run_folder.RunLock(tmp_path, "--resume"):  # the next holder of the folder removes it
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", files.LOCK_NAME]
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits(tiny_root, tmp_path, monkeypatch):
@@ -268,9 +272,9 @@ def test_nan_loss_stops_with_iteration_and_term(tiny_root, tmp_path, monkeypatch
     calls = {"n": 0}
     dice_loss = reference.dice_loss
 
-    def poisoned(logits, labels):  # the Dice term of iteration 7 (1-based) goes NaN
+    def poisoned(logits, labels, *args, **kwargs):  # the Dice term of iteration 7 (1-based) goes NaN
         calls["n"] += 1
-        loss = dice_loss(logits, labels)
+        loss = dice_loss(logits, labels, *args, **kwargs)
         return loss * float("nan") if calls["n"] == 7 else loss
 
     monkeypatch.setattr(reference, "dice_loss", poisoned)

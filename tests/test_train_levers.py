@@ -1,4 +1,4 @@
-"""train.py's speed levers (issue 9): each flag gives the default step's numbers on the CPU.
+"""train.py's speed levers: each flag gives the default step's numbers on the CPU.
 
 Same set-up as tests/test_train.py: tiny synthetic data, V-Net n_filters=4, 16^3 crops, one torch thread,
 the public fused ops on their CPU path. torch.compile is checked with dynamo's "eager" backend (the

@@ -5,7 +5,8 @@ On disk (the layout of the authors' release, github.com/yulequan/UA-MT ``data/``
     <root>/train.list, <root>/test.list           one case id a line
     <root>/2018LA_Seg_Training Set/<id>/mri_norm2.h5
         image  float32 (X, Y, Z), normalized (zero mean, unit variance over the scan before cropping)
-        label  uint8   (X, Y, Z) in {0, 1}
+        label  uint8   (X, Y, Z) in {0, 1} (a prepared set: 0..C-1, and IGNORE_LABEL = 255 for voxels
+               that are not annotated where its dataset.json declares "ignore_label": 255)
 
 A *packed* root (``python -m uamt_fast.data pack``) has the same lists and folders with
 ``mri_norm2.npz`` instead: the LA scans are 8-bit MRI normalized per scan, so each image is an
@@ -31,6 +32,7 @@ import bz2
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import zipfile
@@ -42,7 +44,7 @@ import h5py
 import numpy as np
 import torch
 
-from uamt_fast import cli, run_folder
+from uamt_fast import cli, files, run_folder
 
 IMAGES_DIR = "2018LA_Seg_Training Set"
 H5_NAME = "mri_norm2.h5"
@@ -51,6 +53,7 @@ PACKED_FORMAT = "uamt_fast.la_pack.v1"
 RECORD_NAME = "dataset.json"  # written by prepare: classes, labels, geometry of every case
 RECORD_FORMAT = "uamt_fast.prepared/1"
 LA_SPACING = (0.625, 0.625, 0.625)  # mm: the 2018 Atrial Segmentation Challenge's isotropic MRI
+IGNORE_LABEL = 255  # the stored label value of "not annotated" voxels (nnU-Net's "ignore" label), never a class
 
 
 class DataError(ValueError):
@@ -60,12 +63,15 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Case:
     """One scan in memory: ``image`` float32 (X, Y, Z), normalized; ``label`` uint8 (X, Y, Z) in 0..C-1, or
-    None for an unlabeled case (its label was never read, or never existed); ``spacing`` in mm per axis."""
+    None for an unlabeled case (its label was never read, or never existed); ``spacing`` in mm per axis;
+    ``ignore_label``: the label value of voxels that are not annotated (``IGNORE_LABEL``, where the data set's
+    record declares one), which no loss or metric counts; None: every voxel is annotated."""
 
     id: str
     image: np.ndarray
     label: np.ndarray | None
     spacing: tuple = LA_SPACING
+    ignore_label: int | None = None
 
     def __post_init__(self):  # cheap structural checks; value checks happen where data is read
         if self.image.ndim != 3 or (self.label is not None and self.image.shape != self.label.shape):
@@ -79,27 +85,93 @@ class Case:
 # ----------------------------------------------------------------------------- the record of a prepared set
 def read_record(roots) -> dict | None:
     """The ``dataset.json`` that ``prepare`` wrote (identical in every root that has one), or None for the LA
-    release, which has none. Checked: a JSON object of format RECORD_FORMAT with ``num_classes`` in [2, 255]."""
+    release, which has none. Checked: a JSON object of format RECORD_FORMAT with ``num_classes`` in [2, 255], and
+    every other field train.py and predict read with its type and shape (``_check_record``)."""
     records = []
     for root in as_roots(roots):
         path = root / RECORD_NAME
         if not path.is_file():
             continue
-        try:
-            record = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: not a JSON record ({e})") from None
-        if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        record = files.read_json(path, "the prepared data set's record", DataError)
+        if record.get("format") != RECORD_FORMAT:
             raise DataError(f"{path}: not a uamt_fast prepared data set (expected \"format\": \"{RECORD_FORMAT}\"; "
                             "write one with python -m uamt_fast.data prepare)")
         c = record.get("num_classes")
         if type(c) is not int or not 2 <= c <= 255:
             raise DataError(f"{path}: num_classes {c!r}; expected an int in [2, 255]")
+        if record.get("ignore_label", IGNORE_LABEL) != IGNORE_LABEL or type(record.get("ignore_label", 0)) is not int:
+            raise DataError(f"{path}: ignore_label {record['ignore_label']!r}; the only reserved value is "
+                            f"{IGNORE_LABEL} (or no ignore_label)")
+        _check_record(record, path)
         records.append((path, record))
     for path, record in records[1:]:
         if record != records[0][1]:
             raise DataError(f"{path} differs from {records[0][0]}; the roots of one data set must have the same record")
     return records[0][1] if records else None
+
+
+def _check_record(record: dict, path: Path) -> None:
+    """The fields of a prepared set's record that train.py and predict read, each of its type and shape, or a
+    one-line DataError naming the file and the field: ``preset``, ``channel`` (strings), ``labels`` ({name: int}),
+    ``train`` (``patch``: 3 ints, ``eval_stride_xy`` / ``eval_stride_z``: ints >= 1), ``source`` (``path``,
+    ``layout``: strings) and per case of ``cases`` ({id: {...}}): ``spacing`` (3 mm values in (0, 1000)),
+    ``shape`` / ``shape_original`` (3 ints >= 1), ``affine`` / ``affine_original`` (``formats.check_affine``: a
+    singular or non-finite one would stop predict's map back after the inference) and ``files``. A field may be
+    absent (a hand-written record holds ``format`` and ``num_classes`` only); then its reader's default holds."""
+    from uamt_fast import formats  # (formats imports this module)
+
+    def refuse(field: str, value, expected: str):
+        raise DataError(f"{path}: field {field} is {value!r:.80}; expected {expected}")
+
+    def sizes(value, low: float, high: float, kind) -> bool:
+        return isinstance(value, list) and len(value) == 3 and all(
+            type(v) in kind and math.isfinite(v) and low <= v < high for v in value)
+
+    for key in ("preset", "channel"):
+        if key in record and not isinstance(record[key], str):
+            refuse(key, record[key], "a string")
+    labels = record.get("labels", {})
+    if not isinstance(labels, dict) or not all(type(v) is int for v in labels.values()):
+        refuse("labels", labels, "an object {name: label value}")
+    settings = record.get("train", {})
+    if not isinstance(settings, dict):
+        refuse("train", settings, 'an object {"patch": [x, y, z], "eval_stride_xy": n, "eval_stride_z": n}')
+    if "patch" in settings and not sizes(settings["patch"], 1, math.inf, (int,)):
+        refuse("train.patch", settings["patch"], "3 integers >= 1")
+    for key in ("eval_stride_xy", "eval_stride_z"):
+        if key in settings and not (type(settings[key]) is int and settings[key] >= 1):
+            refuse(f"train.{key}", settings[key], "an integer >= 1")
+    source = record.get("source", {})
+    if not isinstance(source, dict) or not all(isinstance(source.get(k, ""), str) for k in ("path", "layout")):
+        refuse("source", source, 'an object {"path": folder, "layout": name}')
+    cases = record.get("cases", {})
+    if not isinstance(cases, dict):
+        refuse("cases", cases, "an object {case id: {spacing, shape, affine, ...}}")
+    for case_id, case in cases.items():
+        field = f"cases.{check_case_id(case_id, f'{path}: field cases')}"
+        if not isinstance(case, dict):
+            refuse(field, case, "an object {spacing, shape, affine, ...}")
+        if "spacing" in case and not sizes(case["spacing"], 1e-6, 1e3, (int, float)):
+            refuse(f"{field}.spacing", case["spacing"], "3 voxel sizes in mm, each in (0, 1000)")
+        for key in ("shape", "shape_original"):
+            if key in case and not sizes(case[key], 1, math.inf, (int,)):
+                refuse(f"{field}.{key}", case[key], "3 integers >= 1")
+        for key in ("affine", "affine_original"):
+            if key in case:
+                formats.check_affine(case[key], f"{path}: field {field}.{key}")
+        read = case.get("files", {})
+        image = read.get("image", []) if isinstance(read, dict) else None
+        if not (isinstance(image, list) and all(isinstance(f, str) for f in image)
+                and isinstance(read.get("label"), (str, type(None)))):
+            refuse(f"{field}.files", read, '{"image": [file, ...], "label": file or null}')
+
+
+def input_folders(roots) -> list[Path]:
+    """The folders a run reads: its data roots and, for a prepared set, the source it was prepared from (that
+    an ``--overwrite`` must never touch)."""
+    roots = [Path(r) for r in roots or []]
+    source = ((read_record(roots) or {}).get("source") or {}).get("path") if roots else None
+    return roots + ([Path(source)] if isinstance(source, str) and source else [])
 
 
 def num_classes(roots) -> int:
@@ -276,13 +348,15 @@ def load_case(roots, case_id: str, labeled: bool = True, record: dict | None = N
     else:
         raise DataError(f"case file not found: {folder / H5_NAME} (nor a packed {PACKED_NAME})")
     classes = 2 if record is None else record["num_classes"]
-    return _validated(case_id, image, label, path, classes, case_spacing(record, case_id))
+    ignore = None if record is None else record.get("ignore_label")
+    return _validated(case_id, image, label, path, classes, case_spacing(record, case_id), ignore)
 
 
 def downsample(case: Case, k: int) -> Case:
     """``case`` pooled k-fold (train.py --downsample, for CPU runs): the image average-pooled (each output voxel
     the mean of a k^3 block), the label by majority (two classes: block mean >= 0.5; more: the most frequent
-    class); a remainder smaller than k along an axis is dropped."""
+    class); a remainder smaller than k along an axis is dropped. With an ``ignore_label``: a block more than half
+    of whose voxels are ignored is ignored, the others take the majority of their annotated voxels."""
     if k == 1:
         return case
     if min(np.shape(case.image)) < k:
@@ -293,12 +367,24 @@ def downsample(case: Case, k: int) -> Case:
     if case.label is None:
         return dataclasses.replace(case, image=image)
     label = torch.as_tensor(np.asarray(case.label)).long()[None]
+    ignored = None if case.ignore_label is None else label == case.ignore_label
+    if ignored is not None and not bool(ignored.any()):
+        ignored = None
+    if ignored is not None:  # the classes are voted on by the annotated voxels of each block only
+        label = label.masked_fill(ignored, 0)
     if int(label.max()) <= 1:  # two classes: the majority as before (block mean >= 0.5, ties to foreground)
-        label = (torch.nn.functional.avg_pool3d(label[None].float(), k)[0, 0] >= 0.5).to(torch.uint8).numpy()
+        fraction = torch.nn.functional.avg_pool3d(label[None].float(), k)[0, 0]
+        if ignored is not None:  # of the annotated voxels
+            fraction = fraction / torch.nn.functional.avg_pool3d((~ignored)[None].float(), k)[0, 0].clamp_min(1e-12)
+        label = (fraction >= 0.5).to(torch.uint8)
     else:  # more: the most frequent class of each block (ties to the lower class)
-        counts = torch.nn.functional.avg_pool3d(torch.nn.functional.one_hot(label[0]).permute(3, 0, 1, 2)[None].float(), k)[0]
-        label = counts.argmax(0).to(torch.uint8).numpy()
-    return dataclasses.replace(case, image=image, label=label)
+        one_hot = torch.nn.functional.one_hot(label[0]).permute(3, 0, 1, 2)[None].float()
+        if ignored is not None:
+            one_hot = one_hot * (~ignored)[None].float()
+        label = torch.nn.functional.avg_pool3d(one_hot, k)[0].argmax(0).to(torch.uint8)
+    if ignored is not None:  # a block most of whose voxels are not annotated is not annotated
+        label[torch.nn.functional.avg_pool3d(ignored[None].float(), k)[0, 0] > 0.5] = case.ignore_label
+    return dataclasses.replace(case, image=image, label=label.numpy())
 
 
 def load_cases(roots, ids, labeled: bool = True) -> list[Case]:
@@ -328,9 +414,14 @@ def read_unlabeled(roots) -> list[str]:
 def make_folder(path, what: str) -> Path:
     """``mkdir -p path`` (``uamt_fast.run_folder.make_folder``: refused when it is or lies under a file, or cannot
     be written), or a one-line DataError naming ``what`` (a flag, "output folder") and the path."""
+    return _writable(run_folder.make_folder, path, "data set", what)
+
+
+def _writable(make, *args) -> Path:
+    """``make(*args)`` (a folder maker of ``run_folder`` or ``files``) with its refusal as a DataError."""
     try:
-        return run_folder.make_folder(path, "data set", what)
-    except run_folder.RunFolderError as e:
+        return make(*args)
+    except files.FolderError as e:
         raise DataError(str(e)) from None
 
 
@@ -339,6 +430,13 @@ def _existing_root(root) -> Path:
     if not root.is_dir():
         raise DataError(f"LA data root not found: {root}")
     return root
+
+
+def read_h5_case(case_id: str, path, labeled: bool = True) -> Case:
+    """One h5 case file of the release layout (``image``, and ``label`` when ``labeled``), checked as
+    ``load_case`` checks it (non-empty 3D float image, all finite; labels {0, 1})."""
+    path = Path(path)
+    return _validated(case_id, *_read_h5(path, labeled), path)
 
 
 def _read_h5(path: Path, labeled: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
@@ -355,7 +453,8 @@ def _read_h5(path: Path, labeled: bool = True) -> tuple[np.ndarray, np.ndarray |
 
 
 def _validated(case_id: str, image: np.ndarray, label: np.ndarray | None, path: Path, classes: int = 2,
-               spacing: tuple = LA_SPACING) -> Case:
+               spacing: tuple = LA_SPACING, ignore: int | None = None) -> Case:
+    """A Case of checked arrays: labels in 0..classes-1, or ``ignore`` (the record's ignore_label) too."""
     if image.ndim != 3 or image.size == 0 or (label is not None and label.ndim != 3):
         raise DataError(f"{path}: image {image.shape} and label {None if label is None else label.shape} must both "
                         "be non-empty 3D arrays")
@@ -366,13 +465,18 @@ def _validated(case_id: str, image: np.ndarray, label: np.ndarray | None, path: 
     if not np.isfinite(image).all():
         raise DataError(f"{path}: image has {np.size(image) - np.isfinite(image).sum()} non-finite values")
     if label is None:
-        return Case(case_id, np.ascontiguousarray(image, np.float32), None, spacing)
-    expected = "{0, 1}" if classes == 2 else f"0..{classes - 1}"
+        return Case(case_id, np.ascontiguousarray(image, np.float32), None, spacing, ignore)
+    expected = ("{0, 1}" if classes == 2 else f"0..{classes - 1}") + ("" if ignore is None else
+                                                                      f" (or {ignore}: ignore, not annotated)")
     if not (np.issubdtype(label.dtype, np.integer) or label.dtype == bool):
         raise DataError(f"{path}: label dtype {label.dtype}; expected integers in {expected}")
     if label.min() < 0 or label.max() >= classes:
-        raise DataError(f"{path}: label values {np.unique(label)[:10].tolist()} outside {expected}")
-    return Case(case_id, np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.uint8), spacing)
+        values = np.unique(label)
+        bad = values[(values < 0) | ((values >= classes) & (values != (-1 if ignore is None else ignore)))]
+        if bad.size:
+            raise DataError(f"{path}: label values {bad[:10].tolist()} outside {expected}")
+    return Case(case_id, np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.uint8), spacing,
+                ignore)
 
 
 # ----------------------------------------------------------------------------- packed copy
@@ -419,12 +523,12 @@ def pack_case(case: Case, out_root) -> tuple[Path, float]:
                         + ("no label" if case.label is None else f"labels up to {int(case.label.max())}")
                         + " (train from the prepared h5 folder itself)")
     q, levels, offset, scale, error = quantize(case.image, f"case {case.id}")
-    path = Path(out_root) / IMAGES_DIR / case.id / PACKED_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, format=np.array(PACKED_FORMAT), shape=np.array(case.image.shape, np.int64), levels=levels,
-             offset=np.float64(offset), scale=np.float64(scale),
-             image_codes_bz2=np.frombuffer(bz2.compress(q.tobytes(), 9), np.uint8),
-             label_bits_bz2=np.frombuffer(bz2.compress(np.packbits(case.label).tobytes(), 9), np.uint8))
+    path = _writable(files.subfolder, out_root, IMAGES_DIR, case.id) / PACKED_NAME
+    fields = dict(format=np.array(PACKED_FORMAT), shape=np.array(case.image.shape, np.int64), levels=levels,
+                  offset=np.float64(offset), scale=np.float64(scale),
+                  image_codes_bz2=np.frombuffer(bz2.compress(q.tobytes(), 9), np.uint8),
+                  label_bits_bz2=np.frombuffer(bz2.compress(np.packbits(case.label).tobytes(), 9), np.uint8))
+    files.atomic_write(path, lambda f: np.savez(f, **fields))
     image, label = _read_packed(path)
     if not (np.array_equal(image.view(np.uint32), case.image.view(np.uint32)) and np.array_equal(label, case.label)):
         raise DataError(f"{path}: packed copy does not read back bit-exact")  # a bug, never expected
@@ -484,7 +588,7 @@ def pack_dataset(root, out, case_ids=None, n_train=None, n_test=None, n_unlabele
     with ThreadPoolExecutor(max_workers=2) as pool:  # bz2 releases the GIL
         report = list(pool.map(pack_one, train_ids + test_ids))
     for split, ids in (("train", train_ids), ("test", test_ids)):
-        (out / f"{split}.list").write_text("".join(i + "\n" for i in ids))
+        files.atomic_write_text(out / f"{split}.list", "".join(i + "\n" for i in ids))
     return report
 
 
@@ -507,15 +611,15 @@ def split_into_parts(out, report, max_part_bytes: int) -> list[tuple[Path, list[
     lists = {split: (out / f"{split}.list").read_text() for split in ("train", "test")}
     parts = []
     for k, group in enumerate(groups, 1):
-        part = out / f"part{k}"
-        (part / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+        part = _writable(files.subfolder, out, f"part{k}")
+        images = _writable(files.subfolder, part, IMAGES_DIR)
         for case_id, _ in group:
-            os.replace(out / IMAGES_DIR / case_id, part / IMAGES_DIR / case_id)
+            os.replace(out / IMAGES_DIR / case_id, images / case_id)
         for split, text in lists.items():
-            (part / f"{split}.list").write_text(text)
+            files.atomic_write_text(part / f"{split}.list", text)
         parts.append((part, [i for i, _ in group], sum(n for _, n in group)))
     for split in lists:
-        (out / f"{split}.list").unlink()
+        files.remove(out, f"{split}.list")
     (out / IMAGES_DIR).rmdir()  # empty now: every case moved into a part
     return parts
 
@@ -538,12 +642,11 @@ def write_synthetic_la(root, n_train: int = 8, n_test: int = 2, shape=(128, 128,
     ids = [f"synth{i:04d}" for i in range(n_train + n_test)]
     for i, case_id in enumerate(ids):
         image, label = _synthetic_scan(np.random.default_rng([seed, i]), shape)
-        (root / IMAGES_DIR / case_id).mkdir(parents=True, exist_ok=True)
-        with h5py.File(root / IMAGES_DIR / case_id / H5_NAME, "w") as f:
-            f.create_dataset("image", data=image, compression="gzip")
-            f.create_dataset("label", data=label, compression="gzip")
-    (root / "train.list").write_text("".join(i + "\n" for i in ids[:n_train]))
-    (root / "test.list").write_text("".join(i + "\n" for i in ids[n_train:]))
+        folder = _writable(files.subfolder, root, IMAGES_DIR, case_id)
+        files.atomic_write_h5(folder / H5_NAME, lambda f: (f.create_dataset("image", data=image, compression="gzip"),
+                                                           f.create_dataset("label", data=label, compression="gzip")))
+    files.atomic_write_text(root / "train.list", "".join(i + "\n" for i in ids[:n_train]))
+    files.atomic_write_text(root / "test.list", "".join(i + "\n" for i in ids[n_train:]))
     return root
 
 
@@ -625,8 +728,9 @@ class TwoStreamSampler:
     All random draws come from one CPU ``torch.Generator``; the volumes live on ``device`` and
     cropping is pure tensor slicing there, so a batch costs no host-device sync and is identical on
     CPU and GPU. ``next()`` -> (images float32 (B, 1, *patch), labels int64 (B, *patch)), labeled
-    rows first. The unlabeled rows' labels are real labels where the case has one (-1 where it was
-    read without), returned for logging only: a semi-supervised loss must not use them. ``last_case_ids`` names the rows of the last batch.
+    rows first (``IGNORE_LABEL`` where a voxel is not annotated; the zero padding is background). The unlabeled
+    rows' labels are real labels where the case has one (-1 where it was read without), returned for logging
+    only: a semi-supervised loss must not use them. ``last_case_ids`` names the rows of the last batch.
     """
 
     def __init__(self, labeled: list[Case], unlabeled: list[Case], patch_size=(112, 112, 80), batch_labeled: int = 2,

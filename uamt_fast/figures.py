@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from uamt_fast import data as la_data
-from uamt_fast import checkpoints, cli, inference, metrics, selection
+from uamt_fast import checkpoints, cli, files, inference, metrics, selection
 from uamt_fast.vnet import mc_dropout
 
 PANEL_INCHES = 2.4  # each cell of the panel grid is PANEL_INCHES square
@@ -119,7 +119,9 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
         predictions[name] = predict_probs(model, case.image, **predict).argmax(0).to(torch.uint8).cpu().numpy()
     uncertainty = uncertainty_map(list(models.values())[-1], case.image, passes, **predict).cpu().numpy()
 
-    slices = axial_slices(case.label, n_slices)
+    ignore = getattr(case, "ignore_label", None)
+    ignored = None if ignore is None else np.asarray(case.label) == ignore
+    slices = axial_slices(case.label if ignored is None else np.where(ignored, 0, case.label), n_slices)
     columns = 2 + len(models)
     height = PANEL_INCHES * len(slices) + HEADER_INCHES
     fig, axes = plt.subplots(len(slices), columns, figsize=(PANEL_INCHES * columns, height), dpi=DPI, squeeze=False)
@@ -135,6 +137,8 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
                ncol=min(len(handles), 6), fontsize=8, frameon=False)
     for row, z in enumerate(slices):
         image, label = case.image[:, :, z].T, case.label[:, :, z].T  # x to the right, y down
+        if ignored is not None:  # not-annotated voxels (nnU-Net's ignore label): background, and not scored
+            label = np.where(ignored[:, :, z].T, 0, label)
         axes[row, 0].imshow(image, cmap="gray")
         axes[row, 0].set_title(f"z={z}", fontsize=8)
         for col, (name, pred) in enumerate(predictions.items(), 1):
@@ -148,8 +152,10 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
             for mask, color, style in outlines:
                 if mask.any() and not mask.all():
                     ax.contour(mask, levels=[0.5], colors=color, linewidths=0.8, linestyles=style)
-            dice = metrics.labelmap_metrics(pred, case.label, classes)["dice"] if classes > 2 else \
-                metrics.dice(pred, case.label)
+            scored, truth = (pred, case.label) if ignored is None else (np.where(ignored, 0, pred),
+                                                                         np.where(ignored, 0, case.label))
+            dice = metrics.labelmap_metrics(scored, truth, classes)["dice"] if classes > 2 else \
+                metrics.dice(scored, truth)
             ax.set_title(f"{name}: Dice {100 * dice:.1f}%" if row == 0 else name, fontsize=8)
         shown = axes[row, -1].imshow(uncertainty[:, :, z].T, cmap="inferno", vmin=0, vmax=math.log(classes))
         axes[row, -1].set_title(f"uncertainty ({list(models)[-1]}, T={passes})", fontsize=8)
@@ -221,7 +227,7 @@ def _save(plt, fig, path, top: float = 1.0) -> Path:
     fig.tight_layout(rect=(0, 0, 1, top))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    files.atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:] or "png", dpi=DPI))
     plt.close(fig)
     return path
 

@@ -17,13 +17,13 @@ In every layout ``imagesTs/`` with ``labelsTs/`` (the common extension of both) 
 folder given as ``--unlabeled DIR`` adds unlabeled cases. An unlabeled case has ``label = None`` here,
 so nothing downstream can open a label file for it.
 
-Everything wrong with a folder is a ``DataError`` of one line naming the file: a list naming a missing
-file, a file the list does not name, a case id that is a path, a case in both training and test, ...
+Hidden files (a name starting with ``.``: ``.DS_Store``, macOS's ``._x.nii.gz``) are skipped in every folder of
+every layout. Everything wrong with a folder is a ``DataError`` of one line naming the file: a list naming a
+missing file, a file the list does not name, a case id that is a path, a case in both training and test, ...
 Only ``read_volume`` needs nibabel; the rest reads file names and JSON.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from uamt_fast.data import DataError, check_case_id
+from uamt_fast.files import read_json
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net's {case}_{XXXX}
@@ -67,7 +68,8 @@ def read_source(src, unlabeled_dir=None) -> Source:
     src = Path(src)
     if not src.is_dir():
         raise DataError(f"source folder not found: {src}")
-    meta = _read_json(src / "dataset.json") if (src / "dataset.json").is_file() else None
+    meta = read_json(src / "dataset.json", "the data set description (Decathlon / nnU-Net)", DataError) \
+        if (src / "dataset.json").is_file() else None
     if meta is None:
         source = _read_nifti(src)
     elif "training" in meta and not ("channel_names" in meta or "file_ending" in meta):
@@ -108,7 +110,16 @@ def _read_msd(src: Path, meta: dict) -> Source:
     _same_files(src / "imagesTr", {c.images[0].name for c in cases}, where, "'training'")
     _same_files(src / "labelsTr", {c.label.name for c in cases if c.label}, where, "'training'", missing_ok=True)
     test = meta.get("test", [])
-    test_images = [_listed_file(src, e["image"] if isinstance(e, dict) else e, where, "imagesTs") for e in test]
+    if not isinstance(test, list):
+        raise DataError(f"{where}: 'test' must be a list of image paths or {{\"image\": path}} entries, got "
+                        f"{type(test).__name__}")
+    test_images = []
+    for k, entry in enumerate(test):
+        image = entry.get("image") if isinstance(entry, dict) else entry
+        if not isinstance(image, str):
+            raise DataError(f"{where}: test entry {k + 1} is {entry!r:.60}, expected an image path or "
+                            f"{{\"image\": path}}")
+        test_images.append(_listed_file(src, image, where, "imagesTs"))
     _same_files(src / "imagesTs", {p.name for p in test_images}, where, "'test'", missing_ok=True)
     test_cases = [(check_case_id(_strip_ending(p.name), f"{where} (test {p.name})"), (p,)) for p in test_images]
     cases += _test_cases(test_cases, src, len(channels) > 1, None)
@@ -130,7 +141,7 @@ def _read_nnunet(src: Path, meta: dict) -> Source:
     labels = _nnunet_labels(meta.get("labels"), where)
     train = _channel_cases(src / "imagesTr", ending, len(channels), where)
     label_dir = src / "labelsTr"
-    label_files = {p.name for p in label_dir.iterdir() if p.is_file()} if label_dir.is_dir() else set()
+    label_files = {p.name for p in _visible_files(label_dir)}
     strays = sorted(n for n in label_files if not n.endswith(ending) or n[: -len(ending)] not in train)
     if strays:
         raise DataError(f"{label_dir / strays[0]}: a label file with no image {strays[0][: -len(ending)]}_0000{ending} "
@@ -239,7 +250,7 @@ def _channel_cases(folder: Path, ending: str, n_channels: int, where: Path) -> d
     if not folder.is_dir():
         raise DataError(f"{folder}: not found (an nnU-Net raw folder has imagesTr/)")
     cases: dict[str, dict[int, Path]] = {}
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    for path in _visible_files(folder):
         match = CHANNEL_SUFFIX.match(path.name[: -len(ending)]) if path.name.endswith(ending) else None
         if match is None:
             raise DataError(f"{path}: not named {{case}}_{{XXXX}}{ending} as {where} (file_ending) says")
@@ -313,10 +324,9 @@ def _msd_labels(value, where: Path) -> dict[str, int] | None:
         raise DataError(f"{where}: 'labels' must be a non-empty {{\"0\": name, ...}} mapping")
     if all(isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
         return _checked_labels({str(name): v for name, v in value.items()}, where)
-    try:
-        return _checked_labels({str(name): int(v) for v, name in value.items()}, where)
-    except (TypeError, ValueError):
-        raise DataError(f"{where}: Decathlon 'labels' keys must be integer values, got {sorted(value)}") from None
+    if not all(re.fullmatch(r"\s*-?\d+\s*", key) for key in value):
+        raise DataError(f"{where}: Decathlon 'labels' keys must be integer values, got {sorted(value)}")
+    return _checked_labels({str(name): int(key) for key, name in value.items()}, where)
 
 
 def _nnunet_labels(value, where: Path) -> dict[str, int]:
@@ -331,27 +341,26 @@ def _nnunet_labels(value, where: Path) -> dict[str, int]:
 
 
 def _checked_labels(labels: dict[str, int], where: Path) -> dict[str, int]:
+    negative = sorted((v, name) for name, v in labels.items() if v < 0)
+    if negative:
+        raise DataError(f"{where}: label {negative[0][1]!r} is {negative[0][0]}: negative label values are not "
+                        f"allowed (0 is the background, the classes 1, 2, ...)")
     values = sorted(labels.values())
-    if len(set(values)) != len(values) or min(values) < 0 or 0 not in values:
+    if len(set(values)) != len(values) or 0 not in values:
         raise DataError(f"{where}: labels {labels} must be distinct non-negative values including 0 (background)")
     return dict(sorted(labels.items(), key=lambda kv: kv[1]))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not valid UTF-8 JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return meta
+def _visible_files(folder: Path) -> list[Path]:
+    """The files of ``folder``, sorted; none if it is no folder. Hidden files are left out, in every layout: a name
+    starting with "." (``.DS_Store``, macOS's ``._x.nii.gz``, an editor's swap file) is never a case file."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
 def _nifti_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI_ENDINGS)
-                  and not p.name.startswith("."))
+    return [p for p in _visible_files(folder) if p.name.endswith(NIFTI_ENDINGS)]
 
 
 def _ending(name: str) -> str:
@@ -366,6 +375,53 @@ def _strip_ending(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- reading a volume
+MIN_VOXEL_MM = 1e-6  # a voxel size below this (1 nm) is a zero: no grid to orient or resample
+MIN_ANGLE = 1e-6  # radians between two array axes' world directions below which they are one direction
+
+
+def check_affine(affine, where: str) -> np.ndarray:
+    """``affine`` as a float64 4x4 array when it places a 3D grid in the world the way orientation (MONAI's
+    Orientationd, nibabel's ``io_orientation``) and the inverse map need it: finite numbers, last row (0, 0, 0, 1),
+    every array axis a voxel size > 0 and a world direction of its own (the 3x3 part invertible, and
+    ``io_orientation`` maps the three array axes to three distinct world axes). Else a one-line DataError that
+    starts with ``where``: the file, and the field when the affine is one of a record (``path: field
+    cases.c1.affine``). nibabel is used only when it is installed (the numpy checks alone already guarantee what it checks)."""
+    try:
+        a = np.array(affine, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{where} is not a 4x4 matrix of numbers: {affine!r:.80}") from None
+    if a.shape != (4, 4):
+        raise DataError(f"{where} is a matrix of shape {a.shape}; expected 4x4")
+    if not np.isfinite(a).all():
+        raise DataError(f"{where} holds NaN or Inf: {a.tolist()}")
+    if not np.array_equal(a[3], [0.0, 0.0, 0.0, 1.0]):
+        raise DataError(f"{where} has last row {a[3].tolist()}; expected [0, 0, 0, 1]")
+    zooms = np.sqrt((a[:3, :3] ** 2).sum(0))
+    for axis, zoom in enumerate(zooms):
+        if not zoom >= MIN_VOXEL_MM:
+            raise DataError(f"{where} gives array axis {axis} a voxel size of {zoom:g} mm; every axis needs one > 0")
+    directions = a[:3, :3] / zooms
+    if np.linalg.svd(directions, compute_uv=False)[-1] < MIN_ANGLE:
+        cosines = np.abs(directions.T @ directions) - np.eye(3)
+        i, j = np.unravel_index(np.argmax(cosines), cosines.shape)
+        if cosines[i, j] > np.cos(MIN_ANGLE):
+            raise DataError(f"{where} points array axes {min(i, j)} and {max(i, j)} along one world direction "
+                            f"(its 3x3 part is singular: {np.round(a[:3, :3], 6).tolist()})")
+        raise DataError(f"{where} puts the three array axes in one plane (its 3x3 part is singular: "
+                        f"{np.round(a[:3, :3], 6).tolist()})")
+    try:
+        from nibabel.orientations import io_orientation
+    except ImportError:
+        return a
+    try:
+        world = io_orientation(a)[:, 0]
+    except Exception as e:  # noqa: BLE001 (numpy's LinAlgError, nibabel's own errors)
+        raise DataError(f"{where}: nibabel cannot orient it ({type(e).__name__}: {e})") from None
+    if np.isnan(world).any() or len(set(world.tolist())) != 3:
+        raise DataError(f"{where} maps the array axes to the world axes {world.tolist()}; each needs its own")
+    return a
+
+
 def read_volume(path: Path, channel: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(array (X, Y, Z), affine 4x4)`` of a NIfTI file through nibabel. ``channel``: the index into the last
     axis of a 4D file (MSD multi-modal); without it a 4D file is refused (one line, DataError)."""
@@ -388,7 +444,7 @@ def read_volume(path: Path, channel: int | None = None) -> tuple[np.ndarray, np.
                            if array.ndim == 4 else ""))
     if array.size == 0:
         raise DataError(f"{path}: an empty image (shape {array.shape})")
-    return array, np.asarray(img.affine, dtype=np.float64)
+    return array, check_affine(img.affine, f"{path}: the NIfTI affine (sform / qform / pixdim)")
 
 
-__all__ = ["NIFTI_ENDINGS", "Source", "SourceCase", "read_source", "read_volume"]
+__all__ = ["NIFTI_ENDINGS", "Source", "SourceCase", "check_affine", "read_source", "read_volume"]

@@ -203,7 +203,8 @@ def evaluate(
         "nan_cases": n}``; with 2 classes the foreground is every nonzero predicted class, with more each
         class is scored alone (``"classes"`` per case, ``"mean_per_class"``) and the top level is their mean
         (``uamt_fast.metrics.labelmap_metrics``). Dice/Jaccard are fractions, 95HD/ASD voxels (and mm where
-        the case has a ``spacing``); an empty prediction gives NaN distances (see ``uamt_fast.metrics``).
+        the case has a ``spacing``); an empty prediction gives NaN distances (see ``uamt_fast.metrics``). A case
+        with an ``ignore_label`` (nnU-Net's ignore label) is scored on its annotated voxels only.
     """
     n_cases, cases = _iter_cases(data, split)
     if n_cases == 0:
@@ -225,9 +226,10 @@ def evaluate(
             else:
                 labels = predict_probs(model, case.image, patch_size, stride_xy, stride_z, downsample, num_classes,
                                        batch_size, autocast_dtype).argmax(0).cpu().numpy()
-            # (the spacing, in mm, where the case carries one: uamt_fast.data's cases do)
+            # (the spacing, in mm, and the ignore label, where the case carries them: uamt_fast.data's cases do)
             row = {"case": str(case.id), **labelmap_metrics(labels, case.label, num_classes,
-                                                           getattr(case, "spacing", None))}
+                                                           getattr(case, "spacing", None),
+                                                           getattr(case, "ignore_label", None))}
             rows.append(row)
             if progress is not None:
                 progress(row)

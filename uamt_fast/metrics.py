@@ -58,6 +58,10 @@ def _as_mask(x: ArrayLike, what: str, fn: str) -> np.ndarray:
     return np.atleast_1d(x != 0)
 
 
+def _as_array(x: ArrayLike) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def _mask_pair(pred: ArrayLike, gt: ArrayLike, fn: str) -> tuple[np.ndarray, np.ndarray]:
     p, g = _as_mask(pred, "prediction", fn), _as_mask(gt, "ground truth", fn)
     if p.shape != g.shape:
@@ -342,13 +346,25 @@ def _scaled_distances(query: np.ndarray, feature: np.ndarray, spacing: np.ndarra
 
 
 def labelmap_metrics(pred: ArrayLike, gt: ArrayLike, num_classes: int = 2,
-                     spacing: Sequence[float] | None = None) -> dict:
+                     spacing: Sequence[float] | None = None, ignore_label: int | None = None) -> dict:
     """The metrics of a predicted label map against the ground truth's, for ``num_classes`` classes.
 
     C = 2: ``case_metrics`` of the foreground (every nonzero voxel), as the paper scores LA. C > 2: each
     foreground class c scored alone (``pred == c`` against ``gt == c``) under ``"classes"`` (keys "1".."C-1"),
     and at the top level the mean over the classes of each metric (NaN classes left out).
+
+    ``ignore_label`` (nnU-Net's ignore label, ``uamt_fast.data.IGNORE_LABEL``): the voxels where ``gt`` holds it
+    are not annotated and are scored as background in both maps, so they are in no class's true or false
+    positives or negatives: Dice and Jaccard are exactly those of the annotated voxels alone (nnU-Net excludes
+    them from its confusion counts the same way), and the surfaces are those of the annotated part.
     """
+    if ignore_label is not None:
+        pred, gt = _as_array(pred), _as_array(gt)
+        if pred.shape != gt.shape:
+            raise ValueError(f"labelmap_metrics: prediction shape {pred.shape} does not match ground-truth shape "
+                             f"{gt.shape}")
+        annotated = gt != ignore_label
+        pred, gt = np.where(annotated, pred, 0), np.where(annotated, gt, 0)
     if num_classes == 2:
         return case_metrics(pred, gt, spacing)
     pred, gt = np.asarray(pred), np.asarray(gt)

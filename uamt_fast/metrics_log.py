@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from uamt_fast import files
+
 TENSORBOARD_DIR = "tensorboard"  # inside the run folder
 
 
@@ -33,11 +35,11 @@ class MetricsLog:
         self.writer = None
         if tensorboard:
             purge = start + 1 if start else None  # events after the checkpoint: written again by this run
-            self.writer = require_tensorboard()(str(Path(run) / TENSORBOARD_DIR), purge_step=purge)
+            events = files.subfolder(run, TENSORBOARD_DIR)  # a real folder of the run's, not a link elsewhere
+            self.writer = require_tensorboard()(str(events), purge_step=purge)
 
     def write(self, line: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        files.append_line(self.path, json.dumps(line) + "\n")  # never through a link planted there
         if self.writer is not None:
             for key, value in line.items():
                 if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -30,23 +30,28 @@ of its h5 and the affine its data set records, else the LA release's 0.625 mm), 
 ``mu`` of T MC-dropout passes, clamped to [0, ln C]; the passes of a window go through the network stacked
 in one batch, as the trainer stacks its teacher passes, up to max(--batch, min(T, 16)) patches a forward; the
 mean of T whole sliding-window passes, as ``figures.uncertainty_map`` takes it, is the same average), with ``--probabilities`` ``{case}_probabilities.nii.gz`` (float32, (X, Y, Z, C)), and
-``predictions.json`` (rewritten atomically after every case; ``predictions-2.json`` ... when one exists,
-unless ``--overwrite``): each case's input files and their sha256, its outputs and preprocessing record,
-the model file, its config, the uamt_fast version and the times.
+``predictions.json``, one record of every output in the folder (``runs``: the model file, its config, the
+settings, the uamt_fast version and the times of each predict; ``cases``: each case's input files and their
+sha256, its outputs, preprocessing record and the run that wrote them). A later predict into the same
+folder merges its cases into it (a case predicted again replaces its entry); it is rewritten atomically
+after every case.
 
-Every input is checked before any prediction (dimensions, channels, spacing against the model's data, output
-files already there); each output is written under a temporary name and renamed; an existing output is never
-replaced without ``--overwrite``; every error is one line on stderr and exit status 2. nibabel (and MONAI for
-a prepared set's NIfTI scans) come with ``pip install 'uamt_fast[data]'``.
+Every input is checked before anything is written (headers, dimensions, channels, spacing against the
+model's data, a voxel count within ``--max-voxels`` read from the header, every voxel finite, the records
+of h5 cases' data sets); an output that is one of the inputs is refused whatever the flags; an existing
+output is never replaced without ``--overwrite``; one predict writes into a folder at a time (the folder's
+``run.lock``, ``uamt_fast.files.FolderLock``); every file is written through ``uamt_fast.files`` (a new
+temporary file, then a rename: no link is followed). Every error is one line on stderr and exit status 2.
+nibabel (and MONAI for a prepared set's NIfTI scans) come with ``pip install 'uamt_fast[data]'``.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import gzip
-import hashlib
 import json
 import math
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,12 +63,15 @@ import torch
 import torch.nn.functional as F
 
 import uamt_fast
-from uamt_fast import checkpoints, cli, data, formats, inference, prepare, run_folder
+from uamt_fast import checkpoints, cli, data, files, formats, inference, prepare, run_folder
 from uamt_fast.data import DataError
 from uamt_fast.vnet import mc_dropout
 
 SPACING_FACTOR = 2.0  # without resampling, an input spacing more than 2x off the training data's is refused
 SLAB_POINTS = 1 << 22  # input voxels resampled per grid_sample call (bounds the grid's memory)
+MAX_VOXELS = 1 << 30  # a header claiming more is refused before its data is read (4 GiB as float32)
+RECORD_FORMAT = "uamt_fast.predictions/2"
+RECORD_NAME = "predictions.json"
 
 
 class PredictError(ValueError):
@@ -96,7 +104,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", type=cli.number(int, ">= 0"), metavar="INDEX",
                    help="the input channel of multi-channel scans (default: the one the model was prepared with)")
     p.add_argument("--no-amp", action="store_true", help="fp32 forward on CUDA too (as train.py --eval), not bf16")
-    p.add_argument("--overwrite", action="store_true", help="replace output files already in --out")
+    p.add_argument("--max-voxels", type=cli.number(int, ">= 1"), default=MAX_VOXELS, metavar="N",
+                   help="refuse a scan whose header claims more than N voxels, before reading it (default: 2^30)")
+    p.add_argument("--overwrite", action="store_true", help="replace output files already in --out (never an input)")
     return p
 
 
@@ -166,20 +176,23 @@ def _channel_index(record: dict | None) -> int | None:
     """The index of the record's input channel: from the source's dataset.json when it is still there, from a
     channel that is an index ("0", "1": plain NIfTI folders), or from the suffix of the nnU-Net files read;
     None when none tells (a multi-channel scan then needs --channel)."""
+    from uamt_fast.files import read_json
+
     if record is None:
         return None
     name = str(record.get("channel", ""))
-    meta_file = Path(str((record.get("source") or {}).get("path", ""))) / "dataset.json"
-    try:
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    except (OSError, ValueError):
+    source = (record.get("source") or {}).get("path")
+    meta_file = Path(source) / "dataset.json" if source else None
+    try:  # (the source's description is a hint here: a moved, changed or unreadable one is no error)
+        meta = read_json(meta_file, "the data set description") if meta_file and meta_file.is_file() else {}
+    except ValueError:
         meta = {}
-    names = meta.get("channel_names", meta.get("modality")) if isinstance(meta, dict) else None
+    names = meta.get("channel_names", meta.get("modality"))
     if isinstance(names, dict):
-        hits = [k for k, v in names.items() if str(v).lower() == name.lower() and str(k).isdigit()]
+        hits = [k for k, v in names.items() if str(v).lower() == name.lower() and str(k).isdecimal()]
         if len(hits) == 1:
             return int(hits[0])
-    if name.isdigit():
+    if name.isdecimal():
         return int(name)
     if (record.get("source") or {}).get("layout") != "nnunet":  # only nnU-Net names every file by its channel
         return None
@@ -255,8 +268,9 @@ def _h5_scan(path: Path) -> Scan:
                 root=path.parent.parent.parent if in_layout else None)
 
 
-def check_scan(scan: Scan, model: Model) -> None:
-    """Headers only, before any work: a 3D volume of the model's one channel, at a spacing the model can take."""
+def check_scan(scan: Scan, model: Model, max_voxels: int = MAX_VOXELS) -> None:
+    """Headers only, before any work: a 3D volume of the model's one channel, at a spacing the model can take,
+    of at most ``max_voxels`` voxels."""
     if scan.kind == "h5":
         scan.image = scan.files[0]
         try:
@@ -268,7 +282,10 @@ def check_scan(scan: Scan, model: Model) -> None:
         if shape is None or len(shape) != 3:
             raise PredictError(f"INPUT {scan.image}: " + ("no dataset 'image'" if shape is None else
                                f"image of shape {shape}; the model reads 3D volumes (X, Y, Z)"))
+        _check_voxel_count(scan.image, shape, max_voxels)
         _check_size(scan.image, shape, model)
+        if scan.root is not None and scan.root.is_dir():
+            data.read_record(scan.root)  # its data set's record (the case's affine), checked before any work
         return
     import nibabel
 
@@ -286,6 +303,8 @@ def check_scan(scan: Scan, model: Model) -> None:
         shape, affine = tuple(header.shape), np.asarray(header.affine, np.float64)
     except Exception as e:  # noqa: BLE001 (nibabel raises many types for truncated or foreign files)
         raise DataError(f"INPUT {scan.image}: unreadable NIfTI file ({type(e).__name__}: {e})") from None
+    affine = formats.check_affine(affine, f"INPUT {scan.image}: the NIfTI affine (sform / qform / pixdim)")
+    _check_voxel_count(scan.image, shape, max_voxels)  # the whole file is read, every channel
     if len(shape) == 4 and shape[3] > 1 and len(scan.files) == 1:
         if wanted is None or wanted >= shape[3]:
             raise PredictError(f"INPUT {scan.image}: {shape[3]} channels (shape {shape}) and the model reads one "
@@ -304,6 +323,25 @@ def check_scan(scan: Scan, model: Model) -> None:
 
 def _channel_name(model: Model) -> str:
     return f"channel {model.record.get('channel')!r}" if model.record else "one channel"
+
+
+def _check_voxel_count(path: Path, shape, max_voxels: int) -> None:
+    """From the header, before the data: a small compressed file can claim a huge volume."""
+    count = math.prod(int(n) for n in shape)
+    if count > max_voxels:
+        raise PredictError(f"INPUT {path}: its header claims shape {tuple(shape)} = {count:,} voxels, more than "
+                           f"--max-voxels {max_voxels:,}; not read (raise --max-voxels if the scan is real)")
+
+
+def check_values(scan: Scan) -> None:
+    """Every voxel of the scan's image finite (read once, before any output is written: a refusal never
+    comes after a prediction). An h5 case gets its layout's full check (``data.read_h5_case``)."""
+    if scan.kind == "h5":
+        data.read_h5_case(scan.id, scan.image, labeled=False)
+        return
+    image, _ = formats.read_volume(scan.image, scan.channel)
+    if not np.issubdtype(image.dtype, np.number) or not np.isfinite(image).all():
+        raise DataError(f"INPUT {scan.image}: the image is not all finite real numbers")
 
 
 def _check_size(path: Path, shape, model: Model) -> None:
@@ -339,7 +377,8 @@ def _check_spacing(path: Path, affine: np.ndarray, model: Model) -> None:
 
 
 def plan_outputs(scans: list[Scan], out: Path, args) -> None:
-    """Each scan's output paths; refused if two scans would share one, or one exists (without --overwrite)."""
+    """Each scan's output paths; refused if two scans would share one, if one is an input (the same path or
+    inode: never replaced, whatever the flags), or if one exists (without --overwrite)."""
     names: dict[str, str] = {}
     for scan in scans:
         kinds = {"mask": ""} | ({"uncertainty": "_uncertainty"} if args.uncertainty else {}) \
@@ -350,7 +389,13 @@ def plan_outputs(scans: list[Scan], out: Path, args) -> None:
                 raise PredictError(f"--out {out}: cases {names[name]} and {scan.id} would both write {name}")
             names[name] = scan.id
             scan.outputs[kind] = out / name
-    taken = [p for s in scans for p in s.outputs.values() if p.exists()]
+    inputs = [f for s in scans for f in s.files]
+    for output in (p for s in scans for p in s.outputs.values()):
+        source = next((f for f in inputs if os.path.lexists(output) and files.same_file(output, f)), None)
+        if source is not None:
+            raise PredictError(f"--out {out}: {output.name} would be written over the input {source}; an input is "
+                               "never replaced (not even with --overwrite): choose another --out")
+    taken = [p for s in scans for p in s.outputs.values() if os.path.lexists(p)]
     if taken and not args.overwrite:
         raise PredictError(f"--out {out}: {taken[0].name} already exists ({len(taken)} output file(s) there); pass "
                            "--overwrite to replace them, or choose another --out")
@@ -369,9 +414,9 @@ class Loaded:
 
 def read_scan(scan: Scan, model: Model) -> Loaded:
     """The scan on the model's grid, and what maps that grid back to the input's."""
-    inputs = [{"file": str(scan.image.resolve()), "sha256": _sha256(scan.image)}]
+    inputs = [{"file": str(scan.image.resolve()), "sha256": files.sha256(scan.image)}]
     if scan.kind == "h5":
-        case = data._validated(scan.id, *data._read_h5(scan.image, labeled=False), scan.image)
+        case = data.read_h5_case(scan.id, scan.image, labeled=False)
         record = data.read_record(scan.root) if scan.root is not None and scan.root.is_dir() else None
         saved = ((record or {}).get("cases") or {}).get(scan.id) or {}
         if saved.get("affine") is not None and list(saved.get("shape", [])) == list(case.image.shape):
@@ -401,11 +446,6 @@ def read_scan(scan: Scan, model: Model) -> Loaded:
 def _same_grid(affine: np.ndarray, shape) -> dict:
     return {"affine_original": affine.tolist(), "shape_original": list(shape), "affine": affine.tolist(),
             "shape": list(shape)}
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ----------------------------------------------------------------------------- inference
@@ -501,9 +541,9 @@ def _axis_map(m: np.ndarray, tol: float = 1e-4):
 
 
 # ----------------------------------------------------------------------------- writing
-def write_nifti(path: Path, array: np.ndarray, affine, header, overwrite: bool, what: str) -> None:
-    """``array`` as a gzipped NIfTI with the input's affine and header (new ones for an h5 case), written
-    under a temporary name and renamed; an existing file only with ``overwrite``."""
+def write_nifti(path: Path, array: np.ndarray, affine, header, what: str) -> None:
+    """``array`` as a gzipped NIfTI with the input's affine and header (new ones for an h5 case), through
+    ``files.atomic_write`` (``plan_outputs`` decided, under the folder's lock, that it may be written)."""
     import nibabel
 
     img = nibabel.Nifti1Image(array, np.asarray(affine, np.float64), header=header)
@@ -513,14 +553,47 @@ def write_nifti(path: Path, array: np.ndarray, affine, header, overwrite: bool, 
     h["cal_min"] = h["cal_max"] = 0
     h["descrip"] = f"uamt_fast.predict {what}".encode()[:80]
     payload = gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
-    if path.exists() and not overwrite:
-        raise PredictError(f"--out {path.parent}: {path.name} appeared while predicting; not replaced (--overwrite)")
-    run_folder.atomic_write(path, lambda f: f.write(payload))
+    files.atomic_write(path, lambda f: f.write(payload))  # (under --out's lock: plan_outputs' look still holds)
 
 
-def _record_path(out: Path, overwrite: bool) -> Path:
-    path = out / "predictions.json"
-    return path if overwrite else run_folder.new_file(path)
+# ----------------------------------------------------------------------------- predictions.json
+def read_record(out: Path, overwrite: bool) -> dict:
+    """``--out``'s predictions.json, to be merged into: ``{"format", "runs": [...], "cases": [...]}`` (each case
+    entry names its run by index), an empty one when there is none. A file there that is not such a record
+    (or a link) is refused, unless ``overwrite``: then a new record replaces it."""
+    path = out / RECORD_NAME
+    empty = {"format": RECORD_FORMAT, "runs": [], "cases": []}
+    if not os.path.lexists(path):
+        return empty
+    try:
+        old = files.read_json(path, "predictions record") if not path.is_symlink() else None
+    except ValueError:
+        old = None
+    if isinstance(old, dict) and old.get("format") == "uamt_fast.predictions/1":  # one run a file, before merging
+        run = {k: v for k, v in old.items() if k not in ("format", "cases")}
+        old = {"format": RECORD_FORMAT, "runs": [run], "cases": [c | {"run": 0} for c in old.get("cases") or []
+                                                                   if isinstance(c, dict)]}
+    good = isinstance(old, dict) and old.get("format") == RECORD_FORMAT and isinstance(old.get("runs"), list) \
+        and isinstance(old.get("cases"), list) and all(
+            isinstance(c, dict) and isinstance(c.get("case"), str) and type(c.get("run")) is int
+            and 0 <= c["run"] < len(old["runs"]) for c in old["cases"])
+    if good:
+        return old
+    if overwrite:
+        return empty
+    raise PredictError(f"--out {out}: {RECORD_NAME} there is not a predictions record this version can add to; "
+                       "pass --overwrite to replace it, or choose another --out")
+
+
+def merged_record(old: dict, run: dict, cases: list[dict]) -> dict:
+    """``old`` with this run's cases added: an old entry of a case predicted again is dropped (its files were
+    replaced), runs no entry names any more are dropped, the indices renumbered."""
+    again = {c["case"] for c in cases}
+    kept = [c for c in old["cases"] if c["case"] not in again]
+    used = sorted({c["run"] for c in kept})
+    index = {old_index: new_index for new_index, old_index in enumerate(used)}
+    return {"format": RECORD_FORMAT, "runs": [old["runs"][i] for i in used] + [run],
+            "cases": [c | {"run": index[c["run"]]} for c in kept] + [c | {"run": len(used)} for c in cases]}
 
 
 def _json(x):
@@ -558,22 +631,36 @@ def run(args) -> int:
             raise ImportError("predict runs prepare's MONAI transforms on NIfTI scans of a prepared set: pip install "
                               "'uamt_fast[data]'") from None
     for scan in scans:
-        check_scan(scan, model)
+        check_scan(scan, model, args.max_voxels)
     out = Path(args.out)
     plan_outputs(scans, out, args)
+    for scan in scans:  # every voxel of every input, before anything is written
+        check_values(scan)
     run_folder.make_folder(out, "predictions")
+    with files.FolderLock(out, "--out", "predict") as lock:  # one predict a folder: the look below holds till the end
+        lock.remove_stale_temporaries()
+        plan_outputs(scans, out, args)
+        return predict_all(scans, model, args, device, out, read_record(out, args.overwrite))
+
+
+def predict_all(scans: list[Scan], model: Model, args, device: torch.device, out: Path, old: dict) -> int:
+    """Predict the checked scans into ``out`` (locked); predictions.json, merged into ``old``, is rewritten
+    atomically after every case."""
     autocast = torch.bfloat16 if device.type == "cuda" and not args.no_amp else None
-    record_path = _record_path(out, args.overwrite)
-    record = {"format": "uamt_fast.predictions/1", "model": str(model.path.resolve()), "config": model.config,
-              "uamt_fast": uamt_fast.__version__, "started": _now(), "finished": None,
-              "settings": {"patch": list(model.patch), "eval_stride_xy": model.stride_xy,
-                           "eval_stride_z": model.stride_z, "downsample": model.downsample, "batch": model.batch,
-                           "num_classes": model.num_classes, "device": str(device),
-                           "autocast": None if autocast is None else "bfloat16", "uncertainty_passes": args.uncertainty,
-                           "preprocessing": (f"prepare preset {model.record['preset']!r}, channel "
-                                             f"{model.record.get('channel')!r}" if model.record else
-                                             "none (the LA release layout)"), "data": model.roots},
-              "cases": []}
+    run = {"model": str(model.path.resolve()), "config": model.config, "uamt_fast": uamt_fast.__version__,
+           "started": _now(), "finished": None,
+           "settings": {"patch": list(model.patch), "eval_stride_xy": model.stride_xy, "eval_stride_z": model.stride_z,
+                        "downsample": model.downsample, "batch": model.batch, "num_classes": model.num_classes,
+                        "device": str(device), "autocast": None if autocast is None else "bfloat16",
+                        "uncertainty_passes": args.uncertainty,
+                        "preprocessing": (f"prepare preset {model.record['preset']!r}, channel "
+                                          f"{model.record.get('channel')!r}" if model.record else
+                                          "none (the LA release layout)"), "data": model.roots}}
+    record_path, cases = out / RECORD_NAME, []
+
+    def write_record():
+        files.atomic_write_text(record_path, json.dumps(_json(merged_record(old, run, cases)), indent=1) + "\n")
+
     bar = sys.stderr.isatty()
     with ThreadPoolExecutor(max_workers=1) as reader:  # reads (and preprocesses) the next scan meanwhile
         ahead = reader.submit(read_scan, scans[0], model)
@@ -582,8 +669,8 @@ def run(args) -> int:
                 loaded = ahead.result()
                 if k + 1 < len(scans):
                     ahead = reader.submit(read_scan, scans[k + 1], model)
-                record["cases"].append(predict_one(loaded, model, args, autocast))
-                run_folder.atomic_write_text(record_path, json.dumps(_json(record), indent=1) + "\n")
+                cases.append(predict_one(loaded, model, args, autocast))
+                write_record()
                 if bar:
                     print(f"\rpredict: {k + 1}/{len(scans)} cases", end="" if k + 1 < len(scans) else "\n",
                           file=sys.stderr, flush=True)
@@ -592,8 +679,8 @@ def run(args) -> int:
             if bar:
                 print(file=sys.stderr)
             raise
-    record["finished"] = _now()
-    run_folder.atomic_write_text(record_path, json.dumps(_json(record), indent=1) + "\n")
+    run["finished"] = _now()
+    write_record()
     print(f"predicted {len(scans)} case(s) into {out}; record: {record_path}")
     return 0
 
@@ -605,17 +692,17 @@ def predict_one(loaded: Loaded, model: Model, args, autocast) -> dict:
     labels = probs.argmax(0).to(torch.uint8)  # the argmax train.py --eval scores
     affine = np.asarray(geometry["affine_original"], np.float64)
     mask = to_input_grid(labels[None].float(), geometry, [0.0], "nearest")[0].to(torch.uint8)
-    write_nifti(scan.outputs["mask"], mask.cpu().numpy(), affine, loaded.header, args.overwrite, "labels")
+    write_nifti(scan.outputs["mask"], mask.cpu().numpy(), affine, loaded.header, "labels")
     if entropy is not None:
         back = to_input_grid(entropy[None], geometry, [0.0], "bilinear")[0]
         write_nifti(scan.outputs["uncertainty"], back.cpu().numpy().astype(np.float32), affine, loaded.header,
-                    args.overwrite, "uncertainty")
+                    "uncertainty")
     if args.probabilities:
         background = [1.0] + [0.0] * (model.num_classes - 1)
         back = to_input_grid(probs, geometry, background, "bilinear")
         write_nifti(scan.outputs["probabilities"], np.ascontiguousarray(back.permute(1, 2, 3, 0).cpu().numpy(),
                                                                         np.float32),
-                    affine, loaded.header, args.overwrite, "probabilities")
+                    affine, loaded.header, "probabilities")
     return {"case": scan.id, "inputs": loaded.inputs, "outputs": {k: p.name for k, p in scan.outputs.items()},
             "shape": list(mask.shape), "model_grid_shape": list(loaded.image.shape),
             "preprocessing": loaded.preprocessing, "predicted": _now()}

@@ -5,7 +5,9 @@ SRC is a Decathlon, nnU-Net v2 raw or plain NIfTI folder (``uamt_fast.formats``)
     OUT/train.list, OUT/test.list, OUT/unlabeled.list (only when there are unlabeled cases)
     OUT/2018LA_Seg_Training Set/<id>/mri_norm2.h5   image float32 (X, Y, Z), one input channel;
                                                      label uint8 (X, Y, Z) in 0..C-1 (none for unlabeled cases)
+                                                     and 255 where not annotated (nnU-Net's "ignore" label)
     OUT/dataset.json                                 format "uamt_fast.prepared/1": classes, labels, channel,
+                                                     "ignore_label": 255 when the source declares "ignore",
                                                      patch and strides for train.py, split, and per case
                                                      everything done to it (to map a prediction back)
 
@@ -29,25 +31,24 @@ and are imported only when a prepare runs.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from uamt_fast import cli, data, formats
+from uamt_fast import cli, data, files, formats
 from uamt_fast.data import DataError
-from uamt_fast.run_folder import atomic_write_text
 
 FORMAT = "uamt_fast.prepared/1"
 LISTS = ("train.list", "test.list", "unlabeled.list")
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # NIfTI world axes (nibabel's convention): RAS+
+IGNORE_NAME = "ignore"  # nnU-Net v2's reserved label name: voxels that are not annotated (stored as data.IGNORE_LABEL)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class Plan:
     labels: dict[str, int]
     roles: dict[str, str]  # case id -> role
     split: dict
+    ignore: int | None = None  # source value of nnU-Net's "ignore" label (stored as data.IGNORE_LABEL); None: none
 
 
 # ----------------------------------------------------------------------------- the command
@@ -159,7 +161,7 @@ def run(args) -> int:
         record = prepare(args.src, args.out, args.preset, channel=args.channel, unlabeled=args.unlabeled,
                          test_fraction=args.test_fraction, test_count=args.test_count, seed=args.seed,
                          workers=args.workers, overwrite=args.overwrite)
-    except DataError as e:
+    except (DataError, files.FolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     roles = [c["role"] for c in record["cases"].values()]
@@ -180,24 +182,23 @@ def prepare(src, out, preset: str = "la", *, channel=None, unlabeled=None, test_
     if src.resolve() == out.resolve() or src.resolve() in out.resolve().parents:
         raise DataError(f"output folder {out} is inside the source folder {src}; choose a folder outside it")
     plan = _plan(preset, source, channel, test_fraction, test_count, seed)
-    out = _claim(out, overwrite)
-    cases = [c for c in source.cases if c.id in plan.roles]
-    records = _prepare_all(cases, plan, out, workers)
+    with OutputFolder(out, overwrite, list(plan.roles)) as target:  # one prepare a folder; the old set until the end
+        cases = [c for c in source.cases if c.id in plan.roles]
+        records = _prepare_all(cases, plan, target.staging, workers)
+        record = _record(plan, source, src, cases, records)
+        target.write_record(record, {name: plan.split["order"][name.split(".")[0]] for name in LISTS})
+        target.swap_in()
+    return record
+
+
+def _record(plan: Plan, source: formats.Source, src: Path, cases, records: dict) -> dict:
     p = plan.preset
     record = {"format": FORMAT, "preset": plan.preset_name, "num_classes": len(plan.labels), "labels": plan.labels,
+              **({} if plan.ignore is None else {"ignore_label": data.IGNORE_LABEL}),  # not annotated: no class
               "channel": plan.channel_name,
               "train": {"patch": list(p.patch), "eval_stride_xy": p.stride_xy, "eval_stride_z": p.stride_z},
               "source": {"path": str(src.resolve()), "layout": source.layout}, "split": plan.split,
               "cases": {c.id: records[c.id] for c in cases}}
-    lists = {name: plan.split["order"][name.split(".")[0]] for name in LISTS}
-    try:
-        atomic_write_text(out / "dataset.json", json.dumps(record, indent=1) + "\n")
-        for name in ("test.list", "unlabeled.list", "train.list"):  # train.list last: it makes OUT a data root
-            if lists[name]:
-                atomic_write_text(out / name, "".join(f"{i}\n" for i in lists[name]))
-    except OSError as e:
-        raise DataError(f"output folder {out}: cannot write {Path(e.filename or 'dataset.json').name} "
-                        f"({e.strerror or e})") from None
     return record
 
 
@@ -214,9 +215,9 @@ def _require_extra() -> None:
 def _plan(preset_name: str, source: formats.Source, channel, test_fraction, test_count, seed) -> Plan:
     preset = PRESETS[preset_name]
     index, name = _pick_channel(source, preset, channel)
-    allowed, lut, labels = _label_plan(preset_name, preset, source)
+    allowed, lut, labels, ignore = _label_plan(preset_name, preset, source)
     split, roles = _split(preset, source, test_fraction, test_count, seed)
-    return Plan(preset_name, preset, source, index, name, allowed, lut, labels, roles, split)
+    return Plan(preset_name, preset, source, index, name, allowed, lut, labels, roles, split, ignore)
 
 
 def _pick_channel(source: formats.Source, preset: Preset, channel) -> tuple[int, str]:
@@ -241,16 +242,31 @@ def _pick_channel(source: formats.Source, preset: Preset, channel) -> tuple[int,
 
 
 def _label_plan(preset_name: str, preset: Preset, source: formats.Source):
-    """(allowed source values or None, source -> target lookup or None for foreground, target labels)."""
-    declared = source.labels
+    """(allowed source values or None, source -> target lookup or None for foreground, target labels, the
+    source value of the ignore label or None).
+
+    nnU-Net v2's ignore label (a label named exactly "ignore" in dataset.json, nnU-Net's
+    documentation/ignore_label.md): voxels that are not annotated. It must be the highest label value; it is
+    no class (the class count leaves it out) and is stored as ``data.IGNORE_LABEL``, which the losses and
+    metrics leave out."""
+    declared, ignore = source.labels, None
+    if declared and IGNORE_NAME in declared:
+        ignore, highest = declared[IGNORE_NAME], max(declared.values())
+        if ignore != highest:
+            raise DataError(f"{source.path / 'dataset.json'}: field 'labels': \"{IGNORE_NAME}\" is {ignore}, but "
+                            f"the ignore label must be the highest label value (here {highest}); give it "
+                            f"{highest + 1} or more (nnU-Net v2's rule)")
+        declared = {n: v for n, v in declared.items() if n != IGNORE_NAME}
+    extra = {} if ignore is None else {ignore: data.IGNORE_LABEL}
     if preset.foreground:  # whole tumour: any declared values, every value > 0 -> 1
-        return (set(declared.values()) if declared else None), None, dict(preset.labels)
+        lut = None if ignore is None else {v: int(v > 0) for v in declared.values()} | extra
+        return (set(declared.values()) | set(extra) if declared else None), lut, dict(preset.labels), ignore
     if preset.labels is not None:
         values = set(preset.labels.values())
         if declared and not set(declared.values()) <= values:
             raise DataError(f"{source.path / 'dataset.json'}: labels {declared} do not fit preset {preset_name} "
                             f"({preset.labels}); use --preset none to keep the source's classes")
-        return values, {v: v for v in values}, dict(preset.labels)
+        return values | set(extra), {v: v for v in values} | extra, dict(preset.labels), ignore
     if declared is None:  # plain NIfTI: the classes are the values the label files hold
         values = sorted(_observed_values(source))
         declared = {"background" if v == 0 else f"label_{v}": v for v in values}
@@ -260,8 +276,8 @@ def _label_plan(preset_name: str, preset: Preset, source: formats.Source):
     if not 2 <= len(ordered) <= 255:
         raise DataError(f"{source.path}: {len(ordered)} classes ({', '.join(n for n, _ in ordered)}); the trainer "
                         f"needs 2..255 (background and at least one class, stored as uint8)")
-    lut = {v: k for k, (_, v) in enumerate(ordered)}
-    return set(lut), lut, {name: k for k, (name, _) in enumerate(ordered)}
+    lut = {v: k for k, (_, v) in enumerate(ordered)} | extra
+    return set(lut), lut, {name: k for k, (name, _) in enumerate(ordered)}, ignore
 
 
 def _observed_values(source: formats.Source) -> set[int]:
@@ -333,52 +349,144 @@ def _number(case_id: str, where) -> int | None:
 
 
 # ----------------------------------------------------------------------------- the output folder
-def _claim(out: Path, overwrite: bool) -> Path:
-    """OUT as a folder for a new prepared set: refused if it holds one (unless ``overwrite``: then that set's
-    record, lists and case files are removed first, lists before cases) or holds another data set."""
-    out = data.make_folder(out, "output folder")
-    found = [n for n in ("dataset.json", *LISTS) if (out / n).exists()]
-    if not found:
-        return out
-    old = _prepared_record(out / "dataset.json")
-    if old is None:
-        raise DataError(f"output folder {out} holds a data set that prepare did not write ({', '.join(found)}); "
-                        f"choose another folder")
-    if not overwrite:
-        raise DataError(f"output folder {out} already holds a prepared set ({', '.join(found)}); pass --overwrite to "
-                        f"replace it, or choose another folder")
-    for name in ("train.list", *LISTS[1:], "dataset.json"):
-        (out / name).unlink(missing_ok=True)
-    for case_id in old.get("cases", {}):
-        folder = out / data.IMAGES_DIR / data.check_case_id(case_id, str(out / "dataset.json"))
-        for name in (data.H5_NAME, data.H5_NAME + ".tmp"):
-            (folder / name).unlink(missing_ok=True)
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-    return out
+class OutputFolder:
+    """OUT while a prepare runs: locked, the new set built aside, swapped in only when it is whole.
+
+    On entry, before any case is read: OUT is created if absent and locked (``files.FolderLock``: a second
+    prepare, or a train.py / predict writing there, is refused naming the holder's pid); a folder holding a
+    data set that prepare did not write is refused, one holding a prepared set is refused unless
+    ``overwrite``; a case folder of the new set that exists but is not the old set's is refused; links at
+    the set's places are refused (``files.subfolder``). Cases, ``dataset.json`` and lists are written into
+    a staging folder *inside* OUT (``.prepare-XXXX``: on OUT's file system, so the swap is renames, and under
+    OUT's lock, so a staging folder left by a killed prepare is removed by the next one). ``swap_in`` moves
+    the old set's lists (``train.list`` first: OUT is no data root while it changes), record and case
+    folders into the staging folder, the new ones into OUT (``train.list`` last), and removes the staging
+    folder with the old set in it. Any failure before ``swap_in`` leaves the old set exactly as it was and
+    removes the staging folder; a first prepare that fails leaves no OUT behind (nothing a reader could
+    take for a data set).
+    """
+
+    STAGING_PREFIX = ".prepare-"
+
+    def __init__(self, out, overwrite: bool, case_ids: list[str]):
+        self.out, self.overwrite, self.case_ids = Path(out), overwrite, case_ids
+        self.lock = self.staging = self.old = None
+
+    def __enter__(self) -> OutputFolder:
+        out = self.out
+        self.created = not os.path.lexists(out)
+        data.make_folder(out, "output folder")
+        try:
+            self.lock = files.FolderLock(out, "OUT", "prepare")  # first the lock, then the look
+            self.old = self._existing_set()
+            images = data.IMAGES_DIR
+            files.subfolder(out, images)
+            for case_id in self.case_ids:
+                there = out / images / case_id
+                if os.path.lexists(there) and case_id not in self.old.get("cases", {}):
+                    raise DataError(f"output folder {out}: {there} exists and is not part of a prepared set there; "
+                                    "choose another folder")
+            for stale in out.glob(self.STAGING_PREFIX + "*"):  # left by a killed prepare (we hold the lock)
+                files.remove(out, stale.name)
+            self.staging = Path(tempfile.mkdtemp(prefix=self.STAGING_PREFIX, dir=out))
+        except BaseException as e:
+            self._abandon()
+            if isinstance(e, files.FolderError):
+                raise DataError(str(e)) from None
+            raise
+        return self
+
+    def _existing_set(self) -> dict:
+        """The prepared set in OUT (its dataset.json record), {} for none; refused as described above."""
+        found = [n for n in (data.RECORD_NAME, *LISTS) if os.path.lexists(self.out / n)]
+        if not found:
+            return {}
+        old = _prepared_record(self.out / data.RECORD_NAME)
+        if old is None:
+            raise DataError(f"output folder {self.out} holds a data set that prepare did not write "
+                            f"({', '.join(found)}); choose another folder")
+        if not self.overwrite:
+            raise DataError(f"output folder {self.out} already holds a prepared set ({', '.join(found)}); pass "
+                            "--overwrite to replace it, or choose another folder")
+        cases = old.get("cases")
+        for case_id in cases if isinstance(cases, dict) else ():
+            data.check_case_id(case_id, str(self.out / data.RECORD_NAME))
+        return old if isinstance(cases, dict) else old | {"cases": {}}
+
+    def write_record(self, record: dict, lists: dict[str, list[str]]) -> None:
+        try:
+            files.atomic_write_text(self.staging / data.RECORD_NAME, json.dumps(record, indent=1) + "\n")
+            for name, ids in lists.items():
+                if ids:
+                    files.atomic_write_text(self.staging / name, "".join(f"{i}\n" for i in ids))
+        except OSError as e:
+            raise DataError(f"output folder {self.out}: cannot write {Path(e.filename or data.RECORD_NAME).name} "
+                            f"({files.describe(e)})") from None
+
+    def swap_in(self) -> None:
+        out, staging, images = self.out, self.staging, data.IMAGES_DIR
+        old = staging / "replaced"  # the old set goes here, and with the staging folder
+        (old / images).mkdir(parents=True)
+        for name in ("train.list", *LISTS[1:], data.RECORD_NAME):
+            if os.path.lexists(out / name):
+                os.rename(out / name, old / name)  # a link is moved as the link
+        for case_id in self.old.get("cases", {}):
+            if os.path.lexists(out / images / case_id):
+                os.rename(out / images / case_id, old / images / case_id)
+        for case_id in self.case_ids:
+            os.rename(staging / images / case_id, out / images / case_id)
+        for name in (data.RECORD_NAME, "unlabeled.list", "test.list", "train.list"):  # train.list last
+            if (staging / name).is_file():
+                os.rename(staging / name, out / name)
+        files.remove(out, staging.name)
+        self.staging = None
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:
+            self._abandon()
+        elif self.lock is not None:
+            self.lock.release()
+
+    def _abandon(self) -> None:
+        """After a failure: the staging folder goes; what this prepare added to an otherwise empty OUT goes too
+        (the empty case folder, the lock file, OUT itself when this prepare created it)."""
+        if self.staging is not None:
+            files.remove(self.out, self.staging.name)
+            self.staging = None
+        if self.lock is None:  # never locked: the folder is not ours to tidy
+            return
+        images = self.out / data.IMAGES_DIR
+        if images.is_dir() and not images.is_symlink() and not any(images.iterdir()):
+            images.rmdir()
+        if {p.name for p in self.out.iterdir()} <= {files.LOCK_NAME}:
+            files.remove(self.out, files.LOCK_NAME)
+            if self.created:
+                self.out.rmdir()
+        self.lock.release()
 
 
 def _prepared_record(path: Path) -> dict | None:
+    """The record of the prepared set at ``path``, or None when it is none (missing, unreadable, foreign)."""
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
+        record = files.read_json(path, "a prepared set's record")
+    except ValueError:
         return None
-    return record if isinstance(record, dict) and record.get("format") == FORMAT else None
+    return record if record.get("format") == FORMAT else None
 
 
 # ----------------------------------------------------------------------------- the cases
-def _prepare_all(cases, plan: Plan, out: Path, workers: int) -> dict[str, dict]:
-    """Prepare every case in a thread pool (nibabel, zlib, torch and h5py release the GIL for the heavy parts);
-    a progress bar on stderr when it is a terminal. On the first error the cases written so far are removed."""
-    records, written = {}, []
+def _prepare_all(cases, plan: Plan, staging: Path, workers: int) -> dict[str, dict]:
+    """Prepare every case into the staging folder in a thread pool (nibabel, zlib, torch and h5py release the
+    GIL for the heavy parts); a progress bar on stderr when it is a terminal. On the first error the other
+    cases are cancelled (the caller removes the staging folder)."""
+    records = {}
     bar = sys.stderr.isatty()
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(cases)))) as pool:
-        futures = {pool.submit(_prepare_case, case, plan, out): case for case in cases}
+        futures = {pool.submit(_prepare_case, case, plan, staging): case for case in cases}
         try:
             for done, future in enumerate(as_completed(futures), 1):
                 case = futures[future]
                 records[case.id] = future.result()
-                written.append(case.id)
                 if bar:
                     print(f"\rprepare: {done}/{len(cases)} cases", end="" if done < len(cases) else "\n",
                           file=sys.stderr, flush=True)
@@ -386,12 +494,6 @@ def _prepare_all(cases, plan: Plan, out: Path, workers: int) -> dict[str, dict]:
             for f in futures:
                 f.cancel()
             pool.shutdown(wait=True)
-            for case in cases:  # those written before the error, and any finished while shutting down
-                folder = out / data.IMAGES_DIR / case.id
-                for name in (data.H5_NAME, data.H5_NAME + ".tmp"):
-                    (folder / name).unlink(missing_ok=True)
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
             if bar:
                 print(file=sys.stderr)
             raise
@@ -425,8 +527,8 @@ def transform_case(case: formats.SourceCase, plan: Plan) -> tuple[np.ndarray, np
     image_file = case.images[0] if case.channels_in_file else case.images[plan.channel_index]
     image, affine = formats.read_volume(image_file, plan.channel_index if case.channels_in_file else None)
     _check_image(image, image_file)
-    files = {"image": [_rel(image_file, plan.source.path)], "label": None}
-    hashes = {files["image"][0]: _sha256(image_file)}
+    read = {"image": [_rel(image_file, plan.source.path)], "label": None}
+    hashes = {read["image"][0]: files.sha256(image_file)}
     d = {"image": MetaTensor(torch.from_numpy(np.ascontiguousarray(image, np.float32)[None]),
                              affine=torch.from_numpy(affine))}
     label_map = None
@@ -438,8 +540,8 @@ def transform_case(case: formats.SourceCase, plan: Plan) -> tuple[np.ndarray, np
         target = np.zeros(label.shape, np.uint8)
         for v in values:
             target[label == v] = lut[v]
-        files["label"] = _rel(case.label, plan.source.path)
-        hashes[files["label"]] = _sha256(case.label)
+        read["label"] = _rel(case.label, plan.source.path)
+        hashes[read["label"]] = files.sha256(case.label)
         d["label"] = MetaTensor(torch.from_numpy(target[None].astype(np.float32)), affine=torch.from_numpy(affine))
     keys = list(d)
     d = Orientationd(keys, axcodes="RAS", labels=RAS_LABELS)(d)
@@ -474,7 +576,7 @@ def transform_case(case: formats.SourceCase, plan: Plan) -> tuple[np.ndarray, np
     if not np.isfinite(out_image).all():
         raise DataError(f"{image_file}: non-finite values after the {p.intensity['kind']} step")
     final_affine = np.asarray(d["image"].affine, np.float64)
-    record = {"role": plan.roles[case.id], "files": files, "sha256": hashes,
+    record = {"role": plan.roles[case.id], "files": read, "sha256": hashes,
               "orientation_original": "".join(nibabel.aff2axcodes(affine)), "orientation": "RAS",
               "affine_original": affine.tolist(), "shape_original": list(image.shape),
               "spacing_original": _spacing(affine), "spacing": _spacing(final_affine),
@@ -508,27 +610,29 @@ def _check_label(label, label_affine, shape, affine, path: Path, plan: Plan) -> 
 
 
 def _integer_values(label: np.ndarray, path: Path) -> np.ndarray:
-    if not (np.issubdtype(label.dtype, np.integer) or label.dtype == bool):
+    """The distinct values of ``label``; ``.tolist()`` gives each as its true Python int (an integer label keeps
+    its own dtype: a uint64 2**64 - 1 is that value, not -1 as it would be in int64)."""
+    if label.dtype == bool:
+        return np.unique(label).astype(np.uint8)
+    if not np.issubdtype(label.dtype, np.integer):
         if not np.isfinite(label).all() or (label != np.round(label)).any():
             raise DataError(f"{path}: label holds non-integer values (dtype {label.dtype}); expected class values")
-        label = label.astype(np.int64)
-    return np.unique(label).astype(np.int64)
+        return np.array([int(v) for v in np.unique(label).tolist()], dtype=object)
+    return np.unique(label)
 
 
 def _write_case(out: Path, case_id: str, image: np.ndarray, label: np.ndarray | None) -> None:
-    """``<id>/mri_norm2.h5`` through a temporary name: a reader never sees a half-written file."""
-    folder = out / data.IMAGES_DIR / case_id
-    final, tmp = folder / data.H5_NAME, folder / (data.H5_NAME + ".tmp")
+    """``<id>/mri_norm2.h5`` through ``files.atomic_write_h5``: a reader never sees a half-written file."""
+    def fill(f):
+        f.create_dataset("image", data=image, compression="gzip", compression_opts=1)
+        if label is not None:
+            f.create_dataset("label", data=label, compression="gzip", compression_opts=1)
+
+    final = out / data.IMAGES_DIR / case_id / data.H5_NAME
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("image", data=image, compression="gzip", compression_opts=1)
-            if label is not None:
-                f.create_dataset("label", data=label, compression="gzip", compression_opts=1)
-        os.replace(tmp, final)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"{final}: cannot write it ({e.strerror or e})") from None
+        files.atomic_write_h5(files.subfolder(out, data.IMAGES_DIR, case_id) / data.H5_NAME, fill)
+    except (OSError, files.FolderError) as e:
+        raise DataError(f"{final}: cannot write it ({files.describe(e) if isinstance(e, OSError) else e})") from None
 
 
 def _spacing(affine: np.ndarray) -> list[float]:
@@ -540,14 +644,6 @@ def _rel(path: Path, root: Path) -> str:
         return str(path.relative_to(root))
     except ValueError:
         return str(path.resolve())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 __all__ = ["FORMAT", "PRESETS", "Plan", "Preset", "add_command", "prepare", "run", "transform_case"]

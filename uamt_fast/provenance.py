@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import uamt_fast
-from uamt_fast import run_folder
+from uamt_fast import files
 
 
 def environment(device: torch.device, argv: list) -> dict:
@@ -36,10 +36,11 @@ def write_config(out: Path, config: dict, env: dict, split: dict, resumed: bool)
     ``resumed`` and records the settings it runs with (the data may have moved), keeping the first start's."""
     record = {"config": config, "data_split": split, "environment": env}
     if resumed:
-        with contextlib.suppress(OSError, ValueError):
-            old = json.loads((out / "config.json").read_text())
-            record = old | {"config": config, "data_split": split, "resumed": [*old.get("resumed", []), env]}
-    run_folder.atomic_write_text(out / "config.json", json.dumps(record, indent=1))
+        with contextlib.suppress(ValueError):  # (files.read_json: any unreadable config.json is a ValueError)
+            old = files.read_json(out / "config.json", "the run's config")
+            earlier = old.get("resumed") if isinstance(old.get("resumed"), list) else []
+            record = old | {"config": config, "data_split": split, "resumed": [*earlier, env]}
+    files.atomic_write_text(out / "config.json", json.dumps(record, indent=1))
 
 
 def gpu_monitor(device: torch.device):

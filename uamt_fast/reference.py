@@ -83,17 +83,28 @@ def uncertainty_consistency_loss(
     return torch.sum(mask * dist) / (num_classes * torch.sum(mask) + MASK_EPS)
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean voxel-wise cross-entropy, logits ``(B, C, *S)``, integer labels ``(B, *S)``."""
-    return F.cross_entropy(logits, labels.long())
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int | None = None) -> torch.Tensor:
+    """Mean voxel-wise cross-entropy, logits ``(B, C, *S)``, integer labels ``(B, *S)``.
+
+    ``ignore_index`` (nnU-Net's ignore label, ``uamt_fast.data.IGNORE_LABEL``): voxels with that label are left
+    out; the mean is over the others, and 0 (no gradient) when every voxel is ignored.
+    """
+    if ignore_index is None:
+        return F.cross_entropy(logits, labels.long())
+    total = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp_min(1).to(total.dtype)
 
 
-def dice_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def dice_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int | None = None) -> torch.Tensor:
     """Soft Dice over the whole batch, as released for C = 2, averaged over the foreground classes 1..C-1::
 
     dice_c = 1 - (2 sum(p_c y_c) + 1e-5) / (sum(p_c^2) + sum(y_c^2) + 1e-5),  p = softmax(logits), y_c = [labels == c]
+
+    ``ignore_index``: the sums run over the voxels whose label is not ``ignore_index`` only.
     """
     p = F.softmax(logits, dim=1)
+    if ignore_index is not None:
+        p = p * (labels != ignore_index).unsqueeze(1).to(p.dtype)  # y_c is already 0 there
     losses = []
     for c in range(1, logits.shape[1]):
         pc, y = p[:, c], (labels == c).to(p.dtype)
@@ -102,9 +113,9 @@ def dice_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
 
-def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``0.5 * (cross_entropy + dice)`` on the labeled crops."""
-    return 0.5 * (cross_entropy(logits, labels) + dice_loss(logits, labels))
+def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int | None = None) -> torch.Tensor:
+    """``0.5 * (cross_entropy + dice)`` on the labeled crops; ``ignore_index``: those voxels enter neither."""
+    return 0.5 * (cross_entropy(logits, labels, ignore_index) + dice_loss(logits, labels, ignore_index))
 
 
 def ema_alpha(decay: float, step: int | None = None) -> float:

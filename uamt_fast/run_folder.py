@@ -7,25 +7,21 @@ for its whole life; the lock file names its pid. A second claimant (another star
 running run) is refused with one line naming that pid. The kernel drops the lock when the process dies,
 however it dies (``kill -9`` included), so a lock is never stale and nothing has to be cleaned up.
 
-Every failure is a ``RunFolderError`` (a ``ValueError``) of one line naming the folder or file.
+Writes, the lock and removals go through ``uamt_fast.files`` (no link followed, nothing replaced half-written).
+Every failure is a ``RunFolderError`` (``files.FolderError``, a ``ValueError``) of one line naming the folder.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import tempfile
 from pathlib import Path
 
-import torch
+from uamt_fast import files
+from uamt_fast.files import LOCK_NAME, describe
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "student.pt", "teacher.pt", "eval.json")
-LOCK_NAME = "run.lock"
-
-
-class RunFolderError(ValueError):
-    """A run folder that cannot be used now; the message is one line and names it."""
+RunFolderError = files.FolderError  # a run folder that cannot be used now; one line naming it
 
 
 def make_folder(out, purpose: str, flag: str = "--out") -> Path:
@@ -45,51 +41,33 @@ def make_folder(out, purpose: str, flag: str = "--out") -> Path:
     return out
 
 
-class RunLock:
-    """An exclusive ``flock`` on ``folder/run.lock``, held until ``release()`` or the process ends."""
-
-    def __init__(self, folder: Path, flag: str):
-        self.path = Path(folder) / LOCK_NAME
-        try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise RunFolderError(f"{flag} {folder}: cannot create its lock file {LOCK_NAME} ({describe(e)})") from None
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self._fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunFolderError(f"{flag} {folder}: cannot lock {self.path} ({describe(e)})") from None
-            raise RunFolderError(f"{flag} {folder}: a run is in progress there (pid {holder} holds {self.path}); "
-                                 "wait for it to end, or choose another --out") from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the last descriptor drops the flock
-            self._fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
+def RunLock(folder: Path, flag: str) -> files.FolderLock:  # noqa: N802 (reads as the lock it returns)
+    """The run folder's lock (``files.FolderLock``), held by the process that trains into it; the temporary
+    files of a killed run go."""
+    lock = files.FolderLock(folder, flag, "train.py")
+    lock.remove_stale_temporaries()
+    return lock
 
 
-def claim(out, overwrite: bool, flag: str = "--out") -> RunLock:
+def claim(out, overwrite: bool, flag: str = "--out", inputs=()) -> files.FolderLock:
     """Create and lock the run folder ``out`` for a new run. A folder that already holds a run is refused
-    unless ``overwrite``, which then deletes that run's files, and only those (other files stay)."""
+    unless ``overwrite``, which then deletes that run's files, and only those (other files stay). With
+    ``overwrite`` a folder that is, holds or lies inside one of ``inputs`` (the data) is refused up front:
+    nothing is removed where the run's own data lives."""
+    for folder in inputs if overwrite else ():
+        if files.overlaps(out, folder):
+            relation = "is" if Path(out).resolve() == Path(folder).resolve() else "overlaps"
+            raise RunFolderError(f"{flag} {out}: --overwrite would remove files where the run's data lives ({folder}; "
+                                 f"{flag} {relation} that folder); choose another {flag}")
     out = make_folder(out, "run", flag)
     lock = RunLock(out, flag)  # first the lock, then the look: two claimants cannot both see a free folder
     try:
-        found = [n for n in RUN_FILES if (out / n).exists()] + sorted(p.name for p in out.glob("eval_*.json"))
+        found = [n for n in RUN_FILES if os.path.lexists(out / n)] + sorted(p.name for p in out.glob("eval_*.json"))
         if found and not overwrite:
             raise RunFolderError(f"{flag} {out} already holds a run ({', '.join(found)}): continue it with --resume "
                                  f"{out}, choose a new --out, or pass --overwrite to replace it")
         for name in found:
-            (out / name).unlink()
+            files.remove(out, name)  # a link planted there goes, never what it points to
     except BaseException:
         lock.release()
         raise
@@ -98,39 +76,6 @@ def claim(out, overwrite: bool, flag: str = "--out") -> RunLock:
 
 def is_empty_but_lock(folder: Path) -> bool:
     return folder.is_dir() and all(p.name == LOCK_NAME for p in folder.iterdir())
-
-
-def new_file(path: Path) -> Path:
-    """``path`` if free, else ``<stem>-2<suffix>``, ``-3``, ...: the first name not taken."""
-    candidate, n = path, 1
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-    return candidate
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(f)`` into a temp file in ``path``'s folder, fsync, then rename over ``path``: a crash or a
-    full disk mid-write leaves the previous file intact and no temp file behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_save(obj, path: Path) -> None:
-    """``torch.save(obj)`` to ``path`` through ``atomic_write``."""
-    atomic_write(Path(path), lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def drop_metrics_after(path: Path, iteration: int) -> int:
@@ -148,15 +93,9 @@ def drop_metrics_after(path: Path, iteration: int) -> int:
         if isinstance(record, dict) and isinstance(record.get("iteration"), int) and record["iteration"] <= iteration:
             kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) != len(lines):
-        atomic_write_text(path, "".join(kept))
+        files.atomic_write_text(path, "".join(kept))
     return len(lines) - len(kept)
 
 
-def describe(e: OSError) -> str:
-    """``[Errno 28] No space left on device`` as one short phrase, with the file when the error names one."""
-    what = e.strerror or type(e).__name__
-    return f"{what}: {e.filename}" if e.filename else what
-
-
-__all__ = ["RUN_FILES", "LOCK_NAME", "RunFolderError", "make_folder", "RunLock", "claim", "new_file", "atomic_write",
-           "atomic_save", "atomic_write_text", "drop_metrics_after", "describe"]
+__all__ = ["RUN_FILES", "LOCK_NAME", "RunFolderError", "make_folder", "RunLock", "claim", "drop_metrics_after",
+           "describe"]
