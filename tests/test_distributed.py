@@ -333,3 +333,26 @@ def test_reproduce_spreads_the_runs_over_the_devices_each_child_seeing_one(tmp_p
 
 if __name__ == "__main__":  # a rank of the first test, started by torch.distributed.run
     sys.exit(_rank_main(*sys.argv[1:]))
+
+
+def test_closing_the_process_group_ends_its_gloo_threads(tmp_path):
+    """After ``distributed.close`` no gloo worker thread is left to outlive the interpreter: DDP imports
+    torch.distributed.nn, whose functions keep the WORLD group in their default arguments when imported after
+    ``init_process_group``; a worker freeing a collective's tensors during finalization then aborted a rank
+    ("terminate called without an active exception")."""
+    script = """
+import os, torch
+from uamt_fast import distributed
+world = distributed.setup("cpu", 60)
+net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+net(torch.ones(1, 2)).sum().backward()
+distributed.close(world)
+del net
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print("threads", sorted(n for n in names if "gloo" in n))
+"""
+    env = ENV | {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "threads []" in proc.stdout, proc.stdout

@@ -32,6 +32,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+if dist.is_available():  # (a torch built without distributed has no torch.distributed.nn)
+    # imported before any init_process_group: its functions take ``group=group.WORLD`` as a default argument, evaluated
+    # at import. Imported later, as DDP does lazily, those defaults hold the process group for the interpreter's life:
+    # destroy_process_group cannot free it, its gloo worker threads outlive ``close``, and a worker dropping a finished
+    # collective's tensors once Python is finalizing aborts the process ("terminate called without an active exception")
+    import torch.distributed.nn
+
 from uamt_fast import checkpoints
 from uamt_fast.ghost_norm import GhostBatchNorm3d
 from uamt_fast.metrics import summarize
@@ -115,6 +122,7 @@ def setup(device: str, timeout_s: float) -> World:
 
 
 def close(world: World) -> None:
+    """Destroy the process group, so that its gloo worker threads end while Python is alive (see the imports)."""
     if world.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
