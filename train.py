@@ -53,21 +53,10 @@ from pathlib import Path
 import torch
 
 import uamt_fast
-from uamt_fast import (
-    checkpoints,
-    cli,
-    data,
-    distributed,
-    figures,
-    files,
-    inference,
-    metrics_log,
-    provenance,
-    reference,
-    run_folder,
-    selection,
-)
-from uamt_fast.vnet import MAX_FILTERS, VNet
+from uamt_fast.training import checkpoints, distributed, metrics_log, provenance, run_folder
+from uamt_fast import cli, data, figures, files, reference
+from uamt_fast.evaluation import inference, selection
+from uamt_fast.nets.vnet import MAX_FILTERS, VNet
 
 TERMS = ("cross-entropy", "dice", "consistency")  # the loss terms, in the order train_step returns them
 
@@ -497,7 +486,7 @@ CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
 
 
 def load_model(path: Path, device: torch.device) -> tuple[VNet, dict, Path]:
-    """--eval: the V-Net of a checkpoint or run folder, its config and the file read (uamt_fast.checkpoints:
+    """--eval: the V-Net of a checkpoint or run folder, its config and the file read (uamt_fast.training.checkpoints:
     weights_only loading, one-line errors; the config may hold only fields this train.py knows)."""
     return checkpoints.load_vnet(path, device, "--eval", CONFIG_FIELDS)
 
@@ -645,7 +634,7 @@ def evaluate_checkpoint(cfg: Config, given: dict, device: torch.device, world=di
                          f"({', '.join(ecfg.data)}) has {classes}")
     ecfg.num_classes = model.num_classes
     cases = load_split(ecfg, "test")
-    out = run_folder.make_folder(cfg.out or path.parent, "evaluation")  # writable? checked before the work
+    out = files.make_folder(cfg.out or path.parent, "evaluation")  # writable? checked before the work
     result = evaluate(model, ecfg, cases, out, name=f"eval_{path.stem}.json", checkpoint=str(path), world=world)
     if cfg.figures and world.main:
         write_figures(model, ecfg, cases, result, path.parent)
@@ -670,7 +659,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             torch.set_num_threads(cfg.threads)
         if cfg.figures:
             figures.pyplot()  # fail now, not after training, when the optional matplotlib is missing
-            run_folder.make_folder(cfg.figures, "figures", "--figures")
+            files.make_folder(cfg.figures, "figures", "--figures")
         if cfg.tensorboard:
             metrics_log.require_tensorboard()  # the same: fail now when the optional tensorboard is missing
         if cfg.eval:

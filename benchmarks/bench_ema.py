@@ -25,7 +25,7 @@ import torch
 
 from benchmarks import measure
 from uamt_fast import reference
-from uamt_fast.vnet import VNet
+from uamt_fast.nets.vnet import VNet
 
 DECAY = 0.99
 STEP = 3000  # a mid-run global step: alpha = min(1 - 1/(STEP + 1), DECAY) = DECAY

@@ -11,7 +11,7 @@ import torch
 
 from uamt_fast import VNet
 from uamt_fast.data import load_case, read_list
-from uamt_fast.inference import PATCH_SIZE, evaluate, window_starts
+from uamt_fast.evaluation.inference import PATCH_SIZE, evaluate, window_starts
 
 
 def main():

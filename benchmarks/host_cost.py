@@ -27,7 +27,8 @@ import torch
 from torch.utils.benchmark import Timer
 
 import uamt_fast
-from uamt_fast import consistency, ema, reference
+from uamt_fast.ops import consistency, ema
+from uamt_fast import reference
 
 
 def _median_us(stmt: str, env: dict, repeats: int = 5) -> float:

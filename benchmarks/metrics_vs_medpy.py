@@ -1,4 +1,4 @@
-"""Metric time on real LA cases: uamt_fast.metrics.case_metrics vs medpy's dc + jc + hd95 + asd.
+"""Metric time on real LA cases: uamt_fast.evaluation.metrics.case_metrics vs medpy's dc + jc + hd95 + asd.
 
     python -m benchmarks.metrics_vs_medpy --data ../shared/data/LA [--cases 3] [--threads 2]
 
@@ -15,7 +15,7 @@ from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 
 from uamt_fast.data import load_case, read_list
-from uamt_fast.metrics import case_metrics
+from uamt_fast.evaluation.metrics import case_metrics
 
 
 def best_of(f, n):

@@ -225,7 +225,7 @@ def busy_union_us(acts: list[Activity]) -> tuple[float, float]:
 def conv_layers(n_filters: int, patch) -> list[dict]:
     """Every conv of the V-Net at crop ``patch``: name, transposed, weight shape, input/output (C, *S)
     per crop. Shapes come from one forward on the meta device."""
-    from uamt_fast.vnet import VNet
+    from uamt_fast.nets.vnet import VNet
 
     net = VNet(n_filters=n_filters).to("meta")
     layers = []

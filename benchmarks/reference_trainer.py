@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from uamt_fast import data, files
-from uamt_fast.vnet import VNet
+from uamt_fast.nets.vnet import VNet
 
 
 # ----------------------------------------------------------------------------- data, as released

@@ -313,7 +313,8 @@ def write_figures(args) -> list[str]:
     line each): a row whose metrics.jsonl or student.pt cannot be read (e.g. refused by the weights-only
     loader) is left out of its figure, the others are drawn."""
     try:
-        from uamt_fast import checkpoints, data, figures
+        from uamt_fast.training import checkpoints
+        from uamt_fast import data, figures
 
         figures.pyplot()
     except ImportError as e:
@@ -348,11 +349,11 @@ def write_figures(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from uamt_fast import files, run_folder
+    from uamt_fast import files
 
     try:
         args = parse_args(argv)
-        out = run_folder.make_folder(args.out, "runs, logs and table")
+        out = files.make_folder(args.out, "runs, logs and table")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 AMD CDNA2-4 and RDNA3-4), and CPU tensors while the Triton interpreter is on; and which tensors an in-place
 update may write: none whose memory overlaps itself or another operand.
 
-The one place that answers both, for the public ops (``uamt_fast.consistency``, ``uamt_fast.ema``), which
+The one place that answers both, for the public ops (``uamt_fast.ops.consistency``, ``uamt_fast.ops.ema``), which
 route a tensor to the kernels or to the reference math, for the launchers, which refuse what no kernel
 can read, and for ``uamt_fast.reference.ema_update_``, which refuses the same aliasing as the fast paths.
 Imports torch only, so it can be asked before (or without) importing Triton.

@@ -649,7 +649,7 @@ def _predictive_entropy_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers (inputs are validated by uamt_fast.consistency; these check only what a launch needs)
+# Launchers (inputs are validated by uamt_fast.ops.consistency; these check only what a launch needs)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -39,11 +39,11 @@ def _on_cpu(mp: pytest.MonkeyPatch):
     """The trainer as a CPU user runs it: the public fused ops take their CPU path (the reference math), not
     the Triton interpreter switched on above (~15 s per loss call at trainer sizes; the kernel tests cover
     the kernels), and one torch thread (on a shared 2-core machine two OpenMP threads measured 5x slower)."""
-    import uamt_fast.consistency
-    import uamt_fast.ema
+    import uamt_fast.ops.consistency
+    import uamt_fast.ops.ema
 
-    mp.setattr(uamt_fast.consistency, "TRITON_ON_CPU", False)
-    mp.setattr(uamt_fast.ema, "TRITON_ON_CPU", False)
+    mp.setattr(uamt_fast.ops.consistency, "TRITON_ON_CPU", False)
+    mp.setattr(uamt_fast.ops.ema, "TRITON_ON_CPU", False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import uamt_fast
-from uamt_fast import consistency, ema
+from uamt_fast.ops import consistency, ema
 from uamt_fast.kernels import device
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from uamt_fast import data
+from uamt_fast.data import __main__ as data_cli  # python -m uamt_fast.data
 from uamt_fast.data import Case, DataError, TwoStreamSampler
 
 
@@ -295,7 +296,7 @@ def test_synthetic_data_round_trips_through_the_loader(synthetic_root, tmp_path)
 
 
 def test_synth_command_line(tmp_path):
-    assert data.main(["synth", str(tmp_path), "--train", "2", "--test", "1", "--shape", "9", "8", "7", "--seed", "2"]) \
+    assert data_cli.main(["synth", str(tmp_path), "--train", "2", "--test", "1", "--shape", "9", "8", "7", "--seed", "2"]) \
         == 0
     assert data.load_case(tmp_path, data.read_list(tmp_path, "test")[0]).image.shape == (9, 8, 7)
 
@@ -303,7 +304,7 @@ def test_synth_command_line(tmp_path):
 # ----------------------------------------------------------------------------- packing
 def test_pack_round_trip_is_bit_exact_on_synthetic_data(synthetic_root, tmp_path, capsys):
     argv = ["pack", str(synthetic_root), str(tmp_path), "--train", "1", "--unlabeled", "1", "--test", "1"]
-    assert data.main(argv) == 0
+    assert data_cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "3 cases" in out and "Lossless: every case was read back and its image and label are bit-identical" in out
     assert "part" not in out and "affine" not in out  # part sizes only when parts were asked for
@@ -374,7 +375,7 @@ def test_real_cases_pack_bit_exact(la_root, tmp_path):
 # ----------------------------------------------------------------------------- several roots
 def test_parts_give_the_same_lists_and_crops_as_one_root(synthetic_root, tmp_path, capsys):
     # Packed synthetic cases are ~17 kB: a 0.03 MiB limit makes one part a case or two.
-    assert data.main(["pack", str(synthetic_root), str(tmp_path), "--train", "3", "--test", "2",
+    assert data_cli.main(["pack", str(synthetic_root), str(tmp_path), "--train", "3", "--test", "2",
                       "--max-part-mib", "0.03"]) == 0
     out = capsys.readouterr().out
     parts = sorted(tmp_path.glob("part*"))
@@ -479,12 +480,12 @@ def test_pack_refuses_a_list_id_that_leaves_the_root_and_writes_nothing_outside_
     write_case(tmp_path / "x", "y", image=GOOD_IMAGE, label=GOOD_LABEL).rename(outside / data.H5_NAME)
     (source / "train.list").write_text("good\n../../evil\n")
     (source / "test.list").write_text("good2\n")
-    assert data.main(["pack", str(source), str(out), "--train", "2"]) == 2
+    assert data_cli.main(["pack", str(source), str(out), "--train", "2"]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {source / 'train.list'}: case id '../../evil' is not a plain name (expected a folder name " \
         f"in '{data.IMAGES_DIR}': not empty, '.' or '..', no '/', '\\' or non-printing characters)\n"
     assert sorted(p.name for p in outside.iterdir()) == [data.H5_NAME] and not out.exists()
-    assert data.main(["pack", str(source), str(out), "--cases", "../evil"]) == 2
+    assert data_cli.main(["pack", str(source), str(out), "--cases", "../evil"]) == 2
     assert capsys.readouterr().err.startswith("error: --cases: case id '../evil' is not a plain name")
 
 
@@ -525,7 +526,7 @@ def test_a_list_that_is_not_utf8_is_refused_naming_the_file(tmp_path):
 
 
 def test_pack_refuses_a_part_smaller_than_a_case(synthetic_root, tmp_path, capsys):
-    assert data.main(["pack", str(synthetic_root), str(tmp_path), "--train", "1", "--max-part-mib", "0.001"]) == 2
+    assert data_cli.main(["pack", str(synthetic_root), str(tmp_path), "--train", "1", "--max-part-mib", "0.001"]) == 2
     assert "larger than the part size" in capsys.readouterr().err
 
 
@@ -551,7 +552,7 @@ BAD_FLAGS = {  # argv after the command and its folders: the flag the one-line e
 @pytest.mark.parametrize("command, flags, named", [(c, f, n) for c, cases in BAD_FLAGS.items() for f, n in cases])
 def test_bad_pack_and_synth_flags_are_one_line_and_exit_2(synthetic_root, tmp_path, capsys, command, flags, named):
     folders = [str(synthetic_root), str(tmp_path / "out")] if command == "pack" else [str(tmp_path / "out")]
-    assert data.main([command, *folders, *flags]) == 2
+    assert data_cli.main([command, *folders, *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and named in err, err
     assert not (tmp_path / "out").exists()
@@ -568,7 +569,7 @@ def test_help_states_the_ranges_of_the_numeric_flags(capsys):
     for command, ranges in {"pack": ["N >= 0", "K >= 0", "M >= 0", "N + K + M >= 1", "a finite number > 0"],
                             "synth": ["training cases, >= 1", "test cases, >= 1", "each >= 1", "seed >= 0"]}.items():
         with pytest.raises(SystemExit) as exit:
-            data.main([command, "--help"])
+            data_cli.main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
         assert exit.value.code == 0 and all(r in text for r in ranges), (command, text)
 
@@ -578,11 +579,11 @@ def test_pack_and_synth_refuse_an_output_that_is_a_file_or_the_source_root(synth
     for out in (tmp_path / "file", tmp_path / "file" / "below"):
         for argv in (["pack", str(synthetic_root), str(out), "--train", "1"],
                      ["synth", str(out), "--shape", "4", "4", "4"]):
-            assert data.main(argv) == 2
+            assert data_cli.main(argv) == 2
             err = capsys.readouterr().err
             assert err.startswith(f"error: output folder {out}: ") and "is a file; expected a folder" in err \
                 and err.count("\n") == 1, err
     lists = {split: (synthetic_root / f"{split}.list").read_text() for split in ("train", "test")}
-    assert data.main(["pack", str(synthetic_root), str(synthetic_root), "--train", "1"]) == 2
+    assert data_cli.main(["pack", str(synthetic_root), str(synthetic_root), "--train", "1"]) == 2
     assert "is the source root" in capsys.readouterr().err
     assert {split: (synthetic_root / f"{split}.list").read_text() for split in lists} == lists

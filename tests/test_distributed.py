@@ -91,9 +91,10 @@ def _rank_main(data_root: str, out: str) -> int:
     from torch import distributed as dist
 
     import train
-    import uamt_fast.ema
-    from uamt_fast import distributed, reference
-    from uamt_fast.vnet import VNet
+    import uamt_fast.ops.ema
+    from uamt_fast.training import distributed
+    from uamt_fast import reference
+    from uamt_fast.nets.vnet import VNet
 
     world = distributed.setup("cpu", 60)
     cfg = train.Config(data=[data_root], n_filters=2, patch=(16, 16, 16), labeled=2, dropout=False, compile=False,
@@ -121,7 +122,7 @@ def _rank_main(data_root: str, out: str) -> int:
     result = {}
     result["identical_across_ranks"] = all(torch.equal(a, b) for k in ("student", "teacher")
                                            for a, b in zip(params[0][k], params[1][k]))
-    result["still_flat"] = uamt_fast.ema.flat_parameters(parts.student) is not None
+    result["still_flat"] = uamt_fast.ops.ema.flat_parameters(parts.student) is not None
     result["crops_differ"] = not torch.equal(seen[0]["batches"][0][0], seen[1]["batches"][0][0])
 
     # the reference: one process, both ranks' crops in one batch, ghost batch norm with one group per rank
@@ -342,7 +343,7 @@ def test_closing_the_process_group_ends_its_gloo_threads(tmp_path):
     ("terminate called without an active exception")."""
     script = """
 import os, torch
-from uamt_fast import distributed
+from uamt_fast.training import distributed
 world = distributed.setup("cpu", 60)
 net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
 net(torch.ones(1, 2)).sum().backward()

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 import uamt_fast
-from uamt_fast import ema, reference
+from uamt_fast.ops import ema
+from uamt_fast import reference
 from uamt_fast.kernels import ema_update as ema_kernel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

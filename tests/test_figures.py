@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from uamt_fast import data, figures
-from uamt_fast.vnet import VNet
+from uamt_fast.nets.vnet import VNet
 
 plt = pytest.importorskip("matplotlib.pyplot")
 

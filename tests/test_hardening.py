@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import train  # noqa: E402
 from trainer_cli import ENV, TINY, Payload, one_error_line  # noqa: E402
-from uamt_fast import checkpoints, data, run_folder  # noqa: E402
+from uamt_fast.training import checkpoints, run_folder  # noqa: E402
+from uamt_fast import data
 
 pytestmark = pytest.mark.usefixtures("trainer_on_cpu")  # tests/conftest.py
 

@@ -27,7 +27,9 @@ import test_prepare  # noqa: E402  (its synthetic volumes and NIfTI writer)
 import train  # noqa: E402
 from test_data import write_case  # noqa: E402
 from trainer_cli import TINY  # noqa: E402
-from uamt_fast import data, inference, metrics, reference  # noqa: E402
+from uamt_fast import data, reference  # noqa: E402
+from uamt_fast.data import __main__ as data_cli  # python -m uamt_fast.data
+from uamt_fast.evaluation import inference, metrics
 
 LABELS = {"background": 0, "organ": 1, "ignore": 2}
 IGNORE = data.IGNORE_LABEL
@@ -57,7 +59,7 @@ def prepared(tmp_path_factory) -> Path:
     """The folder above, prepared with --preset none."""
     base = tmp_path_factory.mktemp("ignore")
     src = write_nnunet_with_ignore(base / "nnunet")
-    assert data.main(["prepare", str(src), str(base / "prepared"), "--preset", "none"]) == 0
+    assert data_cli.main(["prepare", str(src), str(base / "prepared"), "--preset", "none"]) == 0
     return base / "prepared"
 
 
@@ -93,7 +95,7 @@ def test_an_msd_labels_map_may_name_ignore_too(tmp_path):
     meta = json.loads((src / "dataset.json").read_text())
     meta["labels"] = {"0": "background", "1": "pancreas", "2": "ignore"}
     (src / "dataset.json").write_text(json.dumps(meta))
-    assert data.main(["prepare", str(src), str(tmp_path / "out"), "--preset", "none"]) == 0
+    assert data_cli.main(["prepare", str(src), str(tmp_path / "out"), "--preset", "none"]) == 0
     record = json.loads((tmp_path / "out" / "dataset.json").read_text())
     assert record["num_classes"] == 2 and record["ignore_label"] == IGNORE
     assert record["labels"] == {"background": 0, "pancreas": 1}
@@ -111,7 +113,7 @@ def test_an_ignore_label_that_is_not_the_highest_value_is_refused_in_one_line(tm
     test_prepare.save(src / "imagesTr" / "case000_0000.nii.gz", image, test_prepare.LPS)
     test_prepare.save(src / "labelsTr" / "case000.nii.gz", label, test_prepare.LPS)
     out = tmp_path / "out"
-    assert data.main(["prepare", str(src), str(out), "--preset", "none", "--test-count", "1"]) == 2
+    assert data_cli.main(["prepare", str(src), str(out), "--preset", "none", "--test-count", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert str(src / "dataset.json") in err and "'labels'" in err and '"ignore"' in err and "highest" in err, err

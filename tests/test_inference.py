@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from uamt_fast import inference
-from uamt_fast.inference import evaluate, format_table, sliding_window_predict, window_starts
-from uamt_fast.metrics import EmptyMaskWarning
+from uamt_fast.evaluation import inference
+from uamt_fast.evaluation.inference import evaluate, format_table, sliding_window_predict, window_starts
+from uamt_fast.evaluation.metrics import EmptyMaskWarning
 
 PATCH = (8, 8, 6)
 

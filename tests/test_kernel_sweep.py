@@ -8,7 +8,7 @@ import json
 import pytest
 from uamt_fast.kernels import launch_config
 
-from uamt_fast import consistency
+from uamt_fast.ops import consistency
 
 pytestmark = pytest.mark.skipif(not consistency.TRITON_ON_CPU, reason="the --cpu sweep runs in the Triton interpreter")
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from uamt_fast import consistency, ema
+from uamt_fast.ops import consistency, ema
 from uamt_fast.kernels import device
 
 ROOT = Path(__file__).resolve().parents[1]

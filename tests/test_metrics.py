@@ -1,4 +1,4 @@
-"""uamt_fast.metrics against medpy.metric.binary (the field's definitions) and scipy's exact EDT."""
+"""uamt_fast.evaluation.metrics against medpy.metric.binary (the field's definitions) and scipy's exact EDT."""
 import math
 import warnings
 
@@ -9,8 +9,8 @@ import torch
 from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 
-from uamt_fast import metrics
-from uamt_fast.metrics import EmptyMaskWarning, case_metrics, summarize
+from uamt_fast.evaluation import metrics
+from uamt_fast.evaluation.metrics import EmptyMaskWarning, case_metrics, summarize
 
 CROSS = {ndim: ndimage.generate_binary_structure(ndim, 1) for ndim in (1, 2, 3)}
 

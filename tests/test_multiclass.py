@@ -17,7 +17,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from uamt_fast import data, metrics, reference  # noqa: E402
+from uamt_fast import data, reference  # noqa: E402
+from uamt_fast.evaluation import metrics
 
 pytestmark = pytest.mark.usefixtures("trainer_on_cpu")  # tests/conftest.py
 
@@ -162,7 +163,7 @@ def test_panels_draw_each_class_in_its_own_colour(tmp_path, monkeypatch):
     import matplotlib.axes
 
     from uamt_fast import figures
-    from uamt_fast.vnet import VNet
+    from uamt_fast.nets.vnet import VNet
 
     root = write_prepared(tmp_path / "data", n_train=1, n_test=1, n_unlabeled=0)
     case = data.load_case(root, "ts0")

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 import uamt_fast
-from uamt_fast import consistency, ema, reference
+from uamt_fast.ops import consistency, ema
+from uamt_fast import reference
 from uamt_fast.kernels import device
 from uamt_fast.kernels import uncertainty_loss as loss_kernels
 

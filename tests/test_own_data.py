@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_prepare  # noqa: E402  (its synthetic NIfTI folders)
 import train  # noqa: E402
 from uamt_fast import data  # noqa: E402
+from uamt_fast.data import __main__ as data_cli  # python -m uamt_fast.data
 
 pytestmark = pytest.mark.usefixtures("trainer_on_cpu")  # tests/conftest.py
 
@@ -32,7 +33,7 @@ SMALL = ["--n-filters", "4", "--no-compile", "--device", "cpu", "--save-every", 
 
 
 def prepare(src: Path, out: Path, *flags) -> dict:
-    assert data.main(["prepare", str(src), str(out), *flags]) == 0
+    assert data_cli.main(["prepare", str(src), str(out), *flags]) == 0
     return json.loads((out / "dataset.json").read_text())
 
 

@@ -30,7 +30,9 @@ sys.path.insert(0, str(ROOT))
 from test_prepare import with_sform  # noqa: E402 (tests/ is on sys.path under pytest)
 
 import train  # noqa: E402
-from uamt_fast import data, files, inference, metrics, predict, prepare  # noqa: E402
+from uamt_fast import data, files, predict  # noqa: E402
+from uamt_fast.evaluation import inference, metrics
+from uamt_fast.data import prepare
 
 SHAPE = (40, 36, 20)
 LPS = np.array([[-0.8, 0, 0, 30.0], [0, -0.8, 0, 25.0], [0, 0, 2.0, -18.0], [0, 0, 0, 1]])
@@ -247,7 +249,7 @@ def test_nnunet_channel_files_pick_the_prepared_channel(tmp_path):
     """A two-channel nnU-Net set prepared on FLAIR (channel 1), three classes: a folder of {case}_{XXXX} files
     is one case and predict reads its FLAIR file (the index from the source's dataset.json, or from the
     prepared files' suffix once that is gone); probabilities have three channels, uncertainty <= ln 3."""
-    from uamt_fast.vnet import VNet
+    from uamt_fast.nets.vnet import VNet
 
     src = tmp_path / "nnunet"
     (src / "imagesTr").mkdir(parents=True)
@@ -284,7 +286,7 @@ def test_batched_passes_are_figures_uncertainty_map():
     """With dropout off every pass is the same: the batched passes (chunked or not) give exactly the entropy
     figures.uncertainty_map takes of whole sliding-window passes; with dropout on, the passes differ."""
     from uamt_fast import figures
-    from uamt_fast.vnet import VNet
+    from uamt_fast.nets.vnet import VNet
 
     image = np.random.default_rng(1).normal(size=(20, 18, 17)).astype(np.float32)
     for dropout in (False, True):

@@ -20,7 +20,9 @@ import pytest
 nibabel = pytest.importorskip("nibabel")
 pytest.importorskip("monai")
 
-from uamt_fast import data, files, prepare
+from uamt_fast import data, files
+from uamt_fast.data import __main__ as data_cli  # python -m uamt_fast.data
+from uamt_fast.data import prepare
 
 SHAPE = (40, 36, 20)
 LPS = np.diag([-0.8, -0.8, 2.0, 1.0]) + np.array([[0, 0, 0, 30.0], [0, 0, 0, 25.0], [0, 0, 0, -18.0], [0, 0, 0, 0]])
@@ -108,7 +110,7 @@ def write_msd(root: Path, ids=("image0001", "image0002", "image0025"), test_ids=
 
 
 def run_cli(*args) -> int:
-    return data.main(["prepare", *map(str, args)])
+    return data_cli.main(["prepare", *map(str, args)])
 
 
 def read_h5(root: Path, case_id: str) -> dict:
@@ -579,7 +581,7 @@ def test_real_la_round_trip(tmp_path, la_root):
 
 def test_core_import_needs_no_extra():
     """import uamt_fast, its data module and even prepare/formats load neither MONAI nor nibabel."""
-    code = ("import sys, uamt_fast, uamt_fast.data, uamt_fast.formats, uamt_fast.prepare; "
+    code = ("import sys, uamt_fast, uamt_fast.data, uamt_fast.data.formats, uamt_fast.data.prepare; "
             "print(sorted(m for m in ('monai', 'nibabel') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                           cwd=Path(__file__).resolve().parents[1], timeout=120)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from uamt_fast import data, reference
-from uamt_fast.vnet import VNet
+from uamt_fast.data import __main__ as data_cli  # python -m uamt_fast.data
+from uamt_fast.nets.vnet import VNet
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -57,7 +58,7 @@ def test_cpu_reproduction_resumes_and_writes_the_table_with_the_paper_column(tmp
     # Triton interpreter (conftest sets it for the kernel tests; a minute an iteration here)
     parts = tmp_path / "parts"
     source = data.write_synthetic_la(tmp_path / "synth", n_train=18, n_test=1, shape=(64, 64, 32), seed=0)
-    assert data.main(["pack", str(source), str(parts), "--train", "18", "--test", "1", "--max-part-mib", "0.5"]) == 0
+    assert data_cli.main(["pack", str(source), str(parts), "--train", "18", "--test", "1", "--max-part-mib", "0.5"]) == 0
     roots = [str(p) for p in sorted(parts.glob("part*"))]
     assert len(roots) >= 2
     out = tmp_path / "out"

@@ -22,7 +22,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import train  # noqa: E402
 from trainer_cli import ENV, TINY, Payload, one_error_line  # noqa: E402
-from uamt_fast import checkpoints, data, figures, files  # noqa: E402
+from uamt_fast.training import checkpoints  # noqa: E402
+from uamt_fast.data import __main__ as data_cli  # python -m uamt_fast.data
+from uamt_fast import data, figures, files
 
 pytestmark = pytest.mark.usefixtures("trainer_on_cpu")  # tests/conftest.py
 
@@ -220,7 +222,7 @@ def test_help_shows_defaults_and_the_usage_examples():
                                                ("synth", ["--train", "--test", "--shape", "--seed"])])
 def test_data_cli_help_shows_every_default_and_examples(command, defaults, capsys):
     with pytest.raises(SystemExit) as stop:
-        data.main([command, "--help"])
+        data_cli.main([command, "--help"])
     assert stop.value.code == 0
     out = capsys.readouterr().out
     entries = dict(re.findall(r"^  (--[\w-]+)(.*?)(?=^  -|^\S|\Z)", out, re.M | re.S))  # option -> its help

@@ -1,9 +1,9 @@
-"""uamt_fast.selection: the test cases an evaluation and its panels cover."""
+"""uamt_fast.evaluation.selection: the test cases an evaluation and its panels cover."""
 import types
 
 import pytest
 
-from uamt_fast import selection
+from uamt_fast.evaluation import selection
 
 IDS = ["a", "b", "c", "d"]
 

@@ -8,7 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from uamt_fast import metrics_log  # noqa: E402
+from uamt_fast.training import metrics_log  # noqa: E402
 
 TINY = ["--n-filters", "4", "--patch", "16", "16", "16", "--labeled", "2", "--no-compile", "--device", "cpu",
         "--log-every", "2", "--save-every", "2", "--eval-stride-xy", "16", "--eval-stride-z", "16"]

@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train
 import uamt_fast
-from uamt_fast import data, files, reference, run_folder
-from uamt_fast.vnet import VNet
+from uamt_fast import data, files, reference
+from uamt_fast.training import run_folder
+from uamt_fast.nets.vnet import VNet
 
 TINY = ["--n-filters", "4", "--patch", "16", "16", "16", "--labeled", "2", "--no-compile", "--device", "cpu",
         "--log-every", "5", "--save-every", "5", "--eval-stride-xy", "16", "--eval-stride-z", "16"]

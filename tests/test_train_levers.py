@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train
-from uamt_fast.vnet import VNet
+from uamt_fast.nets.vnet import VNet
 
 
 pytestmark = pytest.mark.usefixtures("trainer_on_cpu")  # tests/conftest.py

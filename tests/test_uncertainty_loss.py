@@ -16,7 +16,8 @@ import torch
 from uamt_fast.kernels import uncertainty_loss as kernels
 
 import uamt_fast
-from uamt_fast import consistency, reference
+from uamt_fast.ops import consistency
+from uamt_fast import reference
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or consistency.TRITON_ON_CPU),

@@ -10,10 +10,13 @@ _here = _os.path.dirname(__file__)
 if not _os.path.isdir(_os.path.join(_here, "kernels")):
     __path__.append(_os.path.normpath(_os.path.join(_here, _os.pardir)))
 
-from uamt_fast.consistency import ConsistencyStats, predictive_entropy, uncertainty_consistency_loss  # noqa: E402
-from uamt_fast.ema import ema_update_, flat_parameters, flatten_parameters_  # noqa: E402
-from uamt_fast.ghost_norm import GhostBatchNorm2d, GhostBatchNorm3d, ghost_batch_norm_, set_bn_groups  # noqa: E402
-from uamt_fast.vnet import VNet, mc_dropout  # noqa: E402
+from uamt_fast import deprecation  # noqa: E402
+from uamt_fast.ops.consistency import ConsistencyStats, predictive_entropy, uncertainty_consistency_loss  # noqa: E402
+from uamt_fast.ops.ema import ema_update_, flat_parameters, flatten_parameters_  # noqa: E402
+from uamt_fast.nets.ghost_norm import GhostBatchNorm2d, GhostBatchNorm3d, ghost_batch_norm_, set_bn_groups  # noqa: E402
+from uamt_fast.nets.vnet import VNet, mc_dropout  # noqa: E402
+
+deprecation.install()  # the old flat module paths (uamt_fast.metrics, ...) for one release
 
 __all__ = [
     "VNet",

@@ -9,7 +9,7 @@
 ground truth (red contour) and its prediction (blue contour) | the uncertainty map (predictive entropy
 of T MC-dropout passes, 0..ln 2) of the last checkpoint; the case id and a legend above. ``panels
 --cases`` picks test cases by id or as best / median / worst by the Dice of the last checkpoint
-(``uamt_fast.selection``; those cost one evaluation of each candidate case); ``--first N``: among the first N.
+(``uamt_fast.evaluation.selection``; those cost one evaluation of each candidate case); ``--first N``: among the first N.
 Predictions are the paper's sliding-window protocol on the full-resolution image (on the pooled image
 for ``downsample`` > 1 runs, upsampled back, as train.py's evaluation does). ``training_curves``: train.py's ``metrics.jsonl`` of one or
 more runs, overlaid: loss terms, lambda(t), threshold H(t), mask fraction, it/s.
@@ -28,8 +28,10 @@ import numpy as np
 import torch
 
 from uamt_fast import data as la_data
-from uamt_fast import checkpoints, cli, files, inference, metrics, selection
-from uamt_fast.vnet import mc_dropout
+from uamt_fast.training import checkpoints
+from uamt_fast import cli, files
+from uamt_fast.evaluation import inference, metrics, selection
+from uamt_fast.nets.vnet import mc_dropout
 
 PANEL_INCHES = 2.4  # each cell of the panel grid is PANEL_INCHES square
 HEADER_INCHES = 0.35  # the strip above the grid: case id and legend
@@ -64,7 +66,7 @@ def pyplot():
 # ----------------------------------------------------------------------------- predictions
 def predict_probs(model, image, patch, stride_xy: int, stride_z: int, downsample: int = 1, batch_size: int = 4):
     """Averaged sliding-window softmax (C, X, Y, Z) at full resolution, as train.py evaluates
-    (``uamt_fast.inference.predict_probs``); C is the model's ``num_classes`` (2 if it has none)."""
+    (``uamt_fast.evaluation.inference.predict_probs``); C is the model's ``num_classes`` (2 if it has none)."""
     return inference.predict_probs(model, image, patch, stride_xy, stride_z, downsample,
                                    num_classes=getattr(model, "num_classes", 2), batch_size=batch_size)
 
@@ -169,7 +171,7 @@ def predicted_panel(image_file, mask_file, path, uncertainty_file=None, label_fi
     """The Fig. 2 style panel of a scan as ``python -m uamt_fast.predict`` leaves it: the NIfTI image, the
     predicted mask (blue; each class its own colour beyond two) over it, the ground truth (red) if a label
     file is given, and the uncertainty map if given, all in the scan's own geometry (needs nibabel)."""
-    from uamt_fast import formats
+    from uamt_fast.data import formats
 
     plt = pyplot()
     image, affine = formats.read_volume(Path(image_file))

@@ -46,6 +46,24 @@ def describe(e: OSError) -> str:
     return f"{what}: {e.filename}" if e.filename else what
 
 
+# ----------------------------------------------------------------------------- folders
+def make_folder(out, purpose: str, flag: str = "--out") -> Path:
+    """``mkdir -p out`` and a check that files can be created in it; one-line errors for a path that is a
+    file, lies under a file, or cannot be written (permissions, a read-only file system, a full disk)."""
+    out = Path(out)
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise FolderError(f"{flag} {out}: " + ("is a file" if blocker == out else f"{blocker} is a file")
+                             + f"; expected a folder for the {purpose}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # the only sure test: root ignores permission bits, mounts do not
+            pass
+    except OSError as e:
+        raise FolderError(f"{flag} {out}: cannot write the {purpose} there ({describe(e)})") from None
+    return out
+
+
 # ----------------------------------------------------------------------------- atomic writes
 def _file_mode() -> int:
     """0o666 less the umask (what ``open`` would give), read without changing the umask: ``os.umask`` is
@@ -297,5 +315,5 @@ def read_json(path, what: str, error: type[ValueError] = ValueError) -> dict:
 
 
 __all__ = ["LOCK_NAME", "FolderError", "FolderLock", "append_line", "atomic_save", "atomic_write", "atomic_write_h5",
-           "atomic_write_text", "describe", "open_log", "overlaps", "read_json", "remove", "same_file", "sha256",
-           "subfolder", "write_new"]
+           "atomic_write_text", "describe", "make_folder", "open_log", "overlaps", "read_json", "remove", "same_file",
+           "sha256", "subfolder", "write_new"]

@@ -1,7 +1,7 @@
 """``python -m uamt_fast.predict MODEL INPUT... --out DIR``: masks of new scans, in each scan's own geometry.
 
 MODEL is a train.py run folder (its ``student.pt``) or a checkpoint (``student.pt``, ``teacher.pt``,
-``checkpoint.pt``), read through ``uamt_fast.checkpoints`` only (weights-only, non-finite weights refused).
+``checkpoint.pt``), read through ``uamt_fast.training.checkpoints`` only (weights-only, non-finite weights refused).
 INPUT is any mix of NIfTI files, folders of them (an MSD / nnU-Net ``imagesTs``, or a raw folder holding one;
 nnU-Net channel files ``{case}_{XXXX}`` make one case), and the training layout's h5 cases (an
 ``mri_norm2.h5``, a case folder, or a data root: every case folder under ``2018LA_Seg_Training Set``).
@@ -9,7 +9,7 @@ nnU-Net channel files ``{case}_{XXXX}`` make one case), and the training layout'
 For each scan, in the prepare -> train -> predict order of nnU-Net:
 
 1. **The model's preprocessing.** The prepared set the model was trained on (the ``data`` roots saved in its
-   config, or ``--data``) has a ``dataset.json`` (``uamt_fast.prepare``): a NIfTI scan goes through
+   config, or ``--data``) has a ``dataset.json`` (``uamt_fast.data.prepare``): a NIfTI scan goes through
    ``prepare.transform_case`` with that record's ``preset`` and ``channel``, the very code that prepared the
    training cases. The LA release has no record: scans are used as they are (already normalized per scan,
    0.625 mm). An h5 case is already in the training layout and is used as it is.
@@ -63,9 +63,12 @@ import torch
 import torch.nn.functional as F
 
 import uamt_fast
-from uamt_fast import checkpoints, cli, data, files, formats, inference, prepare, run_folder
+from uamt_fast.training import checkpoints
+from uamt_fast import cli, data, files
+from uamt_fast.data import formats, prepare
+from uamt_fast.evaluation import inference
 from uamt_fast.data import DataError
-from uamt_fast.vnet import mc_dropout
+from uamt_fast.nets.vnet import mc_dropout
 
 SPACING_FACTOR = 2.0  # without resampling, an input spacing more than 2x off the training data's is refused
 SLAB_POINTS = 1 << 22  # input voxels resampled per grid_sample call (bounds the grid's memory)
@@ -120,7 +123,7 @@ def main(argv=None) -> int:
               "passes", file=sys.stderr)
         return 2
     except (ValueError, ImportError, OSError) as e:  # DataError, CheckpointError, RunFolderError are ValueErrors
-        message = run_folder.describe(e) if isinstance(e, OSError) else str(e)
+        message = files.describe(e) if isinstance(e, OSError) else str(e)
         print(f"predict: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
 
@@ -636,7 +639,7 @@ def run(args) -> int:
     plan_outputs(scans, out, args)
     for scan in scans:  # every voxel of every input, before anything is written
         check_values(scan)
-    run_folder.make_folder(out, "predictions")
+    files.make_folder(out, "predictions")
     with files.FolderLock(out, "--out", "predict") as lock:  # one predict a folder: the look below holds till the end
         lock.remove_stale_temporaries()
         plan_outputs(scans, out, args)

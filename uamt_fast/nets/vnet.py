@@ -10,7 +10,7 @@ Additions for fast UA-MT training, all off by default:
 
 - ``mc_dropout(model)``: dropout stays on (Monte Carlo passes) whatever ``model.training`` is.
 - ``model.bn_groups = G``: in training mode, batch norm normalises each of G equal chunks of the
-  batch with its own statistics ("ghost" batch norm, ``uamt_fast.ghost_norm``; its layers are
+  batch with its own statistics ("ghost" batch norm, ``uamt_fast.nets.ghost_norm``; its layers are
   ``GhostBatchNorm3d``). A batch of G stacked stochastic passes then sees exactly what G separate
   forwards would see.
 - ``model.full_res_memory_format_(fmt)``: the convs that read or write full-resolution tensors (the
@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from uamt_fast.ghost_norm import GhostBatchNorm3d, set_bn_groups
+from uamt_fast.nets.ghost_norm import GhostBatchNorm3d, set_bn_groups
 
 
 def _conv_bn_relu(conv: nn.Module, channels: int) -> list[nn.Module]:

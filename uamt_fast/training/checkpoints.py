@@ -5,7 +5,7 @@ train.py writes two kinds of files, both plain dicts of tensors, numbers, string
 - ``student.pt`` / ``teacher.pt``: ``{"model": state_dict, "config": train.py's Config as a dict}``;
 - ``checkpoint.pt``: ``{"iteration", "config", "student", "teacher", "optimizer", "sampler", "rng_cpu"[, "rng_cuda"],
   "data_split"}``, written by ``training_state`` and read back by ``restore_training``; under torchrun also
-  ``"world_size"`` and ``"ranks"`` (every rank's sampler and RNG states: ``uamt_fast.distributed``).
+  ``"world_size"`` and ``"ranks"`` (every rank's sampler and RNG states: ``uamt_fast.training.distributed``).
 
 People share checkpoints, so opening one must never run code from it: every read here goes through the
 weights-only unpickler, which refuses anything but those types. A file that needs more (an arbitrary
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from uamt_fast.vnet import MAX_FILTERS, VNet
+from uamt_fast.nets.vnet import MAX_FILTERS, VNet
 
 MODEL_SETTINGS = ("n_filters", "dropout")  # the config fields that build the V-Net
 

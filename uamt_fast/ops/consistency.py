@@ -21,7 +21,7 @@ import torch
 
 from uamt_fast import reference
 from uamt_fast.kernels.device import TRITON_INTERPRET, triton_can_take
-from uamt_fast.scalars import integer_value, real_value
+from uamt_fast.ops.scalars import integer_value, real_value
 
 try:
     from uamt_fast.kernels import uncertainty_loss as _kernels

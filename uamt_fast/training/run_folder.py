@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from uamt_fast import files
@@ -22,23 +21,6 @@ from uamt_fast.files import LOCK_NAME, describe
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "student.pt", "teacher.pt", "eval.json")
 RunFolderError = files.FolderError  # a run folder that cannot be used now; one line naming it
-
-
-def make_folder(out, purpose: str, flag: str = "--out") -> Path:
-    """``mkdir -p out`` and a check that files can be created in it; one-line errors for a path that is a
-    file, lies under a file, or cannot be written (permissions, a read-only file system, a full disk)."""
-    out = Path(out)
-    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise RunFolderError(f"{flag} {out}: " + ("is a file" if blocker == out else f"{blocker} is a file")
-                             + f"; expected a folder for the {purpose}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):  # the only sure test: root ignores permission bits, mounts do not
-            pass
-    except OSError as e:
-        raise RunFolderError(f"{flag} {out}: cannot write the {purpose} there ({describe(e)})") from None
-    return out
 
 
 def RunLock(folder: Path, flag: str) -> files.FolderLock:  # noqa: N802 (reads as the lock it returns)
@@ -59,7 +41,7 @@ def claim(out, overwrite: bool, flag: str = "--out", inputs=()) -> files.FolderL
             relation = "is" if Path(out).resolve() == Path(folder).resolve() else "overlaps"
             raise RunFolderError(f"{flag} {out}: --overwrite would remove files where the run's data lives ({folder}; "
                                  f"{flag} {relation} that folder); choose another {flag}")
-    out = make_folder(out, "run", flag)
+    out = files.make_folder(out, "run", flag)
     lock = RunLock(out, flag)  # first the lock, then the look: two claimants cannot both see a free folder
     try:
         found = [n for n in RUN_FILES if os.path.lexists(out / n)] + sorted(p.name for p in out.glob("eval_*.json"))
@@ -97,5 +79,5 @@ def drop_metrics_after(path: Path, iteration: int) -> int:
     return len(lines) - len(kept)
 
 
-__all__ = ["RUN_FILES", "LOCK_NAME", "RunFolderError", "make_folder", "RunLock", "claim", "drop_metrics_after",
+__all__ = ["RUN_FILES", "LOCK_NAME", "RunFolderError", "RunLock", "claim", "drop_metrics_after",
            "describe"]

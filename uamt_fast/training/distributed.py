@@ -39,9 +39,9 @@ if dist.is_available():  # (a torch built without distributed has no torch.distr
     # collective's tensors once Python is finalizing aborts the process ("terminate called without an active exception")
     import torch.distributed.nn
 
-from uamt_fast import checkpoints
-from uamt_fast.ghost_norm import GhostBatchNorm3d
-from uamt_fast.metrics import summarize
+from uamt_fast.training import checkpoints
+from uamt_fast.nets.ghost_norm import GhostBatchNorm3d
+from uamt_fast.evaluation.metrics import summarize
 
 
 class OtherRankFailed(ValueError):

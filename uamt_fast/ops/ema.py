@@ -22,7 +22,7 @@ import torch
 
 from uamt_fast import reference
 from uamt_fast.kernels.device import TRITON_INTERPRET, check_writes, triton_can_take
-from uamt_fast.scalars import integer_value, real_value
+from uamt_fast.ops.scalars import integer_value, real_value
 
 try:
     from uamt_fast.kernels.ema_update import ema_update_flat_ as _ema_update_flat_kernel

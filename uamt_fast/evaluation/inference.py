@@ -15,7 +15,7 @@ Here several windows go through one forward (``batch_size``), and the sums are k
 model's device, added window by window in the release's order: in fp32 the result equals a
 one-window-at-a-time loop exactly (tests/test_inference.py checks it).
 
-``evaluate`` runs this over a split and scores each case with ``uamt_fast.metrics.labelmap_metrics``
+``evaluate`` runs this over a split and scores each case with ``uamt_fast.evaluation.metrics.labelmap_metrics``
 (Dice/Jaccard as fractions, 95HD/ASD in voxels), returning the ``eval.json`` layout::
 
     {"cases": [{"case": id, "dice": f, "jaccard": f, "hd95": f, "asd": f}, ...],
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from uamt_fast.metrics import labelmap_metrics, summarize
+from uamt_fast.evaluation.metrics import labelmap_metrics, summarize
 
 PATCH_SIZE = (112, 112, 80)  # the paper's training crop and test window
 
@@ -202,8 +202,8 @@ def evaluate(
         ``{"cases": [{"case", "dice", "jaccard", "hd95", "asd"[, "hd95_mm", "asd_mm"]}, ...], "mean": {...},
         "nan_cases": n}``; with 2 classes the foreground is every nonzero predicted class, with more each
         class is scored alone (``"classes"`` per case, ``"mean_per_class"``) and the top level is their mean
-        (``uamt_fast.metrics.labelmap_metrics``). Dice/Jaccard are fractions, 95HD/ASD voxels (and mm where
-        the case has a ``spacing``); an empty prediction gives NaN distances (see ``uamt_fast.metrics``). A case
+        (``uamt_fast.evaluation.metrics.labelmap_metrics``). Dice/Jaccard are fractions, 95HD/ASD voxels (and mm where
+        the case has a ``spacing``); an empty prediction gives NaN distances (see ``uamt_fast.evaluation.metrics``). A case
         with an ``ignore_label`` (nnU-Net's ignore label) is scored on its annotated voxels only.
     """
     n_cases, cases = _iter_cases(data, split)

@@ -27,14 +27,12 @@ TwoStreamBatchSampler, RandomRotFlip and RandomCrop), on any device, from one CP
 """
 from __future__ import annotations
 
-import argparse
 import bz2
 import dataclasses
 import hashlib
 import json
 import math
 import os
-import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,7 +42,7 @@ import h5py
 import numpy as np
 import torch
 
-from uamt_fast import cli, files, run_folder
+from uamt_fast import files
 
 IMAGES_DIR = "2018LA_Seg_Training Set"
 H5_NAME = "mri_norm2.h5"
@@ -118,7 +116,7 @@ def _check_record(record: dict, path: Path) -> None:
     ``shape`` / ``shape_original`` (3 ints >= 1), ``affine`` / ``affine_original`` (``formats.check_affine``: a
     singular or non-finite one would stop predict's map back after the inference) and ``files``. A field may be
     absent (a hand-written record holds ``format`` and ``num_classes`` only); then its reader's default holds."""
-    from uamt_fast import formats  # (formats imports this module)
+    from uamt_fast.data import formats  # (formats imports this module
 
     def refuse(field: str, value, expected: str):
         raise DataError(f"{path}: field {field} is {value!r:.80}; expected {expected}")
@@ -412,13 +410,13 @@ def read_unlabeled(roots) -> list[str]:
 
 
 def make_folder(path, what: str) -> Path:
-    """``mkdir -p path`` (``uamt_fast.run_folder.make_folder``: refused when it is or lies under a file, or cannot
-    be written), or a one-line DataError naming ``what`` (a flag, "output folder") and the path."""
-    return _writable(run_folder.make_folder, path, "data set", what)
+    """``mkdir -p path`` (``uamt_fast.files.make_folder``: refused when it is or lies under a file, or cannot be
+    written), or a one-line DataError naming ``what`` (a flag, "output folder") and the path."""
+    return _writable(files.make_folder, path, "data set", what)
 
 
 def _writable(make, *args) -> Path:
-    """``make(*args)`` (a folder maker of ``run_folder`` or ``files``) with its refusal as a DataError."""
+    """``make(*args)`` (a folder maker of ``uamt_fast.files``) with its refusal as a DataError."""
     try:
         return make(*args)
     except files.FolderError as e:
@@ -830,80 +828,3 @@ class TwoStreamSampler:
 
 
 # ----------------------------------------------------------------------------- command line
-class _Parser(cli.OneLineParser):
-    error_type = DataError
-
-
-def main(argv=None) -> int:
-    usage = ("examples:\n"
-             "  python -m uamt_fast.data pack /path/to/LA benchmarks/la_pack --train 16 --unlabeled 24 --test 4\n"
-             "  python -m uamt_fast.data pack /path/to/LA LA_parts --train 80 --test 20 --max-part-mib 60\n"
-             "  python -m uamt_fast.data synth demo_data --train 12 --test 4 --shape 48 48 32 --seed 0\n"
-             "  python -m uamt_fast.data prepare Task02_Heart prepared_heart --preset none --test-count 4")
-    fmt = {"formatter_class": argparse.RawDescriptionHelpFormatter, "epilog": usage}
-    parser = _Parser(prog="python -m uamt_fast.data", description=__doc__.split("\n")[0], **fmt)
-    commands = parser.add_subparsers(dest="command", required=True)
-    pack = commands.add_parser("pack", help="write a compact lossless copy of some LA cases",
-                               description="Write a compact lossless copy (uint8 codes + a value table per scan) of "
-                               "some LA cases, in the release layout.", **fmt)
-    pack.add_argument("root", help="LA root (holds train.list, test.list and the h5 files)")
-    pack.add_argument("out", help="output root (same layout, packed .npz files); not the source root")
-    pick = pack.add_mutually_exclusive_group(required=True)
-    pick.add_argument("--cases", nargs="+", metavar="ID",
-                      help="these ids, plain names listed in train.list or test.list (each stays in its own list)")
-    pick.add_argument("--train", type=cli.number(int, ">= 0"), metavar="N",
-                      help="the first N >= 0 ids of train.list (the labeled ones)")
-    pack.add_argument("--unlabeled", type=cli.number(int, ">= 0"), default=0, metavar="K",
-                      help="with --train: the next K >= 0 ids of train.list (default: 0)")
-    pack.add_argument("--test", type=cli.number(int, ">= 0"), default=0, metavar="M",
-                      help="with --train: the first M >= 0 ids of test.list (default: 0); N + K + M >= 1, "
-                      "N + K at most the train ids, M at most the test ids")
-    pack.add_argument("--max-part-mib", type=cli.number(float, "> 0"), metavar="MIB",
-                      help="split the output into out/part1, out/part2, ... of at most MIB MiB each (a finite "
-                      "number > 0, at least the largest packed case); every part holds the full lists, train with "
-                      "--data on every part (default: one folder)")
-    synth = commands.add_parser("synth", help="write a synthetic LA-like data set",
-                                description="Write a synthetic LA-like data set (blobs in noise) in the release "
-                                "layout, for the demo and tests.", **fmt)
-    synth.add_argument("out", help="output root (train.list, test.list and h5 files)")
-    synth.add_argument("--train", type=cli.number(int, ">= 1"), default=8, metavar="N",
-                       help="training cases, >= 1 (default: 8)")
-    synth.add_argument("--test", type=cli.number(int, ">= 1"), default=2, metavar="M", help="test cases, >= 1 (default: 2)")
-    synth.add_argument("--shape", type=cli.number(int, ">= 1"), nargs=3, default=(128, 128, 96), metavar=("X", "Y", "Z"),
-                       help="volume shape, each >= 1 (default: 128 128 96)")
-    synth.add_argument("--seed", type=cli.number(int, ">= 0"), default=0, metavar="S",
-                       help="random seed >= 0: the same seed writes the same data (default: 0)")
-    from uamt_fast import prepare  # here, not at the top: prepare imports this module
-
-    prepare.add_command(commands, fmt)
-    try:
-        args = parser.parse_args(argv)
-        if args.command == "prepare":
-            return prepare.run(args)
-        if args.command == "synth":
-            root = write_synthetic_la(args.out, args.train, args.test, tuple(args.shape), args.seed)
-            print(f"wrote {args.train} train + {args.test} test synthetic cases of shape {tuple(args.shape)} to {root}")
-            return 0
-        if args.cases and (args.unlabeled or args.test):
-            raise DataError("--cases cannot be combined with --unlabeled / --test")
-        for case_id in args.cases or []:
-            check_case_id(case_id, "--cases")
-        report = pack_dataset(args.root, args.out, args.cases, args.train, args.test, args.unlabeled)
-        parts = split_into_parts(args.out, report, int(args.max_part_mib * 2**20)) if args.max_part_mib else []
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    total = sum(size for _, size, _ in report) / 2**20
-    for case_id, size, _ in report:
-        print(f"{case_id}  {size / 2**20:6.3f} MiB")
-    print(f"{len(report)} cases, {total:.2f} MiB ({total / len(report):.3f} MiB a case). Lossless: every case was "
-          "read back and its image and label are bit-identical to the source's.")
-    for folder, ids, size in parts:  # (only with --max-part-mib)
-        print(f"{folder}: {len(ids)} cases, {size / 2**20:.2f} MiB")
-    if parts:
-        print("train on all parts together: " + " ".join(f"--data {folder}" for folder, _, _ in parts))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

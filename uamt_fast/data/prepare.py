@@ -1,6 +1,6 @@
 """``python -m uamt_fast.data prepare SRC OUT --preset NAME``: any source folder -> the layout train.py reads.
 
-SRC is a Decathlon, nnU-Net v2 raw or plain NIfTI folder (``uamt_fast.formats``). OUT gets::
+SRC is a Decathlon, nnU-Net v2 raw or plain NIfTI folder (``uamt_fast.data.formats``). OUT gets::
 
     OUT/train.list, OUT/test.list, OUT/unlabeled.list (only when there are unlabeled cases)
     OUT/2018LA_Seg_Training Set/<id>/mri_norm2.h5   image float32 (X, Y, Z), one input channel;
@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from uamt_fast import cli, data, files, formats
+from uamt_fast import cli, data, files
+from uamt_fast.data import formats
 from uamt_fast.data import DataError
 
 FORMAT = "uamt_fast.prepared/1"

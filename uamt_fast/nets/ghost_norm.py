@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from uamt_fast.scalars import integer_value
+from uamt_fast.ops.scalars import integer_value
 
 
 class _GhostBatchNorm:
