@@ -45,8 +45,8 @@ def rows() -> list[tuple[str, float]]:
     env = {"uamt_fast": uamt_fast, "s": student, "t": teacher, "mc": mc, "np": np, "torch": torch,
            "thr_t": torch.tensor(0.5)}
     out = []
-    saved = consistency._reference_loss, reference.predictive_entropy
-    consistency._reference_loss = lambda *args: (loss0, stats0)
+    saved = reference.uncertainty_consistency_loss_with_stats, reference.predictive_entropy
+    reference.uncertainty_consistency_loss_with_stats = lambda *args: (loss0, stats0)
     reference.predictive_entropy = lambda x: u0
     try:
         for label, thr in (("float", "0.5"), ("0-dim CPU tensor", "thr_t"), ("np.float32", "np.float32(0.5)")):
@@ -64,19 +64,22 @@ def rows() -> list[tuple[str, float]]:
             entropy_call = "uamt_fast.predictive_entropy(mc)"
         out.append(("predictive_entropy (math stubbed)", _median_us(entropy_call, env)))
     finally:
-        consistency._reference_loss, reference.predictive_entropy = saved
+        reference.uncertainty_consistency_loss_with_stats, reference.predictive_entropy = saved
 
     # The kernel route on CPU tensors with the launchers stubbed: what an eager CUDA call pays on
     # the host besides the launches (checks, custom-op dispatch or autograd.Function, backward).
-    kernels = consistency._kernels
-    stubs = {"uncertainty_loss_forward": lambda *args, **kw: (loss0.clone(), stats0.clone(), grad0, scale0),
-             "uncertainty_loss_backward": lambda g, scale, grad_out, **kw: g.clone(),
-             "predictive_entropy_forward": lambda x, **kw: u0.clone()}
-    if kernels is not None:
-        saved_launchers = {name: getattr(kernels, name) for name in stubs}
+    if consistency.KERNELS_AVAILABLE:
+        from uamt_fast.kernels import predictive_entropy as entropy_kernels
+        from uamt_fast.kernels import uncertainty_loss as loss_kernels
+
+        stubs = {(loss_kernels, "uncertainty_loss_forward"): lambda *args, **kw: (loss0.clone(), stats0.clone(), grad0,
+                                                                                  scale0),
+                 (loss_kernels, "uncertainty_loss_backward"): lambda g, scale, grad_out, **kw: g.clone(),
+                 (entropy_kernels, "predictive_entropy_forward"): lambda x, **kw: u0.clone()}
+        saved_launchers = {key: getattr(*key) for key in stubs}
         saved_flag = consistency.TRITON_ON_CPU
-        for name, stub in stubs.items():
-            setattr(kernels, name, stub)
+        for (module, name), stub in stubs.items():
+            setattr(module, name, stub)
         consistency.TRITON_ON_CPU = True
         try:
             out.append(("uncertainty_consistency_loss forward, kernel route, launches stubbed",
@@ -87,20 +90,20 @@ def rows() -> list[tuple[str, float]]:
                         _median_us(entropy_call, env)))
         finally:
             consistency.TRITON_ON_CPU = saved_flag
-            for name, fn in saved_launchers.items():
-                setattr(kernels, name, fn)
+            for (module, name), fn in saved_launchers.items():
+                setattr(module, name, fn)
 
     s_net, t_net = uamt_fast.VNet(), uamt_fast.VNet()
     s_plain, t_plain = uamt_fast.VNet(), uamt_fast.VNet()
     uamt_fast.flatten_parameters_(s_net)
     uamt_fast.flatten_parameters_(t_net)
-    saved_flat, saved_lerp = ema._update_flat_, torch._foreach_lerp_
-    ema._update_flat_ = lambda *args: None
+    saved_flat, saved_lerp = ema.update_flat_, torch._foreach_lerp_
+    ema.update_flat_ = lambda *args: None
     torch._foreach_lerp_ = lambda *args: None
     try:
         env_ema = {"uamt_fast": uamt_fast, "ema": ema, "t": t_net, "s": s_net, "tp": t_plain, "sp": s_plain, "np": np}
-        out.append(("EMA staleness check of one flattened V-Net (ema._valid_record)",
-                    _median_us("ema._valid_record(t)", env_ema)))
+        out.append(("EMA staleness check of one flattened V-Net (flat_parameters)",
+                    _median_us("uamt_fast.flat_parameters(t)", env_ema)))
         out.append(("ema_update_, flattened V-Nets, step=int (update stubbed)",
                     _median_us("uamt_fast.ema_update_(t, s, 0.99, step=1000)", env_ema)))
         try:
@@ -111,7 +114,7 @@ def rows() -> list[tuple[str, float]]:
         out.append(("ema_update_, unflattened V-Nets, list path (foreach stubbed)",
                     _median_us("uamt_fast.ema_update_(tp, sp, 0.99, step=1000)", env_ema)))
     finally:
-        ema._update_flat_, torch._foreach_lerp_ = saved_flat, saved_lerp
+        ema.update_flat_, torch._foreach_lerp_ = saved_flat, saved_lerp
     return out
 
 

@@ -55,6 +55,7 @@ def main(argv=None) -> dict:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from uamt_fast.kernels import launch_config as L
+    from uamt_fast.kernels import predictive_entropy as PE
     from uamt_fast.kernels import uncertainty_loss as K
 
     from benchmarks import measure
@@ -114,7 +115,7 @@ def main(argv=None) -> dict:
             kernels = {
                 "loss_fwd": (mc.dtype, lambda cfg, s=s, q=q, mc=mc: K.uncertainty_loss_forward(
                     s, q, mc, thr, 0.0, True, config=cfg), nbytes(s, q, mc, s)),
-                "entropy": (mc.dtype, lambda cfg, mc=mc: K.predictive_entropy_forward(mc, config=cfg),
+                "entropy": (mc.dtype, lambda cfg, mc=mc: PE.predictive_entropy_forward(mc, config=cfg),
                             nbytes(mc) + B * V * 4),
                 "loss_bwd": (grad.dtype, lambda cfg, grad=grad, scale=scale, one=one: K.uncertainty_loss_backward(
                     grad, scale, one, config=cfg), 2 * nbytes(grad)),
@@ -184,7 +185,8 @@ def main(argv=None) -> dict:
         counts = torch.zeros(programs, device=device, dtype=torch.int32)
         outs = [torch.empty((), device=device), torch.empty((), device=device), torch.empty(4, device=device)]
         args_ = (part, counts, *outs, programs, C, B * V)
-        ms = time_ms(lambda args_=args_: K._finalize_kernel[(1,)](*args_, BLOCK_P=K.FINALIZE_BLOCK, num_warps=4))
+        ms = time_ms(lambda args_=args_: K.uamt_loss_finalize_kernel[(1,)](*args_, BLOCK_P=K.FINALIZE_BLOCK,
+                                                                           num_warps=4))
         row = {"kernel": "finalize", "mix": "fp32", "key": list(key), "B": B, "block": K.FINALIZE_BLOCK,
                "num_warps": 4, "default": True, "median_ms": ms, "bytes": part.numel() * 4 + programs * 4}
         rows.append(measure.add_roofline(row, copy_gbps))

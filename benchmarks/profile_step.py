@@ -451,7 +451,7 @@ def main(argv=None) -> int:
         print("profile_step: TRITON_INTERPRET=1 is set: the fused kernels would run in the interpreter; unset it",
               file=sys.stderr)
         return 2
-    import train  # the repository-root trainer (run from the repo root)
+    from uamt_fast import train  # the trainer
 
     device = torch.device("cpu" if args.cpu else "cuda")
     workdir = tempfile.TemporaryDirectory(prefix="uamt_profile_")

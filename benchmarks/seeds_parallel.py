@@ -34,7 +34,7 @@ def worker(base_cfg: dict, seed: int, warmup: int, iters: int, threads: int, bar
     sys.path.insert(0, str(REPO))
     import torch
 
-    import train
+    from uamt_fast import train
     from benchmarks import measure
     from benchmarks.train_step import time_loop
 

@@ -261,7 +261,7 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    import train as train_mod  # the repository-root trainer (run from the repo root)
+    from uamt_fast import train as train_mod  # the trainer
     from uamt_fast import data
 
     workdir = tempfile.TemporaryDirectory(prefix="uamt_train_step_")

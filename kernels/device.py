@@ -27,7 +27,7 @@ ROCM_ARCHS = ("gfx90a", "gfx942", "gfx950")
 ROCM_ARCH_FAMILIES = ("gfx11", "gfx12")
 
 __all__ = ["TRITON_INTERPRET", "triton_can_take", "check_triton_can_take", "gpu_runs_triton", "nvidia_arch",
-           "memory_span", "internal_overlap", "check_writes"]
+           "forget_gpus", "memory_span", "internal_overlap", "check_writes"]
 
 _gpu_verdicts: dict[tuple[str, int], tuple[bool, str]] = {}
 
@@ -75,6 +75,13 @@ def nvidia_arch(device: torch.device) -> int:
 
 
 _nvidia_archs: dict[int, int] = {}
+
+
+def forget_gpus() -> None:
+    """Forget what was decided about each GPU (``gpu_runs_triton``, its one warning, ``nvidia_arch``): the
+    next call asks the driver again. For tests that fake a GPU's capability."""
+    _gpu_verdicts.clear()
+    _nvidia_archs.clear()
 
 
 def triton_can_take(x: torch.Tensor, cpu: bool = TRITON_INTERPRET) -> bool:

@@ -31,7 +31,7 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _ema_update_kernel(
+def uamt_ema_update_kernel(
     teacher_ptr,  # (N,) contiguous, updated in place, any float dtype
     student_ptr,  # (N,) contiguous, any float dtype
     n,  # int, number of elements
@@ -77,7 +77,7 @@ def ema_update_flat_(teacher: torch.Tensor, student: torch.Tensor, alpha: float)
             "ema_update_flat_: teacher and student overlap in memory (the same tensor, or views of one storage); "
             "the programs would read elements that others write. Pass separate buffers"
         )
-    _ema_update_kernel[(triton.cdiv(n, BLOCK),)](
+    uamt_ema_update_kernel[(triton.cdiv(n, BLOCK),)](
         teacher, student, n, float(alpha), 1.0 - float(alpha), BLOCK=BLOCK, num_warps=NUM_WARPS
     )
 

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-import train
+from uamt_fast import train
 from benchmarks import profile_step, reference_trainer, train_step
 from uamt_fast import data
 

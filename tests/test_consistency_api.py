@@ -175,11 +175,11 @@ def test_the_module_flags_route_cpu_tensors(monkeypatch):
     monkeypatch.setattr(consistency, "TRITON_ON_CPU", False)
     monkeypatch.setattr(ema, "TRITON_ON_CPU", False)
     x = torch.zeros(2)
-    assert not consistency._uses_kernels(x) and not ema._uses_kernel(x)
+    assert not consistency.uses_kernels(x) and not ema.uses_kernel(x)
     monkeypatch.setattr(consistency, "TRITON_ON_CPU", True)
     monkeypatch.setattr(ema, "TRITON_ON_CPU", True)
-    assert consistency._uses_kernels(x) == (consistency._kernels is not None)
-    assert ema._uses_kernel(x) == (ema._ema_update_flat_kernel is not None)
+    assert consistency.uses_kernels(x) == consistency.KERNELS_AVAILABLE
+    assert ema.uses_kernel(x) == ema.KERNELS_AVAILABLE
 
 
 # ---------------------------------------------------------------------------------------------

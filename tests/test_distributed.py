@@ -30,7 +30,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "WORLD_SIZE", "RANK", "LOCAL_RANK")} \
     | {"OMP_NUM_THREADS": "1"}
@@ -90,7 +89,7 @@ def _rank_main(data_root: str, out: str) -> int:
     torch.set_num_threads(1)
     from torch import distributed as dist
 
-    import train
+    from uamt_fast import train
     import uamt_fast.ops.ema
     from uamt_fast.training import distributed
     from uamt_fast import reference

@@ -8,8 +8,13 @@ from __future__ import annotations
 import copy
 import io
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +28,7 @@ from uamt_fast.kernels import ema_update as ema_kernel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = 1e-7
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_model() -> nn.Module:
@@ -48,7 +54,7 @@ def twins():
 def launches(monkeypatch):
     """Counts flat-kernel launches and foreach calls made by ema_update_."""
     counts = {"flat": 0, "foreach": 0}
-    flat_kernel, foreach = ema._update_flat_, torch._foreach_lerp_
+    flat_kernel, foreach = ema.update_flat_, torch._foreach_lerp_
 
     def counting_flat(*args):
         counts["flat"] += 1
@@ -58,7 +64,7 @@ def launches(monkeypatch):
         counts["foreach"] += 1
         foreach(*args)
 
-    monkeypatch.setattr(ema, "_update_flat_", counting_flat)
+    monkeypatch.setattr(ema, "update_flat_", counting_flat)
     monkeypatch.setattr(torch, "_foreach_lerp_", counting_foreach)
     return counts
 
@@ -261,6 +267,59 @@ def test_parameters_added_after_flattening_are_not_skipped():
     uamt_fast.flatten_parameters_(other)
     other[-1].scale = nn.Parameter(torch.ones(1, device=DEVICE))  # a new parameter on a submodule
     assert uamt_fast.flat_parameters(other) is None
+
+
+def test_registration_hooks_live_only_while_a_flattened_module_does():
+    """flatten_parameters_ counts parameter / submodule registrations with two process-wide nn.Module hooks;
+    they are installed while some flattened module (or a deepcopy / unpickled copy of one) is alive, removed
+    when none is, and installed again by the next flatten_parameters_. In a fresh process, where no other
+    test's models are alive."""
+    code = textwrap.dedent("""
+        import copy, gc, io
+        import torch, torch.nn as nn
+        import uamt_fast
+        from uamt_fast.ops import ema
+        installed = ema.registration_hooks_installed
+        assert not installed()  # importing installs nothing
+        a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+        uamt_fast.flatten_parameters_(a)
+        uamt_fast.flatten_parameters_(b)
+        assert installed()
+        del a
+        gc.collect()
+        assert installed()  # b is still flattened
+        uamt_fast.flatten_parameters_(b)  # flattened again: the old record goes, the new one holds them
+        assert installed()
+        c = copy.deepcopy(b)
+        saved = io.BytesIO()
+        torch.save(b, saved)
+        del b
+        gc.collect()
+        assert installed()  # the deepcopy holds them
+        del c
+        gc.collect()
+        assert not installed()  # no flattened module alive: removed
+        saved.seek(0)
+        d = torch.load(saved, weights_only=False)
+        assert installed() and uamt_fast.flat_parameters(d) is not None  # the unpickled copy holds them
+        del d
+        gc.collect()
+        assert not installed()
+        e = nn.Sequential(nn.Linear(3, 2))
+        uamt_fast.flatten_parameters_(e)  # installed again: registrations are counted again
+        assert installed() and uamt_fast.flat_parameters(e) is not None
+        e[0].extra = nn.Parameter(torch.ones(1))
+        saved = io.BytesIO()
+        torch.save(e, saved)
+        assert uamt_fast.flat_parameters(e) is None
+        saved.seek(0)
+        assert uamt_fast.flat_parameters(torch.load(saved, weights_only=False)) is None  # a copy checks afresh
+        print("ok")
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("rebind", ["to_double", "data", "dict", "delete", "submodule"])

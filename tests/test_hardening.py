@@ -21,9 +21,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-import train  # noqa: E402
+from uamt_fast import train  # noqa: E402
 from trainer_cli import ENV, TINY, Payload, one_error_line  # noqa: E402
 from uamt_fast.training import checkpoints, run_folder  # noqa: E402
 from uamt_fast import data

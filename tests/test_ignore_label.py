@@ -8,7 +8,6 @@ tests/test_prepare.py, the tiny CPU run's flags from tests/trainer_cli.py.
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,10 +20,8 @@ pytest.importorskip("nibabel")
 pytest.importorskip("monai")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_prepare  # noqa: E402  (its synthetic volumes and NIfTI writer)
-import train  # noqa: E402
+from uamt_fast import train  # noqa: E402
 from test_data import write_case  # noqa: E402
 from trainer_cli import TINY  # noqa: E402
 from uamt_fast import data, reference  # noqa: E402

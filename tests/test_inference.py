@@ -111,7 +111,7 @@ def test_padding_is_centred_and_torch_input_accepted():
     labels, probs = sliding_window_predict(net, image, PATCH, 3, 2)
     expected_labels, _ = release_test_single_case(net, image.numpy(), 3, 2, PATCH, 2)
     np.testing.assert_array_equal(labels, expected_labels)
-    assert inference._centred_padding((5, 8, 3), PATCH) == [(1, 2), (0, 0), (1, 2)]
+    assert inference.centred_padding((5, 8, 3), PATCH) == [(1, 2), (0, 0), (1, 2)]
 
 
 def test_bfloat16_autocast_keeps_fp32_outputs():
@@ -134,6 +134,25 @@ def test_bad_arguments_are_named():
         sliding_window_predict(net, np.zeros((8, 8, 6), np.float32), PATCH, num_classes=3)
     with pytest.raises(ValueError, match="stride 12 along axis 0 is larger than the window 4: voxels 4.."):
         sliding_window_predict(net, np.zeros((30, 8, 6), np.float32), (4, 4, 2), 12, 1)  # windows at 0, 12, 24, 26
+    with pytest.raises(ValueError, match="downsample must be a positive integer, got 0"):
+        sliding_window_predict(net, np.zeros((8, 8, 6), np.float32), PATCH, downsample=0)
+
+
+def test_downsampled_prediction_is_the_pooled_one_upsampled_to_full_resolution():
+    """downsample k: windows over the k-times average-pooled image, the averaged softmax upsampled trilinearly,
+    the remainder voxels (an axis not a multiple of k) their neighbour's value; the labels its argmax."""
+    net = tiny_net()
+    image = np.random.default_rng(3).standard_normal((21, 18, 13)).astype(np.float32)
+    labels, probs = sliding_window_predict(net, image, PATCH, 3, 2, downsample=2)
+    assert probs.shape == (2, 21, 18, 13) and labels.shape == image.shape and labels.dtype == np.uint8
+    pooled = nn.functional.avg_pool3d(torch.from_numpy(image)[None, None], 2)[0, 0]
+    _, small = sliding_window_predict(net, pooled.numpy(), PATCH, 3, 2)
+    up = nn.functional.interpolate(small[None], scale_factor=2, mode="trilinear")[0]
+    torch.testing.assert_close(probs[:, :20, :, :12], up, rtol=0, atol=0)
+    torch.testing.assert_close(probs[:, 20], probs[:, 19], rtol=0, atol=0)
+    torch.testing.assert_close(probs[..., 12], probs[..., 11], rtol=0, atol=0)
+    np.testing.assert_array_equal(labels, probs.argmax(0).numpy())
+    torch.testing.assert_close(probs.sum(0), torch.ones(21, 18, 13), rtol=0, atol=1e-5)
 
 
 class ThresholdNet(nn.Module):

@@ -6,18 +6,15 @@ records are rows of the BAD tables in tests/test_prepare.py and tests/test_predi
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 from trainer_cli import TINY, one_error_line  # noqa: E402
 
-import train  # noqa: E402
+from uamt_fast import train  # noqa: E402
 from uamt_fast import data, files  # noqa: E402
 
 DEEP = "[" * 100_000 + "]" * 100_000  # parses only by recursing 100,000 levels: RecursionError in json

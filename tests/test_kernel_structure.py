@@ -73,13 +73,17 @@ def _variants() -> list[dict]:
     return out
 
 
-def _compile(variant: dict) -> dict:
+def compile_variant(variant: dict) -> dict:
+    """Compile one variant of ``_variants()`` (or of tests/test_kernel_targets.py's, which name a target) and
+    return it with its config, resources, TTGIR, PTX and SASS (cross-target: the stages and binary size)."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from uamt_fast.kernels import class_vectors as CV
     from uamt_fast.kernels import ema_update as E
     from uamt_fast.kernels import launch_config as L
+    from uamt_fast.kernels import predictive_entropy as PE
     from uamt_fast.kernels import uncertainty_loss as K
 
     kernel, dtype, C, T = variant["kernel"], variant["dtype"], variant["C"], variant["T"]
@@ -98,8 +102,8 @@ def _compile(variant: dict) -> dict:
     unit_stride = "sc" if classes_last else "sv"
     common = {"APPROX": approx, "MASKED": variant.get("masked", False), "WIDE": variant.get("wide", False)}
     if kernel == "loss_fwd":
-        fn = K._uncertainty_loss_fwd_kernel
-        layout = (K.PAIRS if C == 2 else K.STRIDED).value if classes_last else K.VEC.value
+        fn = K.uamt_uncertainty_loss_fwd_kernel
+        layout = (CV.PAIRS if C == 2 else CV.STRIDED).value if classes_last else CV.VEC.value
         constexprs = {"T": T, "C": C, "THR_FROM_PTR": True, "WRITE_GRAD": True, "BLOCK_V": cfg.block, **common,
                       "S_LAYOUT": layout, "Q_LAYOUT": layout, "G_LAYOUT": layout, "MC_LAYOUT": layout}
         constexprs.update({f"{p}_{unit_stride}": 1 for p in ("s", "q", "mc", "g")})
@@ -107,18 +111,18 @@ def _compile(variant: dict) -> dict:
                     "g_ptr": variant.get("student", dtype), "mc_ptr": dtype, "count_ptr": "i32"}
         num_warps = cfg.num_warps
     elif kernel == "entropy":
-        fn = K._predictive_entropy_kernel
+        fn = PE.uamt_predictive_entropy_kernel
         constexprs = {"T": T, "C": C, "BLOCK_V": cfg.block, f"mc_{unit_stride}": 1, **common,
-                      "MC_LAYOUT": (K.PAIRS if C == 2 else K.STRIDED).value if classes_last else K.VEC.value}
+                      "MC_LAYOUT": (CV.PAIRS if C == 2 else CV.STRIDED).value if classes_last else CV.VEC.value}
         pointers, num_warps = {"mc_ptr": dtype}, cfg.num_warps
     elif kernel == "loss_bwd":
-        fn, constexprs = K._scale_grad_kernel, {"BLOCK": cfg.block}
+        fn, constexprs = K.uamt_loss_scale_grad_kernel, {"BLOCK": cfg.block}
         pointers, num_warps = {"g_ptr": dtype, "out_ptr": dtype}, cfg.num_warps
     elif kernel == "finalize":
-        fn, constexprs = K._finalize_kernel, {"BLOCK_P": K.FINALIZE_BLOCK}
+        fn, constexprs = K.uamt_loss_finalize_kernel, {"BLOCK_P": K.FINALIZE_BLOCK}
         pointers, num_warps = {"count_ptr": "i32"}, 4
     else:
-        fn, constexprs = E._ema_update_kernel, {"BLOCK": E.BLOCK}
+        fn, constexprs = E.uamt_ema_update_kernel, {"BLOCK": E.BLOCK}
         ema_dtype = variant.get("ema_dtype", "fp32")  # teacher and student buffers (fp32 in train.py)
         pointers, num_warps = {"teacher_ptr": ema_dtype, "student_ptr": ema_dtype}, E.NUM_WARPS
     signature, attrs = {}, {}
@@ -158,7 +162,7 @@ def _compile_all() -> list[dict] | None:
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").is_file():
         return None
     with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        return list(pool.map(_compile, _variants()))
+        return list(pool.map(compile_variant, _variants()))
 
 
 # ---------------------------------------------------------------------------------------------

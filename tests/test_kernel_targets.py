@@ -5,7 +5,7 @@ Compile: each kernel (loss forward, its finalize, the backward scale, the entrop
 dtype it takes (fp32, bf16, fp16; the finalize reads fp32 partials only), at the launch table's configs
 and C = 2 (T = 8, the paper's, in the trainer's bf16; T = 2 in fp32 and fp16, the same code unrolled
 less, to keep the compile short), with ``triton.compile(ASTSource(...), target=GPUTarget(...))`` (the
-structure suite's ``_compile``, specialised like a runtime launch), for
+structure suite's ``compile_variant``, specialised like a runtime launch), for
 
 - NVIDIA sm_70 (V100), sm_75 (T4, RTX 20), sm_80 (A100), sm_86 (RTX 30, A10), sm_89 (RTX 40, L4),
   sm_90 (H100, H200), sm_100 (B200), sm_120 (RTX 50), each with its own APPROX (the capability: the
@@ -39,8 +39,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from uamt_fast.ops import consistency, ema
+import uamt_fast
+from uamt_fast import reference
 from uamt_fast.kernels import device
+from uamt_fast.kernels import predictive_entropy as entropy_kernels
+from uamt_fast.kernels import uncertainty_loss as loss_kernels
+from uamt_fast.ops import consistency, ema
 
 ROOT = Path(__file__).resolve().parents[1]
 NVIDIA = (70, 75, 80, 86, 89, 90, 100, 120)
@@ -89,7 +93,7 @@ def _structure_suite():
 def _compile_one(variant: dict) -> dict:
     start = time.perf_counter()
     try:
-        out = _structure_suite()._compile(variant)
+        out = _structure_suite().compile_variant(variant)
     except Exception as e:  # noqa: BLE001 - reported per variant, with the compiler's message
         out = {**variant, "error": f"{type(e).__name__}: {e}"[-3000:]}
     return {**out, "seconds": round(time.perf_counter() - start, 2)}
@@ -141,22 +145,21 @@ def test_every_kernel_compiles_for_every_gpu_family(compiled, target):
 # ---------------------------------------------------------------------------------------------
 
 
-class _FakeCudaTensor:
-    """What the routing reads of a tensor: its device and whether it is a CUDA / CPU tensor."""
+class OnFakeGpu(torch.Tensor):
+    """A CPU tensor that says it is on ``cuda:0``, where the routing reads it (``device``, ``is_cuda``,
+    ``is_cpu``); its math runs on the CPU, and its results are of this class too."""
 
     is_cuda, is_cpu = True, False
-
-    def __init__(self, index=0):
-        self.device = torch.device("cuda", index)
+    device = torch.device("cuda", 0)
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """Pretend a GPU: ``fake_gpu(capability=(6, 1))`` (NVIDIA) or ``fake_gpu(arch="gfx906:sramecc+:xnack-")`` (ROCm)."""
-    monkeypatch.setattr(device, "_gpu_verdicts", {})
-    monkeypatch.setattr(device, "_nvidia_archs", {})
+    device.forget_gpus()
 
     def fake(capability=None, arch=None, name="Fake GPU"):
+        device.forget_gpus()
         monkeypatch.setattr(torch.version, "hip", "6.2" if arch else None)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability or (9, 0))
         monkeypatch.setattr(torch.cuda, "get_device_properties",
@@ -164,7 +167,8 @@ def fake_gpu(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: name)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
-    return fake
+    yield fake
+    device.forget_gpus()  # nothing decided about the fake GPU outlives the test
 
 
 @pytest.mark.parametrize("gpu, runs", [
@@ -182,12 +186,12 @@ def fake_gpu(monkeypatch):
 ])
 def test_gpus_triton_does_not_run_get_the_reference_math_with_one_warning(fake_gpu, gpu, runs):
     fake_gpu(**gpu)
-    x = _FakeCudaTensor()
+    x = torch.zeros(2).as_subclass(OnFakeGpu)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):  # every op call asks; the verdict and its warning come once per device
-            assert consistency._uses_kernels(x) is runs
-            assert ema._uses_kernel(x) is runs
+            assert consistency.uses_kernels(x) is runs
+            assert ema.uses_kernel(x) is runs
             assert device.triton_can_take(x) is runs
     mine = [w for w in caught if "uamt_fast" in str(w.message)]
     if runs:
@@ -210,20 +214,31 @@ def test_kernel_approx_follows_the_gpu(fake_gpu, monkeypatch):
 
 
 def test_the_public_ops_take_the_reference_path_on_such_a_gpu(fake_gpu, monkeypatch):
-    """End to end through the public ops: a tensor on an unsupported GPU is never handed to a launcher."""
+    """End to end through the public ops: a tensor on an unsupported GPU is never handed to a launcher;
+    the reference math gives the result."""
     fake_gpu(capability=(6, 1))
-    monkeypatch.setattr(consistency, "_kernels", type("NoLaunch", (), {"__getattr__": lambda self, name: pytest.fail(
-        f"launcher {name} called for a GPU Triton does not run")})())
-    calls = []
-    monkeypatch.setattr(consistency, "_reference_loss", lambda *args: calls.append(args) or (torch.zeros(()),
-                                                                                             torch.zeros(4)))
-    monkeypatch.setattr(consistency, "_check_logits", lambda *args: None)
-    monkeypatch.setattr(consistency, "_threshold_args", lambda threshold, dev: (None, float(threshold)))
+
+    def no_launch(*args, **kwargs):
+        pytest.fail("a kernel launcher was called for a GPU Triton does not run")
+
+    for module, launchers in ((loss_kernels, ("uncertainty_loss_forward", "uncertainty_loss_backward")),
+                              (entropy_kernels, ("predictive_entropy_forward",))):
+        for name in launchers:
+            monkeypatch.setattr(module, name, no_launch)
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(1, 2, 3, 4, 5, generator=g), torch.randn(1, 2, 3, 4, 5, generator=g)
+    mc = torch.randn(2, 1, 2, 3, 4, 5, generator=g)
+    on_gpu = [x.as_subclass(OnFakeGpu) for x in (student, teacher, mc)]
+    on_gpu[0].requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fake = _FakeCudaTensor()
-        consistency.uncertainty_consistency_loss(fake, fake, fake, 0.5)
-    assert len(calls) == 1
+        loss = uamt_fast.uncertainty_consistency_loss(*on_gpu, 0.5)
+        loss.backward()
+        u = uamt_fast.predictive_entropy(on_gpu[2])
+    expected = reference.uncertainty_consistency_loss(student, teacher, mc, 0.5)
+    assert torch.equal(loss.as_subclass(torch.Tensor), expected)
+    assert on_gpu[0].grad is not None
+    assert torch.equal(u.as_subclass(torch.Tensor), reference.predictive_entropy(mc))
 
 
 if __name__ == "__main__":  # the compile subprocess

@@ -114,3 +114,10 @@ def test_no_private_name_of_another_module(name):
 def test_every_module_is_short_enough_to_read(name):
     lines = len(MODULES[name].read_text().splitlines())
     assert lines <= MAX_LINES, f"{MODULES[name].relative_to(ROOT)}: {lines} lines (at most {MAX_LINES})"
+
+
+def test_the_trainers_main_is_a_short_sequence_of_named_steps():
+    tree = ast.parse((ROOT / "uamt_fast" / "train.py").read_text())
+    (main,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+    assert main.end_lineno - main.lineno + 1 <= MAX_MAIN_LINES
+    assert not any(isinstance(n, ast.Nonlocal) for n in ast.walk(tree)), "state in closures: use the typed Run"

@@ -103,7 +103,7 @@ def test_surface_distances_bit_exact_with_scipy_edt(shape, local_search, monkeyp
 
         monkeypatch.setattr(metrics, name, spy)
     for a, b in ((pred, gt), (gt, pred)):
-        got = metrics._surface_distances(metrics._border_points(a), metrics._border_points(b), local_search)
+        got = metrics.surface_distances(metrics.border_points(a), metrics.border_points(b), local_search)
         np.testing.assert_array_equal(got, scipy_surface_distances(a, b))
     assert used["separable"] > 0 and (used["shell"] > 0) == local_search, used
 

@@ -6,7 +6,6 @@ C = 2 (the LA release) is unchanged, as the rest of the suite checks.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import h5py
@@ -15,8 +14,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+from uamt_fast import train  # noqa: E402
 from uamt_fast import data, reference  # noqa: E402
 from uamt_fast.evaluation import metrics
 

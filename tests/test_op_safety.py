@@ -19,7 +19,7 @@ import uamt_fast
 from uamt_fast.ops import consistency, ema
 from uamt_fast import reference
 from uamt_fast.kernels import device
-from uamt_fast.kernels import uncertainty_loss as loss_kernels
+from uamt_fast.kernels import class_vectors
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_EMA_KERNEL = torch.cuda.is_available() or ema.TRITON_ON_CPU
@@ -235,8 +235,8 @@ def poisoned_outputs(monkeypatch):
     def poison(x):
         return x.fill_(torch.iinfo(torch.int32).min if x.dtype == torch.int32 else math.nan)
 
-    monkeypatch.setattr(loss_kernels, "_empty", lambda *a, **k: poison(torch.empty(*a, **k)))
-    monkeypatch.setattr(loss_kernels, "_empty_like", lambda *a, **k: poison(torch.empty_like(*a, **k)))
+    monkeypatch.setattr(class_vectors, "empty", lambda *a, **k: poison(torch.empty(*a, **k)))
+    monkeypatch.setattr(class_vectors, "empty_like", lambda *a, **k: poison(torch.empty_like(*a, **k)))
 
 
 def tiny_logits(device_, dtype=torch.float32):

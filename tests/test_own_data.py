@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +19,8 @@ pytest.importorskip("nibabel")
 pytest.importorskip("monai")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_prepare  # noqa: E402  (its synthetic NIfTI folders)
-import train  # noqa: E402
+from uamt_fast import train  # noqa: E402
 from uamt_fast import data  # noqa: E402
 from uamt_fast.data import __main__ as data_cli  # python -m uamt_fast.data
 

@@ -1,4 +1,5 @@
-"""kernels/ ships as `uamt_fast.kernels`; no top-level `kernels` may reach site-packages (Hugging Face owns that name)."""
+"""What pip installs: kernels/ ships as `uamt_fast.kernels` (no top-level `kernels`: Hugging Face owns that name), every module and the console scripts ship, and the trainer runs from outside the clone."""
+import os
 import subprocess
 import sys
 import tomllib
@@ -39,9 +40,12 @@ def test_wheel_has_no_top_level_kernels(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"uamt_fast"}, top
-    modules = {f"uamt_fast/{p.name}" for p in (ROOT / "uamt_fast").glob("*.py")}
+    modules = {f"uamt_fast/{p.relative_to(ROOT / 'uamt_fast').as_posix()}" for p in (ROOT / "uamt_fast").rglob("*.py")}
     modules |= {f"uamt_fast/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
-    assert modules <= set(names), sorted(modules - set(names))  # every module ships (figures.py, launch_config.py...)
+    assert modules <= set(names), sorted(modules - set(names))  # every module ships (train.py, data/, launch_config.py...)
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "uamt_fast_train = uamt_fast.train:main" in scripts and "uamt_fast_predict = uamt_fast.predict:main" in scripts
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
 
 
@@ -89,3 +93,13 @@ def test_the_readme_install_imports_the_package_from_the_folder_holding_the_clon
     out = subprocess.run([python, "-c", check], cwd=tmp_path, capture_output=True, text=True)  # beside the clone
     assert out.returncode == 0, out.stderr[-3000:]
     assert Path(out.stdout.strip()) == clone / "uamt_fast" / "__init__.py"
+    # the trainer ships in the package: it runs outside the clone, as a module and as the console script
+    demo = ["--demo", "--iterations", "2", "--log-every", "1", "--save-every", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it: the reference math
+
+    for command, out_dir in (([python, "-m", "uamt_fast.train"], "run_module"),
+                             ([venv / "bin" / "uamt_fast_train"], "run_script")):
+        out = subprocess.run([*command, *demo, "--out", str(tmp_path / out_dir)], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=600, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert (tmp_path / out_dir / "eval.json").is_file()

@@ -26,12 +26,11 @@ nibabel = pytest.importorskip("nibabel")
 pytest.importorskip("monai")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from test_prepare import with_sform  # noqa: E402 (tests/ is on sys.path under pytest)
 
-import train  # noqa: E402
+from uamt_fast import train  # noqa: E402
 from uamt_fast import data, files, predict  # noqa: E402
-from uamt_fast.evaluation import inference, metrics
+from uamt_fast.evaluation import geometry, inference, metrics, predictions_record
 from uamt_fast.data import prepare
 
 SHAPE = (40, 36, 20)
@@ -196,7 +195,7 @@ def test_resampled_case_comes_back_on_its_oblique_grid(organ, tmp_path, monkeypa
     record = json.loads((out / "predictions.json").read_text())
     case = record["cases"][0]
     (made,) = record["runs"]
-    assert case["run"] == 0 and record["format"] == predict.RECORD_FORMAT
+    assert case["run"] == 0 and record["format"] == predictions_record.RECORD_FORMAT
     assert made["model"] == str((organ.model / "student.pt").resolve()) and made["config"]["n_filters"] == 4
     assert made["uamt_fast"] == predict.uamt_fast.__version__ and made["finished"]
     assert made["settings"]["preprocessing"] == "prepare preset 'pancreas', channel 'CT'"
@@ -205,7 +204,7 @@ def test_resampled_case_comes_back_on_its_oblique_grid(organ, tmp_path, monkeypa
                                "probabilities": "image0003_probabilities.nii.gz"}
     assert case["preprocessing"]["crop_box"] and case["preprocessing"]["spacing"] == pytest.approx([1, 1, 1], abs=1e-4)
     # the scan predict feeds the model is, bit for bit, the case prepare stored (one MONAI chain: transform_case)
-    model = predict.load_model(predict.make_parser().parse_args([str(organ.model), str(image), "--out", "x"]),
+    model = predict.load_model_and_data(predict.make_parser().parse_args([str(organ.model), str(image), "--out", "x"]),
                                torch.device("cpu"))
     found = predict.find_scans([image])[0]
     predict.check_scan(found, model)
@@ -232,15 +231,15 @@ def test_inverse_is_exact_for_orientation_and_crop():
     stored = torch.from_numpy(rng.random((2, 6, 5, 4)).astype(np.float32))
     affine_original = np.diag([-2.0, 1.0, 3.0, 1.0])  # input: x flipped
     affine = affine_original @ np.array([[-1, 0, 0, 9], [0, 1, 0, 2], [0, 0, 1, 1], [0, 0, 0, 1.0]])  # RAS + crop
-    geometry = {"affine_original": affine_original.tolist(), "shape_original": [10, 8, 6], "affine": affine.tolist(),
+    grid = {"affine_original": affine_original.tolist(), "shape_original": [10, 8, 6], "affine": affine.tolist(),
                 "shape": [6, 5, 4]}
-    back = predict.to_input_grid(stored, geometry, [1.0, 0.0])
+    back = geometry.to_input_grid(stored, grid, [1.0, 0.0])
     expected = np.tile(np.array([1.0, 0.0], np.float32)[:, None, None, None], (1, 10, 8, 6))
     expected[:, 4:10, 2:7, 1:5] = stored.numpy()[:, ::-1]
     np.testing.assert_array_equal(back.numpy(), expected)
     ramp = torch.arange(6, dtype=torch.float32).view(1, 6, 1, 1).expand(1, 6, 5, 4).contiguous()
-    half = {**geometry, "affine": (affine @ np.diag([0.5, 1, 1, 1])).tolist()}  # model voxels half as wide in x
-    sampled = predict.to_input_grid(ramp, half, [0.0], "bilinear")[0].numpy()
+    half = {**grid, "affine": (affine @ np.diag([0.5, 1, 1, 1])).tolist()}  # model voxels half as wide in x
+    sampled = geometry.to_input_grid(ramp, half, [0.0], "bilinear")[0].numpy()
     # input voxel i sits at model voxel j = 2 * (9 - i) along x, inside the ramp for i in 7..9
     np.testing.assert_allclose(sampled[7:10, 3, 2], [4.0, 2.0, 0.0], atol=1e-5)
 
@@ -279,7 +278,7 @@ def test_nnunet_channel_files_pick_the_prepared_channel(tmp_path):
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     assert load(out / "n1_uncertainty.nii.gz")[0].max() <= math.log(3)
     moved = {**record, "source": {**record["source"], "path": str(tmp_path / "gone")}}
-    assert predict._channel_index(record) == 1 and predict._channel_index(moved) == 1
+    assert predict.channel_index(record) == 1 and predict.channel_index(moved) == 1
 
 
 def test_batched_passes_are_figures_uncertainty_map():

@@ -301,14 +301,14 @@ def test_overwrite_and_interrupted_prepare(tmp_path, monkeypatch, capsys):
     before = tree_hashes(out)
     calls = []
 
-    def dies_on_the_second(out_, case_id, image, label):
-        calls.append(case_id)
+    def dies_on_the_second(path, fill):
+        calls.append(path)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        real_write(out_, case_id, image, label)
+        real_write(path, fill)
 
-    real_write = prepare._write_case
-    monkeypatch.setattr(prepare, "_write_case", dies_on_the_second)
+    real_write = files.atomic_write_h5
+    monkeypatch.setattr(files, "atomic_write_h5", dies_on_the_second)  # how prepare writes each case's h5
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare(src, out, "none", test_count=1, overwrite=True)
     assert tree_hashes(out) == before  # the old set exactly as it was, no staging folder left
@@ -317,7 +317,7 @@ def test_overwrite_and_interrupted_prepare(tmp_path, monkeypatch, capsys):
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare(src, first, "none", test_count=1)
     assert not first.exists()  # a first prepare that fails leaves nothing a reader could take for a data set
-    monkeypatch.setattr(prepare, "_write_case", real_write)
+    monkeypatch.setattr(files, "atomic_write_h5", real_write)
     assert run_cli(src, out, "--preset", "none", "--test-count", "1", "--overwrite") == 0
 
 

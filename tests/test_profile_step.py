@@ -4,15 +4,13 @@ end to end (tables and JSON)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train
+from uamt_fast import train
 from benchmarks import profile_step as ps
 from uamt_fast import data
 

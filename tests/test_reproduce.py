@@ -14,8 +14,7 @@ from uamt_fast.data import __main__ as data_cli  # python -m uamt_fast.data
 from uamt_fast.nets.vnet import VNet
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import train  # noqa: E402
+from uamt_fast import train  # noqa: E402
 from benchmarks import reproduce  # noqa: E402
 
 TINY = ["--", "--patch", "32", "32", "16", "--n-filters", "2", "--eval-stride-xy", "32", "--eval-stride-z", "16",

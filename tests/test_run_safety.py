@@ -18,9 +18,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-import train  # noqa: E402
+from uamt_fast import train  # noqa: E402
 from trainer_cli import ENV, TINY, Payload, one_error_line  # noqa: E402
 from uamt_fast.training import checkpoints  # noqa: E402
 from uamt_fast.data import __main__ as data_cli  # python -m uamt_fast.data

@@ -22,8 +22,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train
+from uamt_fast import train
 import uamt_fast
 from uamt_fast import data, files, reference
 from uamt_fast.training import run_folder

@@ -8,15 +8,13 @@ give the uncompiled step bit for bit.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train
+from uamt_fast import train
 from uamt_fast.nets.vnet import VNet
 
 

@@ -13,6 +13,8 @@ import math
 
 import pytest
 import torch
+from uamt_fast.kernels import class_vectors, launch_config
+from uamt_fast.kernels import predictive_entropy as entropy_kernels
 from uamt_fast.kernels import uncertainty_loss as kernels
 
 import uamt_fast
@@ -33,8 +35,8 @@ def _poisoned_outputs(monkeypatch):
     def poison(x):
         return x.fill_(torch.iinfo(torch.int32).min if x.dtype == torch.int32 else math.nan)
 
-    monkeypatch.setattr(kernels, "_empty", lambda *a, **k: poison(torch.empty(*a, **k)))
-    monkeypatch.setattr(kernels, "_empty_like", lambda *a, **k: poison(torch.empty_like(*a, **k)))
+    monkeypatch.setattr(class_vectors, "empty", lambda *a, **k: poison(torch.empty(*a, **k)))
+    monkeypatch.setattr(class_vectors, "empty_like", lambda *a, **k: poison(torch.empty_like(*a, **k)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +154,7 @@ def test_trainer_layout_bf16_channels_last_passes():
     teacher, mc = out[0], out[1:]
     student = student.detach().to(memory_format=torch.channels_last_3d)[B:].requires_grad_()
     for x in (student, teacher, mc):
-        assert x.stride(-4) == 1 and kernels._classes_last(kernels._voxel_view(x, x.dim() - 4))
+        assert x.stride(-4) == 1 and class_vectors.classes_last(class_vectors.voxel_view(x, x.dim() - 4))
     _, grad = check_against_reference(student, teacher, mc, safe_threshold(mc), grad_output=0.5)
     assert grad.is_contiguous(memory_format=torch.channels_last_3d)
 
@@ -162,7 +164,7 @@ def test_channels_last_student_is_read_in_place_and_gets_a_channels_last_gradien
     student = student.detach().to(memory_format=torch.channels_last_3d).requires_grad_()
     teacher = teacher.to(memory_format=torch.channels_last_3d)
     for x in (student, teacher):  # (B, C, V) view with class stride 1, voxel stride C: no copy
-        view = kernels._voxel_view(x, 1)
+        view = class_vectors.voxel_view(x, 1)
         assert view.data_ptr() == x.data_ptr() and view.stride() == (x.shape[1] * 60, 1, x.shape[1])
     _, grad = check_against_reference(student, teacher, mc, safe_threshold(mc))
     assert grad.is_contiguous(memory_format=torch.channels_last_3d)
@@ -174,7 +176,7 @@ def test_strided_inputs():
     student = student.detach()[B:].requires_grad_()  # batch slice (unlabeled half): a view
     teacher = teacher.transpose(2, 4).contiguous().transpose(2, 4)[B:]  # dense, D/W swapped: copied
     mc = torch.randn(T, B, C, *S[:-1], S[-1] + 3, device=DEVICE)[..., 1:-2]  # W slice: not flattenable
-    assert kernels._voxel_view(student, 1).data_ptr() == student.data_ptr()
+    assert class_vectors.voxel_view(student, 1).data_ptr() == student.data_ptr()
     assert not mc.is_contiguous()
     check_against_reference(student, teacher, mc, safe_threshold(mc))
     # Permuted spatial dims: dense but not flattenable; the gradient buffer falls back to contiguous.
@@ -191,9 +193,9 @@ def test_generic_voxel_stride_is_read_in_place(C):
     student = student.detach()[..., ::2].requires_grad_()
     teacher, mc = teacher[..., ::2], mc[..., ::2]
     for x, lead in ((student, 1), (teacher, 1), (mc, 2)):
-        view = kernels._voxel_view(x, lead)
+        view = class_vectors.voxel_view(x, lead)
         assert view.data_ptr() == x.data_ptr() and view.stride(-1) == 2
-        assert kernels._layout(view) == kernels.GENERIC.value
+        assert class_vectors.layout_code(view) == class_vectors.GENERIC.value
     check_against_reference(student, teacher, mc, safe_threshold(mc), grad_output=0.7)
 
 
@@ -208,8 +210,8 @@ def test_wide_offsets_give_the_same_bits(monkeypatch, C, layout):
         mc = mc.flatten(0, 1).to(memory_format=torch.channels_last_3d).unflatten(0, mc.shape[:2])
     h = safe_threshold(mc)
     narrow = [run(student, teacher, mc, h), uamt_fast.predictive_entropy(mc)]
-    assert not kernels._wide(kernels._voxel_view(mc, 2))
-    monkeypatch.setattr(kernels, "_wide", lambda *views: True)
+    assert not class_vectors.wide(class_vectors.voxel_view(mc, 2))
+    monkeypatch.setattr(class_vectors, "wide", lambda *views: True)
     wide = [run(student, teacher, mc, h), uamt_fast.predictive_entropy(mc)]
     for a, b in zip((*narrow[0], narrow[1]), (*wide[0], wide[1])):
         assert torch.equal(a, b)
@@ -217,15 +219,16 @@ def test_wide_offsets_give_the_same_bits(monkeypatch, C, layout):
 
 def test_launcher_picks_wide_offsets_past_two_to_the_31():
     big = torch.empty_strided((1, 2, 2**30), (2**31, 1, 2), device="meta")  # interleaved pairs: 2^31 elements
-    assert kernels._wide(big) and not kernels._wide(big[..., : 2**30 - 1])
-    assert kernels._wide(torch.empty_strided((1, 3, 4), (0, 2**30, 1), device="meta"))  # the class stride reaches it
+    assert class_vectors.wide(big) and not class_vectors.wide(big[..., : 2**30 - 1])
+    # the class stride reaches it
+    assert class_vectors.wide(torch.empty_strided((1, 3, 4), (0, 2**30, 1), device="meta"))
 
 
 @pytest.mark.parametrize("spatial", [(2, 3, 4), (5,)])
 def test_volumes_smaller_than_one_block_use_masked_loads(spatial):
     """V < block (the interpreter's 32): the MASKED kernels (loads and stores masked, no moved-back block)."""
     student, teacher, mc = make_logits(2, 2, 3, spatial)
-    assert student[0, 0].numel() < kernels.config_for("loss_fwd", torch.float32, False, 2, 3, 2).block
+    assert student[0, 0].numel() < launch_config.config_for("loss_fwd", torch.float32, False, 2, 3, 2).block
     check_against_reference(student, teacher, mc, safe_threshold(mc))
     assert rel_err(uamt_fast.predictive_entropy(mc, spatial_dims=len(spatial)),
                    reference.predictive_entropy(mc.double())) <= 1e-5
@@ -254,7 +257,7 @@ def test_deterministic_bit_identical():
 # ---------------------------------------------------------------------------------------------
 
 # On NVIDIA GPUs the kernels use ex2.approx.ftz, lg2.approx.ftz and rcp.approx.ftz (kernels/
-# uncertainty_loss.py, _exp2 / _log2 / _rcp), which the interpreter cannot run. Their documented
+# class_vectors.py, the APPROX branches), which the interpreter cannot run. Their documented
 # accuracy (PTX ISA; CUDA's __exp2f / __log2f / __frcp intrinsics): ex2 2 ulp (relative 2^-22),
 # lg2 absolute 2^-22 on [0.5, 2] and 2 ulp elsewhere, rcp 1 ulp (relative 2^-23). Taken at twice that:
 EX2_REL, LG2_ERR, RCP_REL = 2.0**-21, 2.0**-21, 2.0**-22
@@ -533,7 +536,7 @@ def test_launch_config_override_changes_the_grid_not_the_per_voxel_results():
     assert torch.equal(default[2], small[2])  # the gradient is per voxel: the same bits
     assert torch.equal(default[1][0], small[1][0])  # the mask fraction: an exact count
     assert rel_err(small[0], default[0]) <= 1e-6  # the loss: partial sums in another grouping
-    assert torch.equal(kernels.predictive_entropy_forward(mc), kernels.predictive_entropy_forward(
+    assert torch.equal(entropy_kernels.predictive_entropy_forward(mc), entropy_kernels.predictive_entropy_forward(
         mc, config=LaunchConfig(8, 1)))
     grad = kernels.uncertainty_loss_backward(default[2], default[3], torch.tensor(2.0, device=DEVICE),
                                              config=LaunchConfig(64, 4))

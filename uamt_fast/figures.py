@@ -30,7 +30,7 @@ import torch
 from uamt_fast import data as la_data
 from uamt_fast.training import checkpoints
 from uamt_fast import cli, files
-from uamt_fast.evaluation import inference, metrics, selection
+from uamt_fast.evaluation import inference, metrics, selection, uncertainty
 from uamt_fast.nets.vnet import mc_dropout
 
 PANEL_INCHES = 2.4  # each cell of the panel grid is PANEL_INCHES square
@@ -64,26 +64,22 @@ def pyplot():
 
 
 # ----------------------------------------------------------------------------- predictions
-def predict_probs(model, image, patch, stride_xy: int, stride_z: int, downsample: int = 1, batch_size: int = 4):
-    """Averaged sliding-window softmax (C, X, Y, Z) at full resolution, as train.py evaluates
-    (``uamt_fast.evaluation.inference.predict_probs``); C is the model's ``num_classes`` (2 if it has none)."""
-    return inference.predict_probs(model, image, patch, stride_xy, stride_z, downsample,
-                                   num_classes=getattr(model, "num_classes", 2), batch_size=batch_size)
-
-
 @torch.no_grad()
-def uncertainty_map(model, image, passes: int, **predict) -> torch.Tensor:
+def uncertainty_map(model, image, passes: int, *, patch, stride_xy: int = 18, stride_z: int = 4, downsample: int = 1,
+                    batch_size: int = 4) -> torch.Tensor:
     """Predictive entropy ``-sum_c mu_c ln(mu_c + 1e-6)`` of the mean of ``passes`` MC-dropout predictions (X, Y, Z).
 
-    Each pass is a whole sliding-window prediction with dropout on (batch norm in eval mode), so the
-    map costs ``passes`` evaluations of the case; ``passes`` < 1 is refused (ValueError).
+    Each pass is a whole sliding-window prediction (``inference.sliding_window_predict``, the model's
+    ``num_classes``, 2 if it has none) with dropout on (batch norm in eval mode), so the map costs ``passes``
+    evaluations of the case; ``passes`` < 1 is refused (ValueError).
     """
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise ValueError(f"uncertainty_map: passes={passes!r}; expected an integer >= 1")
     model.eval()
+    args = (patch, stride_xy, stride_z, getattr(model, "num_classes", 2), batch_size, None, downsample)
     with mc_dropout(model):
-        mean = sum(predict_probs(model, image, **predict) for _ in range(passes)) / passes
-    return -(mean * torch.log(mean + 1e-6)).sum(0)
+        mean = sum(inference.sliding_window_predict(model, image, *args)[1] for _ in range(passes)) / passes
+    return uncertainty.predictive_entropy(mean)
 
 
 def axial_slices(label: np.ndarray, n: int = 3) -> list[int]:
@@ -114,12 +110,14 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
     for name, value in (("passes", passes), ("n_slices", n_slices)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"case_panel: {name}={value!r}; expected an integer >= 1")
-    predict = dict(patch=patch, stride_xy=stride_xy, stride_z=stride_z, downsample=downsample, batch_size=batch_size)
     predictions = {}
-    for name, model in models.items():
+    for name, model in models.items():  # (predictions as train.py evaluates them: at full resolution)
         model.eval()
-        predictions[name] = predict_probs(model, case.image, **predict).argmax(0).to(torch.uint8).cpu().numpy()
-    uncertainty = uncertainty_map(list(models.values())[-1], case.image, passes, **predict).cpu().numpy()
+        predictions[name] = inference.sliding_window_predict(model, case.image, patch, stride_xy, stride_z,
+                                                             getattr(model, "num_classes", 2), batch_size,
+                                                             downsample=downsample)[0]
+    entropy = uncertainty_map(list(models.values())[-1], case.image, passes, patch=patch, stride_xy=stride_xy,
+                              stride_z=stride_z, downsample=downsample, batch_size=batch_size).cpu().numpy()
 
     ignore = getattr(case, "ignore_label", None)
     ignored = None if ignore is None else np.asarray(case.label) == ignore
@@ -159,7 +157,7 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
             dice = metrics.labelmap_metrics(scored, truth, classes)["dice"] if classes > 2 else \
                 metrics.dice(scored, truth)
             ax.set_title(f"{name}: Dice {100 * dice:.1f}%" if row == 0 else name, fontsize=8)
-        shown = axes[row, -1].imshow(uncertainty[:, :, z].T, cmap="inferno", vmin=0, vmax=math.log(classes))
+        shown = axes[row, -1].imshow(entropy[:, :, z].T, cmap="inferno", vmin=0, vmax=math.log(classes))
         axes[row, -1].set_title(f"uncertainty ({list(models)[-1]}, T={passes})", fontsize=8)
         fig.colorbar(shown, ax=axes[row, -1], fraction=0.046, pad=0.02)
     for ax in axes.flat:

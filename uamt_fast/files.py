@@ -24,6 +24,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -317,3 +318,20 @@ def read_json(path, what: str, error: type[ValueError] = ValueError) -> dict:
 __all__ = ["LOCK_NAME", "FolderError", "FolderLock", "append_line", "atomic_save", "atomic_write", "atomic_write_h5",
            "atomic_write_text", "describe", "make_folder", "open_log", "overlaps", "read_json", "remove", "same_file",
            "sha256", "subfolder", "write_new"]
+
+
+# ----------------------------------------------------------------------------- JSON a strict parser reads
+def json_safe(x):
+    """``x`` with what ``json.dumps`` would write as non-standard JSON or refuse made plain, recursively: a NaN or
+    infinite float becomes None (null: strict parsers reject bare NaN), a tuple a list, a dict key its ``str``,
+    and a value that is not None, a str, int, bool or float (a Path, say) its ``str``."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x if x is None or isinstance(x, (str, int, bool)) else str(x)
+
+
+__all__ += ["json_safe"]

@@ -14,27 +14,27 @@ For each scan, in the prepare -> train -> predict order of nnU-Net:
    training cases. The LA release has no record: scans are used as they are (already normalized per scan,
    0.625 mm). An h5 case is already in the training layout and is used as it is.
 2. **The paper's sliding-window inference** with the checkpoint's patch, strides, downsample and class count,
-   through ``inference.predict_probs``: the function ``train.py --eval`` scores, so the mask written for a
-   test case is the argmax ``--eval`` scores (on a CPU, and on CUDA with ``--no-amp``; by default CUDA runs
-   the forward under bf16 autocast, and ``--eval`` runs it in fp32).
-3. **The inverse** (``to_input_grid``): each voxel of the input's grid is mapped through the input's affine to
-   the world and back through the prepared grid's affine (the case record's ``affine_original`` and
-   ``affine``: orientation, resampling and crop in one 4x4 map). Where that map is a signed axis permutation
-   with an integer shift (orientation and crop only, no resampling) the prediction is indexed back exactly;
-   otherwise it is resampled, nearest for labels, trilinear for float maps. Voxels outside the prepared grid
-   (cropped away) are background: label 0, probability 1 for class 0, uncertainty 0.
+   through ``inference.sliding_window_predict``: the function ``train.py --eval`` scores, so the mask written
+   for a test case is the argmax ``--eval`` scores (on a CPU, and on CUDA with ``--no-amp``; by default CUDA
+   runs the forward under bf16 autocast, and ``--eval`` runs it in fp32).
+3. **The inverse** (``uamt_fast.evaluation.geometry.to_input_grid``): each voxel of the input's grid is mapped
+   through the input's affine to the world and back through the prepared grid's affine (the case record's
+   ``affine_original`` and ``affine``: orientation, resampling and crop in one 4x4 map). Where that map is a
+   signed axis permutation with an integer shift (orientation and crop only, no resampling) the prediction is
+   indexed back exactly; otherwise it is resampled, nearest for labels, trilinear for float maps. Voxels
+   outside the prepared grid (cropped away) are background: label 0, probability 1 for class 0, uncertainty 0.
 
 Writes into ``--out``: ``{case}.nii.gz`` (uint8 labels, the input's affine and header; an h5 case: the grid
 of its h5 and the affine its data set records, else the LA release's 0.625 mm), with ``--uncertainty T``
 ``{case}_uncertainty.nii.gz`` (float32, the predictive entropy ``-sum_c mu_c ln(mu_c + 1e-6)`` of the mean
 ``mu`` of T MC-dropout passes, clamped to [0, ln C]; the passes of a window go through the network stacked
-in one batch, as the trainer stacks its teacher passes, up to max(--batch, min(T, 16)) patches a forward; the
-mean of T whole sliding-window passes, as ``figures.uncertainty_map`` takes it, is the same average), with ``--probabilities`` ``{case}_probabilities.nii.gz`` (float32, (X, Y, Z, C)), and
-``predictions.json``, one record of every output in the folder (``runs``: the model file, its config, the
-settings, the uamt_fast version and the times of each predict; ``cases``: each case's input files and their
-sha256, its outputs, preprocessing record and the run that wrote them). A later predict into the same
-folder merges its cases into it (a case predicted again replaces its entry); it is rewritten atomically
-after every case.
+in one batch, as the trainer stacks its teacher passes, up to max(--batch, min(T, 16)) patches a forward:
+``uamt_fast.evaluation.uncertainty``), with ``--probabilities`` ``{case}_probabilities.nii.gz`` (float32,
+(X, Y, Z, C)), and ``predictions.json`` (``uamt_fast.evaluation.predictions_record``), one record of every
+output in the folder (``runs``: the model file, its config, the settings, the uamt_fast version and the times
+of each predict; ``cases``: each case's input files and their sha256, its outputs, preprocessing record and
+the run that wrote them). A later predict into the same folder merges its cases into it (a case predicted
+again replaces its entry); it is rewritten atomically after every case.
 
 Every input is checked before anything is written (headers, dimensions, channels, spacing against the
 model's data, a voxel count within ``--max-voxels`` read from the header, every voxel finite, the records
@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gzip
-import json
 import math
 import os
 import sys
@@ -60,21 +59,18 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import uamt_fast
 from uamt_fast.training import checkpoints
 from uamt_fast import cli, data, files
 from uamt_fast.data import formats, prepare
-from uamt_fast.evaluation import inference
+from uamt_fast.evaluation import inference, uncertainty
+from uamt_fast.evaluation.geometry import to_input_grid
+from uamt_fast.evaluation.predictions_record import RECORD_FORMAT, RECORD_NAME, read_record, write_record
 from uamt_fast.data import DataError
-from uamt_fast.nets.vnet import mc_dropout
 
 SPACING_FACTOR = 2.0  # without resampling, an input spacing more than 2x off the training data's is refused
-SLAB_POINTS = 1 << 22  # input voxels resampled per grid_sample call (bounds the grid's memory)
 MAX_VOXELS = 1 << 30  # a header claiming more is refused before its data is read (4 GiB as float32)
-RECORD_FORMAT = "uamt_fast.predictions/2"
-RECORD_NAME = "predictions.json"
 
 
 class PredictError(ValueError):
@@ -147,7 +143,9 @@ class Model:
     channel: int | None  # index of the input channel the model was prepared with, when known
 
 
-def load_model(args, device: torch.device) -> Model:
+def load_model_and_data(args, device: torch.device) -> Model:
+    """MODEL (``checkpoints.load_vnet``, in eval mode) with its sliding-window settings, checked, and the record
+    of the data it was prepared on (``--data``, or the roots saved in its config; none for the LA release)."""
     net, cfg, path = checkpoints.load_vnet(args.model, device, "MODEL")
     net.eval()
     patch = cfg.get("patch", inference.PATCH_SIZE)
@@ -172,10 +170,10 @@ def load_model(args, device: torch.device) -> Model:
                             f"{sorted(prepare.PRESETS)}")
     return Model(net, cfg, path, tuple(patch), settings["eval_stride_xy"], settings["eval_stride_z"],
                  settings["downsample"], args.batch or settings["eval_batch"], net.num_classes or 2, record, found,
-                 args.channel if args.channel is not None else _channel_index(record))
+                 args.channel if args.channel is not None else channel_index(record))
 
 
-def _channel_index(record: dict | None) -> int | None:
+def channel_index(record: dict | None) -> int | None:
     """The index of the record's input channel: from the source's dataset.json when it is still there, from a
     channel that is an index ("0", "1": plain NIfTI folders), or from the suffix of the nnU-Net files read;
     None when none tells (a multi-channel scan then needs --channel)."""
@@ -201,7 +199,7 @@ def _channel_index(record: dict | None) -> int | None:
         return None
     for case in (record.get("cases") or {}).values():
         files = (case.get("files") or {}).get("image") or []
-        match = formats.CHANNEL_SUFFIX.match(formats._strip_ending(Path(files[0]).name)) if files else None
+        match = formats.CHANNEL_SUFFIX.match(formats.strip_ending(Path(files[0]).name)) if files else None
         if match:
             return int(match["channel"])
     return None
@@ -240,7 +238,7 @@ def find_scans(inputs) -> list[Scan]:
             scans.append(_h5_scan(path / data.H5_NAME))
         elif path.is_dir():
             folder = path / "imagesTs" if (path / "dataset.json").is_file() and (path / "imagesTs").is_dir() else path
-            files = formats._nifti_files(folder)
+            files = formats.nifti_files(folder)
             if not files:
                 raise PredictError(f"INPUT {path}: no NIfTI images (.nii, .nii.gz) or h5 cases in it")
             scans += _nifti_scans(files, folder)
@@ -260,7 +258,7 @@ def find_scans(inputs) -> list[Scan]:
 
 
 def _nifti_scans(files: list[Path], folder: Path) -> list[Scan]:
-    grouped = formats._group_channels(files, folder)  # the rule prepare reads sources by
+    grouped = formats.group_channels(files, folder)  # the rule prepare reads sources by
     return [Scan(case_id, "nifti", paths) for case_id, paths in grouped.items()]
 
 
@@ -452,95 +450,14 @@ def _same_grid(affine: np.ndarray, shape) -> dict:
 
 
 # ----------------------------------------------------------------------------- inference
-class _MeanOfPasses(torch.nn.Module):
-    """``passes`` stochastic forwards of each window batched as the trainer batches its teacher passes (dropout
-    masks drawn per batch element; batch norm in eval mode, on its running statistics), at most ``per_forward``
-    patches a forward. Returns the log of the mean softmax, which ``sliding_window_predict``'s softmax turns
-    back into that mean (softmax(log mu) = mu / sum mu = mu)."""
-
-    def __init__(self, net: torch.nn.Module, passes: int, per_forward: int):
-        super().__init__()
-        self.net, self.passes, self.per_forward = net, passes, per_forward
-
-    def forward(self, x):  # x: (n, 1, *patch)
-        n, total = x.shape[0], 0.0
-        chunk = max(1, self.per_forward // n)
-        for first in range(0, self.passes, chunk):
-            p = min(chunk, self.passes - first)
-            logits = self.net(x.repeat(p, 1, 1, 1, 1))  # (p * n, C, *patch), pass-major
-            total = total + torch.softmax(logits.float(), 1).unflatten(0, (p, n)).sum(0)
-        return torch.log(total / self.passes)
-
-
 def predict_image(model: Model, image: np.ndarray, passes: int | None, autocast) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(averaged softmax (C, X, Y, Z), predictive entropy (X, Y, Z) of ``passes`` MC-dropout passes or None)."""
-    args = (model.patch, model.stride_xy, model.stride_z, model.downsample, model.num_classes)
-    probs = inference.predict_probs(model.net, image, *args, model.batch, autocast)
+    args = (model.patch, model.stride_xy, model.stride_z, model.num_classes, model.batch, autocast, model.downsample)
+    probs = inference.sliding_window_predict(model.net, image, *args)[1]
     if not passes:
         return probs, None
-    with mc_dropout(model.net):
-        per_forward = max(model.batch, min(passes, 16))  # patches a forward: the windows' batch, or the passes
-        mean = inference.predict_probs(_MeanOfPasses(model.net, passes, per_forward), image, *args,
-                                       max(1, model.batch // passes), autocast)
-    entropy = -(mean * torch.log(mean + 1e-6)).sum(0)  # uamt_fast.reference's formula (and the figures')
-    return probs, entropy.clamp_(0.0, math.log(model.num_classes))
-
-
-# ----------------------------------------------------------------------------- the inverse
-def to_input_grid(volume: torch.Tensor, geometry: dict, fill, mode: str = "nearest") -> torch.Tensor:
-    """``volume`` (C, *shape) on the model's grid -> (C, *shape_original) on the input's grid.
-
-    Input voxel ``i`` lies at world ``affine_original @ i``, which is model-grid voxel ``j = inv(affine) @
-    affine_original @ i``. A signed permutation with an integer shift is indexed exactly; any other map is
-    sampled (``mode``: "nearest" or "bilinear", i.e. trilinear). ``fill`` (one value a channel) is what
-    voxels outside the model's grid get, and what the samples at its border blend with.
-    """
-    m = np.linalg.inv(np.asarray(geometry["affine"], np.float64)) @ np.asarray(geometry["affine_original"], np.float64)
-    shape, c = tuple(geometry["shape_original"]), volume.shape[0]
-    fill = torch.as_tensor(fill, dtype=volume.dtype, device=volume.device).view(c, 1, 1, 1)
-    out = fill.expand(c, *shape).clone()
-    axes = _axis_map(m)
-    if axes is not None:  # orientation and crop only: every input voxel is one model voxel
-        src = volume.permute(0, *[1 + b for b, _, _ in axes])  # src axis 1 + a is model axis b of input axis a
-        dst, take, flip = [slice(None)], [slice(None)], []
-        for a, ((_, sign, shift), n, size) in enumerate(zip(axes, shape, src.shape[1:])):
-            j = sign * np.arange(n) + shift
-            inside = np.flatnonzero((j >= 0) & (j < size))
-            if inside.size == 0:
-                return out
-            first, last = int(inside[0]), int(inside[-1])
-            dst.append(slice(first, last + 1))
-            take.append(slice(int(min(j[first], j[last])), int(max(j[first], j[last])) + 1))
-            if sign < 0:
-                flip.append(1 + a)
-        piece = src[tuple(take)]
-        out[tuple(dst)] = piece.flip(flip) if flip else piece
-        return out
-    padded = fill.expand(c, *[s + 2 for s in volume.shape[1:]]).clone()  # one voxel of fill around the grid
-    padded[:, 1:-1, 1:-1, 1:-1] = volume
-    size = torch.tensor(padded.shape[1:], dtype=torch.float64, device=volume.device)
-    mt = torch.from_numpy(m).to(volume.device)
-    slab = max(1, SLAB_POINTS // (shape[1] * shape[2]))
-    yz = torch.stack(torch.meshgrid(torch.arange(shape[1]), torch.arange(shape[2]), indexing="ij"), -1)
-    for x0 in range(0, shape[0], slab):
-        xs = torch.arange(x0, min(x0 + slab, shape[0]))
-        i = torch.cat([xs.view(-1, 1, 1, 1).expand(-1, *yz.shape[:2], 1), yz.expand(len(xs), *yz.shape)], -1)
-        j = i.to(volume.device, torch.float64) @ mt[:3, :3].T + mt[:3, 3] + 1  # + 1: the padding
-        grid = (2 * j / (size - 1) - 1).flip(-1).to(volume.dtype)  # grid_sample's last axis is (z, y, x)
-        out[:, x0 : x0 + len(xs)] = F.grid_sample(padded[None], grid[None], mode=mode, padding_mode="border",
-                                                  align_corners=True)[0]
-    return out
-
-
-def _axis_map(m: np.ndarray, tol: float = 1e-4):
-    """For a voxel map that sends input axis a to model axis b as ``j_b = sign * i_a + shift``: the list of
-    (b, sign, shift) per input axis; None for any other map (resampling)."""
-    r = np.rint(m[:3, :3])
-    if not (np.allclose(m[:3, :3], r, atol=tol) and np.allclose(m[:3, 3], np.rint(m[:3, 3]), atol=tol)
-            and (np.abs(r).sum(0) == 1).all() and (np.abs(r).sum(1) == 1).all()):
-        return None
-    rows = [int(np.flatnonzero(r[:, a])[0]) for a in range(3)]
-    return [(b, int(r[b, a]), int(np.rint(m[b, 3]))) for a, b in enumerate(rows)]
+    mean = uncertainty.mc_dropout_mean(model.net, image, passes, *args)
+    return probs, uncertainty.predictive_entropy(mean).clamp_(0.0, math.log(model.num_classes))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -559,56 +476,6 @@ def write_nifti(path: Path, array: np.ndarray, affine, header, what: str) -> Non
     files.atomic_write(path, lambda f: f.write(payload))  # (under --out's lock: plan_outputs' look still holds)
 
 
-# ----------------------------------------------------------------------------- predictions.json
-def read_record(out: Path, overwrite: bool) -> dict:
-    """``--out``'s predictions.json, to be merged into: ``{"format", "runs": [...], "cases": [...]}`` (each case
-    entry names its run by index), an empty one when there is none. A file there that is not such a record
-    (or a link) is refused, unless ``overwrite``: then a new record replaces it."""
-    path = out / RECORD_NAME
-    empty = {"format": RECORD_FORMAT, "runs": [], "cases": []}
-    if not os.path.lexists(path):
-        return empty
-    try:
-        old = files.read_json(path, "predictions record") if not path.is_symlink() else None
-    except ValueError:
-        old = None
-    if isinstance(old, dict) and old.get("format") == "uamt_fast.predictions/1":  # one run a file, before merging
-        run = {k: v for k, v in old.items() if k not in ("format", "cases")}
-        old = {"format": RECORD_FORMAT, "runs": [run], "cases": [c | {"run": 0} for c in old.get("cases") or []
-                                                                   if isinstance(c, dict)]}
-    good = isinstance(old, dict) and old.get("format") == RECORD_FORMAT and isinstance(old.get("runs"), list) \
-        and isinstance(old.get("cases"), list) and all(
-            isinstance(c, dict) and isinstance(c.get("case"), str) and type(c.get("run")) is int
-            and 0 <= c["run"] < len(old["runs"]) for c in old["cases"])
-    if good:
-        return old
-    if overwrite:
-        return empty
-    raise PredictError(f"--out {out}: {RECORD_NAME} there is not a predictions record this version can add to; "
-                       "pass --overwrite to replace it, or choose another --out")
-
-
-def merged_record(old: dict, run: dict, cases: list[dict]) -> dict:
-    """``old`` with this run's cases added: an old entry of a case predicted again is dropped (its files were
-    replaced), runs no entry names any more are dropped, the indices renumbered."""
-    again = {c["case"] for c in cases}
-    kept = [c for c in old["cases"] if c["case"] not in again]
-    used = sorted({c["run"] for c in kept})
-    index = {old_index: new_index for new_index, old_index in enumerate(used)}
-    return {"format": RECORD_FORMAT, "runs": [old["runs"][i] for i in used] + [run],
-            "cases": [c | {"run": index[c["run"]]} for c in kept] + [c | {"run": len(used)} for c in cases]}
-
-
-def _json(x):
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json(v) for v in x]
-    return x if x is None or isinstance(x, (str, int, bool)) else str(x)
-
-
 # ----------------------------------------------------------------------------- the run
 def run(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -621,7 +488,7 @@ def run(args) -> int:
         import nibabel  # noqa: F401 (the outputs are NIfTI files)
     except ImportError:
         raise ImportError("predict writes NIfTI files and needs nibabel: pip install 'uamt_fast[data]'") from None
-    model = load_model(args, device)
+    model = load_model_and_data(args, device)
     scans = find_scans(args.inputs)
     if model.record is None and any(s.kind == "nifti" for s in scans) and model.config.get("data") \
             and not model.roots:
@@ -643,7 +510,7 @@ def run(args) -> int:
     with files.FolderLock(out, "--out", "predict") as lock:  # one predict a folder: the look below holds till the end
         lock.remove_stale_temporaries()
         plan_outputs(scans, out, args)
-        return predict_all(scans, model, args, device, out, read_record(out, args.overwrite))
+        return predict_all(scans, model, args, device, out, read_record(out, args.overwrite, PredictError))
 
 
 def predict_all(scans: list[Scan], model: Model, args, device: torch.device, out: Path, old: dict) -> int:
@@ -660,10 +527,6 @@ def predict_all(scans: list[Scan], model: Model, args, device: torch.device, out
                                           f"{model.record.get('channel')!r}" if model.record else
                                           "none (the LA release layout)"), "data": model.roots}}
     record_path, cases = out / RECORD_NAME, []
-
-    def write_record():
-        files.atomic_write_text(record_path, json.dumps(_json(merged_record(old, run, cases)), indent=1) + "\n")
-
     bar = sys.stderr.isatty()
     with ThreadPoolExecutor(max_workers=1) as reader:  # reads (and preprocesses) the next scan meanwhile
         ahead = reader.submit(read_scan, scans[0], model)
@@ -673,7 +536,7 @@ def predict_all(scans: list[Scan], model: Model, args, device: torch.device, out
                 if k + 1 < len(scans):
                     ahead = reader.submit(read_scan, scans[k + 1], model)
                 cases.append(predict_one(loaded, model, args, autocast))
-                write_record()
+                write_record(out, old, run, cases)
                 if bar:
                     print(f"\rpredict: {k + 1}/{len(scans)} cases", end="" if k + 1 < len(scans) else "\n",
                           file=sys.stderr, flush=True)
@@ -683,7 +546,7 @@ def predict_all(scans: list[Scan], model: Model, args, device: torch.device, out
                 print(file=sys.stderr)
             raise
     run["finished"] = _now()
-    write_record()
+    write_record(out, old, run, cases)
     print(f"predicted {len(scans)} case(s) into {out}; record: {record_path}")
     return 0
 
@@ -715,7 +578,8 @@ def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-__all__ = ["PredictError", "find_scans", "main", "make_parser", "predict_image", "run", "to_input_grid"]
+__all__ = ["RECORD_FORMAT", "RECORD_NAME", "PredictError", "channel_index", "find_scans", "load_model_and_data", "main",
+           "make_parser", "predict_image", "run", "to_input_grid"]
 
 
 if __name__ == "__main__":

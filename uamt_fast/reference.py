@@ -83,6 +83,31 @@ def uncertainty_consistency_loss(
     return torch.sum(mask * dist) / (num_classes * torch.sum(mask) + MASK_EPS)
 
 
+def uncertainty_consistency_loss_with_stats(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mc_logits: torch.Tensor, threshold
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, stats)`` as the fused kernels give them: the reference path of the public
+    ``uamt_fast.uncertainty_consistency_loss`` (CPU tensors without the Triton interpreter, other devices).
+
+    The loss of :func:`uncertainty_consistency_loss` in fp32 (inputs of any float dtype are cast;
+    fp32 ones are not copied); ``stats`` fp32 (4,): mask fraction, uncertainty mean, min and max, no
+    gradient. As in the kernels, any NaN or +-Inf logit (student, teacher or a pass) makes the loss,
+    every student-gradient entry and the uncertainty stats NaN: a NaN uncertainty alone would just
+    drop out of the mask and leave a finite loss. ``threshold``: a float or a 0-dim tensor.
+    """
+    student, teacher, mc = student_logits.float(), teacher_logits.float(), mc_logits.float()
+    loss = uncertainty_consistency_loss(student, teacher, mc, threshold)
+    with torch.no_grad():
+        # 0 when every logit is finite, else NaN (x * 0 is NaN for NaN and +-Inf).
+        nan_probe = sum((x * 0.0).sum(dtype=torch.float32) for x in (student, teacher, mc))
+        u = predictive_entropy(mc)
+        stats = torch.stack(
+            [(u < threshold).float().mean(), u.mean() + nan_probe, u.min() + nan_probe, u.max() + nan_probe]
+        )
+    # Adds 0 to the loss and to each gradient entry for finite logits, NaN to all of them otherwise.
+    return loss + (student * nan_probe).sum(), stats
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int | None = None) -> torch.Tensor:
     """Mean voxel-wise cross-entropy, logits ``(B, C, *S)``, integer labels ``(B, *S)``.
 
@@ -165,6 +190,7 @@ __all__ = [
     "predictive_entropy",
     "softmax_mse",
     "uncertainty_consistency_loss",
+    "uncertainty_consistency_loss_with_stats",
     "cross_entropy",
     "dice_loss",
     "supervised_loss",

@@ -1,7 +1,7 @@
 """``python -m uamt_fast.data pack | synth | prepare``: the data commands.
 
-The only module that imports both the layout (``uamt_fast.data``) and ``prepare`` (which reads sources into
-that layout), so neither imports the other's command line.
+The only module that imports the commands' modules (``packing``, ``synthetic`` and ``prepare``, which reads
+sources into the layout), so none of them imports another's command line.
 """
 from __future__ import annotations
 
@@ -9,14 +9,10 @@ import argparse
 import sys
 
 from uamt_fast import cli
-from uamt_fast.data import (
-    DataError,
-    check_case_id,
-    pack_dataset,
-    split_into_parts,
-    write_synthetic_la,
-)
 from uamt_fast.data import prepare
+from uamt_fast.data.layout import DataError, check_case_id
+from uamt_fast.data.packing import pack_dataset, split_into_parts
+from uamt_fast.data.synthetic import write_synthetic_la
 
 DESCRIPTION = "Left atrium (LA) MRI data: the UA-MT release layout, a lossless packed copy, synthetic scans, " \
     "any MSD / nnU-Net / NIfTI folder prepared into that layout."
@@ -93,6 +89,11 @@ def main(argv=None) -> int:
     if parts:
         print("train on all parts together: " + " ".join(f"--data {folder}" for folder, _, _ in parts))
     return 0
+
+
+def prepare_main(argv=None) -> int:
+    """The ``uamt_fast_prepare`` command: ``python -m uamt_fast.data prepare`` under nnU-Net's style of name."""
+    return main(["prepare", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ so nothing downstream can open a label file for it.
 Hidden files (a name starting with ``.``: ``.DS_Store``, macOS's ``._x.nii.gz``) are skipped in every folder of
 every layout. Everything wrong with a folder is a ``DataError`` of one line naming the file: a list naming a
 missing file, a file the list does not name, a case id that is a path, a case in both training and test, ...
-Only ``read_volume`` needs nibabel; the rest reads file names and JSON.
+Only ``read_volume`` needs nibabel; the rest reads file names and JSON. The naming rules (``nifti_files``,
+``strip_ending``, ``group_channels``, ``CHANNEL_SUFFIX``) are public: ``uamt_fast.predict`` reads its input
+scans by the same rules as ``prepare`` reads a source.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from uamt_fast.data import DataError, check_case_id
+from uamt_fast.data.affine import check_affine  # (re-exported: the check read_volume makes of every affine)
+from uamt_fast.data.layout import DataError, check_case_id
 from uamt_fast.files import read_json
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -101,8 +104,8 @@ def _read_msd(src: Path, meta: dict) -> Source:
         image = _listed_file(src, entry["image"], where, "imagesTr")
         label = entry.get("label")
         label = None if label is None else _listed_file(src, label, where, "labelsTr")
-        case_id = check_case_id(_strip_ending(image.name), f"{where} ({entry['image']})")
-        if label is not None and _strip_ending(label.name) != case_id:
+        case_id = check_case_id(strip_ending(image.name), f"{where} ({entry['image']})")
+        if label is not None and strip_ending(label.name) != case_id:
             raise DataError(f"{where}: training entry {case_id} names the label of another case: {entry['label']}")
         cases.append(SourceCase(case_id, "labeled" if label else "unlabeled", (image,), label, len(channels) > 1))
     if isinstance(meta.get("numTraining"), int) and meta["numTraining"] != len(training):
@@ -121,7 +124,7 @@ def _read_msd(src: Path, meta: dict) -> Source:
                             f"{{\"image\": path}}")
         test_images.append(_listed_file(src, image, where, "imagesTs"))
     _same_files(src / "imagesTs", {p.name for p in test_images}, where, "'test'", missing_ok=True)
-    test_cases = [(check_case_id(_strip_ending(p.name), f"{where} (test {p.name})"), (p,)) for p in test_images]
+    test_cases = [(check_case_id(strip_ending(p.name), f"{where} (test {p.name})"), (p,)) for p in test_images]
     cases += _test_cases(test_cases, src, len(channels) > 1, None)
     return Source(src, "msd", channels, labels, cases)
 
@@ -160,12 +163,12 @@ def _read_nnunet(src: Path, meta: dict) -> Source:
 
 def _read_nifti(src: Path) -> Source:
     image_dir = src / "imagesTr" if (src / "imagesTr").is_dir() else src
-    files = _nifti_files(image_dir)
+    files = nifti_files(image_dir)
     if not files:
         raise DataError(f"{src}: no dataset.json and no NIfTI images (.nii, .nii.gz) in {image_dir}")
     label_dir = src / "labelsTr"
-    labels = {_strip_ending(p.name): p for p in _nifti_files(label_dir)}
-    grouped = _group_channels(files, image_dir, label_stems=set(labels))
+    labels = {strip_ending(p.name): p for p in nifti_files(label_dir)}
+    grouped = group_channels(files, image_dir, label_stems=set(labels))
     n_channels = len(next(iter(grouped.values())))
     strays = sorted(set(labels) - set(grouped))
     if strays:
@@ -173,8 +176,8 @@ def _read_nifti(src: Path) -> Source:
     cases = [SourceCase(check_case_id(case_id, str(image_dir)), "labeled" if case_id in labels else "unlabeled",
                         paths, labels.get(case_id)) for case_id, paths in grouped.items()]
     if (src / "imagesTs").is_dir():
-        test = _group_channels(_nifti_files(src / "imagesTs"), src / "imagesTs", n_channels,
-                               {_strip_ending(p.name) for p in _nifti_files(src / "labelsTs")})
+        test = group_channels(nifti_files(src / "imagesTs"), src / "imagesTs", n_channels,
+                              {strip_ending(p.name) for p in nifti_files(src / "labelsTs")})
         cases += _test_cases(list(test.items()), src, False, None)
     return Source(src, "nifti", [str(k) for k in range(n_channels)], None, cases)
 
@@ -185,7 +188,7 @@ def _test_cases(images: list[tuple[str, tuple[Path, ...]]], src: Path, in_file: 
     label_dir = src / "labelsTs"
     if not images or not label_dir.is_dir():
         return []
-    found = {_strip_ending(p.name): p for p in _nifti_files(label_dir)}
+    found = {strip_ending(p.name): p for p in nifti_files(label_dir)}
     cases = []
     for case_id, paths in images:
         check_case_id(case_id, str(src / "imagesTs"))
@@ -203,10 +206,10 @@ def _unlabeled_folder(folder: Path, n_channels: int) -> list[SourceCase]:
     """--unlabeled DIR: every NIfTI image in it is an unlabeled case; no label is looked for."""
     if not folder.is_dir():
         raise DataError(f"--unlabeled {folder}: not a folder")
-    files = _nifti_files(folder)
+    files = nifti_files(folder)
     if not files:
         raise DataError(f"--unlabeled {folder}: no NIfTI images (.nii, .nii.gz) in it")
-    grouped = _group_channels(files, folder, n_channels)
+    grouped = group_channels(files, folder, n_channels)
     found = len(next(iter(grouped.values())))
     if n_channels > 1 and found != n_channels:
         raise DataError(f"--unlabeled {folder}: {found} channel file(s) a case, the source has {n_channels} channels "
@@ -239,7 +242,7 @@ def _same_files(folder: Path, listed: set[str], where: Path, what: str, missing_
         if listed and not missing_ok:
             raise DataError(f"{where}: {what} lists files but {folder} does not exist")
         return
-    unlisted = sorted(p.name for p in _nifti_files(folder) if p.name not in listed)
+    unlisted = sorted(p.name for p in nifti_files(folder) if p.name not in listed)
     if unlisted:
         raise DataError(f"{where}: {folder / unlisted[0]} is not in the {what} list ({len(unlisted)} such files); "
                         f"the list and the folder must agree")
@@ -265,13 +268,13 @@ def _channel_cases(folder: Path, ending: str, n_channels: int, where: Path) -> d
     return {case_id: tuple(files[k] for k in range(n_channels)) for case_id, files in cases.items()}
 
 
-def _group_channels(files: list[Path], folder: Path, n_channels: int | None = None,
-                    label_stems: set[str] | None = None) -> dict[str, tuple[Path, ...]]:
+def group_channels(files: list[Path], folder: Path, n_channels: int | None = None,
+                   label_stems: set[str] | None = None) -> dict[str, tuple[Path, ...]]:
     """Plain NIfTI names -> ``{case: (channel files...)}``. Files are read as nnU-Net channel files
     ``{case}_{XXXX}`` only when that reading is unambiguous: every name has the suffix, every case has
     channels 0..k-1 for one k (``n_channels`` when given, and then > 1), and every label is named
     ``{case}``; otherwise each file is one single-channel case (``la_0001.nii.gz`` stays case ``la_0001``)."""
-    stems = [_strip_ending(p.name) for p in files]
+    stems = [strip_ending(p.name) for p in files]
     if len(set(stems)) != len(stems):
         raise DataError(f"{folder}: two files give the same case id (x.nii and x.nii.gz?)")
     matches = [CHANNEL_SUFFIX.match(s) for s in stems]
@@ -359,7 +362,8 @@ def _visible_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def _nifti_files(folder: Path) -> list[Path]:
+def nifti_files(folder: Path) -> list[Path]:
+    """The NIfTI files (``.nii``, ``.nii.gz``) of ``folder``, sorted, hidden files left out; none if it is no folder."""
     return [p for p in _visible_files(folder) if p.name.endswith(NIFTI_ENDINGS)]
 
 
@@ -367,7 +371,8 @@ def _ending(name: str) -> str:
     return next(e for e in NIFTI_ENDINGS if name.endswith(e))
 
 
-def _strip_ending(name: str) -> str:
+def strip_ending(name: str) -> str:
+    """``name`` less its NIfTI ending (``la_0001_0000.nii.gz`` -> ``la_0001_0000``); any other name as it is."""
     for ending in NIFTI_ENDINGS:
         if name.endswith(ending):
             return name[: -len(ending)]
@@ -375,53 +380,6 @@ def _strip_ending(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- reading a volume
-MIN_VOXEL_MM = 1e-6  # a voxel size below this (1 nm) is a zero: no grid to orient or resample
-MIN_ANGLE = 1e-6  # radians between two array axes' world directions below which they are one direction
-
-
-def check_affine(affine, where: str) -> np.ndarray:
-    """``affine`` as a float64 4x4 array when it places a 3D grid in the world the way orientation (MONAI's
-    Orientationd, nibabel's ``io_orientation``) and the inverse map need it: finite numbers, last row (0, 0, 0, 1),
-    every array axis a voxel size > 0 and a world direction of its own (the 3x3 part invertible, and
-    ``io_orientation`` maps the three array axes to three distinct world axes). Else a one-line DataError that
-    starts with ``where``: the file, and the field when the affine is one of a record (``path: field
-    cases.c1.affine``). nibabel is used only when it is installed (the numpy checks alone already guarantee what it checks)."""
-    try:
-        a = np.array(affine, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise DataError(f"{where} is not a 4x4 matrix of numbers: {affine!r:.80}") from None
-    if a.shape != (4, 4):
-        raise DataError(f"{where} is a matrix of shape {a.shape}; expected 4x4")
-    if not np.isfinite(a).all():
-        raise DataError(f"{where} holds NaN or Inf: {a.tolist()}")
-    if not np.array_equal(a[3], [0.0, 0.0, 0.0, 1.0]):
-        raise DataError(f"{where} has last row {a[3].tolist()}; expected [0, 0, 0, 1]")
-    zooms = np.sqrt((a[:3, :3] ** 2).sum(0))
-    for axis, zoom in enumerate(zooms):
-        if not zoom >= MIN_VOXEL_MM:
-            raise DataError(f"{where} gives array axis {axis} a voxel size of {zoom:g} mm; every axis needs one > 0")
-    directions = a[:3, :3] / zooms
-    if np.linalg.svd(directions, compute_uv=False)[-1] < MIN_ANGLE:
-        cosines = np.abs(directions.T @ directions) - np.eye(3)
-        i, j = np.unravel_index(np.argmax(cosines), cosines.shape)
-        if cosines[i, j] > np.cos(MIN_ANGLE):
-            raise DataError(f"{where} points array axes {min(i, j)} and {max(i, j)} along one world direction "
-                            f"(its 3x3 part is singular: {np.round(a[:3, :3], 6).tolist()})")
-        raise DataError(f"{where} puts the three array axes in one plane (its 3x3 part is singular: "
-                        f"{np.round(a[:3, :3], 6).tolist()})")
-    try:
-        from nibabel.orientations import io_orientation
-    except ImportError:
-        return a
-    try:
-        world = io_orientation(a)[:, 0]
-    except Exception as e:  # noqa: BLE001 (numpy's LinAlgError, nibabel's own errors)
-        raise DataError(f"{where}: nibabel cannot orient it ({type(e).__name__}: {e})") from None
-    if np.isnan(world).any() or len(set(world.tolist())) != 3:
-        raise DataError(f"{where} maps the array axes to the world axes {world.tolist()}; each needs its own")
-    return a
-
-
 def read_volume(path: Path, channel: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(array (X, Y, Z), affine 4x4)`` of a NIfTI file through nibabel. ``channel``: the index into the last
     axis of a 4D file (MSD multi-modal); without it a 4D file is refused (one line, DataError)."""
@@ -447,4 +405,5 @@ def read_volume(path: Path, channel: int | None = None) -> tuple[np.ndarray, np.
     return array, check_affine(img.affine, f"{path}: the NIfTI affine (sform / qform / pixdim)")
 
 
-__all__ = ["NIFTI_ENDINGS", "Source", "SourceCase", "check_affine", "read_source", "read_volume"]
+__all__ = ["CHANNEL_SUFFIX", "NIFTI_ENDINGS", "Source", "SourceCase", "check_affine", "group_channels",
+           "nifti_files", "read_source", "read_volume", "strip_ending"]

@@ -28,87 +28,30 @@ Writes are crash-safe: each h5 is written under a temporary name and renamed; ``
 the lists (``train.list`` last) are written after every case, each atomically. A prepare that stops early
 leaves no list, so nothing reads its cases. MONAI and nibabel are the optional extra ``uamt_fast[data]``
 and are imported only when a prepare runs.
+
+The presets live in ``uamt_fast.data.presets``; OUT while a prepare runs (its lock, the staging folder, the swap)
+in ``uamt_fast.data.output_folder``.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from uamt_fast import cli, data, files
-from uamt_fast.data import formats
-from uamt_fast.data import DataError
+from uamt_fast import cli, files
+from uamt_fast.data import formats, layout
+from uamt_fast.data.layout import DataError
+from uamt_fast.data.output_folder import LISTS, OutputFolder
+from uamt_fast.data.presets import PRESETS, Preset
 
-FORMAT = "uamt_fast.prepared/1"
-LISTS = ("train.list", "test.list", "unlabeled.list")
+FORMAT = layout.RECORD_FORMAT
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # NIfTI world axes (nibabel's convention): RAS+
-IGNORE_NAME = "ignore"  # nnU-Net v2's reserved label name: voxels that are not annotated (stored as data.IGNORE_LABEL)
-
-
-@dataclass(frozen=True)
-class Preset:
-    """What prepare does for one benchmark, and the training settings it hands train.py."""
-
-    spacing: tuple[float, float, float] | None  # target mm (RAS axes); None keeps the source grid
-    intensity: dict  # {"kind": "none"} | {"kind": "ct_window", "window": [lo, hi]} | {"kind": "zscore", ...}
-    crop: bool  # crop to the bounding box of the image's positive voxels (the body / the brain)
-    channel: str | None  # the input channel by name (case-insensitive); None: the only one
-    labels: dict | None  # target labels name -> value; None: the source's own (dataset.json or the files)
-    foreground: bool  # every source label > 0 becomes 1 (BraTS whole tumour)
-    patch: tuple[int, int, int]
-    stride_xy: int
-    stride_z: int
-    split: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (train, test) case numbers, in order
-    drop: tuple[int, ...] = ()  # case numbers never used
-
-
-# MC-Net's NIH Pancreas-CT split (ycwu1997/MC-Net MC-Net/data/Pancreas/train.list @39a5086, in its order: the
-# first 12 = 20% are the labeled ones; data/Pancreas/test.list @3253f74), as the numbers of image0001..image0082.
-PANCREAS_TRAIN = (57, 18, 62, 31, 20, 17, 32, 79, 61, 64, 70, 19, 48, 76, 41, 52, 49, 71, 72, 34, 10, 15, 77, 80, 27,
-                  47, 22, 14, 68, 58, 7, 11, 24, 42, 82, 35, 12, 55, 75, 78, 16, 13, 53, 23, 56, 33, 38, 30, 81, 29,
-                  36, 44, 2, 45, 26, 65, 66, 43, 28, 63, 69, 3)
-PANCREAS_TEST = (50, 59, 37, 60, 40, 74, 4, 46, 8, 54, 5, 73, 1, 39, 6, 67, 25, 51, 21, 9)
-
-PRESETS = {
-    # LA (2018 Atrial Segmentation Challenge, the UA-MT release's mri_norm2.h5): already 0.625 mm and
-    # normalized per scan, so no resampling, no intensity change, no crop. Patch 112x112x80 and strides 18/4:
-    # UA-MT code/test_LA.py and code/train_LA_meanteacher_certainty_unlabel.py (yulequan/UA-MT @80d0a34);
-    # the same in DTC code/test_LA.py (HiLab-git/DTC @0b7cfed) and MC-Net mcnet/test_3d.py (ycwu1997/MC-Net @9a9730d).
-    "la": Preset(spacing=None, intensity={"kind": "none"}, crop=False, channel=None,
-                 labels={"background": 0, "left atrium": 1}, foreground=False, patch=(112, 112, 80), stride_xy=18,
-                 stride_z=4),
-    # NIH Pancreas-CT: MC-Net data/Pancreas/Pre-processing.ipynb (@3253f74) resamples to 1 mm (BSpline; here
-    # bilinear), windows HU to [75 - 400/2, 75 + 400/2] = [-125, 275] scaled to [0, 1]; it then crops around the
-    # *label* (+25 voxels in x, y) and z-scores the crop. A label crop is impossible for unlabeled and test
-    # cases, so this preset crops to the body (window > 0, i.e. HU > -125) and keeps [0, 1]. Patch 96^3,
-    # strides 16/16: MC-Net mcnet/test_3d.py (@9a9730d). Split: MC-Net's 62/20 lists above, less the two
-    # scans that TCIA's Pancreas-CT page marks as duplicates, #25 and #70 (the 80-scan version most of the
-    # literature uses; taken from that page as remembered, not from a stored copy). MC-Net's own lists still
-    # hold both (image0025 in test, image0070 in train), so the split here is 61/19.
-    "pancreas": Preset(spacing=(1.0, 1.0, 1.0), intensity={"kind": "ct_window", "window": [-125.0, 275.0]},
-                       crop=True, channel=None, labels={"background": 0, "pancreas": 1}, foreground=False,
-                       patch=(96, 96, 96), stride_xy=16, stride_z=16, split=(PANCREAS_TRAIN, PANCREAS_TEST),
-                       drop=(25, 70)),
-    # BraTS 2019, whole tumour on FLAIR: SSL4MIS code/dataloaders/brats_proprecessing.py (HiLab-git/SSL4MIS
-    # @6f98472) crops to the brain (nonzero voxels), clips at the 99.9th percentile, z-scores with the mean and
-    # std of the voxels > 0 (applied to every voxel) and sets label > 0 to 1; no resampling (BraTS is 1 mm).
-    # Patch 96^3 (train_uncertainty_aware_mean_teacher_3D.py @0fc63df), strides 64/64 (code/test_3D.py
-    # @132771f and the validation in that training script).
-    "brats2019": Preset(spacing=None, intensity={"kind": "zscore", "over": "positive", "clip_percentile": 99.9},
-                        crop=True, channel="FLAIR", labels={"background": 0, "whole tumour": 1}, foreground=True,
-                        patch=(96, 96, 96), stride_xy=64, stride_z=64),
-    # Only canonical orientation and the input checks; classes from the source's labels; patch and strides are
-    # train.py's defaults (Config.patch, eval_stride_xy, eval_stride_z).
-    "none": Preset(spacing=None, intensity={"kind": "none"}, crop=False, channel=None, labels=None, foreground=False,
-                   patch=(112, 112, 80), stride_xy=18, stride_z=4),
-}
+IGNORE_NAME = "ignore"  # nnU-Net v2's reserved label name: voxels not annotated (stored as layout.IGNORE_LABEL)
 
 
 @dataclass
@@ -125,7 +68,7 @@ class Plan:
     labels: dict[str, int]
     roles: dict[str, str]  # case id -> role
     split: dict
-    ignore: int | None = None  # source value of nnU-Net's "ignore" label (stored as data.IGNORE_LABEL); None: none
+    ignore: int | None = None  # source value of nnU-Net's "ignore" label (stored as layout.IGNORE_LABEL); None: none
 
 
 # ----------------------------------------------------------------------------- the command
@@ -195,7 +138,7 @@ def prepare(src, out, preset: str = "la", *, channel=None, unlabeled=None, test_
 def _record(plan: Plan, source: formats.Source, src: Path, cases, records: dict) -> dict:
     p = plan.preset
     record = {"format": FORMAT, "preset": plan.preset_name, "num_classes": len(plan.labels), "labels": plan.labels,
-              **({} if plan.ignore is None else {"ignore_label": data.IGNORE_LABEL}),  # not annotated: no class
+              **({} if plan.ignore is None else {"ignore_label": layout.IGNORE_LABEL}),  # not annotated: no class
               "channel": plan.channel_name,
               "train": {"patch": list(p.patch), "eval_stride_xy": p.stride_xy, "eval_stride_z": p.stride_z},
               "source": {"path": str(src.resolve()), "layout": source.layout}, "split": plan.split,
@@ -248,7 +191,7 @@ def _label_plan(preset_name: str, preset: Preset, source: formats.Source):
 
     nnU-Net v2's ignore label (a label named exactly "ignore" in dataset.json, nnU-Net's
     documentation/ignore_label.md): voxels that are not annotated. It must be the highest label value; it is
-    no class (the class count leaves it out) and is stored as ``data.IGNORE_LABEL``, which the losses and
+    no class (the class count leaves it out) and is stored as ``layout.IGNORE_LABEL``, which the losses and
     metrics leave out."""
     declared, ignore = source.labels, None
     if declared and IGNORE_NAME in declared:
@@ -258,7 +201,7 @@ def _label_plan(preset_name: str, preset: Preset, source: formats.Source):
                             f"the ignore label must be the highest label value (here {highest}); give it "
                             f"{highest + 1} or more (nnU-Net v2's rule)")
         declared = {n: v for n, v in declared.items() if n != IGNORE_NAME}
-    extra = {} if ignore is None else {ignore: data.IGNORE_LABEL}
+    extra = {} if ignore is None else {ignore: layout.IGNORE_LABEL}
     if preset.foreground:  # whole tumour: any declared values, every value > 0 -> 1
         lut = None if ignore is None else {v: int(v > 0) for v in declared.values()} | extra
         return (set(declared.values()) | set(extra) if declared else None), lut, dict(preset.labels), ignore
@@ -347,132 +290,6 @@ def _number(case_id: str, where) -> int | None:
         raise DataError(f"{where}: case id {case_id!r} ends in no case number; the preset's split names cases by "
                         f"number (image0001 ... image0082)")
     return int(match[1]) if match else None
-
-
-# ----------------------------------------------------------------------------- the output folder
-class OutputFolder:
-    """OUT while a prepare runs: locked, the new set built aside, swapped in only when it is whole.
-
-    On entry, before any case is read: OUT is created if absent and locked (``files.FolderLock``: a second
-    prepare, or a train.py / predict writing there, is refused naming the holder's pid); a folder holding a
-    data set that prepare did not write is refused, one holding a prepared set is refused unless
-    ``overwrite``; a case folder of the new set that exists but is not the old set's is refused; links at
-    the set's places are refused (``files.subfolder``). Cases, ``dataset.json`` and lists are written into
-    a staging folder *inside* OUT (``.prepare-XXXX``: on OUT's file system, so the swap is renames, and under
-    OUT's lock, so a staging folder left by a killed prepare is removed by the next one). ``swap_in`` moves
-    the old set's lists (``train.list`` first: OUT is no data root while it changes), record and case
-    folders into the staging folder, the new ones into OUT (``train.list`` last), and removes the staging
-    folder with the old set in it. Any failure before ``swap_in`` leaves the old set exactly as it was and
-    removes the staging folder; a first prepare that fails leaves no OUT behind (nothing a reader could
-    take for a data set).
-    """
-
-    STAGING_PREFIX = ".prepare-"
-
-    def __init__(self, out, overwrite: bool, case_ids: list[str]):
-        self.out, self.overwrite, self.case_ids = Path(out), overwrite, case_ids
-        self.lock = self.staging = self.old = None
-
-    def __enter__(self) -> OutputFolder:
-        out = self.out
-        self.created = not os.path.lexists(out)
-        data.make_folder(out, "output folder")
-        try:
-            self.lock = files.FolderLock(out, "OUT", "prepare")  # first the lock, then the look
-            self.old = self._existing_set()
-            images = data.IMAGES_DIR
-            files.subfolder(out, images)
-            for case_id in self.case_ids:
-                there = out / images / case_id
-                if os.path.lexists(there) and case_id not in self.old.get("cases", {}):
-                    raise DataError(f"output folder {out}: {there} exists and is not part of a prepared set there; "
-                                    "choose another folder")
-            for stale in out.glob(self.STAGING_PREFIX + "*"):  # left by a killed prepare (we hold the lock)
-                files.remove(out, stale.name)
-            self.staging = Path(tempfile.mkdtemp(prefix=self.STAGING_PREFIX, dir=out))
-        except BaseException as e:
-            self._abandon()
-            if isinstance(e, files.FolderError):
-                raise DataError(str(e)) from None
-            raise
-        return self
-
-    def _existing_set(self) -> dict:
-        """The prepared set in OUT (its dataset.json record), {} for none; refused as described above."""
-        found = [n for n in (data.RECORD_NAME, *LISTS) if os.path.lexists(self.out / n)]
-        if not found:
-            return {}
-        old = _prepared_record(self.out / data.RECORD_NAME)
-        if old is None:
-            raise DataError(f"output folder {self.out} holds a data set that prepare did not write "
-                            f"({', '.join(found)}); choose another folder")
-        if not self.overwrite:
-            raise DataError(f"output folder {self.out} already holds a prepared set ({', '.join(found)}); pass "
-                            "--overwrite to replace it, or choose another folder")
-        cases = old.get("cases")
-        for case_id in cases if isinstance(cases, dict) else ():
-            data.check_case_id(case_id, str(self.out / data.RECORD_NAME))
-        return old if isinstance(cases, dict) else old | {"cases": {}}
-
-    def write_record(self, record: dict, lists: dict[str, list[str]]) -> None:
-        try:
-            files.atomic_write_text(self.staging / data.RECORD_NAME, json.dumps(record, indent=1) + "\n")
-            for name, ids in lists.items():
-                if ids:
-                    files.atomic_write_text(self.staging / name, "".join(f"{i}\n" for i in ids))
-        except OSError as e:
-            raise DataError(f"output folder {self.out}: cannot write {Path(e.filename or data.RECORD_NAME).name} "
-                            f"({files.describe(e)})") from None
-
-    def swap_in(self) -> None:
-        out, staging, images = self.out, self.staging, data.IMAGES_DIR
-        old = staging / "replaced"  # the old set goes here, and with the staging folder
-        (old / images).mkdir(parents=True)
-        for name in ("train.list", *LISTS[1:], data.RECORD_NAME):
-            if os.path.lexists(out / name):
-                os.rename(out / name, old / name)  # a link is moved as the link
-        for case_id in self.old.get("cases", {}):
-            if os.path.lexists(out / images / case_id):
-                os.rename(out / images / case_id, old / images / case_id)
-        for case_id in self.case_ids:
-            os.rename(staging / images / case_id, out / images / case_id)
-        for name in (data.RECORD_NAME, "unlabeled.list", "test.list", "train.list"):  # train.list last
-            if (staging / name).is_file():
-                os.rename(staging / name, out / name)
-        files.remove(out, staging.name)
-        self.staging = None
-
-    def __exit__(self, kind, error, trace) -> None:
-        if kind is not None:
-            self._abandon()
-        elif self.lock is not None:
-            self.lock.release()
-
-    def _abandon(self) -> None:
-        """After a failure: the staging folder goes; what this prepare added to an otherwise empty OUT goes too
-        (the empty case folder, the lock file, OUT itself when this prepare created it)."""
-        if self.staging is not None:
-            files.remove(self.out, self.staging.name)
-            self.staging = None
-        if self.lock is None:  # never locked: the folder is not ours to tidy
-            return
-        images = self.out / data.IMAGES_DIR
-        if images.is_dir() and not images.is_symlink() and not any(images.iterdir()):
-            images.rmdir()
-        if {p.name for p in self.out.iterdir()} <= {files.LOCK_NAME}:
-            files.remove(self.out, files.LOCK_NAME)
-            if self.created:
-                self.out.rmdir()
-        self.lock.release()
-
-
-def _prepared_record(path: Path) -> dict | None:
-    """The record of the prepared set at ``path``, or None when it is none (missing, unreadable, foreign)."""
-    try:
-        record = files.read_json(path, "a prepared set's record")
-    except ValueError:
-        return None
-    return record if record.get("format") == FORMAT else None
 
 
 # ----------------------------------------------------------------------------- the cases
@@ -629,9 +446,9 @@ def _write_case(out: Path, case_id: str, image: np.ndarray, label: np.ndarray | 
         if label is not None:
             f.create_dataset("label", data=label, compression="gzip", compression_opts=1)
 
-    final = out / data.IMAGES_DIR / case_id / data.H5_NAME
+    final = out / layout.IMAGES_DIR / case_id / layout.H5_NAME
     try:
-        files.atomic_write_h5(files.subfolder(out, data.IMAGES_DIR, case_id) / data.H5_NAME, fill)
+        files.atomic_write_h5(files.subfolder(out, layout.IMAGES_DIR, case_id) / layout.H5_NAME, fill)
     except (OSError, files.FolderError) as e:
         raise DataError(f"{final}: cannot write it ({files.describe(e) if isinstance(e, OSError) else e})") from None
 

@@ -11,6 +11,11 @@ For a volume (X, Y, Z) and a model trained on 112x112x80 crops:
 3. ``probs = sum_windows softmax(model(window)) / count`` (count = windows covering the voxel),
    ``labels = argmax_c probs``; crop the padding back off.
 
+``sliding_window_predict`` is the one entry point: ``evaluate`` (train.py --eval), ``python -m
+uamt_fast.predict`` and ``uamt_fast.figures`` all call it, so they see the same masks. For a model trained on
+k-times pooled volumes (``downsample`` k) the windows slide over the pooled image and the averaged softmax is
+upsampled back to the full resolution before the argmax.
+
 Here several windows go through one forward (``batch_size``), and the sums are kept in fp32 on the
 model's device, added window by window in the release's order: in fp32 the result equals a
 one-window-at-a-time loop exactly (tests/test_inference.py checks it).
@@ -46,8 +51,9 @@ def window_starts(size: int, patch: int, stride: int) -> list[int]:
     return [min(stride * i, size - patch) for i in range(math.ceil((size - patch) / stride) + 1)]
 
 
-def _centred_padding(shape: Sequence[int], patch_size: Sequence[int]) -> list[tuple[int, int]]:
-    """(lo, hi) zero padding per axis that brings every axis up to the window, centred as in the release."""
+def centred_padding(shape: Sequence[int], patch_size: Sequence[int]) -> list[tuple[int, int]]:
+    """(lo, hi) zero padding per axis that brings every axis up to the window, centred as in the release
+    (step 1 above: ``lo = pad // 2``, ``hi = pad - lo``, ``pad = max(window - size, 0)``)."""
     pads = [max(p - s, 0) for s, p in zip(shape, patch_size)]
     return [(pad // 2, pad - pad // 2) for pad in pads]
 
@@ -67,6 +73,7 @@ def sliding_window_predict(
     num_classes: int = 2,
     batch_size: int = 4,
     autocast_dtype: torch.dtype | None = None,
+    downsample: int = 1,
 ) -> tuple[np.ndarray, torch.Tensor]:
     """Segment one volume with overlapping windows, averaging their softmax (the release's protocol).
 
@@ -83,10 +90,15 @@ def sliding_window_predict(
         batch_size: windows per forward.
         autocast_dtype: e.g. ``torch.bfloat16`` to run the forward under ``torch.autocast``; the
             softmax and the sums stay fp32. ``None``: plain fp32.
+        downsample: k for a model trained on k-times average-pooled volumes: the windows slide over the
+            pooled image (each voxel the mean of a k^3 block, a remainder smaller than k dropped); the
+            averaged softmax is upsampled trilinearly back (each pooled voxel at the centre of its block,
+            ``align_corners=False``) and the remainder voxels take their nearest neighbour's value.
 
     Returns:
         ``labels``: np.uint8 (X, Y, Z), the argmax class per voxel.
-        ``probs``: torch.float32 (num_classes, X, Y, Z) on the model's device, the averaged softmax.
+        ``probs``: torch.float32 (num_classes, X, Y, Z) on the model's device, the averaged softmax, at the
+        full resolution of ``image``.
     """
     if image.ndim != 3:
         raise ValueError(f"sliding_window_predict: expected an image (X, Y, Z), got shape {tuple(image.shape)}")
@@ -98,11 +110,28 @@ def sliding_window_predict(
             raise ValueError(f"sliding_window_predict: {name} must be a positive integer, got {value!r}")
     if num_classes < 1:
         raise ValueError(f"sliding_window_predict: num_classes must be >= 1, got {num_classes}")
+    if isinstance(downsample, bool) or int(downsample) != downsample or downsample < 1:
+        raise ValueError(f"sliding_window_predict: downsample must be a positive integer, got {downsample!r}")
+    args = (patch_size, stride_xy, stride_z, num_classes, batch_size, autocast_dtype)
+    if downsample == 1:
+        score = _averaged_softmax(model, image, *args)
+    else:
+        small = torch.nn.functional.avg_pool3d(torch.as_tensor(np.asarray(image))[None, None], downsample)[0, 0]
+        score = torch.nn.functional.interpolate(_averaged_softmax(model, small.numpy(), *args)[None],
+                                                scale_factor=downsample, mode="trilinear")
+        remainder = [full - up for full, up in zip(image.shape, score.shape[2:])]
+        score = torch.nn.functional.pad(score, [p for r in reversed(remainder) for p in (0, r)], mode="replicate")[0]
+    labels = score.argmax(0).to(torch.uint8).cpu().numpy()
+    return labels, score
 
+
+def _averaged_softmax(model: nn.Module, image, patch_size: tuple[int, ...], stride_xy: int, stride_z: int,
+                      num_classes: int, batch_size: int, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """``sliding_window_predict``'s probs at the resolution of ``image`` (arguments checked there)."""
     device = _model_device(model)
     volume = torch.as_tensor(image, dtype=torch.float32).to(device)
     size = tuple(volume.shape)
-    padding = _centred_padding(size, patch_size)
+    padding = centred_padding(size, patch_size)
     # F.pad lists axes last-first.
     volume = nn.functional.pad(volume, [p for lo_hi in reversed(padding) for p in lo_hi])
     strides = (stride_xy, stride_xy, stride_z)
@@ -146,9 +175,7 @@ def sliding_window_predict(
 
     score /= count
     crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(padding, size))
-    score = score[(slice(None), *crop)]
-    labels = score.argmax(0).to(torch.uint8).cpu().numpy()
-    return labels, score
+    return score[(slice(None), *crop)]
 
 
 def _iter_cases(data: Any, split: str) -> tuple[int, Iterable[Any]]:
@@ -192,19 +219,18 @@ def evaluate(
             each loaded by ``uamt_fast.data.load_case``) or a sequence of objects with ``.id``,
             ``.image`` (X, Y, Z) and ``.label`` (X, Y, Z).
         split: list name when ``data`` is a folder (``"test"`` reads test.list); unused otherwise.
-        patch_size, stride_xy, stride_z, num_classes, batch_size, autocast_dtype: as in
-            ``sliding_window_predict``.
+        patch_size, stride_xy, stride_z, num_classes, batch_size, autocast_dtype, downsample: as in
+            ``sliding_window_predict`` (``downsample``: the labels are scored at full resolution).
         progress: called with each case's row once it is scored (e.g. ``progress=print``).
-        downsample: for a model trained on k-times pooled volumes: windows over the pooled image, the
-            softmax upsampled to full resolution and scored there (see ``predict_probs``).
 
     Returns:
         ``{"cases": [{"case", "dice", "jaccard", "hd95", "asd"[, "hd95_mm", "asd_mm"]}, ...], "mean": {...},
         "nan_cases": n}``; with 2 classes the foreground is every nonzero predicted class, with more each
         class is scored alone (``"classes"`` per case, ``"mean_per_class"``) and the top level is their mean
-        (``uamt_fast.evaluation.metrics.labelmap_metrics``). Dice/Jaccard are fractions, 95HD/ASD voxels (and mm where
-        the case has a ``spacing``); an empty prediction gives NaN distances (see ``uamt_fast.evaluation.metrics``). A case
-        with an ``ignore_label`` (nnU-Net's ignore label) is scored on its annotated voxels only.
+        (``uamt_fast.evaluation.metrics.labelmap_metrics``). Dice/Jaccard are fractions, 95HD/ASD voxels (and mm
+        where the case has a ``spacing``); an empty prediction gives NaN distances (see
+        ``uamt_fast.evaluation.metrics``). A case with an ``ignore_label`` (nnU-Net's ignore label) is scored on
+        its annotated voxels only.
     """
     n_cases, cases = _iter_cases(data, split)
     if n_cases == 0:
@@ -219,13 +245,8 @@ def evaluate(
                     f"evaluate: case {case.id!r}: image shape {tuple(case.image.shape)} does not match "
                     f"label shape {tuple(case.label.shape)}"
                 )
-            if downsample == 1:
-                labels, _ = sliding_window_predict(
-                    model, case.image, patch_size, stride_xy, stride_z, num_classes, batch_size, autocast_dtype
-                )
-            else:
-                labels = predict_probs(model, case.image, patch_size, stride_xy, stride_z, downsample, num_classes,
-                                       batch_size, autocast_dtype).argmax(0).cpu().numpy()
+            labels, _ = sliding_window_predict(model, case.image, patch_size, stride_xy, stride_z, num_classes,
+                                               batch_size, autocast_dtype, downsample)
             # (the spacing, in mm, and the ignore label, where the case carries them: uamt_fast.data's cases do)
             row = {"case": str(case.id), **labelmap_metrics(labels, case.label, num_classes,
                                                            getattr(case, "spacing", None),
@@ -237,34 +258,6 @@ def evaluate(
         for m, training in modes:
             m.train(training)
     return summarize(rows)
-
-
-def predict_probs(
-    model: nn.Module,
-    image: np.ndarray | torch.Tensor,
-    patch_size: Sequence[int] = PATCH_SIZE,
-    stride_xy: int = 18,
-    stride_z: int = 4,
-    downsample: int = 1,
-    num_classes: int = 2,
-    batch_size: int = 4,
-    autocast_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Averaged sliding-window softmax ``(C, X, Y, Z)`` of ``model`` at the full resolution of ``image``.
-
-    With ``downsample`` k (a model trained on k-times average-pooled volumes) the windows slide over the
-    pooled image (each output voxel the mean of a k^3 block, a remainder smaller than k dropped); the
-    averaged softmax is upsampled trilinearly back (each pooled voxel sits at the centre of its block,
-    ``align_corners=False``) and the remainder voxels take their nearest neighbour's value.
-    """
-    args = (patch_size, stride_xy, stride_z, num_classes, batch_size, autocast_dtype)
-    if downsample == 1:
-        return sliding_window_predict(model, image, *args)[1]
-    small = torch.nn.functional.avg_pool3d(torch.as_tensor(np.asarray(image))[None, None], downsample)[0, 0]
-    probs = sliding_window_predict(model, small.numpy(), *args)[1]
-    probs = torch.nn.functional.interpolate(probs[None], scale_factor=downsample, mode="trilinear")
-    remainder = [full - up for full, up in zip(image.shape, probs.shape[2:])]
-    return torch.nn.functional.pad(probs, [p for r in reversed(remainder) for p in (0, r)], mode="replicate")[0]
 
 
 def format_table(result: dict) -> str:
@@ -297,4 +290,4 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PATCH_SIZE", "evaluate", "format_table", "sliding_window_predict", "window_starts"]
+__all__ = ["PATCH_SIZE", "centred_padding", "evaluate", "format_table", "sliding_window_predict", "window_starts"]

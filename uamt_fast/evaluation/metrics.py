@@ -10,6 +10,9 @@ prediction P and ground truth G, in voxels (medpy's default spacing 1, connectiv
     hd95    = percentile_95(concat(d(P->G), d(G->P)))   (np.percentile, linear interpolation)
     asd     = mean(d(P->G))                             (directed, as medpy.asd)
 
+``surface_distances(border_points(P), border_points(G))`` is d(P->G) itself (medpy's private
+``__surface_distances``), for a caller that wants the raw distances.
+
 No scipy or medpy at run time. medpy reads d(P->G) off scipy's exact Euclidean distance transform of
 the whole volume. Here only the ~1e4 border voxels are queried, with exact integer squared distances
 (``sqrt`` of the float64 integer is the only rounding, as in scipy, so results agree bit for bit):
@@ -227,13 +230,13 @@ def _separable_sq(features: np.ndarray, query: np.ndarray, inf: int, dtype: type
     return best
 
 
-def _border_points(mask: np.ndarray) -> np.ndarray:
+def border_points(mask: np.ndarray) -> np.ndarray:
     """Coordinates of the border voxels of ``mask`` in C order (numpy boolean-indexing order): (B, ndim)."""
     border = surface_border(mask)
     return np.stack(np.unravel_index(np.flatnonzero(border), border.shape), axis=1)
 
 
-def _surface_distances(query: np.ndarray, feature: np.ndarray, local_search: bool = True) -> np.ndarray:
+def surface_distances(query: np.ndarray, feature: np.ndarray, local_search: bool = True) -> np.ndarray:
     """Euclidean distance from each query voxel to the nearest feature voxel, float64, shape (Q,).
 
     ``query`` (Q, ndim) and ``feature`` (F, ndim) are integer voxel coordinates, F >= 1. With the
@@ -280,7 +283,7 @@ def _surface_distances(query: np.ndarray, feature: np.ndarray, local_search: boo
         best[pending] = _separable_sq(features, query[pending], inf, dtype)
 
     if (best < 0).any() or (best >= inf).any():  # cannot happen with a non-empty feature border
-        raise RuntimeError("_surface_distances: a query voxel found no feature voxel (empty feature border?)")
+        raise RuntimeError("surface_distances: a query voxel found no feature voxel (empty feature border?)")
     return np.sqrt(best.astype(np.float64))
 
 
@@ -296,8 +299,8 @@ def hd95(pred: ArrayLike, gt: ArrayLike) -> float:
     if which:
         _warn_empty("hd95", which)
         return math.nan
-    bp, bg = _border_points(p), _border_points(g)
-    return _hd95(_surface_distances(bp, bg), _surface_distances(bg, bp))
+    bp, bg = border_points(p), border_points(g)
+    return _hd95(surface_distances(bp, bg), surface_distances(bg, bp))
 
 
 def asd(pred: ArrayLike, gt: ArrayLike) -> float:
@@ -308,7 +311,7 @@ def asd(pred: ArrayLike, gt: ArrayLike) -> float:
     if which:
         _warn_empty("asd", which)
         return math.nan
-    return float(_surface_distances(_border_points(p), _border_points(g)).mean())
+    return float(surface_distances(border_points(p), border_points(g)).mean())
 
 
 def case_metrics(pred: ArrayLike, gt: ArrayLike, spacing: Sequence[float] | None = None) -> dict[str, float]:
@@ -322,8 +325,8 @@ def case_metrics(pred: ArrayLike, gt: ArrayLike, spacing: Sequence[float] | None
     if which:
         _warn_empty("case_metrics", which)
         return result
-    bp, bg = _border_points(p), _border_points(g)
-    d_pg, d_gp = _surface_distances(bp, bg), _surface_distances(bg, bp)
+    bp, bg = border_points(p), border_points(g)
+    d_pg, d_gp = surface_distances(bp, bg), surface_distances(bg, bp)
     result["hd95"] = _hd95(d_pg, d_gp)
     result["asd"] = float(d_pg.mean())
     if spacing is not None:

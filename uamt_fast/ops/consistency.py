@@ -1,13 +1,15 @@
 """Public UA-MT consistency ops: input checks and device dispatch in front of the fused kernels.
 
 - CUDA / ROCm tensors on a GPU Triton runs (``uamt_fast.kernels.device.gpu_runs_triton``: NVIDIA from
-  compute capability 7.0, AMD CDNA2-4 and RDNA3-4) run the Triton kernels
-  (``uamt_fast.kernels.uncertainty_loss``), registered as
-  ``torch.ops.uamt_fast.*`` so ``torch.compile(fullgraph=True)`` keeps them in the graph; eager
-  calls skip the custom-op dispatcher and call the same launchers directly (less host time).
+  compute capability 7.0, AMD CDNA2-4 and RDNA3-4) run the Triton kernels through
+  ``uamt_fast.kernels.uncertainty_loss.fused_uncertainty_loss`` and
+  ``uamt_fast.kernels.predictive_entropy.fused_predictive_entropy`` (each kernel file holds its op's whole
+  wiring: the ``torch.ops.uamt_fast.*`` op ``torch.compile(fullgraph=True)`` keeps in its graph, and the
+  eager path that calls the same launchers without the dispatcher).
 - CPU tensors run the same kernels through the Triton interpreter when ``TRITON_INTERPRET=1`` was
   set before import (how CI tests them), else the reference math of ``uamt_fast.reference`` in
   fp32. Other devices use the reference math, and so does an older GPU (with one warning per device).
+  ``uses_kernels(x)`` says which path a tensor takes.
 
 Everything is checked before any launch; bad input raises ``TypeError`` / ``ValueError`` naming
 the argument, what was expected and what came.
@@ -24,13 +26,15 @@ from uamt_fast.kernels.device import TRITON_INTERPRET, triton_can_take
 from uamt_fast.ops.scalars import integer_value, real_value
 
 try:
-    from uamt_fast.kernels import uncertainty_loss as _kernels
-except ImportError:  # no triton (e.g. macOS): CPU tensors use the reference math
-    _kernels = None
+    from uamt_fast.kernels import predictive_entropy as entropy_kernels
+    from uamt_fast.kernels import uncertainty_loss as loss_kernels
+except ImportError:  # no triton (e.g. macOS): every tensor takes the reference math
+    entropy_kernels = loss_kernels = None
 
+KERNELS_AVAILABLE = loss_kernels is not None  # Triton imported: the fused kernels exist
 # CPU tensors run the kernels in the interpreter (TRITON_INTERPRET=1 before import, as CI does).
 # Tests set this to False to force the reference path.
-TRITON_ON_CPU = TRITON_INTERPRET and _kernels is not None
+TRITON_ON_CPU = TRITON_INTERPRET and KERNELS_AVAILABLE
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -52,8 +56,10 @@ class ConsistencyStats(NamedTuple):
     uncertainty_max: torch.Tensor
 
 
-def _uses_kernels(x: torch.Tensor) -> bool:
-    return _kernels is not None and triton_can_take(x, TRITON_ON_CPU)
+def uses_kernels(x: torch.Tensor) -> bool:
+    """Whether the ops take the fused kernels for ``x``'s device: a GPU Triton runs, or the CPU while
+    ``TRITON_ON_CPU``; else the reference math of ``uamt_fast.reference``."""
+    return KERNELS_AVAILABLE and triton_can_take(x, TRITON_ON_CPU)
 
 
 def _check_float_tensor(name: str, x) -> None:
@@ -197,59 +203,16 @@ def uncertainty_consistency_loss(
     """
     _check_logits(student_logits, teacher_logits, mc_logits)
     thr_tensor, thr_value = _threshold_args(threshold, student_logits.device)
-    if _uses_kernels(student_logits):
-        need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-        args = (student_logits, teacher_logits, mc_logits, thr_tensor, thr_value, need_grad)
-        if torch.compiler.is_compiling():
-            loss, stats, _, _ = torch.ops.uamt_fast.uncertainty_consistency_loss(*args)
-        else:
-            loss, stats = _EagerFusedLoss.apply(*args)
-        stats = stats.detach()
+    if uses_kernels(student_logits):
+        loss, stats = loss_kernels.fused_uncertainty_loss(student_logits, teacher_logits, mc_logits, thr_tensor,
+                                                          thr_value)
     else:
-        loss, stats = _reference_loss(student_logits, teacher_logits, mc_logits, thr_tensor, thr_value)
+        loss, stats = reference.uncertainty_consistency_loss_with_stats(
+            student_logits, teacher_logits, mc_logits, thr_tensor if thr_tensor is not None else thr_value
+        )
     if not return_stats:
         return loss
     return loss, ConsistencyStats(stats[0], stats[1], stats[2], stats[3])
-
-
-class _EagerFusedLoss(torch.autograd.Function):
-    """The fused kernels for an eager caller: the launchers called directly, without the custom-op
-    dispatcher around them (the same kernels and bits; a quarter of the host time per call, see
-    benchmarks/host_cost.py). torch.compile sees the registered ``torch.ops.uamt_fast`` op instead."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, mc, thr_tensor, thr_value, need_grad):
-        loss, stats, grad_unscaled, bwd_scale = _kernels.uncertainty_loss_forward(
-            student, teacher, mc, thr_tensor, thr_value, need_grad
-        )
-        ctx.save_for_backward(grad_unscaled, bwd_scale)
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_stats):
-        # Differentiable once: under create_graph=True the gradient's graph raises when differentiated
-        # (torch's once_differentiable would return it graph-less there; see differentiable_once).
-        grad_unscaled, bwd_scale = ctx.saved_tensors
-        grad = _kernels.differentiable_once(_kernels.uncertainty_loss_backward, grad_unscaled, bwd_scale, grad_loss)
-        return grad, None, None, None, None, None
-
-
-def _reference_loss(student, teacher, mc, thr_tensor, thr_value):
-    """The reference math in fp32, with the kernels' NaN propagation and stats."""
-    threshold = thr_tensor if thr_tensor is not None else thr_value
-    student, teacher, mc = student.float(), teacher.float(), mc.float()  # (no copies for fp32 inputs)
-    loss = reference.uncertainty_consistency_loss(student, teacher, mc, threshold)
-    with torch.no_grad():
-        # 0 when every logit is finite, else NaN (x * 0 is NaN for NaN and +-Inf), as in the kernels:
-        # a NaN uncertainty would otherwise just drop out of the mask and leave a finite loss.
-        nan_probe = sum((x * 0.0).sum(dtype=torch.float32) for x in (student, teacher, mc))
-        u = reference.predictive_entropy(mc)
-        stats = torch.stack(
-            [(u < threshold).float().mean(), u.mean() + nan_probe, u.min() + nan_probe, u.max() + nan_probe]
-        )
-    # Adds 0 to the loss and to each gradient entry for finite logits, NaN to all of them otherwise.
-    return loss + (student * nan_probe).sum(), stats
 
 
 def predictive_entropy(mc_logits: torch.Tensor, *, spatial_dims: int | None = None) -> torch.Tensor:
@@ -271,11 +234,9 @@ def predictive_entropy(mc_logits: torch.Tensor, *, spatial_dims: int | None = No
     """
     _check_mc_logits(mc_logits, spatial_dims)
     mc_logits = mc_logits.detach()
-    if _uses_kernels(mc_logits):
-        if torch.compiler.is_compiling():
-            return torch.ops.uamt_fast.predictive_entropy(mc_logits)
-        return _kernels.predictive_entropy_forward(mc_logits)  # eager: no dispatcher around the launch
+    if uses_kernels(mc_logits):
+        return entropy_kernels.fused_predictive_entropy(mc_logits)
     return reference.predictive_entropy(mc_logits.float())
 
 
-__all__ = ["ConsistencyStats", "uncertainty_consistency_loss", "predictive_entropy"]
+__all__ = ["ConsistencyStats", "uncertainty_consistency_loss", "predictive_entropy", "uses_kernels"]

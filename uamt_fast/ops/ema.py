@@ -17,6 +17,7 @@ import operator
 import os
 import sys
 import warnings
+import weakref
 
 import torch
 
@@ -25,13 +26,14 @@ from uamt_fast.kernels.device import TRITON_INTERPRET, check_writes, triton_can_
 from uamt_fast.ops.scalars import integer_value, real_value
 
 try:
-    from uamt_fast.kernels.ema_update import ema_update_flat_ as _ema_update_flat_kernel
+    from uamt_fast.kernels import ema_update as ema_kernel
 except ImportError:  # no triton: the flat update falls back to torch ops
-    _ema_update_flat_kernel = None
+    ema_kernel = None
 
+KERNELS_AVAILABLE = ema_kernel is not None  # Triton imported: the fused update exists
 # CPU tensors run the kernel in the interpreter (TRITON_INTERPRET=1 before import, as CI does).
 # Tests set this to False to force the torch-ops path.
-TRITON_ON_CPU = TRITON_INTERPRET and _ema_update_flat_kernel is not None
+TRITON_ON_CPU = TRITON_INTERPRET and KERNELS_AVAILABLE
 ALIGN = 16  # elements (64 bytes): every parameter view starts aligned for vectorised kernels
 
 _FLAT_ATTR = "_uamt_flat_parameters"
@@ -39,12 +41,15 @@ _DATA_PTR = torch.Tensor.data_ptr
 
 
 # Parameter / submodule registrations anywhere in the process, counted by two global nn.Module
-# hooks installed by the first flatten_parameters_ call (register_parameter, and so setattr of a
-# Parameter and load_state_dict(assign=True), add_module, setattr of a Module). While the count is
-# unchanged no flattened model can have gained a parameter, so the per-call check need not walk
-# the module tree.
+# hooks (register_parameter, and so setattr of a Parameter and load_state_dict(assign=True),
+# add_module, setattr of a Module). While the count is unchanged no flattened model can have gained
+# a parameter, so the per-call check need not walk the module tree. The hooks are installed while
+# some flattened module's record is alive (each record holds them, and a weakref finalizer lets go
+# when it is collected) and removed when none is: a process that drops its flattened models pays
+# nothing at its later registrations.
 _registrations = 0
-_hooks_installed = False
+_hook_handles: tuple | None = None
+_hook_holders = 0
 
 
 def _count_registration(*args) -> None:
@@ -52,12 +57,30 @@ def _count_registration(*args) -> None:
     _registrations += 1
 
 
-def _install_registration_hooks() -> None:
-    global _hooks_installed
-    if not _hooks_installed:
-        torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
-        torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
-        _hooks_installed = True
+def _hold_registration_hooks(record) -> None:
+    """Install the hooks unless they are, and keep them while ``record`` lives."""
+    global _hook_handles, _hook_holders
+    if _hook_handles is None:
+        _hook_handles = (torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration),
+                         torch.nn.modules.module.register_module_module_registration_hook(_count_registration))
+    _hook_holders += 1
+    weakref.finalize(record, _release_registration_hooks).atexit = False
+
+
+def _release_registration_hooks() -> None:
+    global _hook_handles, _hook_holders
+    _hook_holders -= 1
+    if _hook_holders == 0 and _hook_handles is not None:
+        for handle in _hook_handles:
+            handle.remove()
+        _hook_handles = None
+
+
+def registration_hooks_installed() -> bool:
+    """Whether the two global ``nn.Module`` registration hooks that count parameter / submodule
+    registrations are installed: from the first :func:`flatten_parameters_` call for as long as some
+    flattened module (or a copy of one) is alive, not otherwise."""
+    return _hook_handles is not None
 
 
 class _FlatRecord:
@@ -67,16 +90,24 @@ class _FlatRecord:
     updated element for element (interned: equal signatures share their items, so comparing is quick)."""
 
     __slots__ = ("buffer", "owner_dicts", "names", "params", "byte_offsets", "signature", "_base", "_expected",
-                 "_registrations_seen")
+                 "_registrations_seen", "__weakref__")
 
-    def __init__(self, buffer, owners, names, params, offsets, signature):
+    def __init__(self, buffer, owner_dicts, names, params, byte_offsets, signature, copied=False):
         self.buffer = buffer
-        self.owner_dicts = tuple(owner._parameters for owner in owners)
+        self.owner_dicts = tuple(owner_dicts)
         self.names, self.params = tuple(names), tuple(params)
-        self.byte_offsets = tuple(off * buffer.element_size() for off in offsets)
+        self.byte_offsets = tuple(byte_offsets)
         self.signature = _SIGNATURES.setdefault(signature, signature)
         self._base, self._expected = None, None
-        self._registrations_seen = _registrations
+        # A copy's first check walks the module tree: registrations before it was made were not counted for it.
+        self._registrations_seen = None if copied else _registrations
+        _hold_registration_hooks(self)
+
+    def __reduce__(self):
+        """deepcopy / pickle (of a flattened module) rebuild the record through ``__init__``: the copy
+        holds the registration hooks too while it lives."""
+        return type(self), (self.buffer, self.owner_dicts, self.names, self.params, self.byte_offsets, self.signature,
+                            True)
 
     def is_valid(self, module: torch.nn.Module) -> bool:
         """Every parameter of ``module`` is still a view of the buffer at its slot.
@@ -114,7 +145,8 @@ def flatten_parameters_(module: torch.nn.Module) -> torch.Tensor:
     re-binds parameters afterwards (``.to(dtype)``, ``.to(device)``, ``load_state_dict(assign=True)``,
     ``deepcopy``, a new parameter or submodule) ends the sharing, which ``ema_update_`` detects (it
     then warns and takes the per-tensor path). To notice new parameters cheaply, the first call
-    installs two global ``nn.Module`` registration hooks that only count registrations. Buffers
+    installs two global ``nn.Module`` registration hooks that only count registrations; they are removed
+    once no flattened module is alive (:func:`registration_hooks_installed`). Buffers
     (batch-norm running statistics) are not flattened: ``ema_update_`` leaves them alone.
 
     Args:
@@ -138,7 +170,6 @@ def flatten_parameters_(module: torch.nn.Module) -> torch.Tensor:
             owned.append((owner, name, p))
     if not owned:
         raise ValueError("flatten_parameters_: the module has no parameters")
-    _install_registration_hooks()
     devices = {p.device for _, _, p in owned}
     if len(devices) > 1:
         raise ValueError(f"flatten_parameters_: expected parameters on one device, got {sorted(map(str, devices))}")
@@ -159,7 +190,9 @@ def flatten_parameters_(module: torch.nn.Module) -> torch.Tensor:
             p.data = view
             signature.append((tuple(p.shape), strides))
     owners, names, params = zip(*owned)
-    object.__setattr__(module, _FLAT_ATTR, _FlatRecord(buffer, owners, names, params, offsets, tuple(signature)))
+    record = _FlatRecord(buffer, (owner._parameters for owner in owners), names, params,
+                         (off * buffer.element_size() for off in offsets), tuple(signature))
+    object.__setattr__(module, _FLAT_ATTR, record)
     return buffer
 
 
@@ -238,13 +271,18 @@ def _check_flat_buffers(teacher: torch.Tensor, student: torch.Tensor) -> None:
         )
 
 
-def _uses_kernel(x: torch.Tensor) -> bool:
-    return _ema_update_flat_kernel is not None and triton_can_take(x, TRITON_ON_CPU)
+def uses_kernel(x: torch.Tensor) -> bool:
+    """Whether the flat update takes the Triton kernel for ``x``'s device: a GPU Triton runs, or the CPU
+    while ``TRITON_ON_CPU``; else torch ops."""
+    return KERNELS_AVAILABLE and triton_can_take(x, TRITON_ON_CPU)
 
 
-def _update_flat_(teacher: torch.Tensor, student: torch.Tensor, alpha: float) -> None:
-    if _uses_kernel(teacher):
-        _ema_update_flat_kernel(teacher, student, alpha)
+def update_flat_(teacher: torch.Tensor, student: torch.Tensor, alpha: float) -> None:
+    """``teacher <- alpha teacher + (1 - alpha) student`` over two contiguous buffers of one device, checked
+    by the caller: the fused kernel (``uamt_fast.kernels.ema_update``) where :func:`uses_kernel`, else
+    ``mul_`` / ``add_``. Every flat path of :func:`ema_update_` ends here, once per call."""
+    if uses_kernel(teacher):
+        ema_kernel.ema_update_flat_(teacher, student, alpha)
     else:
         with torch.no_grad():
             teacher.mul_(alpha).add_(student, alpha=1.0 - alpha)
@@ -287,7 +325,7 @@ def ema_update_(teacher, student, decay: float, step: int | None = None) -> None
         if t_rec is not None and s_rec is not None and t_rec.signature == s_rec.signature \
                 and t_rec.buffer.device == s_rec.buffer.device:
             _check_flat_buffers(t_rec.buffer, s_rec.buffer)
-            _update_flat_(t_rec.buffer, s_rec.buffer, alpha)
+            update_flat_(t_rec.buffer, s_rec.buffer, alpha)
             return
         for role, module, rec in (("teacher", teacher, t_rec), ("student", student, s_rec)):
             if rec is None and hasattr(module, _FLAT_ATTR):
@@ -316,7 +354,7 @@ def ema_update_(teacher, student, decay: float, step: int | None = None) -> None
         return
     check_writes("ema_update_", t_params, s_params, _describer(teacher, student))
     if len(t_params) == 1 and t_params[0].is_contiguous() and s_params[0].is_contiguous():
-        _update_flat_(t_params[0].detach(), s_params[0].detach(), alpha)
+        update_flat_(t_params[0].detach(), s_params[0].detach(), alpha)
         return
     with torch.no_grad():
         torch._foreach_lerp_([t.detach() for t in t_params], [s.detach() for s in s_params], 1.0 - alpha)
@@ -340,4 +378,5 @@ def _caller_stacklevel() -> int:
     return level
 
 
-__all__ = ["flatten_parameters_", "flat_parameters", "ema_update_"]
+__all__ = ["flatten_parameters_", "flat_parameters", "ema_update_", "registration_hooks_installed", "update_flat_",
+           "uses_kernel"]

@@ -1,0 +1,197 @@
+"""A training run assembled from its settings: the Config of the command line (or of a checkpoint to resume),
+the data's classes and splits, the device, and ``build``: model, EMA teacher, optimizer and batch sampler."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+import uamt_fast
+from uamt_fast import cli, data, files
+from uamt_fast.evaluation import selection
+from uamt_fast.nets.vnet import VNet
+from uamt_fast.training import checkpoints, distributed
+from uamt_fast.training.config import CONFIG_FIELDS, DEMO, RESUME_OVERRIDABLE, Config
+from uamt_fast.training.state import Parts
+from uamt_fast.training.step import student_losses
+
+
+# ----------------------------------------------------------------------------- the settings
+def make_config(given: dict) -> tuple[Config, dict | None]:
+    """Config from the flags (+ --demo sizes, or the saved config and checkpoint on --resume)."""
+    if given.get("resume"):
+        if given.get("overwrite"):
+            raise ValueError("--resume continues a run and --overwrite would discard it: give one of them")
+        path = Path(given["resume"]) / "checkpoint.pt"
+        if not path.is_file():
+            raise ValueError(f"--resume {given['resume']}: no checkpoint.pt in that folder")
+        state = checkpoints.read(path, "--resume")
+        missing = [k for k in checkpoints.TRAINING_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"--resume {path}: not a train.py checkpoint.pt (lacks {', '.join(missing)})")
+        saved = dataclasses.asdict(saved_config(checkpoints.config_of(state, path, "--resume", CONFIG_FIELDS),
+                                                path, "--resume"))
+        changed = {k for k, v in given.items() if k not in RESUME_OVERRIDABLE and _norm(v) != _norm(saved[k])}
+        if changed:
+            raise ValueError(f"--resume: cannot change {', '.join(cli.flag(k) for k in sorted(changed))} "
+                             f"of a run (allowed: {', '.join(sorted(RESUME_OVERRIDABLE))})")
+        return Config(**(saved | given | {"out": given["resume"], "resume": given["resume"]})), state
+    return Config(**((DEMO if given.get("demo") else {}) | data_settings(given.get("data")) | given)), None
+
+
+def saved_config(saved: dict, path: Path, flag: str) -> Config:
+    """The Config of a checkpoint's saved dict, every field type- and range-checked like a flag."""
+    try:
+        return Config(**saved)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{flag} {path}: its saved config is not valid ({e})") from None
+
+
+def _norm(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+
+# ----------------------------------------------------------------------------- data
+def load_split(cfg: Config, split: str):
+    """Cases of ``split`` read once ("unlabeled": prepare's unlabeled.list, images only; "test": only those of
+    --cases / --first, the --figures-cases picks checked against them before any work); training cases are
+    downsampled once (test cases stay at full resolution: ``evaluate`` scores full-resolution labels)."""
+    if split == "unlabeled":
+        return [data.downsample(c, cfg.downsample) for c in
+                data.load_cases(cfg.data, data.read_unlabeled(cfg.data), labeled=False)]
+    ids = data.read_list(cfg.data, split)
+    if split == "test":
+        ids = selection.test_ids(ids, cfg.cases, cfg.first)
+        selection.check_picks(cfg.figures_cases, ids)
+        return data.load_cases(cfg.data, ids)
+    return [data.downsample(c, cfg.downsample) for c in data.load_cases(cfg.data, ids)]
+
+
+def data_settings(roots) -> dict:
+    """The settings a prepared data set brings (prepare's dataset.json: its class count, and its preset's
+    patch and sliding-window strides); flags given on the command line win. None for the LA release."""
+    record = data.read_record(roots) if roots else None
+    if record is None:
+        return {}
+    train_settings = record.get("train") or {}
+    settings = {k: train_settings[k] for k in ("patch", "eval_stride_xy", "eval_stride_z") if k in train_settings}
+    return settings | {"num_classes": record["num_classes"]}
+
+
+def resolve_classes(cfg: Config) -> None:
+    """``cfg.num_classes`` := the data's class count; a different one given (or saved) is refused."""
+    classes = data.num_classes(cfg.data)
+    if cfg.num_classes not in (0, classes):
+        raise ValueError(f"--num-classes {cfg.num_classes}: the data ({', '.join(cfg.data)}) has {classes} classes")
+    cfg.num_classes = classes
+
+
+# ----------------------------------------------------------------------------- model, optimizer, sampler
+def pick_device(cfg: Config) -> torch.device:
+    for flag, value in (("--device", cfg.device), ("--data-device", cfg.data_device)):
+        if value == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{flag} cuda: no CUDA device is available (torch {torch.__version__})")
+    return torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu"))
+
+
+def build(cfg: Config, train_cases=None, rank: int = 0) -> Parts:
+    """Model, EMA teacher, optimizer and batch sampler for ``cfg`` (reads the train split unless given); ``rank``
+    (torchrun) seeds the sampler and the noise / dropout streams by (seed, rank), the weights by seed alone."""
+    device = pick_device(cfg)
+    cuda = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    train_cases = load_split(cfg, "train") if train_cases is None else train_cases
+    labeled_ids, unlabeled_ids = data.semi_supervised_split([c.id for c in train_cases], cfg.labeled)
+    by_id = {c.id: c for c in train_cases}
+    if cfg.method != "supervised" and cfg.data:  # prepare's unlabeled.list: images without labels
+        extra = load_split(cfg, "unlabeled")
+        by_id |= {c.id: c for c in extra}
+        unlabeled_ids += [c.id for c in extra]
+    if cfg.method != "supervised" and not unlabeled_ids:
+        raise ValueError(f"--labeled {cfg.labeled} leaves no unlabeled case for --method {cfg.method}")
+    data_device = device if cfg.data_device == "auto" else torch.device(cfg.data_device)
+    # (the sampler refuses a patch larger than every volume: its crops would be mostly zero padding)
+    sampler = data.TwoStreamSampler(
+        [by_id[i] for i in labeled_ids], [by_id[i] for i in unlabeled_ids] if cfg.method != "supervised" else [],
+        patch_size=cfg.patch, batch_labeled=cfg.batch_labeled,
+        batch_unlabeled=cfg.batch_unlabeled if cfg.method != "supervised" else 0,
+        device=data_device, seed=distributed.rank_seed(cfg.seed, rank))
+
+    memory_format = torch.channels_last_3d if (cfg.channels_last if cfg.channels_last is not None else cuda) \
+        else torch.contiguous_format
+    classes = cfg.num_classes or 2
+    student = VNet(num_classes=classes, n_filters=cfg.n_filters, dropout=cfg.dropout).to(device, memory_format=memory_format)
+    if cfg.full_res_contiguous:
+        student.full_res_memory_format_(torch.contiguous_format)
+    # The teacher starts as a copy of the student (the released code initialises it separately, but the
+    # first EMA step, alpha = 0, overwrites it; only iteration 0's target, weighted 6.7e-4, differs).
+    teacher = None
+    if cfg.method != "supervised":
+        teacher = VNet(num_classes=classes, n_filters=cfg.n_filters, dropout=cfg.dropout).to(device, memory_format=memory_format)
+        if cfg.full_res_contiguous:
+            teacher.full_res_memory_format_(torch.contiguous_format)
+        teacher.load_state_dict(student.state_dict())
+        teacher.requires_grad_(False)
+        teacher.train()  # as released: the teacher normalises by batch statistics and keeps dropout on
+    if rank:  # every rank starts from the same weights, then draws its own noise and dropout masks
+        torch.manual_seed(distributed.rank_seed(cfg.seed, rank))
+    if cfg.fused_ema and teacher is not None:
+        # One contiguous buffer per model (parameters become views) -> the EMA is a single kernel launch.
+        uamt_fast.flatten_parameters_(student)
+        uamt_fast.flatten_parameters_(teacher)
+    sgd = cfg.sgd if cfg.sgd != "auto" else ("fused" if cuda else "default")
+    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                fused=sgd == "fused" or None, foreach={"foreach": True, "loop": False}.get(sgd))
+    if cuda:
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # a process-wide switch
+
+    compile_ = cfg.compile if cfg.compile is not None else cuda
+    losses_fn, teacher_fn = student_losses, teacher
+    if compile_:
+        compile_cache(cfg.compile_cache)
+        options = {"mode": None if cfg.compile_mode == "default" else cfg.compile_mode}
+        if cfg.compile_blocks:  # regional compilation: the blocks compile, the glue between them runs eager
+            # every block shares Module._call_impl's code object: one cache entry per block and batch size
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            for model in (student, teacher) if teacher is not None else (student,):
+                for block in model.children():
+                    block.compile(dynamic=False, **options)
+        else:
+            losses_fn = torch.compile(student_losses, **options)
+            teacher_fn = torch.compile(teacher, **options) if teacher is not None else None
+    ignore = next((c.ignore_label for c in train_cases if getattr(c, "ignore_label", None) is not None), None)
+    return Parts(cfg, device, student, teacher, optimizer, sampler, losses_fn, teacher_fn, memory_format,
+                 ignore_label=ignore)
+
+
+def compile_cache(folder: str) -> None:
+    """Point inductor's on-disk caches (FX graphs, AOT autograd, Triton kernels, autotuning) at
+    ``folder/inductor``, so a second run starts warm; ``folder`` = "" keeps torch's default. A
+    TORCHINDUCTOR_CACHE_DIR already in the environment wins. Takes effect only before the first compilation.
+
+    Inductor unpickles its cache entries, so whoever can write the folder can run code in this process:
+    the folder is used only if it belongs to this user and no one else may write to it (it is created
+    0700), and nothing is ever loaded from a file copied in (torch's portable ``save_cache_artifacts`` /
+    ``load_cache_artifacts`` path is not used: its file is a pickle too).
+    """
+    if not folder:
+        return
+    root = Path(folder).expanduser()
+    for path in (root, root / "inductor"):
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = path.stat()
+        except OSError as e:
+            raise ValueError(f"--compile-cache {folder}: cannot use {path} ({files.describe(e)})") from None
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise ValueError(f"--compile-cache {folder}: {path} is owned by uid {st.st_uid} with mode "
+                             f"{st.st_mode & 0o777:o}; inductor runs code from its cache, so it must be yours and "
+                             f"writable by you alone (chmod go-w {path}), or give --compile-cache ''")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+
+
+__all__ = ["build", "compile_cache", "data_settings", "load_split", "make_config", "pick_device", "resolve_classes",
+           "saved_config"]
