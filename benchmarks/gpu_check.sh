@@ -7,8 +7,8 @@
 #             seconds), gpu_check.json (every number of the stages found in OUT_DIR) and summary.txt.
 #   --stage   comma-separated, run in this order (default all = kernels,step,training):
 #             kernels   <= 4 min on an H100: the kernels' correctness, launch configs and speed
-#                       1. tests/test_uncertainty_loss.py tests/test_ema.py on the device: kernels vs
-#                          the float64 reference (tests/test_kernel_structure.py compiles for sm_90
+#                       1. tests/ops/test_uncertainty_loss.py tests/ops/test_ema.py on the device: kernels vs
+#                          the float64 reference (tests/kernels/test_kernel_structure.py compiles for sm_90
 #                          on any CPU, so CI runs it; it is left out here to keep the 60 s)        60 s
 #                       2. python -m benchmarks.kernel_sweep (launch configs; when present)        55 s
 #                       3. micro rows: loss, entropy, EMA; kernel time and eager wall-clock       110 s
@@ -152,9 +152,9 @@ for d in "${DATA[@]}"; do DATA_ARGS+=(--data "$d"); done
 tail -n 5 "$OUT/header.log"
 
 stage_kernels() {
-  # (not tests/test_kernel_structure.py: it compiles for sm_90 without a GPU and CI runs it; here it would
+  # (not tests/kernels/test_kernel_structure.py: it compiles for sm_90 without a GPU and CI runs it; here it would
   #  spend ~30-50 s of the 60 s on ptxas)
-  local tests=(tests/test_uncertainty_loss.py tests/test_ema.py)
+  local tests=(tests/ops/test_uncertainty_loss.py tests/ops/test_ema.py)
   run_step kernels correctness $LIM_TEST "$OUT/correctness.log" -- \
     $PY -m pytest "${tests[@]}" -q -ra -p no:cacheprovider
   if [[ -f benchmarks/kernel_sweep.py ]]; then

@@ -3,7 +3,7 @@
     python -m benchmarks.instruction_budget                     # this checkout
     python -m benchmarks.instruction_budget --before 2c608e7    # and an earlier commit, side by side
 
-Compiles every loss-forward and entropy variant of ``tests/test_kernel_structure.py`` (the launch
+Compiles every loss-forward and entropy variant of ``tests/kernels/test_kernel_structure.py`` (the launch
 table's configs, specialised like a runtime launch) with the installed Triton for sm_90, counts the
 warp-instructions each voxel costs and prints, per variant, the issue time over the memory time on an
 H100 and an H200 with the constants and functions written in that test (``issue_over_memory``):
@@ -26,23 +26,24 @@ from io import BytesIO
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STRUCTURE_TEST = ROOT / "tests" / "test_kernel_structure.py"
+STRUCTURE_TESTS = ("tests/kernels/test_kernel_structure.py", "tests/test_kernel_structure.py")  # now, and before
+STRUCTURE_TEST = ROOT / STRUCTURE_TESTS[0]
 
 
 def _budget_module():
-    """tests/test_kernel_structure.py as a module: its constants and counting functions."""
+    """tests/kernels/test_kernel_structure.py as a module: its constants and counting functions."""
     spec = importlib.util.spec_from_file_location("_kernel_structure", STRUCTURE_TEST)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def compile_tree(tree: Path) -> list[dict]:
+def compile_tree(tree: Path, test: str = STRUCTURE_TESTS[0]) -> list[dict]:
     """Run ``tree``'s structure-test compile (its own kernels, configs and variants) in a subprocess."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])
-    done = subprocess.run([sys.executable, str(tree / "tests" / "test_kernel_structure.py")], cwd=tree, env=env,
+    done = subprocess.run([sys.executable, str(tree / test)], cwd=tree, env=env,
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"compile of {tree} failed:\n{done.stderr[-3000:]}")
@@ -54,15 +55,17 @@ def compile_tree(tree: Path) -> list[dict]:
 
 def compile_revision(rev: str) -> list[dict]:
     """``rev``'s kernels (kernels/, uamt_fast/, its structure test) compiled from a ``git archive``."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev, "kernels", "uamt_fast",
-                              "tests/test_kernel_structure.py"], capture_output=True, check=False)
+    test = next((t for t in STRUCTURE_TESTS if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{rev}:{t}"],
+                                                              capture_output=True).returncode == 0), STRUCTURE_TESTS[0])
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev, "kernels", "uamt_fast", test],
+                             capture_output=True, check=False)
     if archive.returncode != 0:
         raise SystemExit(f"git archive {rev}: {archive.stderr.decode().strip()}")
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
             tar.extractall(tmp, filter="data")
         (Path(tmp) / "uamt_fast" / "kernels").symlink_to(Path(tmp) / "kernels", target_is_directory=True)
-        return compile_tree(Path(tmp))
+        return compile_tree(Path(tmp), test)
 
 
 def rows(report: list[dict], budget) -> dict[str, dict]:

@@ -18,7 +18,7 @@ Host side (what the launchers need to call the kernels): ``voxel_view`` (a logit
 table's layout), ``wide`` (int64 offsets), and ``empty`` / ``empty_like``, where every output
 buffer of the launchers comes from.
 
-Structure (what makes the kernels run at memory speed; ``tests/test_kernel_structure.py`` compiles
+Structure (what makes the kernels run at memory speed; ``tests/kernels/test_kernel_structure.py`` compiles
 them for sm_90 on the CPU and checks each point in the TTGIR, PTX and SASS):
 
 - The class axis never leaves a thread. A voxel's C logits are C separate [BLOCK_V] vectors, a
@@ -204,7 +204,7 @@ def to_fp32(xs, C: tl.constexpr, LAYOUT: tl.constexpr, APPROX: tl.constexpr):
 # instruction each: ex2.approx.ftz (max relative error 2^-22), lg2.approx.ftz (max absolute error
 # 2^-22 on [0.5, 2], relative 2^-22 elsewhere) and rcp.approx.ftz (1 ulp). Otherwise (the
 # interpreter, AMD) Triton's portable exp2 / log2 / division. The formulas are the same on both;
-# tests/test_uncertainty_loss.py bounds what the approximations can change (mask flips).
+# tests/ops/test_uncertainty_loss.py bounds what the approximations can change (mask flips).
 
 
 @triton.jit

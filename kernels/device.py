@@ -18,7 +18,7 @@ import torch
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # The GPUs whose tensors run the kernels. NVIDIA: compute capability 7.0 (V100) and later, Triton's
-# floor (torch.compile's inductor states the same); tests/test_kernel_targets.py compiles every kernel
+# floor (torch.compile's inductor states the same); tests/kernels/test_kernel_targets.py compiles every kernel
 # for sm_70 to sm_120. AMD: the families Triton's AMD backend targets, CDNA2 to CDNA4 (MI200, MI300,
 # MI350: gfx90a, gfx942, gfx950) and RDNA3 / RDNA4 (gfx11*, gfx12*); gfx90a and gfx942 are compiled
 # in the same test. Any other GPU (a Pascal card, an MI50 or MI100, RDNA2) gets the reference math.

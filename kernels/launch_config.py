@@ -4,14 +4,14 @@ The same input (kernel, dtype, layout, C, T, size) always gets the same config, 
 (the block size fixes the order of the loss's partial sums). ``config_for`` looks the key up in
 ``TABLE`` (filled from ``python -m benchmarks.kernel_sweep`` on a GPU, which prints its best
 configs in exactly this form) and falls back to ``default_config``, a rule derived from the sm_90
-compile analysis (``tests/test_kernel_structure.py``):
+compile analysis (``tests/kernels/test_kernel_structure.py``):
 
 - loss forward / entropy: one 128-bit load per class and pass per thread for contiguous inputs
   (4 fp32 or 8 bf16/fp16 voxels per thread), 4 warps, so a program is 512 (fp32) or 1,024
   (16-bit) voxels. The loads of the unrolled passes are independent, all issued before any is
   used: at T=8, C=2 up to 16 x 16 B = 256 B per thread, 32 kB per program, several times per SM
   what Little's law asks at H100 bandwidth (3 TB/s x ~1 us / 132 SMs ~ 25 kB). ptxas interleaves
-  part of them with the math to save registers; tests/test_kernel_structure.py checks from the
+  part of them with the math to save registers; tests/kernels/test_kernel_structure.py checks from the
   SASS that the bytes in flight per SM still exceed 40 kB. The voxels per thread halve while the
   loads in flight plus the C accumulators exceed VALUES_PER_THREAD values (the paper's bf16 case
   sits at the budget: (16 + 2) x 8 = 144). Beyond UNROLL_MAX_LOADS (C * T) the passes are a loop,
@@ -19,7 +19,7 @@ compile analysis (``tests/test_kernel_structure.py``):
   C = 2 read as interleaved pairs (two 128-bit loads per pass: the trainer's bf16 case has 70 kB in
   flight per SM at 1,024 voxels against 48 kB at 512), other C one element per class and voxel (8
   bf16 voxels per thread rather than 4 halve the per-program work per voxel: 0.67 instead of 0.75
-  of an H200's copy time in issue slots at C = 3, T = 4; tests/test_kernel_structure.py).
+  of an H200's copy time in issue slots at C = 3, T = 4; tests/kernels/test_kernel_structure.py).
 - backward scale: an elementwise pass, 16 elements per thread at 8 warps (four 128-bit accesses
   per operand for fp32, two for 16-bit).
 - small problems (fewer than MIN_PROGRAMS programs of the big block) halve the block until there

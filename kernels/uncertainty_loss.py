@@ -58,7 +58,7 @@ mix (train.py under bf16 autocast: student, teacher and passes all bf16) halves 
 8.0 + 8.0 read and 8.0 written in forward, 16.1 in backward: 104.4 MB, ~35 us.
 
 Instructions (the kernels are memory-bound only if they issue few enough instructions per byte:
-``tests/test_kernel_structure.py::test_instruction_budget`` counts them in the sm_90 SASS and
+``tests/kernels/test_kernel_structure.py::test_instruction_budget`` counts them in the sm_90 SASS and
 ``python -m benchmarks.instruction_budget`` prints the table); how the per-voxel math keeps them few
 is in ``class_vectors.py``.
 """

@@ -26,7 +26,7 @@ nibabel = pytest.importorskip("nibabel")
 pytest.importorskip("monai")
 
 ROOT = Path(__file__).resolve().parents[1]
-from test_prepare import with_sform  # noqa: E402 (tests/ is on sys.path under pytest)
+from nifti_headers import with_sform  # noqa: E402 (tests/ is on sys.path under pytest)
 
 from uamt_fast import train  # noqa: E402
 from uamt_fast import data, files, predict  # noqa: E402

@@ -18,7 +18,7 @@ upsampled back to the full resolution before the argmax.
 
 Here several windows go through one forward (``batch_size``), and the sums are kept in fp32 on the
 model's device, added window by window in the release's order: in fp32 the result equals a
-one-window-at-a-time loop exactly (tests/test_inference.py checks it).
+one-window-at-a-time loop exactly (tests/evaluation/test_inference.py checks it).
 
 ``evaluate`` runs this over a split and scores each case with ``uamt_fast.evaluation.metrics.labelmap_metrics``
 (Dice/Jaccard as fractions, 95HD/ASD in voxels), returning the ``eval.json`` layout::

@@ -1,7 +1,7 @@
 """Checks of what prepare, train.py and predict read, before any work: the one JSON reader (``files.read_json``),
 the prepared set's record checked field by field when it is read (``data.read_record``), and train.py's one-line
 refusal of a bad record. prepare's and predict's own refusals of bad NIfTI affines, source descriptions and
-records are rows of the BAD tables in tests/test_prepare.py and tests/test_predict.py.
+records are rows of the BAD tables in tests/data/test_prepare.py and tests/test_predict.py.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 from trainer_cli import TINY, one_error_line  # noqa: E402
 
 from uamt_fast import train  # noqa: E402

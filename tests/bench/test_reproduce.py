@@ -13,7 +13,7 @@ from uamt_fast import data, reference
 from uamt_fast.data import __main__ as data_cli  # python -m uamt_fast.data
 from uamt_fast.nets.vnet import VNet
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 from uamt_fast import train  # noqa: E402
 from benchmarks import reproduce  # noqa: E402
 

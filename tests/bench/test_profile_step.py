@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 from uamt_fast import train
 from benchmarks import profile_step as ps
 from uamt_fast import data

@@ -1,6 +1,6 @@
 """Any number of classes: a prepared data set's class count reaches the V-Net, the losses and the evaluation
 (per class and their mean, distances in voxels and mm), and unlabeled.list cases feed the unlabeled stream
-without their labels ever being read. A whole training on three classes is in tests/test_own_data.py;
+without their labels ever being read. A whole training on three classes is in tests/data/test_own_data.py;
 C = 2 (the LA release) is unchanged, as the rest of the suite checks.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 from uamt_fast import train  # noqa: E402
 from uamt_fast import data, reference  # noqa: E402
 from uamt_fast.evaluation import metrics

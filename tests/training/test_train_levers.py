@@ -1,6 +1,6 @@
 """train.py's speed levers: each flag gives the default step's numbers on the CPU.
 
-Same set-up as tests/test_train.py: tiny synthetic data, V-Net n_filters=4, 16^3 crops, one torch thread,
+Same set-up as tests/training/test_train.py: tiny synthetic data, V-Net n_filters=4, 16^3 crops, one torch thread,
 the public fused ops on their CPU path. torch.compile is checked with dynamo's "eager" backend (the
 same tracing and guards as inductor, none of inductor's minutes of C++ compilation on a CPU): it must
 give the uncompiled step bit for bit.
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 from uamt_fast import train
 from uamt_fast.nets.vnet import VNet
 

@@ -2,8 +2,8 @@
 scores well above chance; and the real LA cases exported to NIfTI and prepared back train exactly as the h5
 release does (the same metrics.jsonl and eval.json with the same seed).
 
-The synthetic folders come from tests/test_prepare.py (non-identity affines, anisotropic spacing, an unlabeled
-case); the trainer runs on the CPU at reduced sizes, as in tests/test_multiclass.py.
+The synthetic folders come from tests/data/test_prepare.py (non-identity affines, anisotropic spacing, an unlabeled
+case); the trainer runs on the CPU at reduced sizes, as in tests/training/test_multiclass.py.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("nibabel")
 pytest.importorskip("monai")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 import test_prepare  # noqa: E402  (its synthetic NIfTI folders)
 from uamt_fast import train  # noqa: E402
 from uamt_fast import data  # noqa: E402

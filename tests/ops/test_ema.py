@@ -28,7 +28,7 @@ from uamt_fast.kernels import ema_update as ema_kernel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = 1e-7
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def small_model() -> nn.Module:

@@ -3,7 +3,7 @@
 prepare keeps it out of the classes and stores it as ``data.IGNORE_LABEL`` (255); the loader accepts that value
 only where the record declares it; the supervised CE and Dice never see those voxels (the consistency term
 does); ``train.py`` and ``train.py --eval`` score only the annotated voxels. The NIfTI volumes come from
-tests/test_prepare.py, the tiny CPU run's flags from tests/trainer_cli.py.
+tests/data/test_prepare.py, the tiny CPU run's flags from tests/trainer_cli.py.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("nibabel")
 pytest.importorskip("monai")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 import test_prepare  # noqa: E402  (its synthetic volumes and NIfTI writer)
 from uamt_fast import train  # noqa: E402
 from test_data import write_case  # noqa: E402

@@ -1,7 +1,7 @@
 """train.py is safe to point at any file or folder: checkpoints never run code, odd files get one line and
 exit code 2, a run folder is never written over, an evaluation never replaces another, eval.json is strict JSON.
 
-Tiny synthetic data and a 4-filter V-Net on the CPU, as in tests/test_train.py.
+Tiny synthetic data and a 4-filter V-Net on the CPU, as in tests/training/test_train.py.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 from uamt_fast import train  # noqa: E402
 from trainer_cli import ENV, TINY, Payload, one_error_line  # noqa: E402
 from uamt_fast.training import checkpoints  # noqa: E402

@@ -3,12 +3,10 @@
 Synthetic NIfTI volumes (small, non-identity affines: LPS and oblique, anisotropic spacing) through the real
 command line (``data.main`` in-process, and once as a subprocess); the real LA data round trip when present.
 """
-import gzip
 import hashlib
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +18,7 @@ import pytest
 nibabel = pytest.importorskip("nibabel")
 pytest.importorskip("monai")
 
+from nifti_headers import with_sform  # (tests/ is on sys.path under pytest)
 from uamt_fast import data, files
 from uamt_fast.data import __main__ as data_cli  # python -m uamt_fast.data
 from uamt_fast.data import prepare
@@ -41,16 +40,6 @@ def oblique(spacing=(1.2, 0.9, 2.5), degrees=20.0) -> np.ndarray:
 def save(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     nibabel.save(nibabel.Nifti1Image(array, affine), str(path))
-    return path
-
-
-def with_sform(path: Path, sform) -> Path:
-    """The .nii.gz at ``path`` with its header's sform set to ``sform`` (3x4 rows, qform off) byte by byte: an
-    affine nibabel refuses to write (a zero column, NaN) as a file written elsewhere may hold it."""
-    raw = bytearray(gzip.decompress(path.read_bytes()))
-    struct.pack_into("<hh", raw, 252, 0, 1)  # qform_code 0, sform_code 1
-    struct.pack_into("<12f", raw, 280, *np.asarray(sform, np.float32)[:3].ravel())  # srow_x, srow_y, srow_z
-    path.write_bytes(gzip.compress(bytes(raw)))
     return path
 
 
@@ -543,7 +532,7 @@ def test_subprocess_bad_input(tmp_path):
     _nan_voxels(src)
     proc = subprocess.run([sys.executable, "-m", "uamt_fast.data", "prepare", str(src), str(tmp_path / "out"),
                            "--preset", "none", "--test-count", "1"], capture_output=True, text=True, check=False,
-                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "NaN or Inf voxels" in lines[0], proc.stderr
@@ -584,7 +573,7 @@ def test_core_import_needs_no_extra():
     code = ("import sys, uamt_fast, uamt_fast.data, uamt_fast.data.formats, uamt_fast.data.prepare; "
             "print(sorted(m for m in ('monai', 'nibabel') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
 
 

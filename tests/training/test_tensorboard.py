@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 from uamt_fast import train  # noqa: E402
 from uamt_fast.training import metrics_log  # noqa: E402
 

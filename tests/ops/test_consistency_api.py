@@ -22,7 +22,7 @@ from uamt_fast.kernels import device
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_KERNELS = torch.cuda.is_available() or consistency.TRITON_ON_CPU
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(params=["kernels", "reference"])

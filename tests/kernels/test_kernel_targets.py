@@ -19,7 +19,7 @@ structure suite's ``compile_variant``, specialised like a runtime launch), for
 plus, for sm_75 (no packed 16-bit conversions) and gfx942 (the portable math), the code paths other
 inputs take: channels_last (interleaved pairs for C = 2, one-element loads for C = 3), C = 3 softmax,
 bf16 passes with an fp32 student, masked loads (a volume smaller than one block) with int64 offsets.
-(The C x T > 64 pass loop is compiled for sm_90 by tests/test_kernel_structure.py.) One subprocess
+(The C x T > 64 pass loop is compiled for sm_90 by tests/kernels/test_kernel_structure.py.) One subprocess
 compiles them all over the CPU cores, once per session: about 30 s on 2 busy cores with an empty Triton
 cache, seconds with a warm one.
 """
@@ -46,7 +46,7 @@ from uamt_fast.kernels import predictive_entropy as entropy_kernels
 from uamt_fast.kernels import uncertainty_loss as loss_kernels
 from uamt_fast.ops import consistency, ema
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NVIDIA = (70, 75, 80, 86, 89, 90, 100, 120)
 AMD = ("gfx90a", "gfx942")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -84,7 +84,7 @@ def _variants() -> list[dict]:
 
 @functools.lru_cache(maxsize=1)
 def _structure_suite():
-    spec = importlib.util.spec_from_file_location("_kernel_structure", ROOT / "tests" / "test_kernel_structure.py")
+    spec = importlib.util.spec_from_file_location("_kernel_structure", ROOT / "tests" / "kernels" / "test_kernel_structure.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

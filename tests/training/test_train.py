@@ -3,7 +3,7 @@
 Everything runs on tiny synthetic data (V-Net n_filters=4, 16^3 crops, no torch.compile) so the whole
 file stays well under the suite's budget on 2 CPU cores. The trainer runs here as it does for a CPU
 user: the public fused ops take their CPU path (the reference math), not the Triton interpreter that
-conftest.py switches on (tests/test_uncertainty_loss.py and tests/test_ema.py cover the kernels; the
+conftest.py switches on (tests/ops/test_uncertainty_loss.py and tests/ops/test_ema.py cover the kernels; the
 interpreter needs ~15 s per loss call at these sizes). One torch thread: on a shared 2-core machine
 two OpenMP threads per process were measured 5x slower than one.
 """
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 from uamt_fast import train
 import uamt_fast
 from uamt_fast import data, files, reference

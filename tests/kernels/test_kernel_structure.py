@@ -38,13 +38,13 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DTYPES = ("fp32", "bf16", "fp16")
 ELEM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 # ---------------------------------------------------------------------------------------------
-# the compile side (runs in the subprocess: ``python tests/test_kernel_structure.py``)
+# the compile side (runs in the subprocess: ``python tests/kernels/test_kernel_structure.py``)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -74,7 +74,7 @@ def _variants() -> list[dict]:
 
 
 def compile_variant(variant: dict) -> dict:
-    """Compile one variant of ``_variants()`` (or of tests/test_kernel_targets.py's, which name a target) and
+    """Compile one variant of ``_variants()`` (or of tests/kernels/test_kernel_targets.py's, which name a target) and
     return it with its config, resources, TTGIR, PTX and SASS (cross-target: the stages and binary size)."""
     import torch
     import triton
@@ -88,7 +88,7 @@ def compile_variant(variant: dict) -> dict:
 
     kernel, dtype, C, T = variant["kernel"], variant["dtype"], variant["C"], variant["T"]
     classes_last = variant.get("classes_last", False)
-    # sm_90 unless the variant names a target (tests/test_kernel_targets.py): ("cuda", capability, 32) or
+    # sm_90 unless the variant names a target (tests/kernels/test_kernel_targets.py): ("cuda", capability, 32) or
     # ("hip", "gfx...", 64); the kernels' APPROX is the NVIDIA capability, 0 on AMD (kernels/device.nvidia_arch)
     target = tuple(variant.get("target", ("cuda", 90, 32)))
     approx = target[1] if target[0] == "cuda" else 0

@@ -3,7 +3,7 @@ runs code (the compile cache included), one run per folder at a time, no checkpo
 every numeric flag in its range, one line and exit 2 instead of a traceback, the data a run resumes on is its
 own, and a resumed log has each iteration once.
 
-Tiny synthetic data and a 4-filter V-Net on the CPU, as in tests/test_run_safety.py.
+Tiny synthetic data and a 4-filter V-Net on the CPU, as in tests/training/test_run_safety.py.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 from uamt_fast import train  # noqa: E402
 from trainer_cli import ENV, TINY, Payload, one_error_line  # noqa: E402
 from uamt_fast.training import checkpoints, run_folder  # noqa: E402
