@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from uamt_fast.nets.vnet import MAX_FILTERS, VNet
+from uamt_fast.training.state import Parts
 
 MODEL_SETTINGS = ("n_filters", "dropout")  # the config fields that build the V-Net
 
@@ -131,8 +132,8 @@ def load_vnet(path, device="cpu", flag: str = "checkpoint", known_fields=None) -
 TRAINING_KEYS = ("iteration", "config", "student", "optimizer", "sampler", "rng_cpu")  # what --resume needs
 
 
-def training_state(parts, iteration: int) -> dict:
-    """Everything that makes --resume continue the run bit-for-bit (on CPU), from train.py's ``Parts``:
+def training_state(parts: Parts, iteration: int) -> dict:
+    """Everything that makes --resume continue the run bit-for-bit (on CPU), from the run's ``Parts`` (``uamt_fast.training.state``):
     weights, teacher BN buffers, optimizer momentum, sampler and RNG states, iteration count, config and
     the case lists it trains on."""
     state = {"iteration": iteration, "config": dataclasses.asdict(parts.cfg), "student": parts.student.state_dict(),
@@ -147,8 +148,8 @@ def training_state(parts, iteration: int) -> dict:
     return state
 
 
-def restore_training(parts, state: dict, path: Path = Path("checkpoint.pt")) -> int:
-    """Load a ``training_state`` dict into train.py's ``Parts``; returns its iteration. A checkpoint that does
+def restore_training(parts: Parts, state: dict, path: Path = Path("checkpoint.pt")) -> int:
+    """Load a ``training_state`` dict into the run's ``Parts``; returns its iteration. A checkpoint that does
     not fit is a one-line CheckpointError."""
     load_weights(parts.student, state["student"], path, "--resume", "student")
     if parts.teacher is not None:
@@ -163,7 +164,7 @@ def restore_training(parts, state: dict, path: Path = Path("checkpoint.pt")) -> 
     return state["iteration"]
 
 
-def restore_streams(parts, streams: dict, path, whose: str = "") -> None:
+def restore_streams(parts: Parts, streams: dict, path, whose: str = "") -> None:
     """The sampler and RNG states of ``streams`` (a checkpoint, or one rank's part of it) into ``parts``."""
     try:
         parts.sampler.load_state_dict(streams["sampler"])

@@ -42,6 +42,7 @@ if dist.is_available():  # (a torch built without distributed has no torch.distr
 from uamt_fast.training import checkpoints
 from uamt_fast.nets.ghost_norm import GhostBatchNorm3d
 from uamt_fast.evaluation.metrics import summarize
+from uamt_fast.training.state import Parts
 
 
 class OtherRankFailed(ValueError):
@@ -158,7 +159,7 @@ def summary_line(world: World, cfg) -> str:
 
 
 # ----------------------------------------------------------------------------- the student in DDP
-def wrap(world: World, parts, sync_bn: bool = False):
+def wrap(world: World, parts: Parts, sync_bn: bool = False):
     """``parts.student`` in DistributedDataParallel (its parameters stay views of the fused EMA's flat buffer:
     DDP keeps its own gradient buckets and never re-binds a parameter); with ``sync_bn`` the student's and the
     teacher's ghost batch norms take their statistics over all ranks. Returns the DDP module (None without
@@ -278,7 +279,7 @@ def check_same_weights(world: World, models: dict, iteration: int) -> None:
 
 
 # ----------------------------------------------------------------------------- checkpoints of every rank
-def rank_state(parts) -> dict:
+def rank_state(parts: Parts) -> dict:
     """What differs between ranks and decides their futures: the sampler and the RNG streams."""
     state = {"sampler": parts.sampler.state_dict(), "rng_cpu": torch.get_rng_state()}
     if parts.device.type == "cuda":
@@ -286,7 +287,7 @@ def rank_state(parts) -> dict:
     return state
 
 
-def gather_rank_states(world: World, parts) -> dict:
+def gather_rank_states(world: World, parts: Parts) -> dict:
     """Every rank's ``rank_state`` (a collective), as the checkpoint keys ``world_size`` and ``ranks``; {}
     without torchrun (a single-process checkpoint is unchanged)."""
     if not world.enabled:
@@ -305,7 +306,7 @@ def check_world_size(world: World, state: dict, path) -> None:
                          f"this start has {world.size}; resume it with {how}")
 
 
-def restore_rank(world: World, parts, state: dict, path) -> None:
+def restore_rank(world: World, parts: Parts, state: dict, path) -> None:
     """This rank's sampler and RNG states from a checkpoint of ``gather_rank_states`` (rank 0's are the
     top-level ones ``checkpoints.restore_training`` already loaded)."""
     if not world.enabled or world.size == 1:
