@@ -397,5 +397,4 @@ def test_no_spills_and_room_for_several_programs_per_sm(compiled, name):
 
 
 if __name__ == "__main__":  # the compile subprocess
-    sys.path.insert(0, str(ROOT))
     print(json.dumps(_compile_all()))

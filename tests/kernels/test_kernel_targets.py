@@ -242,5 +242,4 @@ def test_the_public_ops_take_the_reference_path_on_such_a_gpu(fake_gpu, monkeypa
 
 
 if __name__ == "__main__":  # the compile subprocess
-    sys.path.insert(0, str(ROOT))
     print(json.dumps(_compile_all()))
