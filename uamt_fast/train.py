@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                 evaluate_checkpoint(cfg, given, device, run.world)
                 return EXIT["done"]
             claim_run_folder(cfg, run, held, resume_state)
-            parts, start = assemble(cfg, run, resume_state)
+            parts, start = assemble(cfg, run, resume_state, held)
         except (data.DataError, ValueError, ImportError, OSError) as e:
             return refuse(e, run, held)
         env = announce(parts, run, start, resume_state)
@@ -168,7 +168,7 @@ def claim_run_folder(cfg: Config, run: Run, held: contextlib.ExitStack, resume_s
         cfg.data = [str((run.out / DEMO_DATA_DIR).resolve())]
 
 
-def assemble(cfg: Config, run: Run, resume_state: dict | None) -> tuple[Parts, int]:
+def assemble(cfg: Config, run: Run, resume_state: dict | None, held: contextlib.ExitStack) -> tuple[Parts, int]:
     """The data checked, the model, teacher, optimizer and sampler built, a resumed run's state restored;
     returns them and the iteration the loop starts at."""
     split = data.split_fingerprint(cfg.data)  # refuses ids that are paths, lists that disagree or overlap
@@ -190,6 +190,10 @@ def assemble(cfg: Config, run: Run, resume_state: dict | None) -> tuple[Parts, i
             run_folder.drop_metrics_after(run.out / "metrics.jsonl", start)  # logged after the checkpoint: again
         run.last_good = f"{run.out / 'checkpoint.pt'} (iteration {start})"
     parts.ddp, parts.lr_factor = distributed.wrap(run.world, parts, cfg.sync_bn), distributed.lr_factor(run.world, cfg)
+    # DDP goes before the process group is closed (the stack unwinds in reverse). Its reducer holds the group:
+    # freed last, with the GIL held, the group's destructor joins a gloo worker that needs the GIL to drop a
+    # collective's tensors, and the rank hangs at exit (seen after --stop-at under torchrun).
+    held.callback(setattr, parts, "ddp", None)
     return parts, start
 
 
