@@ -346,8 +346,8 @@ from uamt_fast.training import distributed
 world = distributed.setup("cpu", 60)
 net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
 net(torch.ones(1, 2)).sum().backward()
+del net  # as the trainer does: DDP first (its reducer, freed with the GIL held, must not free the group)
 distributed.close(world)
-del net
 names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
 print("threads", sorted(n for n in names if "gloo" in n))
 """
