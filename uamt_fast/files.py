@@ -55,7 +55,7 @@ def make_folder(out, purpose: str, flag: str = "--out") -> Path:
     blocker = next((p for p in (out, *out.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise FolderError(f"{flag} {out}: " + ("is a file" if blocker == out else f"{blocker} is a file")
-                             + f"; expected a folder for the {purpose}")
+                          + f"; expected a folder for the {purpose}")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):  # the only sure test: root ignores permission bits, mounts do not

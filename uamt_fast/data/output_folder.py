@@ -11,6 +11,8 @@ from uamt_fast.data import layout
 from uamt_fast.data.layout import DataError
 
 LISTS = ("train.list", "test.list", "unlabeled.list")  # a prepared set's case lists (unlabeled.list: when it has any)
+SWAP_ORDER = (*LISTS, layout.RECORD_NAME)  # out of OUT in this order, in reversed: train.list (which makes
+# OUT a data root) goes first and comes back last
 
 
 class OutputFolder:
@@ -91,7 +93,7 @@ class OutputFolder:
         out, staging, images = self.out, self.staging, layout.IMAGES_DIR
         old = staging / "replaced"  # the old set goes here, and with the staging folder
         (old / images).mkdir(parents=True)
-        for name in ("train.list", *LISTS[1:], layout.RECORD_NAME):
+        for name in SWAP_ORDER:
             if os.path.lexists(out / name):
                 os.rename(out / name, old / name)  # a link is moved as the link
         for case_id in self.old.get("cases", {}):
@@ -99,7 +101,7 @@ class OutputFolder:
                 os.rename(out / images / case_id, old / images / case_id)
         for case_id in self.case_ids:
             os.rename(staging / images / case_id, out / images / case_id)
-        for name in (layout.RECORD_NAME, "unlabeled.list", "test.list", "train.list"):  # train.list last
+        for name in reversed(SWAP_ORDER):
             if (staging / name).is_file():
                 os.rename(staging / name, out / name)
         files.remove(out, staging.name)

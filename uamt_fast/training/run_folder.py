@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from uamt_fast import files
-from uamt_fast.files import LOCK_NAME, describe
+from uamt_fast.files import LOCK_NAME
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "student.pt", "teacher.pt", "eval.json")
 RunFolderError = files.FolderError  # a run folder that cannot be used now; one line naming it
@@ -79,5 +79,4 @@ def drop_metrics_after(path: Path, iteration: int) -> int:
     return len(lines) - len(kept)
 
 
-__all__ = ["RUN_FILES", "LOCK_NAME", "RunFolderError", "RunLock", "claim", "drop_metrics_after",
-           "describe"]
+__all__ = ["RUN_FILES", "LOCK_NAME", "RunFolderError", "RunLock", "claim", "drop_metrics_after"]
