@@ -73,10 +73,9 @@ class Run:
 
     world: distributed.World = field(default_factory=lambda: distributed.SINGLE)
     out: Path | None = None
-    created: bool = False  # this call made the run folder (removed again if it stays empty)
+    created: bool = False  # this call made the run folder and holds its lock (removed again if it stays empty)
     last_good: str | None = None  # "<folder>/checkpoint.pt (iteration N)"
     argv: list[str] | None = None  # the command line (recorded in config.json)
-    train_seconds: float = 0.0  # the loop's wall time, once it ended
 
     def stopping(self) -> str:
         return f"stopping (last good checkpoint: {self.last_good})" if self.last_good else \
@@ -154,13 +153,14 @@ def claim_run_folder(cfg: Config, run: Run, held: contextlib.ExitStack, resume_s
     out = None
     if run.world.main:
         out = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}")
-        run.out, run.created = out, not out.exists()
+        run.out, created = out, not out.exists()
         if resume_state is None:  # (claim refuses a folder another process writes, and overwriting the data)
             held.enter_context(run_folder.claim(out, cfg.overwrite, inputs=data.input_folders(cfg.data)))
-            if cfg.overwrite and (out / DEMO_DATA_DIR / "train.list").is_file():
-                files.remove(out, DEMO_DATA_DIR)  # the old --demo run's data (not --data: claim checked)
         else:
             held.enter_context(run_folder.RunLock(out, "--resume"))
+        run.created = created  # ours to tidy only once we hold its lock: a start that lost the race leaves it be
+        if resume_state is None and cfg.overwrite and (out / DEMO_DATA_DIR / "train.list").is_file():
+            files.remove(out, DEMO_DATA_DIR)  # the old --demo run's data (not --data: claim checked)
         if cfg.demo and not cfg.data:  # kept in the run folder, so the run can be evaluated again later
             data.write_synthetic_la(str((out / DEMO_DATA_DIR).resolve()), **DEMO_DATA)
     run.out = Path(run.world.settle(out))  # torchrun: rank 0's folder to every rank, or every rank stops with its error
@@ -274,15 +274,15 @@ def train(parts: Parts, run: Run, start: int, held: contextlib.ExitStack) -> str
             guard.save(done)
             print(f"{stop[0] if stop else 'stopped'} at iteration {done}; continue with --resume {out}")
             return "interrupted" if stop else "stopped"
-    run.train_seconds = time.perf_counter() - t0  # the last iteration logged, so the device is idle: a true time
-    progress(cfg.iterations, cfg.iterations, (cfg.iterations - start) / run.train_seconds, end="\n")
+    seconds = time.perf_counter() - t0  # the last iteration logged, so the device is idle: a true time
+    progress(cfg.iterations, cfg.iterations, (cfg.iterations - start) / seconds, end="\n")
     guard.save(cfg.iterations)  # (checks the losses and the weights first)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if start < cfg.iterations:  # (a run stopped during its final evaluation trains nothing on --resume)
-        speed = {"train_seconds": run.train_seconds, "it_per_s": (cfg.iterations - start) / run.train_seconds}
+        speed = {"train_seconds": seconds, "it_per_s": (cfg.iterations - start) / seconds}
         if device.type == "cuda":
             speed["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        print(f"trained {cfg.iterations - start} iterations in {run.train_seconds:.1f} s ({speed['it_per_s']:.2f} it/s"
+        print(f"trained {cfg.iterations - start} iterations in {seconds:.1f} s ({speed['it_per_s']:.2f} it/s"
               + (f", peak GPU memory {speed['peak_gpu_mem_gb']:.2f} GiB)" if device.type == "cuda" else ")"))
         log.write({"iteration": cfg.iterations, **speed})
     return "done"

@@ -103,6 +103,25 @@ def test_two_concurrent_starts_into_one_folder_exactly_one_runs(tiny_root, tmp_p
     assert json.loads((out / "config.json").read_text())["config"]["seed"] == winner + 1
 
 
+def test_a_start_that_lost_the_race_leaves_the_winners_folder_alone(tiny_root, tmp_path, monkeypatch, capsys):
+    """The folder did not exist when this start looked, another start created and locked it before this one's
+    claim: the loser must not tidy it away as its own empty run folder (it removed the winner's lock and folder)."""
+    from uamt_fast import files
+
+    out, claim, holder = tmp_path / "run", run_folder.claim, []
+
+    def another_start_wins_first(folder, *args, **kwargs):
+        folder.mkdir()
+        holder.append(files.FolderLock(folder, "--out", "train.py"))  # the winner, as another open of the lock
+        return claim(folder, *args, **kwargs)
+
+    monkeypatch.setattr(run_folder, "claim", another_start_wins_first)
+    assert train.main(["--data", str(tiny_root), *TINY, "--out", str(out)]) == 2
+    one_error_line(capsys, "in progress", f"pid {os.getpid()}")
+    assert (out / files.LOCK_NAME).is_file() and (out / files.LOCK_NAME).read_text() == f"{os.getpid()} train.py\n"
+    holder[0].release()
+
+
 def test_a_running_run_cannot_be_claimed_or_resumed_and_a_killed_one_leaves_no_stale_lock(tiny_root, tmp_path,
                                                                                           capsys):
     out = tmp_path / "run"
