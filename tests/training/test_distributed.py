@@ -207,6 +207,9 @@ def _rank_main(data_root: str, out: str) -> int:
     result["mismatch"] = gather(message)
     if world.main:
         Path(out).write_text(json.dumps(result))
+    # DDP first, as the trainer does: freed after the group is closed, its reducer holds the last reference to
+    # the group and destroys it with the GIL held, joining a gloo worker that waits for the GIL (a hang at exit)
+    parts.ddp = None
     distributed.close(world)
     return 0
 
