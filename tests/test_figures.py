@@ -57,7 +57,7 @@ def test_case_panel_shows_the_whole_case_id_and_a_legend(tmp_path, monkeypatch):
         plt.close(fig)
         return path
 
-    monkeypatch.setattr(figures, "_save", keep)
+    monkeypatch.setattr(figures, "save_figure", keep)
     figures.case_panel({"a": VNet(n_filters=2)}, case, tmp_path / "p.png", patch=(32, 32, 16), stride_xy=16,
                        stride_z=8, passes=1, n_slices=1)
     assert seen == {"title": f"case {long_id}", "legend": ["ground truth", "prediction"], "colors": ["red", "blue"]}
@@ -308,3 +308,60 @@ def test_a_predicted_nifti_gets_its_panel_and_mismatched_files_one_line(tmp_path
                          str(tmp_path / "p2.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "short.nii.gz" in err and "differ" in err, err
+
+
+@pytest.fixture(scope="module")
+def predicted_files(tmp_path_factory):
+    """A scan, a 3-class ground truth (class 2 inside class 1) and a prediction one voxel off, as NIfTI files."""
+    nibabel = pytest.importorskip("nibabel")
+    folder = tmp_path_factory.mktemp("predicted")
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in (24, 20, 12)], indexing="ij"), -1)
+    radius = np.sqrt((((grid - [12, 10, 6]) / [8, 7, 5]) ** 2).sum(-1))
+    label = np.where(radius <= 0.5, 2, radius <= 1).astype(np.uint8)
+    paths = {}
+    for name, array in (("image", label * 2.0 + 0.1), ("label3", label), ("mask3", np.roll(label, 1, 0)),
+                        ("label2", label > 0), ("mask2", np.roll(label > 0, 1, 0))):
+        paths[name] = folder / f"{name}.nii.gz"
+        nibabel.save(nibabel.Nifti1Image(np.asarray(array, np.float32 if name == "image" else np.uint8),
+                                         np.diag([-0.8, -0.8, 2.0, 1.0])), str(paths[name]))
+    return paths
+
+
+LEGENDS = {  # (classes, --label given) -> the legend's (text, colour, line style) entries
+    (2, False): [("prediction", "blue", "-")],
+    (2, True): [("ground truth", "red", "-"), ("prediction", "blue", "-")],
+    (3, False): [("prediction", "gray", "--"), ("class 1", "tab:red", "-"), ("class 2", "tab:blue", "-")],
+    (3, True): [("ground truth", "gray", "-"), ("prediction", "gray", "--"), ("class 1", "tab:red", "-"),
+                ("class 2", "tab:blue", "-")],
+}
+
+
+@pytest.mark.parametrize("classes, with_label", sorted(LEGENDS))
+def test_predicted_panel_legend_names_each_class_and_map_as_drawn(predicted_files, classes, with_label, tmp_path,
+                                                                  monkeypatch):
+    """figures predicted: the legend of train.py --figures (an entry a map and, beyond two classes, a class),
+    and the outlines it describes, at LINE_WIDTH: solid ground truth, dashed prediction beyond two classes."""
+    seen = {}
+
+    def keep(plt, fig, path, top=1.0):
+        (legend,) = fig.legends
+        seen["legend"] = [(t.get_text(), h.get_color(), h.get_linestyle())
+                          for t, h in zip(legend.get_texts(), legend.legend_handles)]
+        seen["widths"] = {h.get_linewidth() for h in legend.legend_handles}
+        seen["outlines"] = {(tuple(c.get_edgecolor()[0].round(3)), c.get_linestyle()[0][1] is None,
+                             float(c.get_linewidth()[0])) for ax in fig.axes[1::2] for c in ax.collections}
+        plt.close(fig)
+        return path
+
+    monkeypatch.setattr(figures, "save_figure", keep)
+    argv = ["predicted", str(predicted_files["image"]), str(predicted_files[f"mask{classes}"]),
+            "--out", str(tmp_path / "p.png")]
+    assert figures.main(argv + (["--label", str(predicted_files[f"label{classes}"])] if with_label else [])) == 0
+    assert seen["legend"] == LEGENDS[classes, with_label]
+    assert min(seen["widths"]) >= figures.LINE_WIDTH >= 1.5
+    # one outline a class and a map, every one LINE_WIDTH wide, dashed for the prediction only beyond two classes
+    kinds = ("ground truth", "prediction") if with_label else ("prediction",)
+    styles = [figures.outline_style(k, c, classes) for k in kinds for c in range(1, classes)]
+    expected = {(tuple(np.round(plt.matplotlib.colors.to_rgba(color), 3)), style == "solid", figures.LINE_WIDTH)
+                for color, style in styles}
+    assert seen["outlines"] == expected

@@ -208,7 +208,7 @@ def test_resampled_case_comes_back_on_its_oblique_grid(organ, tmp_path, monkeypa
                                torch.device("cpu"))
     found = predict.find_scans([image])[0]
     predict.check_scan(found, model)
-    with h5py.File(organ.prepared / data.IMAGES_DIR / "image0003" / data.H5_NAME, "r") as f:
+    with h5py.File(data.prepared_case_path(organ.prepared, "image0003"), "r") as f:
         np.testing.assert_array_equal(predict.read_scan(found, model).image, f["image"][()])
 
 
@@ -217,7 +217,7 @@ def test_prepared_h5_case_keeps_its_grid_and_recorded_affine(organ, tmp_path, mo
     placed in the world by the affine the set's dataset.json records for it."""
     _, scored = eval_labels(monkeypatch, organ.model, organ.prepared, tmp_path)
     out = tmp_path / "masks"
-    assert run(organ.model, organ.prepared / data.IMAGES_DIR / "image0003", "--out", out) == 0
+    assert run(organ.model, data.prepared_case_path(organ.prepared, "image0003"), "--out", out) == 0
     mask, img = load(out / "image0003.nii.gz")
     np.testing.assert_array_equal(mask, scored[0])
     recorded = json.loads((organ.prepared / data.RECORD_NAME).read_text())["cases"]["image0003"]["affine"]
@@ -317,15 +317,18 @@ def test_real_la_case_mask_is_evals_argmax(la_model, la_root, tmp_path, monkeypa
     assert np.allclose(img.affine, np.diag([*data.LA_SPACING, 1.0]))
 
 
-def test_la_layout_inputs_data_root_and_nifti(la_model, tmp_path, monkeypatch):
+def test_la_layout_inputs_data_root_and_nifti(la_model, tmp_path, capsys):
     """A data root predicts every case folder; a NIfTI scan with an LA model is used as it is (no record), and
-    its mask keeps the input's affine and header; the progress bar on a terminal; the next run's cases are
+    its mask keeps the input's affine and header; a progress line a case; the next run's cases are
     merged into the folder's predictions.json, which then describes every output there."""
     root = la_model.parent / "data"
     out = tmp_path / "masks"
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert run(la_model, root, "--out", out, "--threads", "1") == 0
     ids = sorted(p.name for p in (root / data.IMAGES_DIR).iterdir())
+    n = len(ids)  # [k/n] id seconds (ETA of the rest), the last line without one
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert [line.split()[:2] for line in shown] == [[f"[{k}/{n}]", i] for k, i in enumerate(ids, 1)], shown
+    assert all(line.endswith(")") == (k < n) and " s" in line for k, line in enumerate(shown, 1)), shown
     assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{i}.nii.gz" for i in ids)
     case = data.load_case(root, ids[0])
     affine = np.diag([0.625, -0.625, 0.625, 1.0])

@@ -38,6 +38,7 @@ HEADER_INCHES = 0.35  # the strip above the grid: case id and legend
 COLORS = {"ground truth": "red", "prediction": "blue"}  # the contours of the panels (two classes)
 # More classes: each foreground class in its own colour, the ground truth solid and the prediction dashed.
 CLASS_COLORS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:cyan", "tab:pink", "tab:olive")
+LINE_WIDTH = 1.5  # contours and legend lines (points): at 0.8 a dashed outline of 100 dpi read as loose specks
 DPI = 100
 PREDICTION_SETTINGS = ("patch", "downsample", "eval_stride_xy", "eval_stride_z")  # shared by all panel columns
 CURVES = (  # (title, metrics.jsonl keys, log scale)
@@ -66,7 +67,7 @@ def pyplot():
 # ----------------------------------------------------------------------------- predictions
 @torch.no_grad()
 def uncertainty_map(model, image, passes: int, *, patch, stride_xy: int = 18, stride_z: int = 4, downsample: int = 1,
-                    batch_size: int = 4) -> torch.Tensor:
+                    batch_size: int = 4, blend: str = "mean") -> torch.Tensor:
     """Predictive entropy ``-sum_c mu_c ln(mu_c + 1e-6)`` of the mean of ``passes`` MC-dropout predictions (X, Y, Z).
 
     Each pass is a whole sliding-window prediction (``inference.sliding_window_predict``, the model's
@@ -76,7 +77,7 @@ def uncertainty_map(model, image, passes: int, *, patch, stride_xy: int = 18, st
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise ValueError(f"uncertainty_map: passes={passes!r}; expected an integer >= 1")
     model.eval()
-    args = (patch, stride_xy, stride_z, getattr(model, "num_classes", 2), batch_size, None, downsample)
+    args = (patch, stride_xy, stride_z, getattr(model, "num_classes", 2), batch_size, None, downsample, blend)
     with mc_dropout(model):
         mean = sum(inference.sliding_window_predict(model, image, *args)[1] for _ in range(passes)) / passes
     return uncertainty.predictive_entropy(mean)
@@ -92,7 +93,7 @@ def axial_slices(label: np.ndarray, n: int = 3) -> list[int]:
 # ----------------------------------------------------------------------------- figures
 @torch.no_grad()
 def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z: int = 4, downsample: int = 1,
-               passes: int = 8, n_slices: int = 3, batch_size: int = 4) -> Path:
+               passes: int = 8, n_slices: int = 3, batch_size: int = 4, blend: str = "mean") -> Path:
     """Write the Fig. 2 style panel of ``case`` (``.id``, ``.image``, ``.label``) for ``{name: model}`` to ``path``.
 
     Rows: ``n_slices`` axial slices. Columns: image, then per model the ground truth (red) and its
@@ -101,7 +102,8 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
     last model on [0, ln C]. Above the
     grid: the whole case id and the legend. The PNG is ``PANEL_INCHES * DPI`` pixels a cell (plus the
     ``HEADER_INCHES`` strip). The uncertainty map may show seams at window borders:
-    each sliding window of each pass draws its own dropout masks. Refused (ValueError): no models,
+    each sliding window of each pass draws its own dropout masks (``blend="gaussian"`` fades them: the config's
+    ``blend``, as the evaluation combines the windows). Refused (ValueError): no models,
     ``passes`` or ``n_slices`` < 1.
     """
     plt = pyplot()
@@ -115,9 +117,10 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
         model.eval()
         predictions[name] = inference.sliding_window_predict(model, case.image, patch, stride_xy, stride_z,
                                                              getattr(model, "num_classes", 2), batch_size,
-                                                             downsample=downsample)[0]
+                                                             downsample=downsample, blend=blend)[0]
     entropy = uncertainty_map(list(models.values())[-1], case.image, passes, patch=patch, stride_xy=stride_xy,
-                              stride_z=stride_z, downsample=downsample, batch_size=batch_size).cpu().numpy()
+                              stride_z=stride_z, downsample=downsample, batch_size=batch_size,
+                              blend=blend).cpu().numpy()
 
     ignore = getattr(case, "ignore_label", None)
     ignored = None if ignore is None else np.asarray(case.label) == ignore
@@ -127,14 +130,7 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
     fig, axes = plt.subplots(len(slices), columns, figsize=(PANEL_INCHES * columns, height), dpi=DPI, squeeze=False)
     fig.suptitle(f"case {case.id}", x=0.01, y=1 - 0.5 * HEADER_INCHES / height, ha="left", va="center", fontsize=9)
     classes = getattr(list(models.values())[-1], "num_classes", 2)
-    if classes == 2:
-        handles = [plt.Line2D([], [], color=c, linewidth=1.5, label=name) for name, c in COLORS.items()]
-    else:
-        handles = [plt.Line2D([], [], color="gray", linewidth=1.5, linestyle=style, label=name)
-                   for name, style in (("ground truth", "-"), ("prediction", "--"))]
-        handles += [plt.Line2D([], [], color=_class_color(c), linewidth=3, label=f"class {c}") for c in range(1, classes)]
-    fig.legend(handles=handles, loc="center right", bbox_to_anchor=(0.99, 1 - 0.5 * HEADER_INCHES / height),
-               ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    draw_legend(plt, fig, classes, ("ground truth", "prediction"), height)
     for row, z in enumerate(slices):
         image, label = case.image[:, :, z].T, case.label[:, :, z].T  # x to the right, y down
         if ignored is not None:  # not-annotated voxels (nnU-Net's ignore label): background, and not scored
@@ -144,14 +140,7 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
         for col, (name, pred) in enumerate(predictions.items(), 1):
             ax = axes[row, col]
             ax.imshow(image, cmap="gray")
-            if classes == 2:
-                outlines = [(label, COLORS["ground truth"], "solid"), (pred[:, :, z].T, COLORS["prediction"], "solid")]
-            else:
-                outlines = [(m == c, _class_color(c), style) for c in range(1, classes)
-                            for m, style in ((label, "solid"), (pred[:, :, z].T, "dashed"))]
-            for mask, color, style in outlines:
-                if mask.any() and not mask.all():
-                    ax.contour(mask, levels=[0.5], colors=color, linewidths=0.8, linestyles=style)
+            draw_outlines(ax, {"ground truth": label, "prediction": pred[:, :, z].T}, classes)
             scored, truth = (pred, case.label) if ignored is None else (np.where(ignored, 0, pred),
                                                                          np.where(ignored, 0, case.label))
             dice = metrics.labelmap_metrics(scored, truth, classes)["dice"] if classes > 2 else \
@@ -162,13 +151,14 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
         fig.colorbar(shown, ax=axes[row, -1], fraction=0.046, pad=0.02)
     for ax in axes.flat:
         ax.set_axis_off()
-    return _save(plt, fig, path, top=1 - HEADER_INCHES / height)
+    return save_figure(plt, fig, path, top=1 - HEADER_INCHES / height)
 
 
 def predicted_panel(image_file, mask_file, path, uncertainty_file=None, label_file=None, n_slices: int = 3) -> Path:
     """The Fig. 2 style panel of a scan as ``python -m uamt_fast.predict`` leaves it: the NIfTI image, the
-    predicted mask (blue; each class its own colour beyond two) over it, the ground truth (red) if a label
-    file is given, and the uncertainty map if given, all in the scan's own geometry (needs nibabel)."""
+    predicted mask over it and the ground truth if a label file is given, drawn and labelled as ``case_panel``
+    draws them (``draw_outlines``, ``draw_legend``), and the uncertainty map if given, all in the scan's own
+    geometry (needs nibabel)."""
     from uamt_fast.data import formats
 
     plt = pyplot()
@@ -189,23 +179,14 @@ def predicted_panel(image_file, mask_file, path, uncertainty_file=None, label_fi
     fig, axes = plt.subplots(len(slices), columns, figsize=(PANEL_INCHES * columns, height), dpi=DPI, squeeze=False)
     fig.suptitle(Path(image_file).name, x=0.01, y=1 - 0.5 * HEADER_INCHES / height, ha="left", va="center",
                  fontsize=9)
-    names = (["ground truth"] if label is not None else []) + ["prediction"]
-    fig.legend(handles=[plt.Line2D([], [], color=COLORS[n], linewidth=1.5, label=n) for n in names],
-               loc="center right", bbox_to_anchor=(0.99, 1 - 0.5 * HEADER_INCHES / height), ncol=2, fontsize=8,
-               frameon=False)
+    draw_legend(plt, fig, classes, ("prediction",) if label is None else ("ground truth", "prediction"), height)
     for row, z in enumerate(slices):
         axes[row, 0].imshow(image[:, :, z].T, cmap="gray")
         axes[row, 0].set_title(f"z={z}", fontsize=8)
         axes[row, 1].imshow(image[:, :, z].T, cmap="gray")
-        for c in range(1, classes):  # two classes: ground truth red, prediction blue; more: a colour a class
-            outlines = [(mask, COLORS["prediction"] if classes == 2 else _class_color(c),
-                         "solid" if classes == 2 else "dashed")]
-            if label is not None:
-                outlines.append((label, COLORS["ground truth"] if classes == 2 else _class_color(c), "solid"))
-            for volume, color, style in outlines:
-                outline = volume[:, :, z].T == c
-                if outline.any() and not outline.all():
-                    axes[row, 1].contour(outline, levels=[0.5], colors=color, linewidths=0.8, linestyles=style)
+        shown = {"prediction": mask[:, :, z].T} if label is None else {"ground truth": label[:, :, z].T,
+                                                                       "prediction": mask[:, :, z].T}
+        draw_outlines(axes[row, 1], shown, classes)
         axes[row, 1].set_title("predicted mask", fontsize=8)
         if "uncertainty" in arrays:
             shown = axes[row, 2].imshow(arrays["uncertainty"][:, :, z].T, cmap="inferno", vmin=0,
@@ -214,14 +195,45 @@ def predicted_panel(image_file, mask_file, path, uncertainty_file=None, label_fi
             fig.colorbar(shown, ax=axes[row, 2], fraction=0.046, pad=0.02)
     for ax in axes.flat:
         ax.set_axis_off()
-    return _save(plt, fig, path, top=1 - HEADER_INCHES / height)
+    return save_figure(plt, fig, path, top=1 - HEADER_INCHES / height)
 
 
-def _class_color(c: int) -> str:
-    return CLASS_COLORS[(c - 1) % len(CLASS_COLORS)]
+def outline_style(kind: str, c: int, classes: int) -> tuple[str, str]:
+    """(colour, line style) of class ``c``'s outline in the ``kind`` ("ground truth" or "prediction") map: two
+    classes, ground truth red and prediction blue, both solid; more, each class its own colour (``CLASS_COLORS``),
+    the ground truth solid and the prediction dashed."""
+    if classes == 2:
+        return COLORS[kind], "solid"
+    return CLASS_COLORS[(c - 1) % len(CLASS_COLORS)], "solid" if kind == "ground truth" else "dashed"
 
 
-def _save(plt, fig, path, top: float = 1.0) -> Path:
+def draw_outlines(ax, maps: dict, classes: int) -> None:
+    """The contour of each foreground class of each ``{kind: (H, W) label map}`` on ``ax``, styled by
+    ``outline_style`` (a class that fills the slice or is absent has no contour)."""
+    for c in range(1, classes):
+        for kind, labels in maps.items():
+            inside = labels == c
+            if inside.any() and not inside.all():
+                color, style = outline_style(kind, c, classes)
+                ax.contour(inside, levels=[0.5], colors=color, linewidths=LINE_WIDTH, linestyles=style)
+
+
+def draw_legend(plt, fig, classes: int, kinds, height: float) -> None:
+    """The legend of ``draw_outlines`` in the header strip of ``fig`` (``height`` inches tall): two classes, one
+    entry a map of ``kinds`` in its colour; more, one entry a map of ``kinds`` in its line style (gray) and one a
+    foreground class in its colour, "class 1" .. "class C-1"."""
+    if classes == 2:
+        handles = [plt.Line2D([], [], color=COLORS[k], linewidth=LINE_WIDTH, label=k) for k in kinds]
+    else:
+        handles = [plt.Line2D([], [], color="gray", linewidth=LINE_WIDTH, linestyle=outline_style(k, 1, classes)[1],
+                              label=k) for k in kinds]
+        handles += [plt.Line2D([], [], color=outline_style("ground truth", c, classes)[0], linewidth=3,
+                               label=f"class {c}") for c in range(1, classes)]
+    fig.legend(handles=handles, loc="center right", bbox_to_anchor=(0.99, 1 - 0.5 * HEADER_INCHES / height),
+               ncol=min(len(handles), 6), fontsize=8, frameon=False)
+
+
+def save_figure(plt, fig, path, top: float = 1.0) -> Path:
     """Lay out ``fig`` below ``top`` (a fraction of its height), write it to ``path`` (its folder made if needed)
     and free it."""
     fig.tight_layout(rect=(0, 0, 1, top))
@@ -265,7 +277,7 @@ def training_curves(runs: dict, path) -> Path:
         ax.tick_params(labelsize=7)
         if ax.get_lines() and (len(keys) > 1 or len(logs) > 1):
             ax.legend(fontsize=6)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 # ----------------------------------------------------------------------------- checkpoints and the command line
@@ -277,7 +289,8 @@ def write_panels(models: dict, cases, out_dir, cfg: dict, passes: int = 8) -> li
         la_data.check_case_id(case.id, "write_panels")
     return [case_panel(models, case, Path(out_dir) / f"panel-{case.id}.png", patch=tuple(cfg["patch"]),
                        stride_xy=cfg["eval_stride_xy"], stride_z=cfg["eval_stride_z"],
-                       downsample=cfg.get("downsample", 1), passes=passes, batch_size=cfg.get("eval_batch", 4))
+                       downsample=cfg.get("downsample", 1), passes=passes, batch_size=cfg.get("eval_batch", 4),
+                       blend=cfg.get("blend", "mean"))  # (a config from before --blend: the plain average)
             for case in cases]
 
 
@@ -315,7 +328,8 @@ def main(argv=None) -> int:
     predicted.add_argument("image", help="the scan (NIfTI), as given to predict")
     predicted.add_argument("mask", help="its {case}.nii.gz from predict")
     predicted.add_argument("--uncertainty", help="its {case}_uncertainty.nii.gz (predict --uncertainty T)")
-    predicted.add_argument("--label", help="a ground-truth NIfTI of the scan, drawn in red")
+    predicted.add_argument("--label", help="a ground-truth NIfTI of the scan (two classes: red, the prediction "
+                           "blue; more: solid, the prediction dashed, each class its own colour)")
     predicted.add_argument("--out", required=True, help="output PNG file (not a folder)")
     curves = commands.add_parser("curves", help="training curves of one or more run folders, overlaid")
     curves.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")
@@ -348,7 +362,8 @@ def main(argv=None) -> int:
         if ranked:  # the Dice of each candidate, by the last checkpoint (whose uncertainty the panels show)
             rows = inference.evaluate(list(models.values())[-1], cases, patch_size=tuple(cfg["patch"]),
                                       stride_xy=cfg["eval_stride_xy"], stride_z=cfg["eval_stride_z"],
-                                      batch_size=cfg.get("eval_batch", 4), downsample=cfg.get("downsample", 1))["cases"]
+                                      batch_size=cfg.get("eval_batch", 4), downsample=cfg.get("downsample", 1),
+                                      blend=cfg.get("blend", "mean"))["cases"]
         for path in write_panels(models, selection.panel_cases(cases, rows, args.cases), args.out, cfg, args.passes):
             print(path)
     except (ValueError, OSError, ImportError) as e:  # (OSError: a folder that cannot be made or written; DataError)

@@ -4,19 +4,22 @@ MODEL is a train.py run folder (its ``student.pt``) or a checkpoint (``student.p
 ``checkpoint.pt``), read through ``uamt_fast.training.checkpoints`` only (weights-only, non-finite weights refused).
 INPUT is any mix of NIfTI files, folders of them (an MSD / nnU-Net ``imagesTs``, or a raw folder holding one;
 nnU-Net channel files ``{case}_{XXXX}`` make one case), and the training layout's h5 cases (an
-``mri_norm2.h5``, a case folder, or a data root: every case folder under ``2018LA_Seg_Training Set``).
+``mri_norm2.h5`` or ``cases/<id>.h5``, a case folder, or a data root: every case of it, in either layout).
 
 For each scan, in the prepare -> train -> predict order of nnU-Net:
 
 1. **The model's preprocessing.** The prepared set the model was trained on (the ``data`` roots saved in its
    config, or ``--data``) has a ``dataset.json`` (``uamt_fast.data.prepare``): a NIfTI scan goes through
    ``prepare.transform_case`` with that record's ``preset`` and ``channel``, the very code that prepared the
-   training cases. The LA release has no record: scans are used as they are (already normalized per scan,
-   0.625 mm). An h5 case is already in the training layout and is used as it is.
+   training cases (``auto``: the recorded plan, ``planning.recorded_preset``: its spacing, crop and normalisation,
+   CT with the data set's recorded statistics, anything else z-scored per scan). The LA release has no
+   record: scans are used as they are (already normalized per scan, 0.625 mm). An h5 case is already in the
+   training layout and is used as it is.
 2. **The paper's sliding-window inference** with the checkpoint's patch, strides, downsample and class count,
    through ``inference.sliding_window_predict``: the function ``train.py --eval`` scores, so the mask written
    for a test case is the argmax ``--eval`` scores (on a CPU, and on CUDA with ``--no-amp``; by default CUDA
-   runs the forward under bf16 autocast, and ``--eval`` runs it in fp32).
+   runs the forward under bf16 autocast, and ``--eval`` runs it in fp32). Windows are blended (mask and
+   uncertainty alike) as the model's config says, as ``--eval`` did; ``--blend`` overrides.
 3. **The inverse** (``uamt_fast.evaluation.geometry.to_input_grid``): each voxel of the input's grid is mapped
    through the input's affine to the world and back through the prepared grid's affine (the case record's
    ``affine_original`` and ``affine``: orientation, resampling and crop in one 4x4 map). Where that map is a
@@ -62,8 +65,8 @@ import torch
 
 import uamt_fast
 from uamt_fast.training import checkpoints
-from uamt_fast import cli, data, files
-from uamt_fast.data import formats, prepare
+from uamt_fast import cli, data, files, progress
+from uamt_fast.data import formats, planning, prepare
 from uamt_fast.evaluation import inference, uncertainty
 from uamt_fast.evaluation.geometry import to_input_grid
 from uamt_fast.evaluation.predictions_record import RECORD_FORMAT, RECORD_NAME, read_record, write_record
@@ -103,6 +106,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", type=cli.number(int, ">= 0"), metavar="INDEX",
                    help="the input channel of multi-channel scans (default: the one the model was prepared with)")
     p.add_argument("--no-amp", action="store_true", help="fp32 forward on CUDA too (as train.py --eval), not bf16")
+    p.add_argument("--blend", choices=inference.BLENDS,
+                   help="overlapping windows: mean (plain average, the paper's) | gaussian (Gaussian weights, "
+                   "sigma 1/8 of the window: fainter seams); default: the model's own, as --eval scored")
     p.add_argument("--max-voxels", type=cli.number(int, ">= 1"), default=MAX_VOXELS, metavar="N",
                    help="refuse a scan whose header claims more than N voxels, before reading it (default: 2^30)")
     p.add_argument("--overwrite", action="store_true", help="replace output files already in --out (never an input)")
@@ -141,6 +147,7 @@ class Model:
     record: dict | None  # the prepared set's dataset.json; None: the LA release (no preprocessing)
     roots: list[str]  # where the record was read ([] when none could be)
     channel: int | None  # index of the input channel the model was prepared with, when known
+    blend: str = "mean"  # how overlapping windows are combined (inference.BLENDS)
 
 
 def load_model_and_data(args, device: torch.device) -> Model:
@@ -156,6 +163,10 @@ def load_model_and_data(args, device: torch.device) -> Model:
             or settings["eval_stride_xy"] > min(patch[:2]) or settings["eval_stride_z"] > patch[2]:
         raise checkpoints.CheckpointError(f"MODEL {path}: bad sliding-window settings in its config (patch "
                                           f"{patch!r:.40}, {settings!r:.120})")
+    blend = args.blend or cfg.get("blend", "mean")  # the model's own (before --blend existed: mean), as --eval's
+    if blend not in inference.BLENDS:
+        raise checkpoints.CheckpointError(f"MODEL {path}: blend {blend!r} in its config is not one of "
+                                          f"{', '.join(inference.BLENDS)}")
     saved = cfg.get("data") or []
     roots = list(args.data or ([saved] if isinstance(saved, str) else saved))
     record, found = None, []
@@ -170,7 +181,7 @@ def load_model_and_data(args, device: torch.device) -> Model:
                             f"{sorted(prepare.PRESETS)}")
     return Model(net, cfg, path, tuple(patch), settings["eval_stride_xy"], settings["eval_stride_z"],
                  settings["downsample"], args.batch or settings["eval_batch"], net.num_classes or 2, record, found,
-                 args.channel if args.channel is not None else channel_index(record))
+                 args.channel if args.channel is not None else channel_index(record), blend)
 
 
 def channel_index(record: dict | None) -> int | None:
@@ -229,11 +240,12 @@ def find_scans(inputs) -> list[Scan]:
             loose.setdefault(path.parent, []).append(path)
         elif path.is_file() and path.suffix == ".h5":
             scans.append(_h5_scan(path))
-        elif path.is_dir() and (path / data.IMAGES_DIR).is_dir():  # a data root: its case folders
-            folders = sorted(p for p in (path / data.IMAGES_DIR).iterdir() if (p / data.H5_NAME).is_file())
-            if not folders:
-                raise PredictError(f"INPUT {path}: a data root without h5 cases in {data.IMAGES_DIR}")
-            scans += [_h5_scan(f / data.H5_NAME) for f in folders]
+        elif path.is_dir() and any((path / d).is_dir() for d in (data.CASES_DIR, data.IMAGES_DIR)):  # a data root
+            cases = data.root_case_files(path)  # (either layout: the release's, a prepared set's)
+            if not cases:
+                raise PredictError(f"INPUT {path}: a data root without h5 cases in {data.CASES_DIR} or "
+                                   f"{data.IMAGES_DIR}")
+            scans += [_h5_scan(f) for f in cases]
         elif path.is_dir() and (path / data.H5_NAME).is_file():
             scans.append(_h5_scan(path / data.H5_NAME))
         elif path.is_dir():
@@ -263,10 +275,8 @@ def _nifti_scans(files: list[Path], folder: Path) -> list[Scan]:
 
 
 def _h5_scan(path: Path) -> Scan:
-    in_layout = path.name == data.H5_NAME and path.parent.parent.name == data.IMAGES_DIR
-    case_id = path.parent.name if path.name == data.H5_NAME else path.stem
-    return Scan(data.check_case_id(case_id, f"INPUT {path}"), "h5", (path,),
-                root=path.parent.parent.parent if in_layout else None)
+    case_id, root = data.case_of_file(path, f"INPUT {path}")  # (a root when the file sits in a root's layout)
+    return Scan(case_id, "h5", (path,), root=root)
 
 
 def check_scan(scan: Scan, model: Model, max_voxels: int = MAX_VOXELS) -> None:
@@ -355,7 +365,7 @@ def _check_spacing(path: Path, affine: np.ndarray, model: Model) -> None:
     """Without resampling the model sees the scan's own voxels: refuse a spacing far from its data's."""
     import nibabel
 
-    preset = prepare.PRESETS[model.record["preset"]] if model.record else None
+    preset = planning.recorded_preset(model.record) if model.record else None  # (auto: the recorded plan's)
     if preset is not None and preset.spacing is not None:
         return  # resampled to the preset's spacing
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
@@ -435,8 +445,9 @@ def read_scan(scan: Scan, model: Model) -> Loaded:
         return Loaded(scan, np.ascontiguousarray(image, np.float32), _same_grid(affine, image.shape), header,
                       inputs, None)
     name = model.record["preset"]
-    plan = prepare.Plan(name, prepare.PRESETS[name], formats.Source(scan.image.parent, "nifti", [], None),
-                        scan.channel or 0, str(model.record.get("channel")), None, None, model.record["labels"],
+    plan = prepare.Plan(name, planning.recorded_preset(model.record),
+                        formats.Source(scan.image.parent, "nifti", [], None), scan.channel or 0,
+                        str(model.record.get("channel")), None, None, model.record["labels"],
                         {scan.id: "predicted"}, {})
     case = formats.SourceCase(scan.id, "unlabeled", (scan.image,), None, channels_in_file=scan.channel is not None)
     image, _, record = prepare.transform_case(case, plan)
@@ -453,10 +464,10 @@ def _same_grid(affine: np.ndarray, shape) -> dict:
 def predict_image(model: Model, image: np.ndarray, passes: int | None, autocast) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(averaged softmax (C, X, Y, Z), predictive entropy (X, Y, Z) of ``passes`` MC-dropout passes or None)."""
     args = (model.patch, model.stride_xy, model.stride_z, model.num_classes, model.batch, autocast, model.downsample)
-    probs = inference.sliding_window_predict(model.net, image, *args)[1]
+    probs = inference.sliding_window_predict(model.net, image, *args, blend=model.blend)[1]
     if not passes:
         return probs, None
-    mean = uncertainty.mc_dropout_mean(model.net, image, passes, *args)
+    mean = uncertainty.mc_dropout_mean(model.net, image, passes, *args, blend=model.blend)  # blended as the mask
     return probs, uncertainty.predictive_entropy(mean).clamp_(0.0, math.log(model.num_classes))
 
 
@@ -522,12 +533,11 @@ def predict_all(scans: list[Scan], model: Model, args, device: torch.device, out
            "settings": {"patch": list(model.patch), "eval_stride_xy": model.stride_xy, "eval_stride_z": model.stride_z,
                         "downsample": model.downsample, "batch": model.batch, "num_classes": model.num_classes,
                         "device": str(device), "autocast": None if autocast is None else "bfloat16",
-                        "uncertainty_passes": args.uncertainty,
+                        "uncertainty_passes": args.uncertainty, "blend": model.blend,
                         "preprocessing": (f"prepare preset {model.record['preset']!r}, channel "
                                           f"{model.record.get('channel')!r}" if model.record else
                                           "none (the LA release layout)"), "data": model.roots}}
-    record_path, cases = out / RECORD_NAME, []
-    bar = sys.stderr.isatty()
+    record_path, cases, shown = out / RECORD_NAME, [], progress.CaseProgress(len(scans))  # a line a case
     with ThreadPoolExecutor(max_workers=1) as reader:  # reads (and preprocesses) the next scan meanwhile
         ahead = reader.submit(read_scan, scans[0], model)
         try:
@@ -537,13 +547,9 @@ def predict_all(scans: list[Scan], model: Model, args, device: torch.device, out
                     ahead = reader.submit(read_scan, scans[k + 1], model)
                 cases.append(predict_one(loaded, model, args, autocast))
                 write_record(out, old, run, cases)
-                if bar:
-                    print(f"\rpredict: {k + 1}/{len(scans)} cases", end="" if k + 1 < len(scans) else "\n",
-                          file=sys.stderr, flush=True)
+                shown.finished(scan.id)
         except BaseException:
             ahead.cancel()
-            if bar:
-                print(file=sys.stderr)
             raise
     run["finished"] = _now()
     write_record(out, old, run, cases)

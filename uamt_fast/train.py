@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from uamt_fast import data, figures, files
+from uamt_fast import data, figures, files, progress
 from uamt_fast.evaluation import selection
 from uamt_fast.nets.vnet import VNet
 from uamt_fast.training import checkpoints, distributed, metrics_log, provenance, run_folder
@@ -55,7 +55,7 @@ from uamt_fast.training.config import (  # noqa: F401
     make_parser,
     parse_args,
 )
-from uamt_fast.training.report import evaluate, log_line, progress
+from uamt_fast.training.report import evaluate, log_line
 from uamt_fast.training.state import Parts
 from uamt_fast.training.step import TERMS, phase, schedule, student_losses, teacher_passes, train_step  # noqa: F401
 
@@ -233,7 +233,8 @@ def announce(parts: Parts, run: Run, start: int, resume_state: dict | None) -> d
 def train(parts: Parts, run: Run, start: int, held: contextlib.ExitStack) -> str:
     """Iterations ``start`` .. --iterations with their log lines and checkpoints; returns "done", "stopped"
     (--stop-at) or "interrupted" (Ctrl-C: the iteration finishes and a checkpoint is saved). Device-side
-    accumulators; the host reads them every --log-every iterations."""
+    accumulators; the host reads them every --log-every iterations. The console shows a line after the first
+    iteration and the ETA on every line (``uamt_fast.progress``: wall time only, no added sync)."""
     cfg, device, world, out = parts.cfg, parts.device, run.world, run.out
     bad_at = torch.full((), -1, dtype=torch.long, device=device)  # first iteration with a non-finite term
     bad_term = torch.zeros((), dtype=torch.long, device=device)  # which term (index into TERMS)
@@ -244,7 +245,8 @@ def train(parts: Parts, run: Run, start: int, held: contextlib.ExitStack) -> str
                                                 if world.main else distributed.NoLog()))
     if not world.enabled:  # (under torchrun Ctrl-C ends every rank: ranks would stop at different iterations)
         signal.signal(signal.SIGINT, lambda *_: stop.append("interrupted"))  # finish the iteration, save, exit
-    t_log = t_bar = t0 = time.perf_counter()
+    console = progress.TrainingProgress(start, cfg.iterations)  # (its clock starts now, with the loop's)
+    t_log = t0 = time.perf_counter()
     for iteration in range(start, cfg.iterations):
         terms, stats = train_step(parts, iteration)
         done = iteration + 1
@@ -255,27 +257,24 @@ def train(parts: Parts, run: Run, start: int, held: contextlib.ExitStack) -> str
         window += torch.cat([terms, stats])
         n_window += 1
 
-        now = time.perf_counter()
-        if now - t_bar > 0.5:
-            progress(done, cfg.iterations, (done - start) / (now - t0))
-            t_bar = now
         if done % cfg.log_every == 0 or done == cfg.iterations:
             guard.check_finite()
             means = distributed.mean_over_ranks(world, window / n_window)  # torchrun: averaged over the ranks
             distributed.check_same_weights(world, {"student": parts.student, "teacher": parts.teacher}, done)
             line = log_record(parts, iteration, means.tolist(), n_window / (time.perf_counter() - t_log))  # sync
             log.write(line | monitor())
-            print(f"\r{log_line(line, cfg.iterations)}", flush=True)
+            console.update(done, log_line(line, cfg.iterations))  # (the device is idle: the rate is exact here)
             window.zero_()
             n_window, t_log = 0, time.perf_counter()
+        else:
+            console.update(done)
         if done % cfg.save_every == 0 and done < cfg.iterations:
             guard.save(done)
         if stop or done == cfg.stop_at:
             guard.save(done)
-            print(f"{stop[0] if stop else 'stopped'} at iteration {done}; continue with --resume {out}")
+            console.write(f"{stop[0] if stop else 'stopped'} at iteration {done}; continue with --resume {out}")
             return "interrupted" if stop else "stopped"
     seconds = time.perf_counter() - t0  # the last iteration logged, so the device is idle: a true time
-    progress(cfg.iterations, cfg.iterations, (cfg.iterations - start) / seconds, end="\n")
     guard.save(cfg.iterations)  # (checks the losses and the weights first)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if start < cfg.iterations:  # (a run stopped during its final evaluation trains nothing on --resume)

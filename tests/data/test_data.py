@@ -409,7 +409,8 @@ def test_several_roots_share_their_lists_and_each_case_is_found_in_one(synthetic
     for root in images_only:
         (root / data.IMAGES_DIR).mkdir(parents=True)
     assert data.read_list([a, images_only[0]], "train") == data.read_list(a, "train")  # a root without lists: fine
-    with pytest.raises(DataError, match=r"case synth0001: no folder .*synth0001 in any of"):
+    with pytest.raises(DataError, match=r"case synth0001: no file cases/synth0001.h5 and no folder .*synth0001 in "
+                                        r"any of"):
         data.find_case([a, images_only[0]], "synth0001")
     data.pack_dataset(synthetic_root, tmp_path / "c", case_ids=["synth0000"])
     with pytest.raises(DataError, match=r"case synth0000 is in several roots: \[.*/a', .*/c'\]"):
@@ -534,7 +535,7 @@ def test_an_empty_folder_among_several_roots_is_refused(tmp_path):
     """A typo'd or empty --data part must not be skipped without a word."""
     root = data.write_synthetic_la(tmp_path / "la", n_train=2, n_test=1, shape=(16, 16, 8), seed=0)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="empty: not an LA data root"):
+    with pytest.raises(DataError, match="empty: not a data root"):
         data.read_list([root, tmp_path / "empty"], "train")
 
 

@@ -61,7 +61,7 @@ def prepared(tmp_path_factory) -> Path:
 
 
 def h5_label(root: Path, case_id: str) -> np.ndarray:
-    with h5py.File(root / data.IMAGES_DIR / case_id / data.H5_NAME, "r") as f:
+    with h5py.File(data.prepared_case_path(root, case_id), "r") as f:
         return f["label"][()]
 
 

@@ -6,6 +6,7 @@ command line (``data.main`` in-process, and once as a subprocess); the real LA d
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def run_cli(*args) -> int:
 
 
 def read_h5(root: Path, case_id: str) -> dict:
-    with h5py.File(root / data.IMAGES_DIR / case_id / data.H5_NAME, "r") as f:
+    with h5py.File(root / data.CASES_DIR / f"{case_id}.h5", "r") as f:  # a prepared set's layout
         return {name: f[name][()] for name in f}
 
 
@@ -120,7 +121,8 @@ def test_nnunet_multiclass(tmp_path, capsys):
     assert record["format"] == "uamt_fast.prepared/1" and record["preset"] == "none"
     assert record["num_classes"] == 3 and record["labels"] == {"background": 0, "left": 1, "right": 2}
     assert record["channel"] == "FLAIR" and record["source"]["layout"] == "nnunet"
-    assert record["train"] == {"patch": [112, 112, 80], "eval_stride_xy": 18, "eval_stride_z": 4}
+    assert record["train"] == {"patch": [112, 112, 80], "eval_stride_xy": 18, "eval_stride_z": 4, "batch_labeled": 2,
+                               "batch_unlabeled": 2}
     train, test = data.read_list(out, "train"), data.read_list(out, "test")
     unlabeled = (out / "unlabeled.list").read_text().split()
     assert len(train) == 3 and len(test) == 1 and unlabeled == ["case004"] and train == sorted(train)
@@ -171,11 +173,12 @@ def test_msd_oblique_resampled_pancreas(tmp_path):
     assert run_cli(src, out, "--preset", "pancreas") == 0
     record = json.loads((out / "dataset.json").read_text())
     assert record["num_classes"] == 2 and record["labels"] == {"background": 0, "pancreas": 1}
-    assert record["train"] == {"patch": [96, 96, 96], "eval_stride_xy": 16, "eval_stride_z": 16}
+    assert record["train"] == {"patch": [96, 96, 96], "eval_stride_xy": 16, "eval_stride_z": 16, "batch_labeled": 2,
+                               "batch_unlabeled": 2}
     assert record["split"]["dropped"] == ["image0025"] and record["split"]["test"] == "imagesTs with labelsTs"
     assert data.read_list(out, "train") == ["image0001", "image0002"] and data.read_list(out, "test") == ["image0003"]
     assert (out / "unlabeled.list").read_text() == "image0004\n"
-    assert not (out / data.IMAGES_DIR / "image0025").exists()
+    assert not data.prepared_case_path(out, "image0025").exists()
     for case_id, case in record["cases"].items():
         arrays = read_h5(out, case_id)
         assert case["spacing_original"] == pytest.approx([1.2, 0.9, 2.5])
@@ -226,7 +229,8 @@ def test_brats_flair_whole_tumour(tmp_path):
     assert run_cli(root, out, "--preset", "brats2019", "--test-count", "1") == 0
     record = json.loads((out / "dataset.json").read_text())
     assert record["channel"] == "FLAIR" and record["labels"] == {"background": 0, "whole tumour": 1}
-    assert record["train"] == {"patch": [96, 96, 96], "eval_stride_xy": 64, "eval_stride_z": 64}
+    assert record["train"] == {"patch": [96, 96, 96], "eval_stride_xy": 64, "eval_stride_z": 64, "batch_labeled": 2,
+                               "batch_unlabeled": 2}
     for case_id, case in record["cases"].items():
         arrays = read_h5(out, case_id)
         assert case["files"]["image"] == [f"imagesTr/{case_id}_0002.nii.gz"]
@@ -371,9 +375,10 @@ def _msd_missing_file(root):
     (root / "labelsTr" / "image0002.nii.gz").unlink()
 
 
-def _msd_unlisted_file(root):
+def _msd_unlisted_file(root):  # (an unlisted image alone is an unlabeled case: test_own_data_defaults)
     write_msd(root)
     save(root / "imagesTr" / "image0009.nii.gz", scan(9)[0], np.eye(4))
+    save(root / "labelsTr" / "image0009.nii.gz", scan(9)[1], np.eye(4))
 
 
 def _nnunet_num_training(root):
@@ -452,7 +457,8 @@ BAD = {
                      "the trainer reads one input channel"),
     "channel not chosen": (lambda r: write_nnunet(r), ["--test-count", "1"],
                            "has 2 input channels (T1, FLAIR); the trainer reads one channel"),
-    "no test cases": (lambda r: write_nnunet(r, channels=("T1",)), [], "no test cases (no imagesTs with labelsTs)"),
+    "no test cases": (lambda r: write_nnunet(r, n_labeled=1, channels=("T1",)), [],
+                      "the automatic hold-out (the default without imagesTs and labelsTs) holds out 0 of 1 labeled"),
     "one class only": (lambda r: _nifti_case(_good_nifti(r), label=np.zeros((20, 18, 10), np.uint8))
                        and [_nifti_case(r, f"c{k}", label=np.zeros((20, 18, 10), np.uint8)) for k in (2, 3)], [],
                        "1 classes (background); the trainer needs 2..255"),
@@ -577,12 +583,16 @@ def test_core_import_needs_no_extra():
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
 
 
-def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
+def test_a_progress_line_a_case_as_it_finishes(tmp_path, capsys):
+    """``[k/n] id seconds (ETA)`` on stdout, counted in the order the workers finish, then the summary's time."""
     src = write_nnunet(tmp_path / "src", n_labeled=3, n_unlabeled=0, channels=("T1",))
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert run_cli(src, tmp_path / "out", "--preset", "none", "--test-count", "1", "--workers", "2") == 0
-    err = capsys.readouterr().err
-    assert "\rprepare: 3/3 cases\n" in err and err.count("\rprepare: ") == 3
+    captured = capsys.readouterr()
+    lines = [re.fullmatch(r"\[(\d)/3\] (case\d+) \d+\.\d s( \(ETA \d+:\d\d:\d\d\))?", line)
+             for line in captured.out.splitlines() if line.startswith("[")]
+    assert [(m[1], bool(m[3])) for m in lines] == [("1", True), ("2", True), ("3", False)], captured.out
+    assert sorted(m[2] for m in lines) == ["case000", "case001", "case002"] and captured.err == ""
+    assert re.search(r"^prepared .* in \d+\.\d s; test cases: ", captured.out, re.MULTILINE), captured.out
 
 
 # ----------------------------------------------------------------------------- writes: links, one writer, staging
@@ -596,21 +606,21 @@ def test_links_planted_in_out_are_never_written_through_nor_removed_beyond(tmp_p
     (out / "train.list.tmp").symlink_to(victim)
     assert run_cli(src, out, "--preset", "none", "--test-count", "1") == 0
     assert victim.read_bytes() == b"the user's own file"
-    case_folder = out / data.IMAGES_DIR / "case000"
-    (case_folder / (data.H5_NAME + ".tmp")).symlink_to(victim)
-    outside = tmp_path / "outside"  # a case folder that is a link to a folder of the user's
+    cases = out / data.CASES_DIR
+    (cases / "case000.h5.tmp").symlink_to(victim)
+    outside = tmp_path / "outside"  # a case file that is a link to a file of the user's
     outside.mkdir()
-    (outside / data.H5_NAME).write_bytes(b"the user's h5")
-    shutil.rmtree(out / data.IMAGES_DIR / "case001")
-    (out / data.IMAGES_DIR / "case001").symlink_to(outside, target_is_directory=True)
+    (outside / "mine.h5").write_bytes(b"the user's h5")
+    (cases / "case001.h5").unlink()
+    (cases / "case001.h5").symlink_to(outside / "mine.h5")
     assert run_cli(src, out, "--preset", "none", "--test-count", "1", "--overwrite") == 0
-    assert victim.read_bytes() == b"the user's own file" and (outside / data.H5_NAME).read_bytes() == b"the user's h5"
-    assert not (out / data.IMAGES_DIR / "case001").is_symlink() and "image" in read_h5(out, "case001")
-    (out / data.IMAGES_DIR).rename(tmp_path / "moved")  # the image folder itself a link: refused, nothing written
-    (out / data.IMAGES_DIR).symlink_to(outside, target_is_directory=True)
+    assert victim.read_bytes() == b"the user's own file" and (outside / "mine.h5").read_bytes() == b"the user's h5"
+    assert not (cases / "case001.h5").is_symlink() and "image" in read_h5(out, "case001")
+    cases.rename(tmp_path / "moved")  # the cases folder itself a link: refused, nothing written
+    cases.symlink_to(outside, target_is_directory=True)
     assert run_cli(src, out, "--preset", "none", "--test-count", "1", "--overwrite") == 2
     assert "symbolic link" in capsys.readouterr().err
-    assert sorted(p.name for p in outside.iterdir()) == [data.H5_NAME]
+    assert sorted(p.name for p in outside.iterdir()) == ["mine.h5"]
 
 
 def test_one_prepare_a_folder(tmp_path, capsys):

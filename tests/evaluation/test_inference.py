@@ -44,8 +44,10 @@ def tiny_net(num_classes=2):
     return net.eval()
 
 
-def release_test_single_case(net, image, stride_xy, stride_z, patch_size, num_classes):
-    """UA-MT code/test_util.py test_single_case, transcribed: numpy padding, one window per forward."""
+def release_test_single_case(net, image, stride_xy, stride_z, patch_size, num_classes, weights=None):
+    """UA-MT code/test_util.py test_single_case, transcribed: numpy padding, one window per forward. With
+    ``weights`` (a numpy window map) each window's softmax is multiplied by them and ``cnt`` sums them instead
+    of ones: the Gaussian blend as MONAI's sliding_window_inference and nnU-Net v2 accumulate it."""
     w, h, d = image.shape
     pads = [max(p - s, 0) for s, p in zip(image.shape, patch_size)]
     lo = [p // 2 for p in pads]
@@ -66,8 +68,12 @@ def release_test_single_case(net, image, stride_xy, stride_z, patch_size, num_cl
                 patch = torch.from_numpy(np.ascontiguousarray(image[window], dtype=np.float32))[None, None]
                 with torch.no_grad():
                     y1 = torch.softmax(net(patch), dim=1)[0].numpy()
-                score_map[(slice(None), *window)] = score_map[(slice(None), *window)] + y1
-                cnt[window] = cnt[window] + 1
+                if weights is None:
+                    score_map[(slice(None), *window)] = score_map[(slice(None), *window)] + y1
+                    cnt[window] = cnt[window] + 1
+                else:
+                    score_map[(slice(None), *window)] = score_map[(slice(None), *window)] + y1 * weights
+                    cnt[window] = cnt[window] + weights
     score_map = score_map / cnt[None]
     label_map = np.argmax(score_map, axis=0)
     crop = tuple(slice(a, a + s) for a, s in zip(lo, (w, h, d)))
@@ -94,6 +100,41 @@ def test_matches_one_window_loop_exactly(shape, batch_size):
     if batch_size == 1:
         np.testing.assert_array_equal(probs.numpy(), expected_probs)
     torch.testing.assert_close(probs.sum(0), torch.ones(shape))
+
+
+@pytest.mark.parametrize("shape", [(20, 13, 11), (5, 17, 4), (9, 30, 6)], ids=["unaligned", "smaller", "long-y"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("blend", ["mean", "gaussian"])
+def test_blends_match_a_one_window_loop_exactly(shape, batch_size, blend):
+    """blend="gaussian": sum_w importance_map * softmax / sum_w importance_map, added in the release's window
+    order: bit-equal to the one-window loop in fp32 (batch 1; batched convs may round at the ulp level);
+    blend="mean" given explicitly is the release's plain average, as the default is."""
+    net = tiny_net(num_classes=3)
+    image = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    weights = inference.importance_map(PATCH).numpy() if blend == "gaussian" else None
+    expected_labels, expected_probs = release_test_single_case(net, image, 3, 2, PATCH, 3, weights)
+    labels, probs = sliding_window_predict(net, image, PATCH, 3, 2, num_classes=3, batch_size=batch_size, blend=blend)
+    np.testing.assert_array_equal(labels, expected_labels)
+    if batch_size == 1:
+        np.testing.assert_array_equal(probs.numpy(), expected_probs)
+    np.testing.assert_allclose(probs.numpy(), expected_probs, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(probs.sum(0), torch.ones(shape))
+    if blend == "gaussian":  # where windows overlap, the weighting changes the probabilities
+        _, mean = sliding_window_predict(net, image, PATCH, 3, 2, num_classes=3, batch_size=batch_size)
+        assert (probs - mean).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("patch", [PATCH, (16, 16, 16), (64, 48, 32), (3, 2, 1)], ids=str)
+def test_importance_map_is_monais_gaussian(patch):
+    """The weights equal MONAI's compute_importance_map(mode="gaussian") at the same sigma (1/8 of the window),
+    written out so that inference does not import MONAI."""
+    monai_utils = pytest.importorskip("monai.inferers.utils")
+    expected = monai_utils.compute_importance_map(patch, mode="gaussian", sigma_scale=inference.GAUSSIAN_SIGMA_SCALE)
+    weights = inference.importance_map(patch)
+    assert weights.dtype == torch.float32 and weights.shape == patch
+    torch.testing.assert_close(weights, expected, rtol=1e-6, atol=0)
+    assert weights.min() >= inference.MIN_WEIGHT  # the floor: no voxel of a window counts for nothing
+    torch.testing.assert_close(weights, weights.flip(0, 1, 2))  # centred on the window
 
 
 def test_window_starts_follow_the_release():
@@ -136,17 +177,20 @@ def test_bad_arguments_are_named():
         sliding_window_predict(net, np.zeros((30, 8, 6), np.float32), (4, 4, 2), 12, 1)  # windows at 0, 12, 24, 26
     with pytest.raises(ValueError, match="downsample must be a positive integer, got 0"):
         sliding_window_predict(net, np.zeros((8, 8, 6), np.float32), PATCH, downsample=0)
+    with pytest.raises(ValueError, match=r"blend must be one of \('mean', 'gaussian'\), got 'max'"):
+        sliding_window_predict(net, np.zeros((8, 8, 6), np.float32), PATCH, blend="max")
 
 
-def test_downsampled_prediction_is_the_pooled_one_upsampled_to_full_resolution():
-    """downsample k: windows over the k-times average-pooled image, the averaged softmax upsampled trilinearly,
-    the remainder voxels (an axis not a multiple of k) their neighbour's value; the labels its argmax."""
+@pytest.mark.parametrize("blend", ["mean", "gaussian"])
+def test_downsampled_prediction_is_the_pooled_one_upsampled_to_full_resolution(blend):
+    """downsample k: windows over the k-times average-pooled image (blended there), the averaged softmax upsampled
+    trilinearly, the remainder voxels (an axis not a multiple of k) their neighbour's value; the labels its argmax."""
     net = tiny_net()
     image = np.random.default_rng(3).standard_normal((21, 18, 13)).astype(np.float32)
-    labels, probs = sliding_window_predict(net, image, PATCH, 3, 2, downsample=2)
+    labels, probs = sliding_window_predict(net, image, PATCH, 3, 2, downsample=2, blend=blend)
     assert probs.shape == (2, 21, 18, 13) and labels.shape == image.shape and labels.dtype == np.uint8
     pooled = nn.functional.avg_pool3d(torch.from_numpy(image)[None, None], 2)[0, 0]
-    _, small = sliding_window_predict(net, pooled.numpy(), PATCH, 3, 2)
+    _, small = sliding_window_predict(net, pooled.numpy(), PATCH, 3, 2, blend=blend)
     up = nn.functional.interpolate(small[None], scale_factor=2, mode="trilinear")[0]
     torch.testing.assert_close(probs[:, :20, :, :12], up, rtol=0, atol=0)
     torch.testing.assert_close(probs[:, 20], probs[:, 19], rtol=0, atol=0)

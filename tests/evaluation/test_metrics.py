@@ -123,6 +123,23 @@ def test_asd_is_directed_prediction_to_ground_truth():
     assert metrics.asd(pred, gt) == pytest.approx(medpy_binary.asd(pred, gt), abs=1e-12) and metrics.asd(pred, gt) > 0
 
 
+def test_mm_distances_on_an_anisotropic_grid_are_exact_zero_and_medpy_exact():
+    """A prediction equal to the ground truth is 0 mm away, exactly (the matmul form of torch.cdist gave
+    hd95_mm 1.35e-06 where hd95 is 0); other masks keep medpy's mm distances."""
+    spacing = (0.8, 0.8, 2.5)
+    gt = np.zeros((40, 36, 20), bool)
+    gt[8:30, 6:28, 4:15] = True  # ~2.4e3 border voxels: above torch.cdist's 25-point switch to the matmul form
+    same = case_metrics(gt, gt, spacing)
+    assert (same["hd95"], same["asd"], same["hd95_mm"], same["asd_mm"]) == (0.0, 0.0, 0.0, 0.0)
+    pred = gt.copy()
+    pred[10:12, 10:30, 3:5] = True  # most border voxels shared (hd95 0), a few 1 slice (2.5 mm) off
+    for a, b in ((pred, gt), (gt, pred), (blob((30, 28, 14), 5, 2), blob((30, 28, 14), 6, 2))):
+        got = case_metrics(a, b, spacing)
+        assert got["hd95_mm"] == pytest.approx(medpy_binary.hd95(a, b, voxelspacing=spacing), rel=1e-12, abs=0)
+        assert got["asd_mm"] == pytest.approx(medpy_binary.asd(a, b, voxelspacing=spacing), rel=1e-12, abs=0)
+    assert case_metrics(pred, gt, spacing)["hd95_mm"] == 0.0 < case_metrics(pred, gt, spacing)["asd_mm"]
+
+
 def test_torch_and_numpy_inputs_agree():
     gt = blob((16, 12, 10), 4)
     pred = ndimage.binary_dilation(gt)

@@ -307,7 +307,7 @@ BAD_INPUT = {  # flags -> words the one error line must contain
     "unknown consistency-on": (["--consistency-on", "labeled"], ["--consistency-on", "labeled"]),
     "unknown flag": (["--bogus"], ["--bogus"]),
     "bad number": (["--iterations", "many"], ["--iterations", "many"]),
-    "too many labeled": (["--labeled", "99"], ["labeled=99", "5"]),
+    "too many labeled": (["--labeled", "99"], ["--labeled 99: need", "5"]),
     "patch not multiple of 16": (["--patch", "24", "16", "16"], ["--patch", "24"]),
     "patch larger than the volumes": (["--patch", "48", "16", "16"], ["patch", "48"]),
     "eval of a non-checkpoint": (["--eval", "{tiny}/train.list"], ["--eval", "train.list"]),

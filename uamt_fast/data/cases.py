@@ -1,8 +1,9 @@
 """One scan in memory (``Case``): reading a case file of a data root, checking it, downsampling it.
 
-A case file is the release's ``mri_norm2.h5`` or the packed ``mri_norm2.npz`` (``uamt_fast.data.packing``);
-``load_case`` reads either transparently, from the one root that holds the case, and checks its arrays (a
-non-empty 3D float image, all finite; labels in 0..C-1 for the C classes of the set's record).
+A case file is a prepared set's ``cases/<id>.h5``, the release's ``mri_norm2.h5`` or the packed ``mri_norm2.npz``
+(``uamt_fast.data.packing``); ``load_case`` reads any of them transparently, from the one root that holds the case
+(``layout.case_file``), and checks its arrays (a non-empty 3D float image, all finite; labels in 0..C-1 for the C
+classes of the set's record).
 """
 from __future__ import annotations
 
@@ -19,14 +20,12 @@ import numpy as np
 import torch
 
 from uamt_fast.data.layout import (
-    H5_NAME,
-    IMAGES_DIR,
     LA_SPACING,
     PACKED_FORMAT,
     PACKED_NAME,
     DataError,
     as_roots,
-    find_case,
+    case_file,
 )
 from uamt_fast.data.record import case_spacing, read_record
 
@@ -54,23 +53,20 @@ class Case:
 
 
 def load_case(roots, case_id: str, labeled: bool = True, record: dict | None = None) -> Case:
-    """Read and validate one case (``mri_norm2.h5``, or the packed ``mri_norm2.npz``) from the root holding it.
+    """Read and validate one case (``cases/<id>.h5``, ``mri_norm2.h5`` or the packed ``mri_norm2.npz``) from the
+    root holding it.
 
     ``labeled=False`` (a case of unlabeled.list): its label is not read, even where the file has one.
     ``record``: the set's ``read_record`` (read here when not given): the class count labels are checked
     against, and the case's spacing."""
     roots = as_roots(roots)
     record = read_record(roots) if record is None else record
-    folder = find_case(roots, case_id) / IMAGES_DIR / case_id
-    if (folder / H5_NAME).is_file():
-        path = folder / H5_NAME
-        image, label = _read_h5(path, labeled)
-    elif (folder / PACKED_NAME).is_file():
-        path = folder / PACKED_NAME
+    path = case_file(roots, case_id)
+    if path.name == PACKED_NAME:
         image, label = read_packed(path)
         label = label if labeled else None
     else:
-        raise DataError(f"case file not found: {folder / H5_NAME} (nor a packed {PACKED_NAME})")
+        image, label = _read_h5(path, labeled)
     classes = 2 if record is None else record["num_classes"]
     ignore = None if record is None else record.get("ignore_label")
     return _validated(case_id, image, label, path, classes, case_spacing(record, case_id), ignore)
@@ -86,7 +82,7 @@ def load_cases(roots, ids, labeled: bool = True) -> list[Case]:
 
 
 def read_h5_case(case_id: str, path, labeled: bool = True) -> Case:
-    """One h5 case file of the release layout (``image``, and ``label`` when ``labeled``), checked as
+    """One h5 case file of either layout (``image``, and ``label`` when ``labeled``), checked as
     ``load_case`` checks it (non-empty 3D float image, all finite; labels {0, 1})."""
     path = Path(path)
     return _validated(case_id, *_read_h5(path, labeled), path)

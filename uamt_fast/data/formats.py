@@ -5,7 +5,9 @@ Three layouts, told apart by ``SRC/dataset.json``:
 - **msd** (Medical Segmentation Decathlon): ``dataset.json`` with ``training`` (a list of
   ``{"image", "label"}``, paths relative to SRC) and ``test`` (image paths, or ``{"image"}`` entries);
   ``imagesTr/``, ``labelsTr/``, ``imagesTs/``. A multi-modal MSD image is one 4D file whose last axis
-  holds the ``modality`` channels. A ``training`` entry with no ``label`` is an unlabeled case.
+  holds the ``modality`` channels. A ``training`` entry with no ``label`` (``{"image": path}``) is an unlabeled
+  case, and so is an image of ``imagesTr`` that ``training`` leaves out (``Source.notes`` says how many; a label
+  file that ``training`` leaves out is still refused: its case would be neither labeled nor unlabeled).
 - **nnunet** (nnU-Net v2 raw): ``dataset.json`` with ``channel_names`` (v1: ``modality``), ``labels``
   (name -> value) and ``file_ending``; ``imagesTr/{case}_{XXXX}{file_ending}``, one 3D file per channel;
   ``labelsTr/{case}{file_ending}``. An image with no label file is an unlabeled case.
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from uamt_fast.data import layout
 from uamt_fast.data.affine import check_affine  # (re-exported: the check read_volume makes of every affine)
 from uamt_fast.data.layout import DataError, check_case_id
 from uamt_fast.files import read_json
@@ -60,6 +63,7 @@ class Source:
     channel_names: list[str]
     labels: dict[str, int] | None
     cases: list[SourceCase] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # one line each, for the user: what was read not as written
 
     def by_role(self, role: str) -> list[SourceCase]:
         return [c for c in self.cases if c.role == role]
@@ -75,6 +79,9 @@ def read_source(src, unlabeled_dir=None) -> Source:
         if (src / "dataset.json").is_file() else None
     if meta is None:
         source = _read_nifti(src)
+    elif meta.get("format") == layout.RECORD_FORMAT:
+        raise DataError(f"{src}: a set that prepare wrote already, which needs no prepare: train.py --data {src} "
+                        "reads it as it is")
     elif "training" in meta and not ("channel_names" in meta or "file_ending" in meta):
         source = _read_msd(src, meta)
     elif "file_ending" in meta or "channel_names" in meta:
@@ -88,6 +95,19 @@ def read_source(src, unlabeled_dir=None) -> Source:
     if not source.by_role("labeled"):
         raise DataError(f"{src}: no labeled training case (an image in imagesTr with its label in labelsTr)")
     return source
+
+
+def _refuse_ready_layout(src: Path) -> None:
+    """A source without NIfTI images in the LA release's h5 layout (its root, or its folder of case folders),
+    which train.py reads as it is: refused in one line that says so, not as "no NIfTI images", which would send
+    the user looking for some."""
+    if (src / layout.IMAGES_DIR).is_dir() or (src / "train.list").is_file():
+        raise DataError(f"{src}: the LA release's h5 layout (train.list, '{layout.IMAGES_DIR}'), which needs no "
+                        f"prepare: train.py --data {src} reads it as it is")
+    if any((d / layout.H5_NAME).is_file() for d in src.iterdir() if d.is_dir()):
+        raise DataError(f"{src}: case folders of the LA release's h5 layout ({layout.H5_NAME}), which need no "
+                        f"prepare: train.py --data {src.parent} reads the release (train.list and this folder) "
+                        "as it is")
 
 
 def _read_msd(src: Path, meta: dict) -> Source:
@@ -110,7 +130,10 @@ def _read_msd(src: Path, meta: dict) -> Source:
         cases.append(SourceCase(case_id, "labeled" if label else "unlabeled", (image,), label, len(channels) > 1))
     if isinstance(meta.get("numTraining"), int) and meta["numTraining"] != len(training):
         raise DataError(f"{where}: numTraining is {meta['numTraining']} but 'training' lists {len(training)} cases")
-    _same_files(src / "imagesTr", {c.images[0].name for c in cases}, where, "'training'")
+    listed = {c.images[0].name for c in cases}
+    unlisted = [p for p in nifti_files(src / "imagesTr") if p.name not in listed]  # images only: unlabeled cases
+    cases += [SourceCase(check_case_id(strip_ending(p.name), str(p)), "unlabeled", (p,), None, len(channels) > 1)
+              for p in unlisted]
     _same_files(src / "labelsTr", {c.label.name for c in cases if c.label}, where, "'training'", missing_ok=True)
     test = meta.get("test", [])
     if not isinstance(test, list):
@@ -126,7 +149,12 @@ def _read_msd(src: Path, meta: dict) -> Source:
     _same_files(src / "imagesTs", {p.name for p in test_images}, where, "'test'", missing_ok=True)
     test_cases = [(check_case_id(strip_ending(p.name), f"{where} (test {p.name})"), (p,)) for p in test_images]
     cases += _test_cases(test_cases, src, len(channels) > 1, None)
-    return Source(src, "msd", channels, labels, cases)
+    source = Source(src, "msd", channels, labels, cases)
+    if unlisted:
+        source.notes.append(f"{src / 'imagesTr'}: {len(unlisted)} image(s) that {where.name}'s 'training' list leaves "
+                            f"out added as unlabeled cases ({', '.join(strip_ending(p.name) for p in unlisted[:5])}"
+                            f"{', ...' if len(unlisted) > 5 else ''})")
+    return source
 
 
 def _read_nnunet(src: Path, meta: dict) -> Source:
@@ -165,6 +193,7 @@ def _read_nifti(src: Path) -> Source:
     image_dir = src / "imagesTr" if (src / "imagesTr").is_dir() else src
     files = nifti_files(image_dir)
     if not files:
+        _refuse_ready_layout(src)
         raise DataError(f"{src}: no dataset.json and no NIfTI images (.nii, .nii.gz) in {image_dir}")
     label_dir = src / "labelsTr"
     labels = {strip_ending(p.name): p for p in nifti_files(label_dir)}

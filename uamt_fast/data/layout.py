@@ -1,20 +1,22 @@
 """The on-disk layout of a data root: its file names, case ids, lists and the roots of one data set.
 
-On disk (the layout of the authors' release, github.com/yulequan/UA-MT ``data/``)::
+On disk, two layouts of a case file, read alike (``case_file`` alone decides where a case of a root lives)::
 
     <root>/train.list, <root>/test.list           one case id a line
-    <root>/2018LA_Seg_Training Set/<id>/mri_norm2.h5
+    <root>/2018LA_Seg_Training Set/<id>/mri_norm2.h5    the LA release (github.com/yulequan/UA-MT ``data/``)
+    <root>/cases/<id>.h5                                 a prepared set (``uamt_fast.data.prepare``), any data set
         image  float32 (X, Y, Z), normalized (zero mean, unit variance over the scan before cropping)
         label  uint8   (X, Y, Z) in {0, 1} (a prepared set: 0..C-1, and IGNORE_LABEL = 255 for voxels
                that are not annotated where its dataset.json declares "ignore_label": 255)
 
-A prepared set (``uamt_fast.data.prepare``) adds ``unlabeled.list`` and ``dataset.json`` (``uamt_fast.data.record``);
-a packed root (``uamt_fast.data.packing``) holds ``mri_norm2.npz`` instead of ``mri_norm2.h5``.
+A prepared set adds ``unlabeled.list`` and ``dataset.json`` (``uamt_fast.data.record``); a packed root
+(``uamt_fast.data.packing``) holds the release's folders with ``mri_norm2.npz`` instead of ``mri_norm2.h5``.
+(Sets prepared before ``cases/`` existed are in the release's layout and read as they are.)
 
 Several roots (``roots`` = one folder or a list of them, e.g. the parts written by ``pack
 --max-part-mib``) act as one data set: every root that has a list has the same one (the parts each carry
 the full lists, so the order of the roots never changes the labeled set) and each case is read from the
-one root whose image folder holds it.
+one root that holds it (``find_case``).
 
 Case ids are folder names, never paths: ids that are empty, ``.``, ``..``, hold ``/`` or ``\\`` or
 non-printing characters (NUL, tab, ...) are refused wherever they enter (lists, ``--cases``, the API), and
@@ -29,8 +31,10 @@ from pathlib import Path
 
 from uamt_fast import files
 
-IMAGES_DIR = "2018LA_Seg_Training Set"
+IMAGES_DIR = "2018LA_Seg_Training Set"  # the LA release: <root>/<IMAGES_DIR>/<id>/<H5_NAME>
 H5_NAME = "mri_norm2.h5"
+CASES_DIR = "cases"  # a prepared set: <root>/<CASES_DIR>/<id><CASE_SUFFIX>
+CASE_SUFFIX = ".h5"
 PACKED_NAME = "mri_norm2.npz"
 PACKED_FORMAT = "uamt_fast.la_pack.v1"
 RECORD_NAME = "dataset.json"  # written by prepare: classes, labels, geometry of every case
@@ -68,25 +72,96 @@ def as_roots(roots) -> list[Path]:
     if repeated:
         raise DataError(f"LA data root given twice: {repeated}")
     for path in paths if len(paths) > 1 else []:  # (one root: read_list names the missing list itself)
-        if not any((path / name).exists() for name in ("train.list", "test.list", IMAGES_DIR)):
-            raise DataError(f"{path}: not an LA data root (no train.list, test.list or '{IMAGES_DIR}' folder in it)")
+        if not any((path / name).exists() for name in ("train.list", "test.list", IMAGES_DIR, CASES_DIR)):
+            raise DataError(f"{path}: not a data root (no train.list, test.list, '{CASES_DIR}' or '{IMAGES_DIR}' "
+                            "folder in it)")
     return paths
 
 
+# ----------------------------------------------------------------------------- where a case lives
+def prepared_case_path(root, case_id: str) -> Path:
+    """Where a prepared set keeps case ``case_id``: ``<root>/cases/<id>.h5`` (``prepare`` writes it there)."""
+    return Path(root) / CASES_DIR / f"{check_case_id(case_id)}{CASE_SUFFIX}"
+
+
+def release_case_folder(root, case_id: str) -> Path:
+    """Where the LA release keeps case ``case_id``: the folder ``<root>/2018LA_Seg_Training Set/<id>`` (holding
+    ``mri_norm2.h5``, or the packed ``mri_norm2.npz``)."""
+    return Path(root) / IMAGES_DIR / check_case_id(case_id)
+
+
+def case_places(root, case_id: str) -> tuple[Path, Path]:
+    """Both places a case of ``root`` may be: ``(prepared_case_path, release_case_folder)``."""
+    return prepared_case_path(root, case_id), release_case_folder(root, case_id)
+
+
 def find_case(roots, case_id: str) -> Path:
-    """The one root whose image folder holds ``case_id`` (a plain name, ``check_case_id``); DataError if none or
-    several do."""
+    """The one root that holds ``case_id`` (a plain name, ``check_case_id``) at one of its ``case_places``;
+    DataError if none does, if several do, or if a root holds it at both places."""
     check_case_id(case_id)
     roots = as_roots(roots)
-    holders = [r for r in roots if (r / IMAGES_DIR / case_id).is_dir()]
+    holders = []
+    for root in roots:
+        prepared, release = case_places(root, case_id)
+        if prepared.is_file() and release.is_dir():
+            raise DataError(f"case {case_id} is in {root} twice ({prepared} and {release}); each case must be in "
+                            "one place")
+        if prepared.is_file() or release.is_dir():
+            holders.append(root)
+    if not holders and len(roots) == 1:  # the missing path of the layout this root has
+        prepared, release = case_places(roots[0], case_id)
+        raise DataError(f"case file not found: {prepared}" if (roots[0] / CASES_DIR).is_dir() else
+                        f"case folder not found: {release}")
     if not holders:
-        where = roots[0] / IMAGES_DIR / case_id if len(roots) == 1 else f"any of {[str(r) for r in roots]}"
-        raise DataError(f"case folder not found: {where}" if len(roots) == 1 else
-                        f"case {case_id}: no folder {IMAGES_DIR}/{case_id} in {where}")
+        raise DataError(f"case {case_id}: no file {CASES_DIR}/{case_id}{CASE_SUFFIX} and no folder "
+                        f"{IMAGES_DIR}/{case_id} in any of {[str(r) for r in roots]}")
     if len(holders) > 1:
         raise DataError(f"case {case_id} is in several roots: {[str(r) for r in holders]}; "
                         f"each case must be in exactly one")
     return holders[0]
+
+
+def case_file(roots, case_id: str) -> Path:
+    """The file of case ``case_id`` in the one root holding it (``find_case``): ``cases/<id>.h5`` of a prepared
+    set, else the release folder's ``mri_norm2.h5`` or packed ``mri_norm2.npz``; DataError naming the path if
+    the release folder holds neither."""
+    root = find_case(roots, case_id)
+    prepared, release = case_places(root, case_id)
+    if prepared.is_file():
+        return prepared
+    for name in (H5_NAME, PACKED_NAME):
+        if (release / name).is_file():
+            return release / name
+    raise DataError(f"case file not found: {release / H5_NAME} (nor a packed {PACKED_NAME})")
+
+
+def root_case_files(root) -> list[Path]:
+    """The h5 case files of one data root, by case id: ``cases/*.h5`` and the release's ``<id>/mri_norm2.h5``
+    (``uamt_fast.predict`` reads a root given as INPUT so). Hidden names (``.x.h5``: a write in progress) are
+    no cases."""
+    root = Path(root)
+    found = {}
+    if (root / CASES_DIR).is_dir():
+        found |= {p.name[: -len(CASE_SUFFIX)]: p for p in (root / CASES_DIR).iterdir()
+                  if p.name.endswith(CASE_SUFFIX) and not p.name.startswith(".") and p.is_file()}
+    if (root / IMAGES_DIR).is_dir():
+        found |= {p.name: p / H5_NAME for p in (root / IMAGES_DIR).iterdir()
+                  if not p.name.startswith(".") and (p / H5_NAME).is_file()}
+    return [found[i] for i in sorted(found)]
+
+
+def case_of_file(path, where: str | None = None) -> tuple[str, Path | None]:
+    """``(case id, data root)`` of an h5 case file as its layout names it: ``<root>/cases/<id>.h5`` and
+    ``<root>/2018LA_Seg_Training Set/<id>/mri_norm2.h5``; a file in neither layout is case ``<stem>`` of no root
+    (None). The id is checked (``check_case_id``; a refusal names ``where``, by default the file)."""
+    path = Path(path)
+    where = str(path) if where is None else where
+    if path.parent.name == CASES_DIR and path.name.endswith(CASE_SUFFIX):
+        return check_case_id(path.name[: -len(CASE_SUFFIX)], where), path.parent.parent
+    if path.name == H5_NAME:
+        root = path.parent.parent.parent if path.parent.parent.name == IMAGES_DIR else None
+        return check_case_id(path.parent.name, where), root
+    return check_case_id(path.stem, where), None
 
 
 def _existing_root(root) -> Path:
@@ -219,6 +294,8 @@ def _writable(make, *args) -> Path:
         raise DataError(str(e)) from None
 
 
-__all__ = ["H5_NAME", "IGNORE_LABEL", "IMAGES_DIR", "LA_SPACING", "PACKED_FORMAT", "PACKED_NAME", "RECORD_FORMAT",
-           "RECORD_NAME", "SPLITS", "DataError", "as_roots", "check_case_id", "find_case", "make_folder",
-           "make_subfolder", "read_list", "read_splits", "read_unlabeled", "split_fingerprint"]
+__all__ = ["CASES_DIR", "CASE_SUFFIX", "H5_NAME", "IGNORE_LABEL", "IMAGES_DIR", "LA_SPACING", "PACKED_FORMAT",
+           "PACKED_NAME", "RECORD_FORMAT", "RECORD_NAME", "SPLITS", "DataError", "as_roots", "case_file",
+           "case_of_file", "case_places", "check_case_id", "find_case", "make_folder", "make_subfolder",
+           "prepared_case_path", "read_list", "read_splits", "read_unlabeled", "release_case_folder",
+           "root_case_files", "split_fingerprint"]

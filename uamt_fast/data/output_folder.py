@@ -21,15 +21,16 @@ class OutputFolder:
     On entry, before any case is read: OUT is created if absent and locked (``files.FolderLock``: a second
     prepare, or a train.py / predict writing there, is refused naming the holder's pid); a folder holding a
     data set that prepare did not write is refused, one holding a prepared set is refused unless
-    ``overwrite``; a case folder of the new set that exists but is not the old set's is refused; links at
-    the set's places are refused (``files.subfolder``). Cases, ``dataset.json`` and lists are written into
-    a staging folder *inside* OUT (``.prepare-XXXX``: on OUT's file system, so the swap is renames, and under
-    OUT's lock, so a staging folder left by a killed prepare is removed by the next one). ``swap_in`` moves
-    the old set's lists (``train.list`` first: OUT is no data root while it changes), record and case
-    folders into the staging folder, the new ones into OUT (``train.list`` last), and removes the staging
-    folder with the old set in it. Any failure before ``swap_in`` leaves the old set exactly as it was and
-    removes the staging folder; a first prepare that fails leaves no OUT behind (nothing a reader could
-    take for a data set).
+    ``overwrite``; a case of the new set found at either of its places (``layout.case_places``: ``cases/<id>.h5``,
+    or the release folder an older prepare wrote) that is not the old set's is refused; links at the set's
+    places are refused (``files.subfolder``). Cases (``cases/<id>.h5``), ``dataset.json`` and lists are written
+    into a staging folder *inside* OUT (``.prepare-XXXX``: on OUT's file system, so the swap is renames, and
+    under OUT's lock, so a staging folder left by a killed prepare is removed by the next one). ``swap_in``
+    moves the old set's lists (``train.list`` first: OUT is no data root while it changes), record and case
+    files (at either place: a set an older prepare wrote in the release layout goes as well) into the staging
+    folder, the new ones into OUT (``train.list`` last), and removes the staging folder with the old set in
+    it. Any failure before ``swap_in`` leaves the old set exactly as it was and removes the staging folder; a
+    first prepare that fails leaves no OUT behind (nothing a reader could take for a data set).
     """
 
     STAGING_PREFIX = ".prepare-"
@@ -45,13 +46,14 @@ class OutputFolder:
         try:
             self.lock = files.FolderLock(out, "OUT", "prepare")  # first the lock, then the look
             self.old = self._existing_set()
-            images = layout.IMAGES_DIR
-            files.subfolder(out, images)
+            files.subfolder(out, layout.CASES_DIR)
+            if os.path.lexists(out / layout.IMAGES_DIR):  # an older prepare's set: its cases move out from there
+                files.subfolder(out, layout.IMAGES_DIR)  # (a link is refused: nothing is moved out of another folder)
             for case_id in self.case_ids:
-                there = out / images / case_id
-                if os.path.lexists(there) and case_id not in self.old.get("cases", {}):
-                    raise DataError(f"output folder {out}: {there} exists and is not part of a prepared set there; "
-                                    "choose another folder")
+                for there in layout.case_places(out, case_id):
+                    if os.path.lexists(there) and case_id not in self.old.get("cases", {}):
+                        raise DataError(f"output folder {out}: {there} exists and is not part of a prepared set "
+                                        "there; choose another folder")
             for stale in out.glob(self.STAGING_PREFIX + "*"):  # left by a killed prepare (we hold the lock)
                 files.remove(out, stale.name)
             self.staging = Path(tempfile.mkdtemp(prefix=self.STAGING_PREFIX, dir=out))
@@ -90,22 +92,25 @@ class OutputFolder:
                             f"({files.describe(e)})") from None
 
     def swap_in(self) -> None:
-        out, staging, images = self.out, self.staging, layout.IMAGES_DIR
+        out, staging = self.out, self.staging
         old = staging / "replaced"  # the old set goes here, and with the staging folder
-        (old / images).mkdir(parents=True)
+        for folder in (layout.CASES_DIR, layout.IMAGES_DIR):
+            (old / folder).mkdir(parents=True)
         for name in SWAP_ORDER:
             if os.path.lexists(out / name):
                 os.rename(out / name, old / name)  # a link is moved as the link
         for case_id in self.old.get("cases", {}):
-            if os.path.lexists(out / images / case_id):
-                os.rename(out / images / case_id, old / images / case_id)
+            for there, aside in zip(layout.case_places(out, case_id), layout.case_places(old, case_id)):
+                if os.path.lexists(there):
+                    os.rename(there, aside)
         for case_id in self.case_ids:
-            os.rename(staging / images / case_id, out / images / case_id)
+            os.rename(layout.prepared_case_path(staging, case_id), layout.prepared_case_path(out, case_id))
         for name in reversed(SWAP_ORDER):
             if (staging / name).is_file():
                 os.rename(staging / name, out / name)
         files.remove(out, staging.name)
         self.staging = None
+        self._remove_if_empty(layout.IMAGES_DIR)  # the release layout of an older prepare's set, emptied
 
     def __exit__(self, kind, error, trace) -> None:
         if kind is not None:
@@ -121,14 +126,18 @@ class OutputFolder:
             self.staging = None
         if self.lock is None:  # never locked: the folder is not ours to tidy
             return
-        images = self.out / layout.IMAGES_DIR
-        if images.is_dir() and not images.is_symlink() and not any(images.iterdir()):
-            images.rmdir()
+        self._remove_if_empty(layout.CASES_DIR)
         if {p.name for p in self.out.iterdir()} <= {files.LOCK_NAME}:
             files.remove(self.out, files.LOCK_NAME)
             if self.created:
                 self.out.rmdir()
         self.lock.release()
+
+    def _remove_if_empty(self, name: str) -> None:
+        """``OUT/name`` goes when it is a real folder with nothing in it."""
+        folder = self.out / name
+        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _prepared_record(path: Path) -> dict | None:

@@ -1,15 +1,16 @@
-"""``python -m uamt_fast.data prepare SRC OUT --preset NAME``: any source folder -> the layout train.py reads.
+"""``python -m uamt_fast.data prepare SRC OUT [--preset NAME]``: any source folder -> the layout train.py reads.
 
 SRC is a Decathlon, nnU-Net v2 raw or plain NIfTI folder (``uamt_fast.data.formats``). OUT gets::
 
     OUT/train.list, OUT/test.list, OUT/unlabeled.list (only when there are unlabeled cases)
-    OUT/2018LA_Seg_Training Set/<id>/mri_norm2.h5   image float32 (X, Y, Z), one input channel;
+    OUT/cases/<id>.h5                                image float32 (X, Y, Z), one input channel;
                                                      label uint8 (X, Y, Z) in 0..C-1 (none for unlabeled cases)
                                                      and 255 where not annotated (nnU-Net's "ignore" label)
     OUT/dataset.json                                 format "uamt_fast.prepared/1": classes, labels, channel,
                                                      "ignore_label": 255 when the source declares "ignore",
-                                                     patch and strides for train.py, split, and per case
-                                                     everything done to it (to map a prediction back)
+                                                     patch, strides and batch for train.py, split, the plan
+                                                     (--preset auto) and per case everything done to it (to
+                                                     map a prediction back)
 
 Per case the record holds: ``role``; ``files`` (``image``: [the channel file read], ``label``: file or null)
 and their ``sha256``; ``orientation_original`` (e.g. "LPS"), ``affine_original``, ``shape_original`` and
@@ -19,18 +20,26 @@ axis in that grid), ``shape`` and ``affine`` of the stored arrays; ``intensity``
 ``label_map`` (source value -> stored value). A prediction on the stored grid goes back to the source
 image's grid by resampling it (nearest) from ``affine`` to ``shape_original`` / ``affine_original``.
 
-Each case, with MONAI's transforms: ``Orientationd`` to RAS; ``Spacingd`` to the preset's spacing (image
-bilinear, label nearest); a CT window ``ScaleIntensityRanged`` to [0, 1]; ``CropForegroundd`` on the image
-(never on a label); an MR z-score ``NormalizeIntensityd`` with the statistics recorded. An unlabeled case
-is never given a label file to open: its ``SourceCase.label`` is None from ``formats`` on.
+``--preset auto`` (the default) plans from the data set before any case is written, as nnU-Net v2 does
+(``uamt_fast.data.planning``): a fingerprint of the training cases (labeled and unlabeled; never a test case),
+then the target spacing, the crop to the non-zero region, the normalisation (CT: clipped and z-scored with the
+data set's foreground statistics; anything else: z-scored per case), patch, strides and batch; prepare prints
+the plan and records it as ``plan`` (each decision with its value and how it was derived). The other presets
+(``uamt_fast.data.presets``) are fixed benchmark settings; ``none`` only orients and checks.
+
+Each case, with MONAI's transforms: ``Orientationd`` to RAS; ``Spacingd`` to the preset's (or plan's) spacing
+(image bilinear, label nearest); a CT window ``ScaleIntensityRanged`` to [0, 1]; ``CropForegroundd`` on the
+image (never on a label: its positive voxels after the window, or with auto its non-zero voxels); an MR z-score
+``NormalizeIntensityd`` with the statistics recorded, or auto's normalisation (``planning.normalize``). An
+unlabeled case is never given a label file to open: its ``SourceCase.label`` is None from ``formats`` on.
 
 Writes are crash-safe: each h5 is written under a temporary name and renamed; ``dataset.json`` and then
 the lists (``train.list`` last) are written after every case, each atomically. A prepare that stops early
 leaves no list, so nothing reads its cases. MONAI and nibabel are the optional extra ``uamt_fast[data]``
 and are imported only when a prepare runs.
 
-The presets live in ``uamt_fast.data.presets``; OUT while a prepare runs (its lock, the staging folder, the swap)
-in ``uamt_fast.data.output_folder``.
+The presets live in ``uamt_fast.data.presets``, the auto plan in ``uamt_fast.data.planning``; OUT while a
+prepare runs (its lock, the staging folder, the swap) in ``uamt_fast.data.output_folder``.
 """
 from __future__ import annotations
 
@@ -43,8 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
-from uamt_fast import cli, files
-from uamt_fast.data import formats, layout
+from uamt_fast import cli, files, progress
+from uamt_fast.data import formats, layout, planning
 from uamt_fast.data.layout import DataError
 from uamt_fast.data.output_folder import LISTS, OutputFolder
 from uamt_fast.data.presets import PRESETS, Preset
@@ -52,6 +61,7 @@ from uamt_fast.data.presets import PRESETS, Preset
 FORMAT = layout.RECORD_FORMAT
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # NIfTI world axes (nibabel's convention): RAS+
 IGNORE_NAME = "ignore"  # nnU-Net v2's reserved label name: voxels not annotated (stored as layout.IGNORE_LABEL)
+AUTO_TEST_FRACTION = 0.2  # the hold-out without imagesTs or a flag: the LA release's 20 test of 100 scans
 
 
 @dataclass
@@ -69,6 +79,7 @@ class Plan:
     roles: dict[str, str]  # case id -> role
     split: dict
     ignore: int | None = None  # source value of nnU-Net's "ignore" label (stored as layout.IGNORE_LABEL); None: none
+    data_plan: dict | None = None  # --preset auto: the plan made from the data (planning.make_plan); else None
 
 
 # ----------------------------------------------------------------------------- the command
@@ -80,8 +91,10 @@ def add_command(commands, fmt: dict) -> None:
                             "dataset.json record of every step. Needs pip install 'uamt_fast[data]'.", **fmt)
     p.add_argument("src", help="source folder (dataset.json + imagesTr/labelsTr/imagesTs, or NIfTI files)")
     p.add_argument("out", help="output folder (created; refused if it holds a prepared set, unless --overwrite)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="la",
-                   help="benchmark settings: spacing, intensity, crop, channel, labels, patch, strides (default: la)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="auto",
+                   help="auto: spacing, intensity, crop, patch, strides planned from the data as nnU-Net v2 does; "
+                   "la, pancreas, brats2019: a benchmark's fixed settings (the LA h5 release needs no prepare; la is "
+                   "LA exported to NIfTI); none: orientation and the checks only (default: auto)")
     p.add_argument("--channel", action="append", metavar="NAME|INDEX",
                    help="the input channel, by name (dataset.json) or index (default: the preset's, or the only one)")
     p.add_argument("--unlabeled", metavar="DIR", help="a folder of NIfTI images to add as unlabeled cases")
@@ -102,22 +115,24 @@ def run(args) -> int:
     """Run ``prepare`` from parsed arguments: 0, or 2 after one line on stderr for bad input. (It prints the
     error itself: under ``python -m uamt_fast.data`` the caller's DataError is ``__main__``'s, not this one.)"""
     try:
-        record = prepare(args.src, args.out, args.preset, channel=args.channel, unlabeled=args.unlabeled,
-                         test_fraction=args.test_fraction, test_count=args.test_count, seed=args.seed,
-                         workers=args.workers, overwrite=args.overwrite)
+        record, seconds = progress.timed(prepare, args.src, args.out, args.preset, channel=args.channel,
+                                         unlabeled=args.unlabeled, test_fraction=args.test_fraction,
+                                         test_count=args.test_count, seed=args.seed, workers=args.workers,
+                                         overwrite=args.overwrite)
     except (DataError, files.FolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     roles = [c["role"] for c in record["cases"].values()]
     print(f"prepared {roles.count('labeled')} labeled, {roles.count('unlabeled')} unlabeled, {roles.count('test')} "
           f"test cases ({record['num_classes']} classes, channel {record['channel']!r}, preset {args.preset}) in "
-          f"{args.out}; test cases: {record['split']['test']}")
+          f"{args.out} in {seconds:.1f} s; test cases: {record['split']['test']}")
     return 0
 
 
-def prepare(src, out, preset: str = "la", *, channel=None, unlabeled=None, test_fraction=None, test_count=None,
+def prepare(src, out, preset: str = "auto", *, channel=None, unlabeled=None, test_fraction=None, test_count=None,
             seed: int = 0, workers: int = 1, overwrite: bool = False) -> dict:
-    """Prepare ``src`` into ``out`` (see the module docstring); returns the dataset.json record."""
+    """Prepare ``src`` into ``out`` (see the module docstring); returns the dataset.json record. With ``auto``
+    the plan is printed (stdout) before any case is written."""
     _require_extra()
     src, out = Path(src), Path(out)
     if preset not in PRESETS:
@@ -125,7 +140,11 @@ def prepare(src, out, preset: str = "la", *, channel=None, unlabeled=None, test_
     source = formats.read_source(src, unlabeled)
     if src.resolve() == out.resolve() or src.resolve() in out.resolve().parents:
         raise DataError(f"output folder {out} is inside the source folder {src}; choose a folder outside it")
-    plan = _plan(preset, source, channel, test_fraction, test_count, seed)
+    plan = _plan(preset, source, channel, test_fraction, test_count, seed, workers)
+    for line in planning.describe(plan.data_plan) if plan.data_plan is not None else []:
+        print(line, flush=True)
+    for note in source.notes:  # images added as unlabeled (formats), classes merged, test cases drawn (_split)
+        print(note, flush=True)
     with OutputFolder(out, overwrite, list(plan.roles)) as target:  # one prepare a folder; the old set until the end
         cases = [c for c in source.cases if c.id in plan.roles]
         records = _prepare_all(cases, plan, target.staging, workers)
@@ -140,7 +159,9 @@ def _record(plan: Plan, source: formats.Source, src: Path, cases, records: dict)
     record = {"format": FORMAT, "preset": plan.preset_name, "num_classes": len(plan.labels), "labels": plan.labels,
               **({} if plan.ignore is None else {"ignore_label": layout.IGNORE_LABEL}),  # not annotated: no class
               "channel": plan.channel_name,
-              "train": {"patch": list(p.patch), "eval_stride_xy": p.stride_xy, "eval_stride_z": p.stride_z},
+              "train": {"patch": list(p.patch), "eval_stride_xy": p.stride_xy, "eval_stride_z": p.stride_z,
+                        "batch_labeled": p.batch_labeled, "batch_unlabeled": p.batch_unlabeled},
+              **({} if plan.data_plan is None else {"plan": plan.data_plan}),  # --preset auto: what and how
               "source": {"path": str(src.resolve()), "layout": source.layout}, "split": plan.split,
               "cases": {c.id: records[c.id] for c in cases}}
     return record
@@ -156,12 +177,22 @@ def _require_extra() -> None:
 
 
 # ----------------------------------------------------------------------------- the plan
-def _plan(preset_name: str, source: formats.Source, channel, test_fraction, test_count, seed) -> Plan:
+def _plan(preset_name: str, source: formats.Source, channel, test_fraction, test_count, seed, workers=1) -> Plan:
     preset = PRESETS[preset_name]
     index, name = _pick_channel(source, preset, channel)
     allowed, lut, labels, ignore = _label_plan(preset_name, preset, source)
     split, roles = _split(preset, source, test_fraction, test_count, seed)
-    return Plan(preset_name, preset, source, index, name, allowed, lut, labels, roles, split, ignore)
+    plan = Plan(preset_name, preset, source, index, name, allowed, lut, labels, roles, split, ignore)
+    if preset_name == "auto":  # planned from the training cases (labeled, unlabeled), read and checked once each
+        def read(case):
+            _, image, affine, label, _ = _read_case(case, plan)
+            return image, affine, label, plan.ignore
+
+        training = [c for c in source.cases if roles.get(c.id) in ("labeled", "unlabeled")]
+        found = planning.fingerprint(training, read, workers)
+        plan.data_plan = planning.make_plan(found, name, source.layout != "nifti")  # plain NIfTI names no channel
+        plan.preset = planning.preset_of_plan(plan.data_plan)
+    return plan
 
 
 def _pick_channel(source: formats.Source, preset: Preset, channel) -> tuple[int, str]:
@@ -171,7 +202,7 @@ def _pick_channel(source: formats.Source, preset: Preset, channel) -> tuple[int,
         raise DataError(f"--channel names {len(asked)} channels ({', '.join(asked)}); the trainer reads one input "
                         f"channel: give one --channel")
     wanted = asked[0] if asked else preset.channel
-    if wanted is None or (not asked and len(names) == 1):
+    if wanted is None:  # (a preset that names its channel, brats2019's FLAIR, gets that one or a refusal)
         if len(names) > 1:
             raise DataError(f"{source.path} has {len(names)} input channels ({', '.join(names)}); the trainer reads "
                             f"one channel: choose it with --channel NAME|INDEX")
@@ -181,7 +212,8 @@ def _pick_channel(source: formats.Source, preset: Preset, channel) -> tuple[int,
     found = [k for k, n in enumerate(names) if n.lower() == wanted.lower()]
     if not found:
         raise DataError(f"{'--channel' if asked else 'preset channel'} {wanted!r}: not a channel of {source.path} "
-                        f"(channels: {', '.join(f'{k}={n}' for k, n in enumerate(names))})")
+                        f"(channels: {', '.join(f'{k}={n}' for k, n in enumerate(names))})"
+                        + ("" if asked else f"; if one of them is the {wanted} scan, name it with --channel"))
     return found[0], names[found[0]]
 
 
@@ -192,7 +224,7 @@ def _label_plan(preset_name: str, preset: Preset, source: formats.Source):
     nnU-Net v2's ignore label (a label named exactly "ignore" in dataset.json, nnU-Net's
     documentation/ignore_label.md): voxels that are not annotated. It must be the highest label value; it is
     no class (the class count leaves it out) and is stored as ``layout.IGNORE_LABEL``, which the losses and
-    metrics leave out."""
+    metrics leave out. A preset that merges the classes (brats2019: whole tumour) says which in ``source.notes``."""
     declared, ignore = source.labels, None
     if declared and IGNORE_NAME in declared:
         ignore, highest = declared[IGNORE_NAME], max(declared.values())
@@ -204,6 +236,11 @@ def _label_plan(preset_name: str, preset: Preset, source: formats.Source):
     extra = {} if ignore is None else {ignore: layout.IGNORE_LABEL}
     if preset.foreground:  # whole tumour: any declared values, every value > 0 -> 1
         lut = None if ignore is None else {v: int(v > 0) for v in declared.values()} | extra
+        merged = [f"{n} ({v})" for n, v in sorted((declared or {}).items(), key=lambda kv: kv[1]) if v > 0]
+        target = next(n for n, v in preset.labels.items() if v == 1)
+        source.notes.append(f"preset {preset_name}: every label > 0 becomes class 1, {target!r}: "
+                            + (f"{', '.join(merged)} merged" if merged else "the label files' values > 0 merged")
+                            + "; --preset auto keeps each class")
         return (set(declared.values()) | set(extra) if declared else None), lut, dict(preset.labels), ignore
     if preset.labels is not None:
         values = set(preset.labels.values())
@@ -234,7 +271,11 @@ def _observed_values(source: formats.Source) -> set[int]:
 
 
 def _split(preset: Preset, source: formats.Source, test_fraction, test_count, seed) -> tuple[dict, dict]:
-    """The case lists (``split["order"]``), how the test cases were chosen, and each case's role."""
+    """The case lists (``split["order"]``), how the test cases were chosen, and each case's role.
+
+    The test cases: imagesTs with labelsTs where SRC has them; else --test-count / --test-fraction; else the
+    preset's fixed split (pancreas); else the automatic hold-out, ``AUTO_TEST_FRACTION`` of the labeled cases
+    (at least 1, leaving at least 1), drawn as the flags draw (seeded by --seed) and named in ``source.notes``."""
     dropped = sorted(c.id for c in source.cases if preset.drop and _number(c.id, None) in preset.drop)
     cases = [c for c in source.cases if c.id not in dropped]
     labeled = sorted(c.id for c in cases if c.role == "labeled")
@@ -247,23 +288,31 @@ def _split(preset: Preset, source: formats.Source, test_fraction, test_count, se
             raise DataError(f"{source.path} has imagesTs with labelsTs (the test cases); --test-fraction / "
                             f"--test-count would hold out more: drop the flag")
         test, train, split["test"] = given_test, labeled, "imagesTs with labelsTs"
-    elif held:
-        n = test_count if test_count is not None else round(test_fraction * len(labeled))
+    elif held or not preset.split:  # a seeded draw: the flag's count, else the automatic hold-out
+        if held:
+            n = test_count if test_count is not None else round(test_fraction * len(labeled))
+            who = "--test-count" if test_count is not None else "--test-fraction"
+            how = f"--test-count {n}" if test_count is not None else f"--test-fraction {test_fraction}"
+        else:  # the LA release's own proportion (80 training, 20 test scans), at least 1, leaving at least 1
+            n = min(max(1, round(AUTO_TEST_FRACTION * len(labeled))), len(labeled) - 1)
+            who = "the automatic hold-out (the default without imagesTs and labelsTs)"
+            how = f"automatic hold-out: {AUTO_TEST_FRACTION:.0%} of the labeled cases, at least 1, leaving at least 1"
         if not 1 <= n < len(labeled):
-            raise DataError(f"{'--test-count' if test_count is not None else '--test-fraction'}: holds out {n} of "
-                            f"{len(labeled)} labeled cases; need at least 1 test and 1 training case")
+            raise DataError(f"{source.path}: {who} holds out {n} of {len(labeled)} labeled cases; need at least 1 "
+                            "test and 1 training case" + ("" if held else " (add labeled cases, or test cases in "
+                                                                           "imagesTs with labelsTs)"))
         drawn = np.random.default_rng(seed).permutation(len(labeled))[:n]
         test = sorted(labeled[k] for k in drawn)
         train = [i for i in labeled if i not in set(test)]
-        how = f"--test-count {n}" if test_count is not None else f"--test-fraction {test_fraction}"
         split.update(test=f"{how}: {n} of {len(labeled)} labeled cases drawn with numpy default_rng(seed)"
                           f".permutation of the sorted ids", seed=seed)
-    elif preset.split:
+        if not held:
+            source.notes.append(f"test cases: {', '.join(test)} ({n} of {len(labeled)} labeled cases held out: "
+                                f"{AUTO_TEST_FRACTION:.0%}, seed {seed}; --test-count N / --test-fraction F / --seed S "
+                                "draw others)")
+    else:
         train, test = _preset_split(preset, labeled, source)
         split["test"] = "the preset's fixed split"
-    else:
-        raise DataError(f"{source.path}: no test cases (no imagesTs with labelsTs); hold some labeled cases out with "
-                        f"--test-fraction F or --test-count N")
     if not train:
         raise DataError(f"{source.path}: no labeled training case left after taking the test cases")
     fixed = preset.split and not held and not given_test
@@ -295,25 +344,21 @@ def _number(case_id: str, where) -> int | None:
 # ----------------------------------------------------------------------------- the cases
 def _prepare_all(cases, plan: Plan, staging: Path, workers: int) -> dict[str, dict]:
     """Prepare every case into the staging folder in a thread pool (nibabel, zlib, torch and h5py release the
-    GIL for the heavy parts); a progress bar on stderr when it is a terminal. On the first error the other
-    cases are cancelled (the caller removes the staging folder)."""
-    records = {}
-    bar = sys.stderr.isatty()
+    GIL for the heavy parts); a line a case on stdout as it finishes (``[3/20] case_003 4.1 s (ETA ...)``,
+    counted in the order they finish). On the first error the other cases are cancelled (the caller removes the
+    staging folder)."""
+    records, shown = {}, progress.CaseProgress(len(cases))
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(cases)))) as pool:
-        futures = {pool.submit(_prepare_case, case, plan, staging): case for case in cases}
+        futures = {pool.submit(progress.timed, _prepare_case, case, plan, staging): case for case in cases}
         try:
-            for done, future in enumerate(as_completed(futures), 1):
+            for future in as_completed(futures):
                 case = futures[future]
-                records[case.id] = future.result()
-                if bar:
-                    print(f"\rprepare: {done}/{len(cases)} cases", end="" if done < len(cases) else "\n",
-                          file=sys.stderr, flush=True)
+                records[case.id], seconds = future.result()
+                shown.finished(case.id, seconds)
         except BaseException:
             for f in futures:
                 f.cancel()
             pool.shutdown(wait=True)
-            if bar:
-                print(file=sys.stderr)
             raise
     return records
 
@@ -342,17 +387,13 @@ def transform_case(case: formats.SourceCase, plan: Plan) -> tuple[np.ndarray, np
     )
 
     p = plan.preset
-    image_file = case.images[0] if case.channels_in_file else case.images[plan.channel_index]
-    image, affine = formats.read_volume(image_file, plan.channel_index if case.channels_in_file else None)
-    _check_image(image, image_file)
+    image_file, image, affine, label, values = _read_case(case, plan)
     read = {"image": [_rel(image_file, plan.source.path)], "label": None}
     hashes = {read["image"][0]: files.sha256(image_file)}
     d = {"image": MetaTensor(torch.from_numpy(np.ascontiguousarray(image, np.float32)[None]),
                              affine=torch.from_numpy(affine))}
     label_map = None
-    if case.label is not None:  # labeled and test cases only
-        label, label_affine = formats.read_volume(case.label)
-        values = _check_label(label, label_affine, image.shape, affine, case.label, plan)
+    if label is not None:  # labeled and test cases only
         lut = plan.lut if plan.lut is not None else {v: int(v > 0) for v in values}
         label_map = {str(v): lut[v] for v in sorted(lut)}
         target = np.zeros(label.shape, np.uint8)
@@ -373,11 +414,16 @@ def transform_case(case: formats.SourceCase, plan: Plan) -> tuple[np.ndarray, np
         d = ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(d)
         intensity.update(window=[lo, hi], range=[0.0, 1.0])
     crop_box = [[0, s] for s in shape_resampled]
-    if p.crop:  # the image's positive voxels (body after the CT window, brain in MR): never the label
-        d = CropForegroundd(keys, source_key="image", allow_smaller=True)(d)
+    if p.crop:  # the image's positive voxels (body after the CT window, brain in MR) or, with auto, its
+        # non-zero ones on the raw intensities (nnU-Net crop_to_nonzero, before its normalisation): never the label.
+        # (nnU-Net crops and normalises before it resamples; here every preset resamples first, so crop_box is in
+        # the resampled grid for all; the bilinear resampling moves the non-zero border by at most a voxel.)
+        select = {"select_fn": lambda x: x != 0} if p.crop == "nonzero" else {}  # (MONAI's default: x > 0)
+        d = CropForegroundd(keys, source_key="image", allow_smaller=True, **select)(d)
         crop_box = [[int(a), int(b)] for a, b in zip(d["foreground_start_coord"], d["foreground_end_coord"])]
         if any(b <= a for a, b in crop_box):
-            raise DataError(f"{image_file}: no positive voxel to crop to after the {p.intensity['kind']} step")
+            raise DataError(f"{image_file}: no {'non-zero' if p.crop == 'nonzero' else 'positive'} voxel to crop "
+                            f"to after the {p.intensity['kind']} step")
     if p.intensity["kind"] == "zscore":
         percentile = p.intensity["clip_percentile"]
         upper = float(np.percentile(d["image"].numpy(), percentile))
@@ -390,6 +436,9 @@ def transform_case(case: formats.SourceCase, plan: Plan) -> tuple[np.ndarray, np
         d = NormalizeIntensityd("image", subtrahend=mean, divisor=std)(d)
         intensity.update(over="voxels > 0", mean=mean, std=std, clip_percentile=percentile, clip_upper=upper)
     out_image = np.ascontiguousarray(d["image"].numpy()[0], np.float32)
+    if p.intensity["kind"] in ("ct_normalization", "zscore_normalization"):  # auto's plan, after the crop as nnU-Net's
+        out_image, used = planning.normalize(out_image, p.intensity)
+        intensity.update(used)
     out_label = None if "label" not in d else np.ascontiguousarray(np.rint(d["label"].numpy()[0]), np.uint8)
     if not np.isfinite(out_image).all():
         raise DataError(f"{image_file}: non-finite values after the {p.intensity['kind']} step")
@@ -401,6 +450,19 @@ def transform_case(case: formats.SourceCase, plan: Plan) -> tuple[np.ndarray, np
               "shape_resampled": shape_resampled, "crop_box": crop_box, "shape": list(out_image.shape),
               "affine": final_affine.tolist(), "intensity": intensity, "label_map": label_map}
     return out_image, out_label, record
+
+
+def _read_case(case: formats.SourceCase, plan: Plan):
+    """``(image file, image, affine, label or None, the label's distinct values or None)`` of one case, read
+    (the plan's channel) and checked: the image (``_check_image``) and, where the case has one, its label
+    against the image's grid and the plan's label values (``_check_label``)."""
+    image_file = case.images[0] if case.channels_in_file else case.images[plan.channel_index]
+    image, affine = formats.read_volume(image_file, plan.channel_index if case.channels_in_file else None)
+    _check_image(image, image_file)
+    if case.label is None:
+        return image_file, image, affine, None, None
+    label, label_affine = formats.read_volume(case.label)
+    return image_file, image, affine, label, _check_label(label, label_affine, image.shape, affine, case.label, plan)
 
 
 def _check_image(image: np.ndarray, path: Path) -> None:
@@ -440,15 +502,17 @@ def _integer_values(label: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _write_case(out: Path, case_id: str, image: np.ndarray, label: np.ndarray | None) -> None:
-    """``<id>/mri_norm2.h5`` through ``files.atomic_write_h5``: a reader never sees a half-written file."""
+    """``cases/<id>.h5`` (``layout.prepared_case_path``) through ``files.atomic_write_h5``: a reader never sees a
+    half-written file."""
     def fill(f):
         f.create_dataset("image", data=image, compression="gzip", compression_opts=1)
         if label is not None:
             f.create_dataset("label", data=label, compression="gzip", compression_opts=1)
 
-    final = out / layout.IMAGES_DIR / case_id / layout.H5_NAME
+    final = layout.prepared_case_path(out, case_id)
     try:
-        files.atomic_write_h5(files.subfolder(out, layout.IMAGES_DIR, case_id) / layout.H5_NAME, fill)
+        files.subfolder(out, layout.CASES_DIR)
+        files.atomic_write_h5(final, fill)
     except (OSError, files.FolderError) as e:
         raise DataError(f"{final}: cannot write it ({files.describe(e) if isinstance(e, OSError) else e})") from None
 

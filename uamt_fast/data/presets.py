@@ -1,8 +1,10 @@
 """What ``prepare`` does for each benchmark (``--preset``), and the training settings it hands train.py.
 
-``PRESETS``: ``la`` (the UA-MT release), ``pancreas`` (NIH Pancreas-CT, MC-Net's split), ``brats2019`` (whole
-tumour on FLAIR, SSL4MIS's preprocessing) and ``none`` (orientation and the input checks only). Each preset
-cites, beside it, the code it follows.
+``PRESETS``: ``auto`` (prepare's default: planned from the data set by nnU-Net v2's rules,
+``uamt_fast.data.planning``; its entry here is a placeholder that the plan replaces), ``la`` (the UA-MT
+release, exported to NIfTI: the h5 release needs no prepare), ``pancreas`` (NIH Pancreas-CT, MC-Net's split),
+``brats2019`` (whole tumour on FLAIR, SSL4MIS's preprocessing) and ``none`` (orientation and the input checks
+only). Each preset cites, beside it, the code it follows.
 """
 from __future__ import annotations
 
@@ -15,13 +17,16 @@ class Preset:
 
     spacing: tuple[float, float, float] | None  # target mm (RAS axes); None keeps the source grid
     intensity: dict  # {"kind": "none"} | {"kind": "ct_window", "window": [lo, hi]} | {"kind": "zscore", ...}
-    crop: bool  # crop to the bounding box of the image's positive voxels (the body / the brain)
+    crop: str | None  # crop to the bounding box of the image's "positive" voxels (the body / the brain after the
+    # intensity step) or its "nonzero" ones (nnU-Net crop_to_nonzero, on the raw intensities); None: no crop
     channel: str | None  # the input channel by name (case-insensitive); None: the only one
     labels: dict | None  # target labels name -> value; None: the source's own (dataset.json or the files)
     foreground: bool  # every source label > 0 becomes 1 (BraTS whole tumour)
     patch: tuple[int, int, int]
     stride_xy: int
     stride_z: int
+    batch_labeled: int = 2  # crops a training step: the paper's 2 labeled + 2 unlabeled (UA-MT labeled_bs 2 of 4)
+    batch_unlabeled: int = 2
     split: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (train, test) case numbers, in order
     drop: tuple[int, ...] = ()  # case numbers never used
 
@@ -34,11 +39,15 @@ PANCREAS_TRAIN = (57, 18, 62, 31, 20, 17, 32, 79, 61, 64, 70, 19, 48, 76, 41, 52
 PANCREAS_TEST = (50, 59, 37, 60, 40, 74, 4, 46, 8, 54, 5, 73, 1, 39, 6, 67, 25, 51, 21, 9)
 
 PRESETS = {
+    # Planned from the data (uamt_fast.data.planning, nnU-Net v2's rules): prepare replaces this placeholder by
+    # planning.preset_of_plan(the plan) before any case is transformed; the source's own classes, as "none".
+    "auto": Preset(spacing=None, intensity={"kind": "planned"}, crop="nonzero", channel=None, labels=None,
+                   foreground=False, patch=(112, 112, 80), stride_xy=18, stride_z=4),
     # LA (2018 Atrial Segmentation Challenge, the UA-MT release's mri_norm2.h5): already 0.625 mm and
     # normalized per scan, so no resampling, no intensity change, no crop. Patch 112x112x80 and strides 18/4:
     # UA-MT code/test_LA.py and code/train_LA_meanteacher_certainty_unlabel.py (yulequan/UA-MT @80d0a34);
     # the same in DTC code/test_LA.py (HiLab-git/DTC @0b7cfed) and MC-Net mcnet/test_3d.py (ycwu1997/MC-Net @9a9730d).
-    "la": Preset(spacing=None, intensity={"kind": "none"}, crop=False, channel=None,
+    "la": Preset(spacing=None, intensity={"kind": "none"}, crop=None, channel=None,
                  labels={"background": 0, "left atrium": 1}, foreground=False, patch=(112, 112, 80), stride_xy=18,
                  stride_z=4),
     # NIH Pancreas-CT: MC-Net data/Pancreas/Pre-processing.ipynb (@3253f74) resamples to 1 mm (BSpline; here
@@ -50,7 +59,7 @@ PRESETS = {
     # literature uses; taken from that page as remembered, not from a stored copy). MC-Net's own lists still
     # hold both (image0025 in test, image0070 in train), so the split here is 61/19.
     "pancreas": Preset(spacing=(1.0, 1.0, 1.0), intensity={"kind": "ct_window", "window": [-125.0, 275.0]},
-                       crop=True, channel=None, labels={"background": 0, "pancreas": 1}, foreground=False,
+                       crop="positive", channel=None, labels={"background": 0, "pancreas": 1}, foreground=False,
                        patch=(96, 96, 96), stride_xy=16, stride_z=16, split=(PANCREAS_TRAIN, PANCREAS_TEST),
                        drop=(25, 70)),
     # BraTS 2019, whole tumour on FLAIR: SSL4MIS code/dataloaders/brats_proprecessing.py (HiLab-git/SSL4MIS
@@ -59,11 +68,11 @@ PRESETS = {
     # Patch 96^3 (train_uncertainty_aware_mean_teacher_3D.py @0fc63df), strides 64/64 (code/test_3D.py
     # @132771f and the validation in that training script).
     "brats2019": Preset(spacing=None, intensity={"kind": "zscore", "over": "positive", "clip_percentile": 99.9},
-                        crop=True, channel="FLAIR", labels={"background": 0, "whole tumour": 1}, foreground=True,
+                        crop="positive", channel="FLAIR", labels={"background": 0, "whole tumour": 1}, foreground=True,
                         patch=(96, 96, 96), stride_xy=64, stride_z=64),
     # Only canonical orientation and the input checks; classes from the source's labels; patch and strides are
     # train.py's defaults (Config.patch, eval_stride_xy, eval_stride_z).
-    "none": Preset(spacing=None, intensity={"kind": "none"}, crop=False, channel=None, labels=None, foreground=False,
+    "none": Preset(spacing=None, intensity={"kind": "none"}, crop=None, channel=None, labels=None, foreground=False,
                    patch=(112, 112, 80), stride_xy=18, stride_z=4),
 }
 

@@ -1,8 +1,10 @@
 """The record of a prepared set: the ``dataset.json`` that ``prepare`` writes into every root, read and checked.
 
 It holds the format (``RECORD_FORMAT``), ``num_classes``, ``labels``, the input ``channel``, the ``ignore_label``,
-the training settings (``train``: patch and strides), the ``source`` folder and per case its geometry
-(``cases``: spacing, shape, affine, ...). The LA release has none: then there are 2 classes at 0.625 mm.
+the training settings (``train``: patch, strides, batch), the ``plan`` of ``--preset auto`` (``planning``), the
+``source`` folder and per case its geometry (``cases``: spacing, shape, affine, ...). The LA release has none:
+then there are 2 classes at 0.625 mm. Records written before ``plan`` and the batch settings existed read as
+before (both are optional, except ``plan`` for an ``auto`` record).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from uamt_fast.data.layout import (
     as_roots,
     check_case_id,
 )
+from uamt_fast.data.planning import check_plan
 
 
 def read_record(roots) -> dict | None:
@@ -52,10 +55,12 @@ def read_record(roots) -> dict | None:
 def _check_record(record: dict, path: Path) -> None:
     """The fields of a prepared set's record that train.py and predict read, each of its type and shape, or a
     one-line DataError naming the file and the field: ``preset``, ``channel`` (strings), ``labels`` ({name: int}),
-    ``train`` (``patch``: 3 ints, ``eval_stride_xy`` / ``eval_stride_z``: ints >= 1), ``source`` (``path``,
-    ``layout``: strings) and per case of ``cases`` ({id: {...}}): ``spacing`` (3 mm values in (0, 1000)),
-    ``shape`` / ``shape_original`` (3 ints >= 1), ``affine`` / ``affine_original`` (``affine.check_affine``: a
-    singular or non-finite one would stop predict's map back after the inference) and ``files``. A field may be
+    ``train`` (``patch``: 3 ints, ``eval_stride_xy`` / ``eval_stride_z``: ints >= 1, ``batch_labeled`` >= 1,
+    ``batch_unlabeled`` >= 0), ``plan`` (required when ``preset`` is "auto": ``planning.check_plan``),
+    ``source`` (``path``, ``layout``: strings) and per case of ``cases`` ({id: {...}}): ``spacing`` (3 mm values
+    in (0, 1000)), ``shape`` / ``shape_original`` (3 ints >= 1), ``affine`` / ``affine_original``
+    (``affine.check_affine``: a singular or non-finite one would stop predict's map back after the inference)
+    and ``files``. A field may be
     absent (a hand-written record holds ``format`` and ``num_classes`` only); then its reader's default holds."""
     def refuse(field: str, value, expected: str):
         raise DataError(f"{path}: field {field} is {value!r:.80}; expected {expected}")
@@ -75,9 +80,11 @@ def _check_record(record: dict, path: Path) -> None:
         refuse("train", settings, 'an object {"patch": [x, y, z], "eval_stride_xy": n, "eval_stride_z": n}')
     if "patch" in settings and not sizes(settings["patch"], 1, math.inf, (int,)):
         refuse("train.patch", settings["patch"], "3 integers >= 1")
-    for key in ("eval_stride_xy", "eval_stride_z"):
-        if key in settings and not (type(settings[key]) is int and settings[key] >= 1):
-            refuse(f"train.{key}", settings[key], "an integer >= 1")
+    for key, low in (("eval_stride_xy", 1), ("eval_stride_z", 1), ("batch_labeled", 1), ("batch_unlabeled", 0)):
+        if key in settings and not (type(settings[key]) is int and settings[key] >= low):
+            refuse(f"train.{key}", settings[key], f"an integer >= {low}")
+    if "plan" in record or record.get("preset") == "auto":  # predict rebuilds an auto set's preprocessing from it
+        check_plan(record.get("plan"), str(path))
     source = record.get("source", {})
     if not isinstance(source, dict) or not all(isinstance(source.get(k, ""), str) for k in ("path", "layout")):
         refuse("source", source, 'an object {"path": folder, "layout": name}')

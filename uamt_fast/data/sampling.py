@@ -13,11 +13,13 @@ from uamt_fast.data.cases import Case
 from uamt_fast.data.layout import DataError
 
 
-def semi_supervised_split(train_ids, labeled: int) -> tuple[list[str], list[str]]:
-    """The paper's split: the first ``labeled`` ids are labeled, the rest unlabeled (16 of 80 = 20%)."""
+def semi_supervised_split(train_ids, labeled: int, name: str | None = None) -> tuple[list[str], list[str]]:
+    """The paper's split: the first ``labeled`` ids are labeled, the rest unlabeled (16 of 80 = 20%). ``name``: how
+    an error names the count (train.py: "--labeled 16 (the default for the LA release)"; else "labeled=16")."""
     train_ids = list(train_ids)
     if not 1 <= labeled <= len(train_ids):
-        raise DataError(f"labeled={labeled}: need 1 <= labeled <= {len(train_ids)} (the number of training ids)")
+        raise DataError(f"{name or f'labeled={labeled}'}: need 1 <= labeled <= {len(train_ids)} (the number of "
+                        "training ids)")
     return train_ids[:labeled], train_ids[labeled:]
 
 
@@ -41,17 +43,21 @@ class TwoStreamSampler:
     rows first (``IGNORE_LABEL`` where a voxel is not annotated; the zero padding is background). The unlabeled
     rows' labels are real labels where the case has one (-1 where it was read without), returned for logging
     only: a semi-supervised loss must not use them. ``last_case_ids`` names the rows of the last batch.
+    ``names``: how errors name ``patch_size`` and ``batch_labeled`` (train.py: its flags, with the value and where
+    it came from: "--patch 112 112 80 (the default)"); by default "patch_size (112, 112, 80)", "batch_labeled=2".
     """
 
     def __init__(self, labeled: list[Case], unlabeled: list[Case], patch_size=(112, 112, 80), batch_labeled: int = 2,
-                 batch_unlabeled: int = 2, seed: int = 0, device="cpu"):
+                 batch_unlabeled: int = 2, seed: int = 0, device="cpu", names: dict[str, str] | None = None):
         self.patch = tuple(int(p) for p in patch_size)
         if len(self.patch) != 3 or min(self.patch) < 1:
             raise DataError(f"patch_size {tuple(patch_size)}: need 3 positive sizes")
         if batch_labeled < 1 or batch_unlabeled < 0:
             raise DataError(f"batch_labeled={batch_labeled} must be >= 1 and batch_unlabeled={batch_unlabeled} >= 0")
+        names = {"patch_size": f"patch_size {self.patch}", "batch_labeled": f"batch_labeled={batch_labeled}",
+                 **(names or {})}
         if len(labeled) < batch_labeled:
-            raise DataError(f"{len(labeled)} labeled cases cannot fill batch_labeled={batch_labeled}")
+            raise DataError(f"{len(labeled)} labeled cases cannot fill {names['batch_labeled']}")
         if (batch_unlabeled > 0) != (len(unlabeled) > 0):
             raise DataError(f"batch_unlabeled={batch_unlabeled} with {len(unlabeled)} unlabeled cases: "
                             f"give unlabeled cases exactly when batch_unlabeled >= 1")
@@ -59,8 +65,8 @@ class TwoStreamSampler:
         in_plane = max(max(c.image.shape[:2]) for c in cases)  # rot90 swaps the in-plane axes
         largest = (in_plane, in_plane, max(c.image.shape[2] for c in cases))
         if any(p > s for p, s in zip(self.patch, largest)):
-            raise DataError(f"patch_size {self.patch} is larger than every volume (largest extents {largest}); "
-                            f"its crops would be mostly zero padding")
+            raise DataError(f"{names['patch_size']} is larger than every volume (largest extents {largest}); its "
+                            "crops would be mostly zero padding")
         self.batch_labeled, self.batch_unlabeled = batch_labeled, batch_unlabeled
         self.n_labeled = len(labeled)
         self.batches_per_epoch = len(labeled) // batch_labeled

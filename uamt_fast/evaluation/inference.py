@@ -11,6 +11,13 @@ For a volume (X, Y, Z) and a model trained on 112x112x80 crops:
 3. ``probs = sum_windows softmax(model(window)) / count`` (count = windows covering the voxel),
    ``labels = argmax_c probs``; crop the padding back off.
 
+``blend="gaussian"`` replaces step 3's plain average by an importance-weighted one, as MONAI's
+``sliding_window_inference(mode="gaussian")`` and nnU-Net v2's ``predict_sliding_window_return_logits`` do:
+``probs = sum_windows w * softmax(model(window)) / sum_windows w`` with ``w`` (``importance_map``) a Gaussian
+over the window, sigma 1/8 of its size per axis, so a voxel near a window's border counts little and the
+seams of the plain average (a jump wherever a window starts or ends) fade. ``"mean"`` stays the default: the
+protocol the paper's numbers were measured with.
+
 ``sliding_window_predict`` is the one entry point: ``evaluate`` (train.py --eval), ``python -m
 uamt_fast.predict`` and ``uamt_fast.figures`` all call it, so they see the same masks. For a model trained on
 k-times pooled volumes (``downsample`` k) the windows slide over the pooled image and the averaged softmax is
@@ -41,6 +48,9 @@ import torch.nn as nn
 from uamt_fast.evaluation.metrics import labelmap_metrics, summarize
 
 PATCH_SIZE = (112, 112, 80)  # the paper's training crop and test window
+BLENDS = ("mean", "gaussian")  # how overlapping windows are combined: the release's plain average | Gaussian weights
+GAUSSIAN_SIGMA_SCALE = 0.125  # sigma = 1/8 of the window per axis: MONAI's default sigma_scale, nnU-Net v2's 1/8
+MIN_WEIGHT = 1e-3  # the floor of the Gaussian weights (MONAI compute_importance_map's clamp)
 
 
 def window_starts(size: int, patch: int, stride: int) -> list[int]:
@@ -56,6 +66,28 @@ def centred_padding(shape: Sequence[int], patch_size: Sequence[int]) -> list[tup
     (step 1 above: ``lo = pad // 2``, ``hi = pad - lo``, ``pad = max(window - size, 0)``)."""
     pads = [max(p - s, 0) for s, p in zip(shape, patch_size)]
     return [(pad // 2, pad - pad // 2) for pad in pads]
+
+
+def importance_map(patch_size: Sequence[int], sigma_scale: float = GAUSSIAN_SIGMA_SCALE,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """The Gaussian weights (px, py, pz), float32, of ``blend="gaussian"``: per axis ``exp(-x^2 / (2 sigma^2))`` on
+    ``x = -(p-1)/2 .. (p-1)/2`` (centred on the window), ``sigma = sigma_scale * p``, their outer product, raised
+    to at least ``MIN_WEIGHT`` (so a voxel seen only by window corners is still divided by a nonzero sum).
+
+    The same computation as MONAI's ``monai.inferers.utils.compute_importance_map(patch_size, mode="gaussian",
+    sigma_scale=sigma_scale)`` (tests/evaluation/test_inference.py compares them), written out so that inference
+    does not need MONAI. nnU-Net v2's ``compute_gaussian`` (``inference/sliding_window_prediction.py``) takes the
+    same sigma, 1/8 of the window, but filters a delta at ``p // 2`` with scipy's ``gaussian_filter`` and weights
+    the network's logits; here, as in the release's average, the softmax is weighted.
+    """
+    weights = None
+    for axis, p in enumerate(int(p) for p in patch_size):
+        x = torch.arange(-(p - 1) / 2.0, (p - 1) / 2.0 + 1, dtype=torch.float32, device=device)
+        g = torch.exp(x**2 / (-2 * (p * sigma_scale) ** 2))  # (MONAI's expression: the same fp32 rounding)
+        weights = g if axis == 0 else weights.unsqueeze(-1) * g
+    if weights is None:
+        raise ValueError(f"importance_map: patch_size {tuple(patch_size)} has no axes")
+    return weights.clamp_(min=max(weights.min().item(), MIN_WEIGHT))
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -74,8 +106,10 @@ def sliding_window_predict(
     batch_size: int = 4,
     autocast_dtype: torch.dtype | None = None,
     downsample: int = 1,
+    blend: str = "mean",
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """Segment one volume with overlapping windows, averaging their softmax (the release's protocol).
+    """Segment one volume with overlapping windows, averaging their softmax (the release's protocol; with
+    ``blend="gaussian"`` a Gaussian-weighted average).
 
     The model is used as it is (call ``model.eval()`` first for deterministic inference; ``evaluate``
     does) and called as ``model(x)`` with ``x`` of shape ``(n, 1, *patch_size)``, float32, on the
@@ -94,11 +128,15 @@ def sliding_window_predict(
             pooled image (each voxel the mean of a k^3 block, a remainder smaller than k dropped); the
             averaged softmax is upsampled trilinearly back (each pooled voxel at the centre of its block,
             ``align_corners=False``) and the remainder voxels take their nearest neighbour's value.
+        blend: ``"mean"``: each window's softmax counts alike (the release's protocol, the paper's numbers);
+            ``"gaussian"``: weighted by ``importance_map(patch_size)`` and divided by the sum of the weights per
+            voxel (MONAI's and nnU-Net's blending: a window's border counts little, so the seams fade). Either
+            way the sums are fp32 and added window by window in the release's order.
 
     Returns:
         ``labels``: np.uint8 (X, Y, Z), the argmax class per voxel.
-        ``probs``: torch.float32 (num_classes, X, Y, Z) on the model's device, the averaged softmax, at the
-        full resolution of ``image``.
+        ``probs``: torch.float32 (num_classes, X, Y, Z) on the model's device, the averaged (blended) softmax,
+        at the full resolution of ``image``.
     """
     if image.ndim != 3:
         raise ValueError(f"sliding_window_predict: expected an image (X, Y, Z), got shape {tuple(image.shape)}")
@@ -112,7 +150,9 @@ def sliding_window_predict(
         raise ValueError(f"sliding_window_predict: num_classes must be >= 1, got {num_classes}")
     if isinstance(downsample, bool) or int(downsample) != downsample or downsample < 1:
         raise ValueError(f"sliding_window_predict: downsample must be a positive integer, got {downsample!r}")
-    args = (patch_size, stride_xy, stride_z, num_classes, batch_size, autocast_dtype)
+    if blend not in BLENDS:
+        raise ValueError(f"sliding_window_predict: blend must be one of {BLENDS}, got {blend!r}")
+    args = (patch_size, stride_xy, stride_z, num_classes, batch_size, autocast_dtype, blend)
     if downsample == 1:
         score = _averaged_softmax(model, image, *args)
     else:
@@ -126,7 +166,8 @@ def sliding_window_predict(
 
 
 def _averaged_softmax(model: nn.Module, image, patch_size: tuple[int, ...], stride_xy: int, stride_z: int,
-                      num_classes: int, batch_size: int, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+                      num_classes: int, batch_size: int, autocast_dtype: torch.dtype | None,
+                      blend: str) -> torch.Tensor:
     """``sliding_window_predict``'s probs at the resolution of ``image`` (arguments checked there)."""
     device = _model_device(model)
     volume = torch.as_tensor(image, dtype=torch.float32).to(device)
@@ -151,6 +192,11 @@ def _averaged_softmax(model: nn.Module, image, patch_size: tuple[int, ...], stri
                              f"window {p}: voxels {int((c == 0).nonzero()[0])}.. of the padded image are in no window")
         counts.append(c)
     count = counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
+    if blend == "gaussian":
+        # The weights' sum is kept voxel by voxel, window by window (the floor at MIN_WEIGHT makes the map
+        # not quite separable, so no outer product of per-axis sums), as a one-window loop would add it.
+        weights = importance_map(patch_size, device=device)
+        count = torch.zeros(volume.shape, dtype=torch.float32, device=device)
 
     autocast = (
         torch.autocast(device_type=device.type, dtype=autocast_dtype)
@@ -171,7 +217,11 @@ def _averaged_softmax(model: nn.Module, image, patch_size: tuple[int, ...], stri
             )
         probs = torch.softmax(logits.float(), dim=1)
         for k, (xs, ys, zs) in enumerate(batch):  # in window order, so the fp32 sums match the release
-            score[:, xs : xs + px, ys : ys + py, zs : zs + pz] += probs[k]
+            if blend == "mean":
+                score[:, xs : xs + px, ys : ys + py, zs : zs + pz] += probs[k]
+            else:
+                score[:, xs : xs + px, ys : ys + py, zs : zs + pz] += probs[k] * weights
+                count[xs : xs + px, ys : ys + py, zs : zs + pz] += weights
 
     score /= count
     crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(padding, size))
@@ -209,6 +259,7 @@ def evaluate(
     autocast_dtype: torch.dtype | None = None,
     progress: Callable[[dict], Any] | None = None,
     downsample: int = 1,
+    blend: str = "mean",
 ) -> dict:
     """Sliding-window predictions of every case of a split, scored like the paper's table.
 
@@ -219,7 +270,7 @@ def evaluate(
             each loaded by ``uamt_fast.data.load_case``) or a sequence of objects with ``.id``,
             ``.image`` (X, Y, Z) and ``.label`` (X, Y, Z).
         split: list name when ``data`` is a folder (``"test"`` reads test.list); unused otherwise.
-        patch_size, stride_xy, stride_z, num_classes, batch_size, autocast_dtype, downsample: as in
+        patch_size, stride_xy, stride_z, num_classes, batch_size, autocast_dtype, downsample, blend: as in
             ``sliding_window_predict`` (``downsample``: the labels are scored at full resolution).
         progress: called with each case's row once it is scored (e.g. ``progress=print``).
 
@@ -246,7 +297,7 @@ def evaluate(
                     f"label shape {tuple(case.label.shape)}"
                 )
             labels, _ = sliding_window_predict(model, case.image, patch_size, stride_xy, stride_z, num_classes,
-                                               batch_size, autocast_dtype, downsample)
+                                               batch_size, autocast_dtype, downsample, blend)
             # (the spacing, in mm, and the ignore label, where the case carries them: uamt_fast.data's cases do)
             row = {"case": str(case.id), **labelmap_metrics(labels, case.label, num_classes,
                                                            getattr(case, "spacing", None),
@@ -290,4 +341,5 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PATCH_SIZE", "centred_padding", "evaluate", "format_table", "sliding_window_predict", "window_starts"]
+__all__ = ["BLENDS", "GAUSSIAN_SIGMA_SCALE", "MIN_WEIGHT", "PATCH_SIZE", "centred_padding", "evaluate", "format_table",
+           "importance_map", "sliding_window_predict", "window_starts"]

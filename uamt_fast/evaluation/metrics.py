@@ -341,11 +341,16 @@ def case_metrics(pred: ArrayLike, gt: ArrayLike, spacing: Sequence[float] | None
 
 def _scaled_distances(query: np.ndarray, feature: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     """Exact distances (mm) from each query point to the nearest feature point, coordinates scaled by
-    ``spacing``: brute force in blocks (anisotropic grids only; borders are ~1e4 points)."""
+    ``spacing``: brute force in blocks (anisotropic grids only; borders are ~1e4 points).
+
+    ``sqrt(sum_a (q_a - f_a)^2)`` pair by pair, as scipy's EDT with ``sampling`` sums it: a point on both
+    borders is exactly 0 mm away. (torch.cdist's default for large inputs is the matmul form
+    ``|q|^2 + |f|^2 - 2 q.f``, which cancels catastrophically: hd95_mm 1.35e-06 where hd95 is 0.)"""
     f = torch.from_numpy(feature * spacing)
     q = torch.from_numpy(query * spacing)
     rows = max(1, _CHUNK_ELEMENTS // max(1, len(f)))
-    return torch.cat([torch.cdist(q[i:i + rows], f).amin(1) for i in range(0, len(q), rows)]).numpy()
+    return torch.cat([torch.cdist(q[i:i + rows], f, compute_mode="donot_use_mm_for_euclid_dist").amin(1)
+                      for i in range(0, len(q), rows)]).numpy()
 
 
 def labelmap_metrics(pred: ArrayLike, gt: ArrayLike, num_classes: int = 2,

@@ -5,7 +5,9 @@ softmax ``mu`` of T stochastic forwards (dropout on, batch norm in eval mode on 
 ``mc_dropout_mean`` stacks the T passes of each window in one batch, as the trainer stacks its teacher
 passes (``MeanOfPasses``), inside one ``uamt_fast.evaluation.inference.sliding_window_predict``; the mean of
 T whole sliding-window passes (``uamt_fast.figures.uncertainty_map``) is the same average (either way each
-window of each pass draws its own dropout masks).
+window of each pass draws its own dropout masks). The windows' means are combined as the masks' softmax is
+(``blend``: the plain average or the Gaussian weights, whose fainter window borders benchmarks/blend_seams.py
+measures), so the uncertainty written beside a mask is blended as the mask is.
 """
 from __future__ import annotations
 
@@ -46,14 +48,15 @@ class MeanOfPasses(nn.Module):
 
 def mc_dropout_mean(net: nn.Module, image: np.ndarray | torch.Tensor, passes: int, patch_size, stride_xy: int,
                     stride_z: int, num_classes: int, batch_size: int, autocast_dtype: torch.dtype | None = None,
-                    downsample: int = 1) -> torch.Tensor:
+                    downsample: int = 1, blend: str = "mean") -> torch.Tensor:
     """The mean softmax (C, X, Y, Z) of ``passes`` MC-dropout passes of ``net`` over ``image``: dropout on for the
     call (``uamt_fast.nets.vnet.mc_dropout``), each window's passes stacked, up to ``max(batch_size,
     min(passes, 16))`` patches a forward; the other arguments as in ``sliding_window_predict``."""
     with mc_dropout(net):
         per_forward = max(batch_size, min(passes, PASSES_PER_FORWARD))  # the windows' batch, or the passes
         return sliding_window_predict(MeanOfPasses(net, passes, per_forward), image, patch_size, stride_xy, stride_z,
-                                      num_classes, max(1, batch_size // passes), autocast_dtype, downsample)[1]
+                                      num_classes, max(1, batch_size // passes), autocast_dtype, downsample,
+                                      blend)[1]
 
 
 __all__ = ["MeanOfPasses", "PASSES_PER_FORWARD", "mc_dropout_mean", "predictive_entropy"]

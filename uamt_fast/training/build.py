@@ -12,21 +12,30 @@ import uamt_fast
 from uamt_fast import cli, data, files
 from uamt_fast.evaluation import selection
 from uamt_fast.nets.vnet import VNet
-from uamt_fast.training import checkpoints, distributed
-from uamt_fast.training.config import CONFIG_FIELDS, DEMO, RESUME_OVERRIDABLE, Config
+from uamt_fast.training import checkpoints, distributed, run_folder
+from uamt_fast.training.config import CONFIG_FIELDS, DEMO, LA_LABELED, RESUME_OVERRIDABLE, Config
 from uamt_fast.training.state import Parts
 from uamt_fast.training.step import student_losses
 
 
 # ----------------------------------------------------------------------------- the settings
 def make_config(given: dict) -> tuple[Config, dict | None]:
-    """Config from the flags (+ --demo sizes, or the saved config and checkpoint on --resume)."""
+    """Config from the flags (+ --demo sizes and the data's settings, or the saved config and checkpoint on
+    --resume). The --data roots become absolute paths: config.json and the checkpoints record them so, and
+    predict or --eval find the data from any working folder (config.json's argv keeps them as given). A new
+    run's values that the command line did not give carry where they came from (``Config.origins``: errors
+    say "--patch 112 112 80 (the default)"); --labeled 0 becomes the data's default (``resolve_labeled``)."""
+    if given.get("data"):
+        given = given | {"data": [os.path.abspath(root) for root in given["data"]]}
     if given.get("resume"):
         if given.get("overwrite"):
             raise ValueError("--resume continues a run and --overwrite would discard it: give one of them")
         path = Path(given["resume"]) / "checkpoint.pt"
         if not path.is_file():
-            raise ValueError(f"--resume {given['resume']}: no checkpoint.pt in that folder")
+            stopped = run_folder.run_files(path.parent)  # a run killed before its first checkpoint left these
+            raise ValueError(f"--resume {given['resume']}: no checkpoint.pt in that folder" + (
+                f"; the run there stopped before its first checkpoint (--save-every): start it again with --out "
+                f"{given['resume']} --overwrite" if stopped else ""))
         state = checkpoints.read(path, "--resume")
         missing = [k for k in checkpoints.TRAINING_KEYS if k not in state]
         if missing:
@@ -38,7 +47,28 @@ def make_config(given: dict) -> tuple[Config, dict | None]:
             raise ValueError(f"--resume: cannot change {', '.join(cli.flag(k) for k in sorted(changed))} "
                              f"of a run (allowed: {', '.join(sorted(RESUME_OVERRIDABLE))})")
         return Config(**(saved | given | {"out": given["resume"], "resume": given["resume"]})), state
-    return Config(**((DEMO if given.get("demo") else {}) | data_settings(given.get("data")) | given)), None
+    demo = DEMO if given.get("demo") else {}
+    brought = data_settings(given.get("data"))
+    origins = ({name: "the default" for name in CONFIG_FIELDS} | {name: "the --demo size" for name in demo}
+               | {name: f"the data set's {data.RECORD_NAME}" for name in brought})
+    cfg = Config(**(demo | brought | given), origins={k: v for k, v in origins.items() if k not in given})
+    if cfg.data and not cfg.eval:  # (--eval takes the checkpoint's own)
+        resolve_labeled(cfg)
+    return cfg, None
+
+
+def resolve_labeled(cfg: Config) -> None:
+    """``cfg.labeled`` 0 := the data's default: every id of a prepared set's train.list (its labeled training
+    cases: the unlabeled ones are in unlabeled.list), or the LA release's ``LA_LABELED`` (the paper's 16 of 80;
+    also for a Config made in code without data); its origin goes into ``cfg.origins``."""
+    if cfg.labeled:
+        return
+    if cfg.data and data.read_record(cfg.data) is not None:
+        cfg.labeled = len(data.read_list(cfg.data, "train"))
+        origin = "the default for a prepared set: all of its train.list"
+    else:
+        cfg.labeled, origin = LA_LABELED, "the default for the LA release"
+    cfg.origins["labeled"] = origin
 
 
 def saved_config(saved: dict, path: Path, flag: str) -> Config:
@@ -71,13 +101,15 @@ def load_split(cfg: Config, split: str):
 
 
 def data_settings(roots) -> dict:
-    """The settings a prepared data set brings (prepare's dataset.json: its class count, and its preset's
-    patch and sliding-window strides); flags given on the command line win. None for the LA release."""
+    """The settings a prepared data set brings (prepare's dataset.json: its class count, and its preset's or
+    auto plan's patch, sliding-window strides and batch; a record older than the batch fields has none); flags
+    given on the command line win. None for the LA release."""
     record = data.read_record(roots) if roots else None
     if record is None:
         return {}
     train_settings = record.get("train") or {}
-    settings = {k: train_settings[k] for k in ("patch", "eval_stride_xy", "eval_stride_z") if k in train_settings}
+    settings = {k: train_settings[k] for k in ("patch", "eval_stride_xy", "eval_stride_z", "batch_labeled",
+                                               "batch_unlabeled") if k in train_settings}
     return settings | {"num_classes": record["num_classes"]}
 
 
@@ -104,21 +136,26 @@ def build(cfg: Config, train_cases=None, rank: int = 0) -> Parts:
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)
     train_cases = load_split(cfg, "train") if train_cases is None else train_cases
-    labeled_ids, unlabeled_ids = data.semi_supervised_split([c.id for c in train_cases], cfg.labeled)
+    resolve_labeled(cfg)  # (a Config made in code: make_config resolved the command line's)
+    labeled_ids, unlabeled_ids = data.semi_supervised_split([c.id for c in train_cases], cfg.labeled,
+                                                            cfg.setting("labeled"))
     by_id = {c.id: c for c in train_cases}
     if cfg.method != "supervised" and cfg.data:  # prepare's unlabeled.list: images without labels
         extra = load_split(cfg, "unlabeled")
         by_id |= {c.id: c for c in extra}
         unlabeled_ids += [c.id for c in extra]
     if cfg.method != "supervised" and not unlabeled_ids:
-        raise ValueError(f"--labeled {cfg.labeled} leaves no unlabeled case for --method {cfg.method}")
+        raise ValueError(f"{cfg.setting('labeled')} leaves no unlabeled case for --method {cfg.method}: give a smaller "
+                         "--labeled (the rest of train.list trains as unlabeled), add unlabeled images (prepare "
+                         "--unlabeled DIR), or --method supervised")
     data_device = device if cfg.data_device == "auto" else torch.device(cfg.data_device)
     # (the sampler refuses a patch larger than every volume: its crops would be mostly zero padding)
     sampler = data.TwoStreamSampler(
         [by_id[i] for i in labeled_ids], [by_id[i] for i in unlabeled_ids] if cfg.method != "supervised" else [],
         patch_size=cfg.patch, batch_labeled=cfg.batch_labeled,
         batch_unlabeled=cfg.batch_unlabeled if cfg.method != "supervised" else 0,
-        device=data_device, seed=distributed.rank_seed(cfg.seed, rank))
+        device=data_device, seed=distributed.rank_seed(cfg.seed, rank),
+        names={"patch_size": cfg.setting("patch"), "batch_labeled": cfg.setting("batch_labeled")})
 
     memory_format = torch.channels_last_3d if (cfg.channels_last if cfg.channels_last is not None else cuda) \
         else torch.contiguous_format
@@ -194,4 +231,4 @@ def compile_cache(folder: str) -> None:
 
 
 __all__ = ["build", "compile_cache", "data_settings", "load_split", "make_config", "pick_device", "resolve_classes",
-           "saved_config"]
+           "resolve_labeled", "saved_config"]

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from uamt_fast import cli
+from uamt_fast.evaluation.inference import BLENDS
 from uamt_fast.nets.vnet import MAX_FILTERS
 
 DESCRIPTION = 'Train UA-MT (Yu et al., MICCAI 2019) on the left atrium MRI data set, fast, and evaluate it.'
@@ -49,7 +50,7 @@ class Config:
     # method
     method: str = "uamt"  # uamt | mt (no uncertainty mask) | mt-dice (soft-Dice consistency) | supervised (no teacher)
     consistency_on: str = "unlabeled"  # unlabeled (released code, paper's UA-MT-UN) | all (paper's UA-MT)
-    labeled: int = 16  # the first N ids of train.list are labeled, the rest unlabeled (paper: 8, 16, 24)
+    labeled: int = 0  # the first N ids of train.list are labeled, the rest unlabeled (paper: 8, 16, 24); 0: the data's default, every case of a prepared set's train.list (16 for the LA release)
     dropout: bool = True  # Dropout3d(0.5) in the V-Net ("Bayesian V-Net"); --no-dropout = vanilla V-Net
     n_filters: int = 16  # V-Net width of the first stage
     num_classes: int = 0  # classes incl. background; 0: the data's (prepare's dataset.json; 2 for the LA release)
@@ -96,13 +97,26 @@ class Config:
     eval_stride_xy: int = 18  # sliding-window stride in the axial plane (paper: 18)
     eval_stride_z: int = 4  # sliding-window stride along the last axis (paper: 4)
     eval_batch: int = 4  # windows per forward in the evaluation
+    blend: str = "mean"  # overlapping windows of the evaluation (and of predict, by default): mean (the paper's plain average) | gaussian (MONAI's / nnU-Net's weights, sigma 1/8 of the window: fainter seams at window borders)
     # torchrun (uamt_fast/distributed.py; no effect without it)
     sync_bn: bool = False  # batch-norm statistics over all ranks' crops (default: per rank, each rank's batch alone)
     lr_scale: str = "none"  # none: --lr whatever the world size | linear: --lr x world size (the global batch grows with it)
     dist_timeout: int = 600  # seconds a collective waits for the other ranks before the run stops
     tensorboard: bool = False  # also write metrics.jsonl's scalars to <run>/tensorboard (pip install 'uamt_fast[tensorboard]'); the JSONL stays the record
+    # Not a setting (an InitVar: no flag, not saved): where each value the command line did not give came from
+    # ({"labeled": "the default for the LA release", "patch": "the default"}), for error messages (``setting``).
+    origins: dataclasses.InitVar[dict | None] = None
 
-    def __post_init__(self):
+    def setting(self, name: str) -> str:
+        """``--labeled 16 (the default for the LA release)``: the flag and its value, and where the value came
+        from when the command line did not give it (``origins``, filled by ``training.build.make_config``)."""
+        value = getattr(self, name)
+        shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+        origin = self.origins.get(name)
+        return f"{cli.flag(name)} {shown}" + (f" ({origin})" if origin else "")
+
+    def __post_init__(self, origins: dict | None):
+        self.origins = dict(origins or {})
         self.patch = tuple(self.patch) if isinstance(self.patch, (list, tuple)) else self.patch
         self.data = [self.data] if isinstance(self.data, str) else self.data  # saved configs before: one str
         if type(self.figures_cases) is int:  # saved configs before ids and picks: a count (panels now follow --first)
@@ -116,9 +130,8 @@ class Config:
         if self.batch_unlabeled < 1 and self.method != "supervised":
             raise ValueError(f"--batch-unlabeled must be >= 1 for --method {self.method}; got {self.batch_unlabeled}")
         if self.eval_stride_xy > min(self.patch[:2]) or self.eval_stride_z > self.patch[2]:
-            raise ValueError(f"--eval-stride-xy {self.eval_stride_xy} / --eval-stride-z {self.eval_stride_z}: a stride "
-                             f"larger than the window (--patch {' '.join(map(str, self.patch))}) leaves voxels that no "
-                             "window covers")
+            raise ValueError(f"{self.setting('eval_stride_xy')} / {self.setting('eval_stride_z')}: a stride larger "
+                             f"than the window ({self.setting('patch')}) leaves voxels that no window covers")
         # The consistency ramp spans the run, as in the paper (40 periods of 150 = 6000 iterations).
         self.consistency_period = self.consistency_period or max(1, round(150 * self.iterations / 6000))
 
@@ -127,7 +140,7 @@ class Config:
 # intervals, ">= a" / "> a" half-lines; floats must also be finite (nan and inf are never a setting). The
 # upper bounds of the floats keep every value (and lr * grad) inside float32, where the optimizer works.
 RANGES = {
-    "first": ">= 0", "figures_passes": "[1, 1024]", "labeled": ">= 1", "n_filters": f"[1, {MAX_FILTERS}]",
+    "first": ">= 0", "figures_passes": "[1, 1024]", "labeled": ">= 0", "n_filters": f"[1, {MAX_FILTERS}]",
     "num_classes": "[0, 255]",
     "downsample": "[1, 16]", "batch_labeled": "[1, 1024]", "batch_unlabeled": "[0, 1024]", "iterations": ">= 1",
     "lr": "(0, 1000]", "lr_step": ">= 1", "momentum": "[0, 1)", "weight_decay": "[0, 1]", "ema_decay": "[0, 1]",
@@ -145,8 +158,10 @@ def _check_patch(patch) -> None:
 CHOICES = {"method": ("uamt", "mt", "mt-dice", "supervised"), "consistency_on": ("unlabeled", "all"),
            "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
            "sgd": ("auto", "fused", "foreach", "loop"), "device": ("auto", "cuda", "cpu"),
-           "data_device": ("auto", "cuda", "cpu"), "lr_scale": ("none", "linear")}
+           "data_device": ("auto", "cuda", "cpu"), "lr_scale": ("none", "linear"), "blend": BLENDS}
 
+
+LA_LABELED = 16  # --labeled's default for the LA release (no dataset.json): the paper's 16 of 80 (20%)
 
 # The --demo sizes: same code path, smaller everything. Flags given on the command line still win.
 # One thread: measured 43 s vs 213 s for 2 threads on the shared 2-core CI machine (OpenMP spin-waits).
@@ -157,7 +172,7 @@ DEMO_DATA_DIR = "demo_data"  # the --demo data set, inside the run folder
 # On --resume these may differ from the saved config; everything else must match (same run).
 RESUME_OVERRIDABLE = {"data", "resume", "out", "device", "compile", "compile_mode", "compile_blocks", "compile_cache",
                       "cudnn_benchmark", "log_every", "save_every", "stop_at",
-                      "eval_stride_xy", "eval_stride_z", "eval_batch", "data_device", "threads",
+                      "eval_stride_xy", "eval_stride_z", "eval_batch", "blend", "data_device", "threads",
                       "figures", "figures_cases", "figures_passes", "cases", "first", "tensorboard", "dist_timeout"}
 EVAL_ONLY = {"cases", "first", "figures_cases"}  # --eval takes these from its command line, never from the checkpoint
 

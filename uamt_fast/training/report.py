@@ -1,12 +1,10 @@
-"""What a training run reports: the progress bar with its ETA, the printed log line, and the evaluation of a
-model on the test cases written to a new ``eval.json`` (``uamt_fast.evaluation.inference.evaluate`` under the
-paper's protocol; under torchrun each rank scores its share and rank 0 writes the one file)."""
+"""What a training run reports: the printed log line (its progress and ETA: ``uamt_fast.progress``), and the
+evaluation of a model on the test cases written to a new ``eval.json`` (``uamt_fast.evaluation.inference.evaluate``
+under the paper's protocol; under torchrun each rank scores its share and rank 0 writes the one file)."""
 from __future__ import annotations
 
 import datetime
 import json
-import math
-import sys
 import time
 from pathlib import Path
 
@@ -16,16 +14,6 @@ from uamt_fast.evaluation import inference
 from uamt_fast.nets.vnet import VNet
 from uamt_fast.training import distributed
 from uamt_fast.training.config import Config
-
-
-def progress(done: int, total: int, rate: float, end: str = "") -> None:
-    """A one-line progress bar with it/s and ETA on stderr (only when it is a terminal)."""
-    if not sys.stderr.isatty():
-        return
-    eta = (total - done) / rate if rate > 0 else math.inf
-    bar = "#" * int(30 * done / total)
-    eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--:--:--"
-    print(f"\r[{bar:<30}] {done}/{total} {rate:.2f} it/s ETA {eta_s}", end=end, file=sys.stderr, flush=True)
 
 
 def log_line(line: dict, iterations: int) -> str:
@@ -49,8 +37,9 @@ def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.j
     k-times downsampled image; the averaged softmax is upsampled trilinearly back to full resolution
     (each low-resolution voxel sits at the centre of its k^3 block, ``align_corners=False``), the
     remainder voxels dropped by the pooling take their nearest neighbour's value, and the argmax is
-    scored against the full-resolution label. Under torchrun each rank scores its share of the cases and
-    rank 0 writes the one file.
+    scored against the full-resolution label. ``cfg.blend`` combines overlapping windows (mean: the paper's
+    plain average; gaussian: ``inference.importance_map``'s weights). Under torchrun each rank scores its share
+    of the cases and rank 0 writes the one file.
     """
     model.eval()
     t0 = time.perf_counter()
@@ -58,7 +47,8 @@ def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.j
     mine = distributed.shard(world, cases)
     result = inference.evaluate(model, mine, patch_size=cfg.patch, stride_xy=cfg.eval_stride_xy,
                                 stride_z=cfg.eval_stride_z, batch_size=cfg.eval_batch, downsample=cfg.downsample,
-                                num_classes=cfg.num_classes or 2) if mine or not world.enabled else None
+                                num_classes=cfg.num_classes or 2,
+                                blend=cfg.blend) if mine or not world.enabled else None
     result = distributed.gather_evaluation(world, result, cases)
     if not world.main:
         return result
@@ -66,7 +56,7 @@ def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.j
     print(f"evaluated {len(cases)} cases in {time.perf_counter() - t0:.1f} s")
     result["source"] = {
         "checkpoint": checkpoint, "data": cfg.data, "split": "test", "case_ids": [str(c.id) for c in cases],
-        "settings": {k: getattr(cfg, k) for k in ("patch", "eval_stride_xy", "eval_stride_z", "eval_batch",
+        "settings": {k: getattr(cfg, k) for k in ("patch", "eval_stride_xy", "eval_stride_z", "eval_batch", "blend",
                                                   "downsample", "n_filters", "dropout", "num_classes")},
         "uamt_fast": uamt_fast.__version__, "evaluated": datetime.datetime.now().isoformat(timespec="seconds")}
     text = json.dumps(files.json_safe(result), indent=1, allow_nan=False)
@@ -75,4 +65,4 @@ def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.j
     return result
 
 
-__all__ = ["evaluate", "log_line", "progress"]
+__all__ = ["evaluate", "log_line"]

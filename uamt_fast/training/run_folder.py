@@ -44,16 +44,27 @@ def claim(out, overwrite: bool, flag: str = "--out", inputs=()) -> files.FolderL
     out = files.make_folder(out, "run", flag)
     lock = RunLock(out, flag)  # first the lock, then the look: two claimants cannot both see a free folder
     try:
-        found = [n for n in RUN_FILES if os.path.lexists(out / n)] + sorted(p.name for p in out.glob("eval_*.json"))
-        if found and not overwrite:
-            raise RunFolderError(f"{flag} {out} already holds a run ({', '.join(found)}): continue it with --resume "
-                                 f"{out}, choose a new --out, or pass --overwrite to replace it")
+        found = run_files(out)
+        if found and not overwrite:  # --resume only where it can work: from a checkpoint.pt
+            raise RunFolderError(f"{flag} {out} already holds a run ({', '.join(found)}): "
+                                 + (f"continue it with --resume {out}, choose a new --out, or pass --overwrite to "
+                                    "replace it" if "checkpoint.pt" in found else
+                                    "it saved no checkpoint.pt to resume from (stopped before its first one, "
+                                    "--save-every): pass --overwrite to start it again, or choose a new --out"))
         for name in found:
             files.remove(out, name)  # a link planted there goes, never what it points to
     except BaseException:
         lock.release()
         raise
     return lock
+
+
+def run_files(folder: Path) -> list[str]:
+    """The names of the run's files in ``folder`` (``RUN_FILES``, then ``eval_*.json``); [] for none, or no folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [n for n in RUN_FILES if os.path.lexists(folder / n)] + sorted(p.name for p in folder.glob("eval_*.json"))
 
 
 def is_empty_but_lock(folder: Path) -> bool:
@@ -79,4 +90,4 @@ def drop_metrics_after(path: Path, iteration: int) -> int:
     return len(lines) - len(kept)
 
 
-__all__ = ["RUN_FILES", "LOCK_NAME", "RunFolderError", "RunLock", "claim", "drop_metrics_after"]
+__all__ = ["RUN_FILES", "LOCK_NAME", "RunFolderError", "RunLock", "claim", "drop_metrics_after", "run_files"]
