@@ -15,10 +15,10 @@ if not torch.cuda.is_available():
     )
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Under pytest-xdist (pyproject's addopts: a worker per core) each worker takes its share of the cores: torch's
+# Under pytest-xdist (the README's test command: a worker per core) each worker takes its share of the cores: torch's
 # default of a thread per core in every worker would oversubscribe them (OpenMP spin-waits, several times slower).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 from pathlib import Path  # noqa: E402
 

@@ -12,7 +12,7 @@ def test_readme_starts_with_the_two_commands():
     first_block = re.search(r"```bash\n(.*?)```", README, re.S).group(1).strip().splitlines()
     assert len(first_block) == 2
     assert first_block[0].endswith("python train.py --demo")
-    assert first_block[1].endswith("python -m pytest")
+    assert first_block[1].endswith("python -m pytest -n auto --dist loadfile")  # a test file per core (pytest-xdist)
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert first_block[1] in ci.splitlines()  # CI runs the README's test command verbatim
 

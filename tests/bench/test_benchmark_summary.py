@@ -13,11 +13,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_summary_is_printed_after_pytest_benchmarks_tables_and_written_to_a_file(tmp_path):
     pytest.importorskip("pytest_benchmark")
     summary = tmp_path / "summary.txt"
-    # (nor in a process that inherits an xdist worker's PYTEST_XDIST_* variables: it takes itself for a worker)
+    # (pytest-benchmark times nothing in a process that inherits an xdist worker's PYTEST_XDIST_* variables)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_XDIST")} \
         | {"UAMT_BENCH_DEVICE": "cpu"}
     out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/bench_ema.py", "-k", "foreach_lerp", "-q",
-                          "-n", "0", "--dist", "no",  # one process: pytest-benchmark times nothing under xdist
                           "--benchmark-min-rounds=1", "--benchmark-max-time=0.01", "-p", "no:cacheprovider",
                           "--bench-tiny",
                           "--bench-summary", str(summary)], cwd=ROOT, env=env, capture_output=True, text=True,

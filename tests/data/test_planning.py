@@ -165,9 +165,12 @@ def test_prepare_with_no_preset_flag_plans_from_the_data_and_records_how(ct):
     counts = sum(np.bincount(np.asarray(nibabel.load(str(source_file(src, c[0], c[1], "labels"))).dataobj).ravel(),
                              minlength=3) for c in CASES if c[1] == "labeled")
     assert found["label_counts"] == {str(v): int(n) for v, n in enumerate(counts)}
-    # printed before the per-case work, a few lines
+    # the fingerprint's progress (a line a training case), then the plan in a few lines, before the per-case work
     lines = stdout.splitlines()
-    assert lines[0].startswith("plan from 8 training cases") and len([x for x in lines if x.startswith("  ")]) == 6
+    assert lines[0] == "fingerprint of the 8 training cases (read once each):"
+    assert [x.split()[:2] for x in lines[1:9]] == [[f"[{k + 1}/8]", c[0]] for k, c in enumerate(CASES[:8])]
+    assert lines[9].startswith("plan from 8 training cases") and len([x for x in lines if x.startswith("  ")]) == 6
+    assert lines.index("preparing 10 cases:") > 9
     assert any(x.startswith("  patch     32x32x16: ") for x in lines)
     assert all(case["spacing"] == pytest.approx(SPACING, abs=1e-4) for case in record["cases"].values())
 

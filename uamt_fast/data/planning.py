@@ -68,9 +68,10 @@ def case_fingerprint(image: np.ndarray, affine: np.ndarray, label: np.ndarray | 
     return found
 
 
-def fingerprint(cases, read, workers: int = 1) -> dict:
+def fingerprint(cases, read, workers: int = 1, done=None) -> dict:
     """The data set's fingerprint: ``read(case)`` -> ``(image, affine, label or None, ignore value or None)``
-    for each training case (in a thread pool of ``workers``), summarised as nnU-Net's
+    for each training case (in a thread pool of ``workers``; ``done(case_id)`` after each, in order, for a
+    progress line), summarised as nnU-Net's
     dataset_fingerprint.json: per case spacing and shapes, their medians, the foreground intensity statistics
     (mean, median, std, min, max, percentile_00_5, percentile_99_5 over every case's samples), the label
     counts and the median relative size after cropping."""
@@ -82,7 +83,11 @@ def fingerprint(cases, read, workers: int = 1) -> dict:
         return case_fingerprint(image, affine, label, ignore, per_case_samples)
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(cases)))) as pool:
-        found = dict(zip((c.id for c in cases), pool.map(one, cases)))
+        found = {}
+        for case, case_found in zip(cases, pool.map(one, cases)):
+            found[case.id] = case_found
+            if done is not None:
+                done(case.id)
     samples = np.concatenate([f.pop("samples") for f in found.values()])
     counts: dict[str, int] = {}
     for f in found.values():

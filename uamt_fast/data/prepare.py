@@ -125,7 +125,8 @@ def run(args) -> int:
     roles = [c["role"] for c in record["cases"].values()]
     print(f"prepared {roles.count('labeled')} labeled, {roles.count('unlabeled')} unlabeled, {roles.count('test')} "
           f"test cases ({record['num_classes']} classes, channel {record['channel']!r}, preset {args.preset}) in "
-          f"{args.out} in {seconds:.1f} s; test cases: {record['split']['test']}")
+          f"{args.out} in {seconds:.1f} s; test cases: {', '.join(record['split']['order']['test'])} "
+          f"({record['split']['test']})")
     return 0
 
 
@@ -147,6 +148,7 @@ def prepare(src, out, preset: str = "auto", *, channel=None, unlabeled=None, tes
         print(note, flush=True)
     with OutputFolder(out, overwrite, list(plan.roles)) as target:  # one prepare a folder; the old set until the end
         cases = [c for c in source.cases if c.id in plan.roles]
+        print(f"preparing {len(cases)} cases:", flush=True)
         records = _prepare_all(cases, plan, target.staging, workers)
         record = _record(plan, source, src, cases, records)
         target.write_record(record, {name: plan.split["order"][name.split(".")[0]] for name in LISTS})
@@ -189,7 +191,8 @@ def _plan(preset_name: str, source: formats.Source, channel, test_fraction, test
             return image, affine, label, plan.ignore
 
         training = [c for c in source.cases if roles.get(c.id) in ("labeled", "unlabeled")]
-        found = planning.fingerprint(training, read, workers)
+        print(f"fingerprint of the {len(training)} training cases (read once each):", flush=True)
+        found = planning.fingerprint(training, read, workers, progress.CaseProgress(len(training)).finished)
         plan.data_plan = planning.make_plan(found, name, source.layout != "nifti")  # plain NIfTI names no channel
         plan.preset = planning.preset_of_plan(plan.data_plan)
     return plan
