@@ -14,12 +14,14 @@ from uamt_fast import deprecation  # noqa: E402
 from uamt_fast.ops.consistency import ConsistencyStats, predictive_entropy, uncertainty_consistency_loss  # noqa: E402
 from uamt_fast.ops.ema import ema_update_, flat_parameters, flatten_parameters_  # noqa: E402
 from uamt_fast.nets.ghost_norm import GhostBatchNorm2d, GhostBatchNorm3d, ghost_batch_norm_, set_bn_groups  # noqa: E402
+from uamt_fast.nets.unet import UNet2D  # noqa: E402
 from uamt_fast.nets.vnet import VNet, mc_dropout  # noqa: E402
 
 deprecation.install()  # the old flat module paths (uamt_fast.metrics, ...) for one release
 
 __all__ = [
     "VNet",
+    "UNet2D",
     "mc_dropout",
     "uncertainty_consistency_loss",
     "predictive_entropy",
