@@ -15,6 +15,11 @@ Three layouts, told apart by ``SRC/dataset.json``:
   ``labelsTr/`` with the same names; channel files ``{case}_{XXXX}`` as in nnU-Net when every image
   is named so. An image with no label file is an unlabeled case.
 
+Two more forms are recognised here and read by ``uamt_fast.data.acdc`` (``--preset acdc``): ACDC's raw
+challenge folder (``patientXXX/`` folders, ``acdc_patient_folders``) and SSL4MIS's preprocessed h5 release
+(``data/*.h5``, ``data/slices/*.h5``); ``acdc_form`` tells them apart, and any other preset is refused on them
+in one line that names ``--preset acdc``.
+
 In every layout ``imagesTs/`` with ``labelsTs/`` (the common extension of both) are the test cases; a
 folder given as ``--unlabeled DIR`` adds unlabeled cases. An unlabeled case has ``label = None`` here,
 so nothing downstream can open a label file for it.
@@ -41,6 +46,10 @@ from uamt_fast.files import read_json
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net's {case}_{XXXX}
+ACDC_PATIENT = re.compile(r"^patient(?P<number>\d{3})$")  # ACDC's patient folders: patient001 ... patient150
+# Where ACDC's patient folders are: SRC itself (its training/ folder given), or the challenge's training/ and
+# testing/ folders (patients 001-100 and 101-150), bare or under the release's database/.
+ACDC_RAW_FOLDERS = (".", "training", "testing", "database/training", "database/testing")
 
 
 @dataclass(frozen=True)
@@ -99,8 +108,12 @@ def read_source(src, unlabeled_dir=None) -> Source:
 
 def _refuse_ready_layout(src: Path) -> None:
     """A source without NIfTI images in the LA release's h5 layout (its root, or its folder of case folders),
-    which train.py reads as it is: refused in one line that says so, not as "no NIfTI images", which would send
-    the user looking for some."""
+    which train.py reads as it is, or an ACDC form (``acdc_form``), which ``--preset acdc`` reads: refused in one
+    line that says so, not as "no NIfTI images", which would send the user looking for some."""
+    form = acdc_form(src)
+    if form is not None:
+        raise DataError(f"{src}: {'ACDC patient folders' if form == 'raw' else 'SSL4MIS ACDC h5 files (data/*.h5)'}; "
+                        "prepare it with --preset acdc")
     if (src / layout.IMAGES_DIR).is_dir() or (src / "train.list").is_file():
         raise DataError(f"{src}: the LA release's h5 layout (train.list, '{layout.IMAGES_DIR}'), which needs no "
                         f"prepare: train.py --data {src} reads it as it is")
@@ -172,7 +185,7 @@ def _read_nnunet(src: Path, meta: dict) -> Source:
     labels = _nnunet_labels(meta.get("labels"), where)
     train = _channel_cases(src / "imagesTr", ending, len(channels), where)
     label_dir = src / "labelsTr"
-    label_files = {p.name for p in _visible_files(label_dir)}
+    label_files = {p.name for p in visible_files(label_dir)}
     strays = sorted(n for n in label_files if not n.endswith(ending) or n[: -len(ending)] not in train)
     if strays:
         raise DataError(f"{label_dir / strays[0]}: a label file with no image {strays[0][: -len(ending)]}_0000{ending} "
@@ -282,7 +295,7 @@ def _channel_cases(folder: Path, ending: str, n_channels: int, where: Path) -> d
     if not folder.is_dir():
         raise DataError(f"{folder}: not found (an nnU-Net raw folder has imagesTr/)")
     cases: dict[str, dict[int, Path]] = {}
-    for path in _visible_files(folder):
+    for path in visible_files(folder):
         match = CHANNEL_SUFFIX.match(path.name[: -len(ending)]) if path.name.endswith(ending) else None
         if match is None:
             raise DataError(f"{path}: not named {{case}}_{{XXXX}}{ending} as {where} (file_ending) says")
@@ -383,7 +396,7 @@ def _checked_labels(labels: dict[str, int], where: Path) -> dict[str, int]:
     return dict(sorted(labels.items(), key=lambda kv: kv[1]))
 
 
-def _visible_files(folder: Path) -> list[Path]:
+def visible_files(folder: Path) -> list[Path]:
     """The files of ``folder``, sorted; none if it is no folder. Hidden files are left out, in every layout: a name
     starting with "." (``.DS_Store``, macOS's ``._x.nii.gz``, an editor's swap file) is never a case file."""
     if not folder.is_dir():
@@ -391,9 +404,25 @@ def _visible_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
+def acdc_patient_folders(src: Path) -> list[Path]:
+    """ACDC's ``patientXXX`` folders in ``src`` and its ``ACDC_RAW_FOLDERS``, by name."""
+    found = [p for base in ACDC_RAW_FOLDERS if (src / base).is_dir() for p in (src / base).iterdir()
+             if p.is_dir() and ACDC_PATIENT.match(p.name)]
+    return sorted(found, key=lambda p: (p.name, str(p)))
+
+
+def acdc_form(src: Path) -> str | None:
+    """``"raw"`` when ``src`` holds ACDC's patient folders (``acdc_patient_folders``), else ``"h5"`` when its
+    ``data/`` or ``data/slices/`` holds ``.h5`` files (SSL4MIS's release), else None."""
+    if acdc_patient_folders(src):
+        return "raw"
+    h5 = [p for folder in (src / "data", src / "data" / "slices") for p in visible_files(folder) if p.suffix == ".h5"]
+    return "h5" if h5 else None
+
+
 def nifti_files(folder: Path) -> list[Path]:
     """The NIfTI files (``.nii``, ``.nii.gz``) of ``folder``, sorted, hidden files left out; none if it is no folder."""
-    return [p for p in _visible_files(folder) if p.name.endswith(NIFTI_ENDINGS)]
+    return [p for p in visible_files(folder) if p.name.endswith(NIFTI_ENDINGS)]
 
 
 def _ending(name: str) -> str:
@@ -434,5 +463,6 @@ def read_volume(path: Path, channel: int | None = None) -> tuple[np.ndarray, np.
     return array, check_affine(img.affine, f"{path}: the NIfTI affine (sform / qform / pixdim)")
 
 
-__all__ = ["CHANNEL_SUFFIX", "NIFTI_ENDINGS", "Source", "SourceCase", "check_affine", "group_channels",
-           "nifti_files", "read_source", "read_volume", "strip_ending"]
+__all__ = ["ACDC_PATIENT", "ACDC_RAW_FOLDERS", "CHANNEL_SUFFIX", "NIFTI_ENDINGS", "Source", "SourceCase",
+           "acdc_form", "acdc_patient_folders", "check_affine", "group_channels", "nifti_files", "read_source",
+           "read_volume", "strip_ending", "visible_files"]

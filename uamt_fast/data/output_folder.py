@@ -10,7 +10,8 @@ from uamt_fast import files
 from uamt_fast.data import layout
 from uamt_fast.data.layout import DataError
 
-LISTS = ("train.list", "test.list", "unlabeled.list")  # a prepared set's case lists (unlabeled.list: when it has any)
+LISTS = ("train.list", "test.list", "unlabeled.list", "val.list")  # a prepared set's case lists (unlabeled.list,
+# val.list: when it has any; val.list: --preset acdc, SSL4MIS's)
 SWAP_ORDER = (*LISTS, layout.RECORD_NAME)  # out of OUT in this order, in reversed: train.list (which makes
 # OUT a data root) goes first and comes back last
 

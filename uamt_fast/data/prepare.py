@@ -1,8 +1,9 @@
 """``python -m uamt_fast.data prepare SRC OUT [--preset NAME]``: any source folder -> the layout train.py reads.
 
-SRC is a Decathlon, nnU-Net v2 raw or plain NIfTI folder (``uamt_fast.data.formats``). OUT gets::
+SRC is a Decathlon, nnU-Net v2 raw or plain NIfTI folder (``uamt_fast.data.formats``), or with ``--preset acdc``
+ACDC's raw folder or SSL4MIS's h5 release (``uamt_fast.data.acdc``: its split, val.list included). OUT gets::
 
-    OUT/train.list, OUT/test.list, OUT/unlabeled.list (only when there are unlabeled cases)
+    OUT/train.list, OUT/test.list, OUT/unlabeled.list (only when there are unlabeled cases), OUT/val.list (acdc)
     OUT/cases/<id>.h5                                image float32 (X, Y, Z), one input channel;
                                                      label uint8 (X, Y, Z) in 0..C-1 (none for unlabeled cases)
                                                      and 255 where not annotated (nnU-Net's "ignore" label)
@@ -53,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from uamt_fast import cli, files, progress
-from uamt_fast.data import formats, layout, planning
+from uamt_fast.data import acdc, formats, layout, planning
 from uamt_fast.data.layout import DataError
 from uamt_fast.data.output_folder import LISTS, OutputFolder
 from uamt_fast.data.presets import PRESETS, Preset
@@ -94,7 +95,8 @@ def add_command(commands, fmt: dict) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="auto",
                    help="auto: spacing, intensity, crop, patch, strides planned from the data as nnU-Net v2 does; "
                    "la, pancreas, brats2019: a benchmark's fixed settings (the LA h5 release needs no prepare; la is "
-                   "LA exported to NIfTI); none: orientation and the checks only (default: auto)")
+                   "LA exported to NIfTI); acdc: ACDC's raw folder or SSL4MIS's h5 release, SSL4MIS's split and "
+                   "preprocessing; none: orientation and the checks only (default: auto)")
     p.add_argument("--channel", action="append", metavar="NAME|INDEX",
                    help="the input channel, by name (dataset.json) or index (default: the preset's, or the only one)")
     p.add_argument("--unlabeled", metavar="DIR", help="a folder of NIfTI images to add as unlabeled cases")
@@ -123,9 +125,10 @@ def run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     roles = [c["role"] for c in record["cases"].values()]
-    print(f"prepared {roles.count('labeled')} labeled, {roles.count('unlabeled')} unlabeled, {roles.count('test')} "
-          f"test cases ({record['num_classes']} classes, channel {record['channel']!r}, preset {args.preset}) in "
-          f"{args.out} in {seconds:.1f} s; test cases: {', '.join(record['split']['order']['test'])} "
+    val = f"{roles.count('val')} val, " if "val" in roles else ""  # (acdc: SSL4MIS's val.list)
+    print(f"prepared {roles.count('labeled')} labeled, {roles.count('unlabeled')} unlabeled, {val}"
+          f"{roles.count('test')} test cases ({record['num_classes']} classes, channel {record['channel']!r}, preset "
+          f"{args.preset}) in {args.out} in {seconds:.1f} s; test cases: {', '.join(record['split']['order']['test'])} "
           f"({record['split']['test']})")
     return 0
 
@@ -138,7 +141,7 @@ def prepare(src, out, preset: str = "auto", *, channel=None, unlabeled=None, tes
     src, out = Path(src), Path(out)
     if preset not in PRESETS:
         raise DataError(f"--preset {preset!r}: not one of {sorted(PRESETS)}")
-    source = formats.read_source(src, unlabeled)
+    source = acdc.read_source(src, unlabeled) if preset == "acdc" else formats.read_source(src, unlabeled)
     if src.resolve() == out.resolve() or src.resolve() in out.resolve().parents:
         raise DataError(f"output folder {out} is inside the source folder {src}; choose a folder outside it")
     plan = _plan(preset, source, channel, test_fraction, test_count, seed, workers)
@@ -151,7 +154,7 @@ def prepare(src, out, preset: str = "auto", *, channel=None, unlabeled=None, tes
         print(f"preparing {len(cases)} cases:", flush=True)
         records = _prepare_all(cases, plan, target.staging, workers)
         record = _record(plan, source, src, cases, records)
-        target.write_record(record, {name: plan.split["order"][name.split(".")[0]] for name in LISTS})
+        target.write_record(record, {name: plan.split["order"].get(name.split(".")[0], []) for name in LISTS})
         target.swap_in()
     return record
 
@@ -183,7 +186,10 @@ def _plan(preset_name: str, source: formats.Source, channel, test_fraction, test
     preset = PRESETS[preset_name]
     index, name = _pick_channel(source, preset, channel)
     allowed, lut, labels, ignore = _label_plan(preset_name, preset, source)
-    split, roles = _split(preset, source, test_fraction, test_count, seed)
+    if preset_name == "acdc":  # SSL4MIS's fixed split by patient (with its val.list)
+        split, roles = acdc.split(source, test_fraction is not None or test_count is not None)
+    else:
+        split, roles = _split(preset, source, test_fraction, test_count, seed)
     plan = Plan(preset_name, preset, source, index, name, allowed, lut, labels, roles, split, ignore)
     if preset_name == "auto":  # planned from the training cases (labeled, unlabeled), read and checked once each
         def read(case):
@@ -368,7 +374,8 @@ def _prepare_all(cases, plan: Plan, staging: Path, workers: int) -> dict[str, di
 
 def _prepare_case(case: formats.SourceCase, plan: Plan, out: Path) -> dict:
     """Read, check, transform and write one case; returns its record for dataset.json."""
-    image, label, record = transform_case(case, plan)
+    image, label, record = acdc.transform_h5_case(case, plan.roles[case.id], plan.source.path) \
+        if acdc.is_h5_case(case) else transform_case(case, plan)  # (acdc's h5 form: no NIfTI to read)
     _write_case(out, case.id, image, label)
     return record
 
@@ -406,7 +413,8 @@ def transform_case(case: formats.SourceCase, plan: Plan) -> tuple[np.ndarray, np
         hashes[read["label"]] = files.sha256(case.label)
         d["label"] = MetaTensor(torch.from_numpy(target[None].astype(np.float32)), affine=torch.from_numpy(affine))
     keys = list(d)
-    d = Orientationd(keys, axcodes="RAS", labels=RAS_LABELS)(d)
+    if p.orientation is not None:  # (acdc keeps the file's axes: the short-axis slices stay on the last one)
+        d = Orientationd(keys, axcodes=p.orientation, labels=RAS_LABELS)(d)
     if p.spacing is not None:
         modes = ["bilinear", "nearest"][: len(keys)]
         d = Spacingd(keys, pixdim=p.spacing, mode=modes, padding_mode="border", dtype=np.float32)(d)
@@ -442,12 +450,16 @@ def transform_case(case: formats.SourceCase, plan: Plan) -> tuple[np.ndarray, np
     if p.intensity["kind"] in ("ct_normalization", "zscore_normalization"):  # auto's plan, after the crop as nnU-Net's
         out_image, used = planning.normalize(out_image, p.intensity)
         intensity.update(used)
+    if p.intensity["kind"] == "minmax":  # acdc: per volume to [0, 1], as SSL4MIS
+        out_image, used = acdc.min_max(out_image, image_file)
+        intensity.update(used)
     out_label = None if "label" not in d else np.ascontiguousarray(np.rint(d["label"].numpy()[0]), np.uint8)
     if not np.isfinite(out_image).all():
         raise DataError(f"{image_file}: non-finite values after the {p.intensity['kind']} step")
     final_affine = np.asarray(d["image"].affine, np.float64)
     record = {"role": plan.roles[case.id], "files": read, "sha256": hashes,
-              "orientation_original": "".join(nibabel.aff2axcodes(affine)), "orientation": "RAS",
+              "orientation_original": "".join(nibabel.aff2axcodes(affine)),
+              "orientation": p.orientation or "".join(nibabel.aff2axcodes(affine)),
               "affine_original": affine.tolist(), "shape_original": list(image.shape),
               "spacing_original": _spacing(affine), "spacing": _spacing(final_affine),
               "shape_resampled": shape_resampled, "crop_box": crop_box, "shape": list(out_image.shape),

@@ -3,8 +3,9 @@
 ``PRESETS``: ``auto`` (prepare's default: planned from the data set by nnU-Net v2's rules,
 ``uamt_fast.data.planning``; its entry here is a placeholder that the plan replaces), ``la`` (the UA-MT
 release, exported to NIfTI: the h5 release needs no prepare), ``pancreas`` (NIH Pancreas-CT, MC-Net's split),
-``brats2019`` (whole tumour on FLAIR, SSL4MIS's preprocessing) and ``none`` (orientation and the input checks
-only). Each preset cites, beside it, the code it follows.
+``brats2019`` (whole tumour on FLAIR, SSL4MIS's preprocessing), ``acdc`` (cardiac cine MRI, SSL4MIS's 2D
+protocol: ``uamt_fast.data.acdc`` reads its two forms and its split) and ``none`` (orientation and the input
+checks only). Each preset cites, beside it, the code it follows.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class Preset:
     batch_unlabeled: int = 2
     split: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (train, test) case numbers, in order
     drop: tuple[int, ...] = ()  # case numbers never used
+    orientation: str | None = "RAS"  # the stored axes (MONAI Orientationd axcodes); None: the file's own axes
 
 
 # MC-Net's NIH Pancreas-CT split (ycwu1997/MC-Net MC-Net/data/Pancreas/train.list @39a5086, in its order: the
@@ -70,6 +72,15 @@ PRESETS = {
     "brats2019": Preset(spacing=None, intensity={"kind": "zscore", "over": "positive", "clip_percentile": 99.9},
                         crop="positive", channel="FLAIR", labels={"background": 0, "whole tumour": 1}, foreground=True,
                         patch=(96, 96, 96), stride_xy=64, stride_z=64),
+    # ACDC (cardiac cine MRI, 4 classes; ACDC's label values 1 = RV, 2 = myocardium, 3 = LV), SSL4MIS's 2D
+    # protocol (HiLab-git/SSL4MIS @06df604): per-volume min-max to [0, 1] as code/dataloaders/
+    # acdc_data_processing.py does, no resampling or crop, and the file's own axes (the short-axis slices on
+    # the last one, as ACDC stores them; SSL4MIS keeps SimpleITK's (Z, Y, X) of the same array). Slices at
+    # 256 x 256, batch 24 with 12 labeled: train_uncertainty_aware_mean_teacher_2D.py (--patch_size, --batch_size,
+    # --labeled_bs); patch (256, 256, 1) is one slice, so a stride equals it. Split: uamt_fast.data.acdc_split.
+    "acdc": Preset(spacing=None, intensity={"kind": "minmax"}, crop=None, channel=None,
+                   labels={"background": 0, "RV": 1, "Myo": 2, "LV": 3}, foreground=False, patch=(256, 256, 1),
+                   stride_xy=256, stride_z=1, batch_labeled=12, batch_unlabeled=12, orientation=None),
     # Only canonical orientation and the input checks; classes from the source's labels; patch and strides are
     # train.py's defaults (Config.patch, eval_stride_xy, eval_stride_z).
     "none": Preset(spacing=None, intensity={"kind": "none"}, crop=None, channel=None, labels=None, foreground=False,
