@@ -18,8 +18,11 @@ over the window, sigma 1/8 of its size per axis, so a voxel near a window's bord
 seams of the plain average (a jump wherever a window starts or ends) fade. ``"mean"`` stays the default: the
 protocol the paper's numbers were measured with.
 
-``sliding_window_predict`` is the one entry point: ``evaluate`` (train.py --eval), ``python -m
-uamt_fast.predict`` and ``uamt_fast.figures`` all call it, so they see the same masks. For a model trained on
+``predict_volume(model, image, InferenceSettings(...))`` is the one entry point: ``evaluate`` (train.py --eval),
+``python -m uamt_fast.predict`` and ``uamt_fast.figures`` call it, so they see the same masks. It runs
+``sliding_window_predict`` for a 3D model, and for a 2D model (``slice_size`` set) SSL4MIS's slice-by-slice
+protocol (``uamt_fast.evaluation.slicewise``: each Z slice resized to ``slice_size`` and back, nearest, as
+``scipy.ndimage.zoom(order=0)`` does). For a model trained on
 k-times pooled volumes (``downsample`` k) the windows slide over the pooled image and the averaged softmax is
 upsampled back to the full resolution before the argmax.
 
@@ -35,7 +38,7 @@ one-window-at-a-time loop exactly (tests/evaluation/test_inference.py checks it)
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import itertools
 import math
 import os
@@ -46,6 +49,7 @@ import torch
 import torch.nn as nn
 
 from uamt_fast.evaluation.metrics import labelmap_metrics, summarize
+from uamt_fast.evaluation.slicewise import autocast_context, model_device, slicewise_predict
 
 PATCH_SIZE = (112, 112, 80)  # the paper's training crop and test window
 BLENDS = ("mean", "gaussian")  # how overlapping windows are combined: the release's plain average | Gaussian weights
@@ -88,11 +92,6 @@ def importance_map(patch_size: Sequence[int], sigma_scale: float = GAUSSIAN_SIGM
     if weights is None:
         raise ValueError(f"importance_map: patch_size {tuple(patch_size)} has no axes")
     return weights.clamp_(min=max(weights.min().item(), MIN_WEIGHT))
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 @torch.no_grad()  # not inference_mode: callers may still update the returned probs in place
@@ -169,7 +168,7 @@ def _averaged_softmax(model: nn.Module, image, patch_size: tuple[int, ...], stri
                       num_classes: int, batch_size: int, autocast_dtype: torch.dtype | None,
                       blend: str) -> torch.Tensor:
     """``sliding_window_predict``'s probs at the resolution of ``image`` (arguments checked there)."""
-    device = _model_device(model)
+    device = model_device(model)
     volume = torch.as_tensor(image, dtype=torch.float32).to(device)
     size = tuple(volume.shape)
     padding = centred_padding(size, patch_size)
@@ -198,16 +197,11 @@ def _averaged_softmax(model: nn.Module, image, patch_size: tuple[int, ...], stri
         weights = importance_map(patch_size, device=device)
         count = torch.zeros(volume.shape, dtype=torch.float32, device=device)
 
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
     px, py, pz = patch_size
     for first in range(0, len(windows), batch_size):
         batch = windows[first : first + batch_size]
         x = torch.stack([volume[xs : xs + px, ys : ys + py, zs : zs + pz] for xs, ys, zs in batch])[:, None]
-        with autocast:
+        with autocast_context(device, autocast_dtype):
             logits = model(x)
         expected = (len(batch), num_classes, *patch_size)
         if tuple(logits.shape) != expected:
@@ -226,6 +220,42 @@ def _averaged_softmax(model: nn.Module, image, patch_size: tuple[int, ...], stri
     score /= count
     crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(padding, size))
     return score[(slice(None), *crop)]
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceSettings:
+    """How ``predict_volume`` segments a volume: a 3D model's sliding windows, or a 2D model's slices.
+
+    ``slice_size`` None: ``sliding_window_predict`` with the window fields. ``slice_size`` (h, w): a 2D model,
+    ``uamt_fast.evaluation.slicewise.slicewise_predict`` (every Z slice resized to it; a --dims 2 run's
+    ``patch[:2]``), which has no windows to stride, pool or blend: ``downsample`` must stay 1 and ``blend``
+    ``"mean"`` (``predict_volume`` refuses others rather than ignore them).
+    """
+
+    patch_size: tuple = PATCH_SIZE  # window (px, py, pz)
+    stride_xy: int = 18  # window stride along X and Y
+    stride_z: int = 4  # window stride along Z
+    num_classes: int = 2  # channels the model outputs
+    batch_size: int = 4  # windows (slices) per forward
+    autocast_dtype: torch.dtype | None = None  # forward under torch.autocast; softmax and sums stay fp32
+    downsample: int = 1  # a 3D model trained on k-times pooled volumes
+    blend: str = "mean"  # how overlapping windows are combined (BLENDS)
+    slice_size: tuple | None = None  # a 2D model: (h, w) every slice is resized to
+
+
+def predict_volume(model: nn.Module, image: np.ndarray | torch.Tensor,
+                   settings: InferenceSettings) -> tuple[np.ndarray, torch.Tensor]:
+    """``(labels, probs)`` of ``image`` (X, Y, Z): ``labels`` np.uint8 (X, Y, Z), ``probs`` float32 (C, X, Y, Z) on
+    the model's device; by sliding windows (a 3D model) or slice by slice (``settings.slice_size``, a 2D model).
+    The one dispatch point of ``evaluate``, predict and the figures, so they see the same masks."""
+    s = settings
+    if s.slice_size is None:
+        return sliding_window_predict(model, image, s.patch_size, s.stride_xy, s.stride_z, s.num_classes,
+                                      s.batch_size, s.autocast_dtype, s.downsample, s.blend)
+    if s.downsample != 1 or s.blend != "mean":
+        raise ValueError(f"predict_volume: a 2D model (slice_size {tuple(s.slice_size)}) is applied to whole "
+                         f"slices: downsample must be 1 and blend 'mean', got {s.downsample!r}, {s.blend!r}")
+    return slicewise_predict(model, image, s.slice_size, s.num_classes, s.batch_size, s.autocast_dtype)
 
 
 def _iter_cases(data: Any, split: str) -> tuple[int, Iterable[Any]]:
@@ -260,8 +290,10 @@ def evaluate(
     progress: Callable[[dict], Any] | None = None,
     downsample: int = 1,
     blend: str = "mean",
+    slice_size: Sequence[int] | None = None,
 ) -> dict:
-    """Sliding-window predictions of every case of a split, scored like the paper's table.
+    """Sliding-window (or, for a 2D model, slice-by-slice) predictions of every case of a split, scored like the
+    paper's table.
 
     Args:
         model: segmentation network; put in eval mode for the run (dropout off, running batch-norm
@@ -272,6 +304,9 @@ def evaluate(
         split: list name when ``data`` is a folder (``"test"`` reads test.list); unused otherwise.
         patch_size, stride_xy, stride_z, num_classes, batch_size, autocast_dtype, downsample, blend: as in
             ``sliding_window_predict`` (``downsample``: the labels are scored at full resolution).
+        slice_size: None: the sliding windows above. (h, w): a 2D model, each Z slice resized to it and back
+            (``uamt_fast.evaluation.slicewise.slicewise_predict``, SSL4MIS's ACDC protocol: 256x256); the classes
+            are still scored on the whole 3D volume. ``predict_volume`` dispatches.
         progress: called with each case's row once it is scored (e.g. ``progress=print``).
 
     Returns:
@@ -283,6 +318,8 @@ def evaluate(
         ``uamt_fast.evaluation.metrics``). A case with an ``ignore_label`` (nnU-Net's ignore label) is scored on
         its annotated voxels only.
     """
+    settings = InferenceSettings(tuple(patch_size), stride_xy, stride_z, num_classes, batch_size, autocast_dtype,
+                                 downsample, blend, None if slice_size is None else tuple(slice_size))
     n_cases, cases = _iter_cases(data, split)
     if n_cases == 0:
         raise ValueError(f"evaluate: no cases to evaluate (split {split!r})")
@@ -296,8 +333,7 @@ def evaluate(
                     f"evaluate: case {case.id!r}: image shape {tuple(case.image.shape)} does not match "
                     f"label shape {tuple(case.label.shape)}"
                 )
-            labels, _ = sliding_window_predict(model, case.image, patch_size, stride_xy, stride_z, num_classes,
-                                               batch_size, autocast_dtype, downsample, blend)
+            labels, _ = predict_volume(model, case.image, settings)
             # (the spacing, in mm, and the ignore label, where the case carries them: uamt_fast.data's cases do)
             row = {"case": str(case.id), **labelmap_metrics(labels, case.label, num_classes,
                                                            getattr(case, "spacing", None),
@@ -341,5 +377,5 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BLENDS", "GAUSSIAN_SIGMA_SCALE", "MIN_WEIGHT", "PATCH_SIZE", "centred_padding", "evaluate", "format_table",
-           "importance_map", "sliding_window_predict", "window_starts"]
+__all__ = ["BLENDS", "GAUSSIAN_SIGMA_SCALE", "InferenceSettings", "MIN_WEIGHT", "PATCH_SIZE", "centred_padding",
+           "evaluate", "format_table", "importance_map", "predict_volume", "sliding_window_predict", "window_starts"]
