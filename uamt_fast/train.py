@@ -33,6 +33,7 @@ import torch
 
 from uamt_fast import data, figures, files, progress
 from uamt_fast.evaluation import selection
+from uamt_fast.nets.unet import UNet2D
 from uamt_fast.nets.vnet import VNet
 from uamt_fast.training import checkpoints, distributed, metrics_log, provenance, run_folder
 from uamt_fast.training.build import (  # noqa: F401 (the trainer's API: tests and benchmarks use them from here)
@@ -224,7 +225,8 @@ def announce(parts: Parts, run: Run, start: int, resume_state: dict | None) -> d
               f"pytorch#166122, cuDNN 9.8-9.14; channels_last_3d={parts.memory_format == torch.channels_last_3d})")
     if resume_state is not None:
         print(f"resumed {run.out} at iteration {start}")
-    print(f"{cfg.method}: {cfg.labeled} labeled, {cfg.iterations} iterations, patch {cfg.patch}, "
+    slices = f" ({parts.sampler.n_labeled} slices), 2D" if cfg.dims == 2 else ""  # (SSL4MIS counts slices)
+    print(f"{cfg.method}: {cfg.labeled} labeled{slices}, {cfg.iterations} iterations, patch {cfg.patch}, "
           f"n_filters {cfg.n_filters}, downsample {cfg.downsample}, device {device} -> {run.out}")
     return env
 
@@ -348,13 +350,13 @@ def finish(parts: Parts, run: Run) -> None:
         write_figures(parts.student, cfg, parts.test_cases, result, out)
 
 
-def load_model(path: Path, device: torch.device) -> tuple[VNet, dict, Path]:
-    """--eval: the V-Net of a checkpoint or run folder, its config and the file read (uamt_fast.training.checkpoints:
+def load_model(path: Path, device: torch.device) -> tuple[VNet | UNet2D, dict, Path]:
+    """--eval: the V-Net (or 2D U-Net) of a checkpoint or run folder, its config and the file read (uamt_fast.training.checkpoints:
     weights_only loading, one-line errors; the config may hold only fields this trainer knows)."""
     return checkpoints.load_vnet(path, device, "--eval", CONFIG_FIELDS)
 
 
-def write_figures(model: VNet, cfg: Config, cases, result: dict, run_dir: Path) -> None:
+def write_figures(model: VNet | UNet2D, cfg: Config, cases, result: dict, run_dir: Path) -> None:
     """--figures: panels of the --figures-cases picks among the evaluated ``cases`` (ids, or best / median / worst
     by the Dice in ``result``), and the run's training curves if it has a log."""
     out = Path(cfg.figures)

@@ -15,16 +15,17 @@ from uamt_fast.nets.unet import UNet2D
 
 
 class PositionBias2D(nn.Module):
-    """1x1 conv plus a fixed random map over the slice: per-pixel, so batching cannot change a bit, and not
-    translation-equivariant, so a misplaced or transposed slice changes the output."""
+    """A per-class scale of the pixel plus a fixed random map over the slice: elementwise, so neither batching nor
+    the thread count can change a bit (a 1x1 conv can: its kernels pick another summation path by batch size and
+    threads), and not translation-equivariant, so a misplaced or transposed slice changes the output."""
 
     def __init__(self, num_classes, size):
         super().__init__()
-        self.conv = nn.Conv2d(1, num_classes, 1)
+        self.scale = nn.Parameter(torch.randn(num_classes, 1, 1))
         self.bias = nn.Parameter(torch.randn(num_classes, *size))
 
     def forward(self, x):
-        return self.conv(x) * 3 + self.bias
+        return x * self.scale * 3 + self.bias
 
 
 def ssl4mis_test_single_volume(net, image, classes, patch_size):

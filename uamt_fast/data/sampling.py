@@ -2,15 +2,17 @@
 
 ``semi_supervised_split`` is the paper's split (the first ``labeled`` ids of train.list). ``TwoStreamSampler``
 draws the training batches exactly as the released code does (its TwoStreamBatchSampler, RandomRotFlip and
-RandomCrop), on any device, from one CPU generator.
+RandomCrop), on any device, from one CPU generator; ``SliceSampler`` the 2D batches of SSL4MIS's 2D trainers
+(the same two streams over slices, its RandomGenerator's augmentation).
 """
 from __future__ import annotations
 
 import torch
 
-from uamt_fast.data.augmentation import padding, rot_flip_crop
+from uamt_fast.data.augmentation import padding, rot_flip_2d, rot_flip_crop, rotate_nearest
 from uamt_fast.data.cases import Case
 from uamt_fast.data.layout import DataError
+from uamt_fast.evaluation.slicewise import zoom_indices  # (the evaluation's resize: SSL4MIS zooms alike in both)
 
 
 def semi_supervised_split(train_ids, labeled: int, name: str | None = None) -> tuple[list[str], list[str]]:
@@ -78,6 +80,9 @@ class TwoStreamSampler:
             raise DataError(f"cases {unlabeled_only[:5]} have no label and cannot be labeled cases")
         # (a case read without its label, from unlabeled.list, gives rows of -1: there is nothing to log)
         self.labels = [None if c.label is None else torch.from_numpy(c.label).to(self.device) for c in cases]
+        self._start_streams(seed)
+
+    def _start_streams(self, seed: int) -> None:
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = -1  # index of the labeled pass the last batch came from
         self.last_case_ids: list[str] = []
@@ -145,4 +150,94 @@ class TwoStreamSampler:
         self._unlabeled_order, self._unlabeled_cursor = list(state["unlabeled_order"]), int(state["unlabeled_cursor"])
 
 
-__all__ = ["TwoStreamSampler", "semi_supervised_split"]
+class SliceSampler(TwoStreamSampler):
+    """2D batches as SSL4MIS's 2D trainers draw them (HiLab-git/SSL4MIS @06df604, code/train_uncertainty_aware_
+    mean_teacher_2D.py with code/dataloaders/dataset.py): ``batch_labeled`` labeled then ``batch_unlabeled``
+    unlabeled slices, each resized to ``patch_size`` (X, Y[, 1]).
+
+    The items are the slices along the last axis of the cases, case by case in the given order (SSL4MIS's
+    train_slices.list holds a patient's slices together, in train.list's order: its first labeled slices are
+    these); the two streams are ``TwoStreamSampler``'s (its TwoStreamBatchSampler over slice indices). Each
+    slice goes through RandomGenerator: with p 0.5 rot90 by k ~ U{0..3} then a flip along a ~ U{0, 1}, else a
+    rotation by an angle ~ U{-20..19} degrees (np.random.randint(-20, 20)) with nearest-voxel sampling and zeros
+    outside, image and label alike (``uamt_fast.data.augmentation``); then both are resized to the patch,
+    nearest voxel (scipy's zoom order 0, SSL4MIS's for the image too: ``slicewise.zoom_indices``, the evaluation's
+    map, kept on the device per slice shape so that a batch never waits for the device). All draws come from one
+    CPU generator.
+    ``next()`` -> (images float32 (B, 1, X, Y), labels int64 (B, X, Y)); ``last_case_ids`` names the rows
+    ``<case id>_slice_<k>``, k from 1 (SSL4MIS's slice file names).
+    """
+
+    def __init__(self, labeled: list[Case], unlabeled: list[Case], patch_size=(256, 256), batch_labeled: int = 12,
+                 batch_unlabeled: int = 12, seed: int = 0, device="cpu", names: dict[str, str] | None = None):
+        size = tuple(int(p) for p in patch_size)
+        if not (len(size) == 2 or (len(size) == 3 and size[2] == 1)) or min(size) < 1:
+            raise DataError(f"patch_size {tuple(patch_size)}: need 2 positive sizes (or X, Y, 1)")
+        if batch_labeled < 1 or batch_unlabeled < 0:
+            raise DataError(f"batch_labeled={batch_labeled} must be >= 1 and batch_unlabeled={batch_unlabeled} >= 0")
+        names = {"batch_labeled": f"batch_labeled={batch_labeled}", **(names or {})}
+        if (batch_unlabeled > 0) != (len(unlabeled) > 0):
+            raise DataError(f"batch_unlabeled={batch_unlabeled} with {len(unlabeled)} unlabeled cases: "
+                            f"give unlabeled cases exactly when batch_unlabeled >= 1")
+        unlabeled_only = [c.id for c in labeled if c.label is None]
+        if unlabeled_only:
+            raise DataError(f"cases {unlabeled_only[:5]} have no label and cannot be labeled cases")
+        cases = list(labeled) + list(unlabeled)
+        self.patch = size[:2]
+        self.device = torch.device(device)
+        self.images = [torch.from_numpy(c.image).to(self.device) for c in cases]  # converted once, kept resident
+        self.labels = [None if c.label is None else torch.from_numpy(c.label).to(self.device) for c in cases]
+        self.slices = [(v, z) for v, c in enumerate(cases) for z in range(c.image.shape[-1])]  # (volume, slice)
+        self.ids = [f"{cases[v].id}_slice_{z + 1}" for v, z in self.slices]
+        self.n_labeled = sum(c.image.shape[-1] for c in labeled)
+        if self.n_labeled < batch_labeled:
+            raise DataError(f"{self.n_labeled} labeled slices ({len(labeled)} cases) cannot fill "
+                            f"{names['batch_labeled']}")
+        self.batch_labeled, self.batch_unlabeled = batch_labeled, batch_unlabeled
+        self.batches_per_epoch = self.n_labeled // batch_labeled
+        self.zoom_maps: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._start_streams(seed)
+
+    def _uniform(self) -> float:  # U[0, 1), a host float
+        return float(torch.rand((), generator=self.generator))
+
+    def augment(self, image: torch.Tensor, label: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """RandomGenerator on one slice (X, Y): rot90 + flip or a rotation, then the resize to the patch."""
+        if self._uniform() < 0.5:  # (SSL4MIS: random.random() < 0.5)
+            k, flip_axis = self._randint(4), self._randint(2)
+            planes = [rot_flip_2d(p, k, flip_axis) for p in (image, label) if p is not None]
+        else:
+            angle = self._randint(40) - 20  # np.random.randint(-20, 20): -20 .. 19
+            planes = [rotate_nearest(p, angle) for p in (image, label) if p is not None]
+        planes = [self.resize(p) for p in planes]
+        return planes[0], planes[1] if label is not None else None
+
+    def resize(self, plane: torch.Tensor) -> torch.Tensor:
+        """``slicewise.zoom_nearest(plane, patch)``: scipy's order-0 zoom (0 where scipy writes its cval), from
+        index maps made on the host once per slice shape (zoom_nearest's own check for cval entries would wait
+        for the device on every slice)."""
+        shape = tuple(plane.shape)
+        if shape not in self.zoom_maps:
+            rows, cols = (zoom_indices(n, o) for n, o in zip(shape, self.patch))  # CPU tensors: -1 = cval
+            keep = (rows >= 0)[:, None] & (cols >= 0)[None, :]
+            self.zoom_maps[shape] = tuple(t.to(self.device) for t in (rows.clamp(min=0), cols.clamp(min=0), keep))
+        rows, cols, keep = self.zoom_maps[shape]
+        return torch.where(keep, plane.index_select(0, rows).index_select(1, cols), plane.new_zeros(()))
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._indices()
+        images = torch.empty((len(rows), 1, *self.patch), dtype=torch.float32, device=self.device)
+        labels = torch.empty((len(rows), *self.patch), dtype=torch.int64, device=self.device)
+        for b, r in enumerate(rows):
+            v, z = self.slices[r]
+            label = self.labels[v][..., z] if self.labels[v] is not None else None
+            image, label = self.augment(self.images[v][..., z], label)
+            images[b, 0] = image
+            labels[b] = label if label is not None else -1
+        self.last_case_ids = [self.ids[r] for r in rows]
+        return images, labels
+
+    __next__ = next
+
+
+__all__ = ["SliceSampler", "TwoStreamSampler", "semi_supervised_split"]

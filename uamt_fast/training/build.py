@@ -1,5 +1,9 @@
 """A training run assembled from its settings: the Config of the command line (or of a checkpoint to resume),
-the data's classes and splits, the device, and ``build``: model, EMA teacher, optimizer and batch sampler."""
+the data's classes and splits, the device, and ``build``: model, EMA teacher, optimizer and batch sampler.
+
+``--dims 3`` builds the V-Net and ``TwoStreamSampler``'s 3D crops; ``--dims 2`` SSL4MIS's 2D U-Net
+(``uamt_fast.nets.unet.UNet2D``) and ``SliceSampler``'s slices, with channels_last (never channels_last_3d).
+A data set prepared with a preset of ``PRESET_TRAINING`` (``acdc``) brings that preset's training protocol."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +14,9 @@ import torch
 
 import uamt_fast
 from uamt_fast import cli, data, files
+from uamt_fast.data import acdc
+from uamt_fast.data.sampling import SliceSampler
 from uamt_fast.evaluation import selection
-from uamt_fast.nets.vnet import VNet
 from uamt_fast.training import checkpoints, distributed, run_folder
 from uamt_fast.training.config import CONFIG_FIELDS, DEMO, LA_LABELED, RESUME_OVERRIDABLE, Config
 from uamt_fast.training.state import Parts
@@ -49,8 +54,12 @@ def make_config(given: dict) -> tuple[Config, dict | None]:
         return Config(**(saved | given | {"out": given["resume"], "resume": given["resume"]})), state
     demo = DEMO if given.get("demo") else {}
     brought = data_settings(given.get("data"))
+    if "labeled" in given and "labeled_patients" not in given:  # --labeled N replaces a preset's patient count
+        brought.pop("labeled_patients", None)
+    preset = (data.read_record(given["data"]) or {}).get("preset") if given.get("data") else None
     origins = ({name: "the default" for name in CONFIG_FIELDS} | {name: "the --demo size" for name in demo}
-               | {name: f"the data set's {data.RECORD_NAME}" for name in brought})
+               | {name: f"the data set's {data.RECORD_NAME}" for name in brought}
+               | {name: f"the {preset} preset's protocol" for name in PRESET_TRAINING.get(preset, {})})
     cfg = Config(**(demo | brought | given), origins={k: v for k, v in origins.items() if k not in given})
     if cfg.data and not cfg.eval:  # (--eval takes the checkpoint's own)
         resolve_labeled(cfg)
@@ -60,7 +69,16 @@ def make_config(given: dict) -> tuple[Config, dict | None]:
 def resolve_labeled(cfg: Config) -> None:
     """``cfg.labeled`` 0 := the data's default: every id of a prepared set's train.list (its labeled training
     cases: the unlabeled ones are in unlabeled.list), or the LA release's ``LA_LABELED`` (the paper's 16 of 80;
-    also for a Config made in code without data); its origin goes into ``cfg.origins``."""
+    also for a Config made in code without data); its origin goes into ``cfg.origins``. With
+    ``--labeled-patients N``: the volumes of the first N patients (``labeled_from_patients``)."""
+    if cfg.labeled_patients:
+        labeled = labeled_from_patients(cfg)
+        if cfg.labeled not in (0, labeled):  # (a resumed or saved config holds both, resolved alike)
+            raise ValueError(f"{cfg.setting('labeled')} and {cfg.setting('labeled_patients')} disagree: the first "
+                             f"{cfg.labeled_patients} patients are {labeled} volumes; give one of them")
+        cfg.labeled = labeled
+        cfg.origins["labeled"] = f"the volumes of {cfg.setting('labeled_patients')}"
+        return
     if cfg.labeled:
         return
     if cfg.data and data.read_record(cfg.data) is not None:
@@ -69,6 +87,21 @@ def resolve_labeled(cfg: Config) -> None:
     else:
         cfg.labeled, origin = LA_LABELED, "the default for the LA release"
     cfg.origins["labeled"] = origin
+
+
+def labeled_from_patients(cfg: Config) -> int:
+    """How many leading ids of train.list ``--labeled-patients N`` labels: on an ``acdc`` set both frames of the
+    first N patients (``uamt_fast.data.acdc.labeled_cases``; SSL4MIS's patients_to_slices takes the first lines of
+    train_slices.list, the same patients' slices: 3 -> 68, 7 -> 136 on the full set); on any other set, and
+    for a Config without data, one volume a patient (the first N ids)."""
+    record = data.read_record(cfg.data) if cfg.data else None
+    if record is None or record.get("preset") != "acdc":
+        return cfg.labeled_patients
+    try:
+        return len(acdc.labeled_cases(data.read_list(cfg.data, "train"), cfg.labeled_patients))
+    except data.DataError as e:  # ("--labeled-patients N: the training list holds M patients")
+        raise ValueError(f"{cfg.setting('labeled_patients')}: {str(e).partition(': ')[2]} in "
+                         f"{', '.join(cfg.data)}; give a smaller --labeled-patients") from None
 
 
 def saved_config(saved: dict, path: Path, flag: str) -> Config:
@@ -100,17 +133,29 @@ def load_split(cfg: Config, split: str):
     return [data.downsample(c, cfg.downsample) for c in data.load_cases(cfg.data, ids)]
 
 
+# The training protocol a preset's data set brings beyond dataset.json's ``train`` (patch, strides, batch), by the
+# record's preset name. acdc: SSL4MIS's 2D UA-MT, HiLab-git/SSL4MIS @06df604 code/train_uncertainty_aware_mean_
+# teacher_2D.py (--max_iterations 30000, lr_ = base_lr * (1 - iter_num / max_iterations) ** 0.9,
+# --consistency_rampup 200 over iter_num // 150, T = 8, noise clamp(N(0, 0.1^2), +-0.2), ema 0.99, SGD 0.01,
+# momentum 0.9, weight decay 1e-4: the last five are train.py's defaults already); 7 labeled patients, the
+# benchmark's main row (its --labeled_num default, 136, counts slices: the same 7 patients).
+PRESET_TRAINING = {
+    "acdc": {"dims": 2, "iterations": 30000, "lr_schedule": "poly", "consistency_rampup": 200.0,
+             "consistency_period": 150, "labeled_patients": 7},
+}
+
+
 def data_settings(roots) -> dict:
     """The settings a prepared data set brings (prepare's dataset.json: its class count, and its preset's or
-    auto plan's patch, sliding-window strides and batch; a record older than the batch fields has none); flags
-    given on the command line win. None for the LA release."""
+    auto plan's patch, sliding-window strides and batch; a record older than the batch fields has none; and
+    ``PRESET_TRAINING``'s protocol of its preset); flags given on the command line win. None for the LA release."""
     record = data.read_record(roots) if roots else None
     if record is None:
         return {}
     train_settings = record.get("train") or {}
     settings = {k: train_settings[k] for k in ("patch", "eval_stride_xy", "eval_stride_z", "batch_labeled",
                                                "batch_unlabeled") if k in train_settings}
-    return settings | {"num_classes": record["num_classes"]}
+    return settings | PRESET_TRAINING.get(record.get("preset"), {}) | {"num_classes": record["num_classes"]}
 
 
 def resolve_classes(cfg: Config) -> None:
@@ -149,25 +194,28 @@ def build(cfg: Config, train_cases=None, rank: int = 0) -> Parts:
                          "--labeled (the rest of train.list trains as unlabeled), add unlabeled images (prepare "
                          "--unlabeled DIR), or --method supervised")
     data_device = device if cfg.data_device == "auto" else torch.device(cfg.data_device)
-    # (the sampler refuses a patch larger than every volume: its crops would be mostly zero padding)
-    sampler = data.TwoStreamSampler(
+    # (the 3D sampler refuses a patch larger than every volume: its crops would be mostly zero padding; the 2D
+    # one resizes every slice to the patch)
+    sampler = (SliceSampler if cfg.dims == 2 else data.TwoStreamSampler)(
         [by_id[i] for i in labeled_ids], [by_id[i] for i in unlabeled_ids] if cfg.method != "supervised" else [],
         patch_size=cfg.patch, batch_labeled=cfg.batch_labeled,
         batch_unlabeled=cfg.batch_unlabeled if cfg.method != "supervised" else 0,
         device=data_device, seed=distributed.rank_seed(cfg.seed, rank),
         names={"patch_size": cfg.setting("patch"), "batch_labeled": cfg.setting("batch_labeled")})
 
-    memory_format = torch.channels_last_3d if (cfg.channels_last if cfg.channels_last is not None else cuda) \
+    channels_last = torch.channels_last if cfg.dims == 2 else torch.channels_last_3d
+    memory_format = channels_last if (cfg.channels_last if cfg.channels_last is not None else cuda) \
         else torch.contiguous_format
     classes = cfg.num_classes or 2
-    student = VNet(num_classes=classes, n_filters=cfg.n_filters, dropout=cfg.dropout).to(device, memory_format=memory_format)
+    network = checkpoints.network_class(cfg.dims)
+    student = network(num_classes=classes, n_filters=cfg.n_filters, dropout=cfg.dropout).to(device, memory_format=memory_format)
     if cfg.full_res_contiguous:
         student.full_res_memory_format_(torch.contiguous_format)
     # The teacher starts as a copy of the student (the released code initialises it separately, but the
     # first EMA step, alpha = 0, overwrites it; only iteration 0's target, weighted 6.7e-4, differs).
     teacher = None
     if cfg.method != "supervised":
-        teacher = VNet(num_classes=classes, n_filters=cfg.n_filters, dropout=cfg.dropout).to(device, memory_format=memory_format)
+        teacher = network(num_classes=classes, n_filters=cfg.n_filters, dropout=cfg.dropout).to(device, memory_format=memory_format)
         if cfg.full_res_contiguous:
             teacher.full_res_memory_format_(torch.contiguous_format)
         teacher.load_state_dict(student.state_dict())
@@ -230,5 +278,5 @@ def compile_cache(folder: str) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
 
 
-__all__ = ["build", "compile_cache", "data_settings", "load_split", "make_config", "pick_device", "resolve_classes",
-           "resolve_labeled", "saved_config"]
+__all__ = ["PRESET_TRAINING", "build", "compile_cache", "data_settings", "labeled_from_patients", "load_split",
+           "make_config", "pick_device", "resolve_classes", "resolve_labeled", "saved_config"]

@@ -22,10 +22,12 @@ from pathlib import Path
 
 import torch
 
+from uamt_fast.nets.unet import UNet2D
 from uamt_fast.nets.vnet import MAX_FILTERS, VNet
 from uamt_fast.training.state import Parts
 
-MODEL_SETTINGS = ("n_filters", "dropout")  # the config fields that build the V-Net
+MODEL_SETTINGS = ("n_filters", "dropout")  # the config fields that build the network (and "dims": 2 the U-Net,
+# 3 or absent, as in configs before 2D training, the V-Net)
 
 
 class CheckpointError(ValueError):
@@ -72,6 +74,9 @@ def config_of(state: dict, path, flag: str = "checkpoint", known_fields=None) ->
     classes = cfg.get("num_classes", 2)  # (configs before multi-class data have none: 2)
     if type(classes) is not int or not 0 <= classes <= 255:
         raise CheckpointError(f"{flag} {path}: bad model setting num_classes={classes!r:.40} (expected an int in [0, 255])")
+    dims = cfg.get("dims", 3)
+    if type(dims) is not int or dims not in (2, 3):
+        raise CheckpointError(f"{flag} {path}: bad model setting dims={dims!r:.40} (expected 2 or 3)")
     if type(cfg["n_filters"]) is not int or not 1 <= cfg["n_filters"] <= MAX_FILTERS \
             or not isinstance(cfg["dropout"], bool):
         raise CheckpointError(f"{flag} {path}: bad model settings n_filters={cfg['n_filters']!r:.40} (expected an int "
@@ -86,12 +91,12 @@ def load_weights(model: torch.nn.Module, weights, path, flag: str = "checkpoint"
     expected = model.state_dict()
     missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
     if missing or unexpected:
-        raise CheckpointError(f"{flag} {path}: '{what}' does not fit this V-Net: {len(missing)} missing tensors "
+        raise CheckpointError(f"{flag} {path}: '{what}' does not fit this {type(model).__name__}: {len(missing)} missing tensors "
                               f"{missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}")
     for k, v in expected.items():
         if weights[k].shape != v.shape:
             raise CheckpointError(f"{flag} {path}: '{what}' tensor {k} has shape {tuple(weights[k].shape)}, "
-                                  f"the V-Net expects {tuple(v.shape)}")
+                                  f"the {type(model).__name__} expects {tuple(v.shape)}")
     bad = first_nonfinite(weights)
     if bad is not None:
         raise CheckpointError(f"{flag} {path}: '{what}' tensor {bad} holds NaN or Inf values (a diverged run's "
@@ -109,9 +114,10 @@ def first_nonfinite(tensors: dict) -> str | None:
     return None if bool(finite.all()) else names[int((~finite).nonzero()[0])]
 
 
-def load_vnet(path, device="cpu", flag: str = "checkpoint", known_fields=None) -> tuple[VNet, dict, Path]:
-    """The V-Net of a student.pt / teacher.pt / checkpoint.pt (its student), or of a run folder's student.pt,
-    on ``device``; with its saved config and the file read. Never runs code from the file."""
+def load_vnet(path, device="cpu", flag: str = "checkpoint", known_fields=None) -> tuple[VNet | UNet2D, dict, Path]:
+    """The network of a student.pt / teacher.pt / checkpoint.pt (its student), or of a run folder's student.pt,
+    on ``device``: the V-Net, or the 2D U-Net of a --dims 2 run (``network_of``); with its saved config and the
+    file read. Never runs code from the file."""
     path = Path(path)
     if path.is_dir():
         if not (path / "student.pt").is_file():
@@ -123,9 +129,21 @@ def load_vnet(path, device="cpu", flag: str = "checkpoint", known_fields=None) -
     if what not in state:
         raise CheckpointError(f"{flag} {path}: holds neither 'model' (student.pt, teacher.pt) nor 'student' "
                               "(checkpoint.pt)")
-    model = VNet(num_classes=cfg.get("num_classes") or 2, n_filters=cfg["n_filters"], dropout=cfg["dropout"])
+    model = network_of(cfg)
     load_weights(model, state[what], path, flag, what)
     return model.to(device), cfg, path
+
+
+def network_of(cfg: dict) -> VNet | UNet2D:
+    """A fresh network for a checked saved config (``config_of``): its dims, classes, width and dropout."""
+    return network_class(cfg.get("dims", 3))(num_classes=cfg.get("num_classes") or 2, n_filters=cfg["n_filters"],
+                                              dropout=cfg["dropout"])
+
+
+def network_class(dims: int) -> type[VNet] | type[UNet2D]:
+    """The network a run of ``dims`` trains: the V-Net (3) or SSL4MIS's 2D U-Net (2); both take
+    ``(num_classes, n_filters, dropout)`` and keep the same contract (``bn_groups``, ``mc_dropout``)."""
+    return UNet2D if dims == 2 else VNet
 
 
 # ----------------------------------------------------------------------------- train.py's checkpoint.pt
@@ -198,5 +216,6 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:200]
 
 
-__all__ = ["CheckpointError", "read", "config_of", "load_weights", "first_nonfinite", "load_vnet", "TRAINING_KEYS",
+__all__ = ["CheckpointError", "read", "config_of", "load_weights", "first_nonfinite", "load_vnet", "network_class", "network_of",
+           "TRAINING_KEYS",
            "training_state", "restore_training", "restore_streams", "check_same_data"]

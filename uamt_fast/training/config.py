@@ -27,6 +27,8 @@ EXAMPLES = """    python train.py --demo                                 # synth
     python train.py --data /path/to/LA --out runs/a --overwrite            # replace the run in runs/a
     python train.py --eval runs/<run> --data /path/to/LA --cases ID1 ID2   # two test cases only (--first N: the first N)
     python train.py --eval runs/<run> --data /path/to/LA --figures figs --figures-cases best median worst
+    python train.py --data /path/to/ACDC_prepared --labeled-patients 3   # ACDC (prepare --preset acdc): 2D, SSL4MIS's protocol
+    python train.py --data /path/to/prepared --dims 2 --patch 128 128 1   # any prepared set, slice by slice (2D U-Net)
     python train.py --data /path/to/LA --tensorboard   # metrics.jsonl's scalars also in runs/<run>/tensorboard
     torchrun --nproc_per_node 4 train.py --data /path/to/LA   # DDP over 4 GPUs: global batch 4 x 4 crops (--lr-scale, --sync-bn)
     # reduced real-data run on a 2-core CPU, ~30 min (volumes downsampled 2x, narrower V-Net, shorter schedule):
@@ -51,16 +53,19 @@ class Config:
     method: str = "uamt"  # uamt | mt (no uncertainty mask) | mt-dice (soft-Dice consistency) | supervised (no teacher)
     consistency_on: str = "unlabeled"  # unlabeled (released code, paper's UA-MT-UN) | all (paper's UA-MT)
     labeled: int = 0  # the first N ids of train.list are labeled, the rest unlabeled (paper: 8, 16, 24); 0: the data's default, every case of a prepared set's train.list (16 for the LA release)
+    labeled_patients: int = 0  # ACDC: the volumes of the first N patients of train.list are labeled, both frames (SSL4MIS: 3 -> 68, 7 -> 136 slices); another set: the first N volumes (= --labeled N); 0: --labeled decides
+    dims: int = 3  # 3: the V-Net on 3D crops; 2: SSL4MIS's 2D U-Net on slices along the last axis (--patch X Y 1), resized to the patch, for any prepared set
     dropout: bool = True  # Dropout3d(0.5) in the V-Net ("Bayesian V-Net"); --no-dropout = vanilla V-Net
     n_filters: int = 16  # V-Net width of the first stage
     num_classes: int = 0  # classes incl. background; 0: the data's (prepare's dataset.json; 2 for the LA release)
-    patch: tuple = (112, 112, 80)  # training crop (X Y Z), multiples of 16; also the sliding-window size
+    patch: tuple = (112, 112, 80)  # training crop (X Y Z), multiples of 16; also the sliding-window size. --dims 2: X Y 1, each slice resized to X x Y
     downsample: int = 1  # average-pool images / majority-pool labels by this factor once at load (CPU runs)
     batch_labeled: int = 2  # labeled crops per batch
     batch_unlabeled: int = 2  # unlabeled crops per batch
-    # optimisation (SGD, lr / 10 every lr_step iterations)
+    # optimisation (SGD, lr / 10 every lr_step iterations, or the poly decay)
     iterations: int = 6000  # training iterations
     lr: float = 0.01  # base learning rate
+    lr_schedule: str = "step"  # step: lr / 10 every --lr-step iterations (UA-MT's release) | poly: lr (1 - i / --iterations)^0.9 (SSL4MIS's 2D trainers)
     lr_step: int = 2500  # divide lr by 10 every this many iterations (not scaled: short runs stay at --lr)
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 1e-4  # SGD weight decay
@@ -123,13 +128,21 @@ class Config:
             self.figures_cases = []
         # a config read from a file may hold anything: types first, then choices and ranges
         cli.check_fields(self, RANGES, CHOICES)
-        _check_patch(self.patch)
+        if self.dims == 2 and len(self.patch) == 3 and self.patch[2] != 1 and "patch" in self.origins:
+            self.patch = (*self.patch[:2], 1)  # a 3D default or a data set's 3D patch: its slice
+        _check_patch(self.patch, self.dims)
         self.data = [d for d in self.data if d]
         if self.reference_ops:
             self.fused_loss = self.fused_ema = False
+        if self.dims == 2 and self.downsample != 1:  # (the slice-wise evaluation has no pooled path either)
+            raise ValueError(f"{self.setting('downsample')}: --dims 2 resizes every slice to the patch; drop "
+                             "--downsample (or give a smaller --patch X Y 1)")
+        if self.dims == 2 and self.sync_bn:  # (training.distributed converts the V-Net's GhostBatchNorm3d only)
+            raise ValueError("--sync-bn is not available with --dims 2 yet: drop it (batch norm per rank)")
         if self.batch_unlabeled < 1 and self.method != "supervised":
             raise ValueError(f"--batch-unlabeled must be >= 1 for --method {self.method}; got {self.batch_unlabeled}")
-        if self.eval_stride_xy > min(self.patch[:2]) or self.eval_stride_z > self.patch[2]:
+        # (--dims 2 evaluates whole slices resized to the patch: no windows, the strides are not used)
+        if self.dims == 3 and (self.eval_stride_xy > min(self.patch[:2]) or self.eval_stride_z > self.patch[2]):
             raise ValueError(f"{self.setting('eval_stride_xy')} / {self.setting('eval_stride_z')}: a stride larger "
                              f"than the window ({self.setting('patch')}) leaves voxels that no window covers")
         # The consistency ramp spans the run, as in the paper (40 periods of 150 = 6000 iterations).
@@ -140,7 +153,8 @@ class Config:
 # intervals, ">= a" / "> a" half-lines; floats must also be finite (nan and inf are never a setting). The
 # upper bounds of the floats keep every value (and lr * grad) inside float32, where the optimizer works.
 RANGES = {
-    "first": ">= 0", "figures_passes": "[1, 1024]", "labeled": ">= 0", "n_filters": f"[1, {MAX_FILTERS}]",
+    "first": ">= 0", "figures_passes": "[1, 1024]", "labeled": ">= 0", "labeled_patients": ">= 0", "dims": "[2, 3]",
+    "n_filters": f"[1, {MAX_FILTERS}]",
     "num_classes": "[0, 255]",
     "downsample": "[1, 16]", "batch_labeled": "[1, 1024]", "batch_unlabeled": "[0, 1024]", "iterations": ">= 1",
     "lr": "(0, 1000]", "lr_step": ">= 1", "momentum": "[0, 1)", "weight_decay": "[0, 1]", "ema_decay": "[0, 1]",
@@ -150,7 +164,12 @@ RANGES = {
     "seed": f"[0, {2**63 - 1}]", "log_every": ">= 1", "save_every": ">= 1", "stop_at": ">= 0",
     "eval_stride_xy": ">= 1", "eval_stride_z": ">= 1", "eval_batch": "[1, 4096]", "dist_timeout": "[1, 86400]",
 }
-def _check_patch(patch) -> None:
+def _check_patch(patch, dims: int = 3) -> None:
+    if dims == 2:  # one slice: X, Y and a depth of 1 (prepare --preset acdc's (256, 256, 1))
+        if len(patch) != 3 or patch[2] != 1 or any(p < 16 or p % 16 or p > 1024 for p in patch[:2]):
+            raise ValueError(f"--dims 2: --patch must be X Y 1, X and Y multiples of 16 in [16, 1024] (four 2x2 "
+                             f"pools of the U-Net); got {patch}")
+        return
     if len(patch) != 3 or any(p < 16 or p % 16 or p > 1024 for p in patch):
         raise ValueError(f"--patch must be three multiples of 16 in [16, 1024] (four stride-2 V-Net stages); got {patch}")
 
@@ -158,7 +177,8 @@ def _check_patch(patch) -> None:
 CHOICES = {"method": ("uamt", "mt", "mt-dice", "supervised"), "consistency_on": ("unlabeled", "all"),
            "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
            "sgd": ("auto", "fused", "foreach", "loop"), "device": ("auto", "cuda", "cpu"),
-           "data_device": ("auto", "cuda", "cpu"), "lr_scale": ("none", "linear"), "blend": BLENDS}
+           "data_device": ("auto", "cuda", "cpu"), "lr_scale": ("none", "linear"), "blend": BLENDS,
+           "lr_schedule": ("step", "poly")}
 
 
 LA_LABELED = 16  # --labeled's default for the LA release (no dataset.json): the paper's 16 of 80 (20%)

@@ -28,7 +28,8 @@ def log_line(line: dict, iterations: int) -> str:
 
 def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.json", checkpoint: str | None = None,
              world: distributed.World = distributed.SINGLE) -> dict:
-    """The paper's sliding-window protocol on ``cases`` (full resolution); prints the table and writes it to
+    """The paper's sliding-window protocol on ``cases`` (full resolution; a --dims 2 model: every slice resized to
+    ``cfg.patch[:2]`` and back, SSL4MIS's ACDC protocol); prints the table and writes it to
     ``out_dir / name`` (a new file: if that name is taken, ``<stem>-2.json``, ``-3``... so an evaluation never
     replaces another), with a ``source`` record (checkpoint, data, case ids, settings). Strict JSON: an
     undefined distance (empty mask) is ``null``, counted in ``nan_cases``.
@@ -47,8 +48,9 @@ def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.j
     mine = distributed.shard(world, cases)
     result = inference.evaluate(model, mine, patch_size=cfg.patch, stride_xy=cfg.eval_stride_xy,
                                 stride_z=cfg.eval_stride_z, batch_size=cfg.eval_batch, downsample=cfg.downsample,
-                                num_classes=cfg.num_classes or 2,
-                                blend=cfg.blend) if mine or not world.enabled else None
+                                num_classes=cfg.num_classes or 2, blend=cfg.blend,
+                                slice_size=tuple(cfg.patch[:2]) if cfg.dims == 2 else None,  # 2D: slice by slice
+                                ) if mine or not world.enabled else None
     result = distributed.gather_evaluation(world, result, cases)
     if not world.main:
         return result
@@ -56,8 +58,8 @@ def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.j
     print(f"evaluated {len(cases)} cases in {time.perf_counter() - t0:.1f} s")
     result["source"] = {
         "checkpoint": checkpoint, "data": cfg.data, "split": "test", "case_ids": [str(c.id) for c in cases],
-        "settings": {k: getattr(cfg, k) for k in ("patch", "eval_stride_xy", "eval_stride_z", "eval_batch", "blend",
-                                                  "downsample", "n_filters", "dropout", "num_classes")},
+        "settings": {k: getattr(cfg, k) for k in ("dims", "patch", "eval_stride_xy", "eval_stride_z", "eval_batch",
+                                                  "blend", "downsample", "n_filters", "dropout", "num_classes")},
         "uamt_fast": uamt_fast.__version__, "evaluated": datetime.datetime.now().isoformat(timespec="seconds")}
     text = json.dumps(files.json_safe(result), indent=1, allow_nan=False)
     path = files.write_new(out_dir / name, lambda f: f.write(text.encode()))  # eval-2.json ... when taken
