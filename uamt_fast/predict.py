@@ -155,6 +155,9 @@ def load_model_and_data(args, device: torch.device) -> Model:
     of the data it was prepared on (``--data``, or the roots saved in its config; none for the LA release)."""
     net, cfg, path = checkpoints.load_vnet(args.model, device, "MODEL")
     net.eval()
+    if cfg.get("dims", 3) != 3:  # (the slice-wise path exists for --eval: inference.predict_volume; not wired here yet)
+        raise checkpoints.CheckpointError(f"MODEL {path}: a 2D model (--dims {cfg['dims']}); predict segments with 3D "
+                                          "models only so far (score a 2D model with train.py --eval)")
     patch = cfg.get("patch", inference.PATCH_SIZE)
     settings = {k: cfg.get(k, default) for k, default in (("eval_stride_xy", 18), ("eval_stride_z", 4),
                                                          ("downsample", 1), ("eval_batch", 4))}

@@ -210,3 +210,24 @@ def test_a_2d_run_ends_with_the_slice_wise_evaluation_and_eval_repeats_it(acdc_r
     assert train.main(["--eval", str(run / "student.pt"), "--threads", "1"]) == 0
     again = json.loads((run / "eval_student.json").read_text())
     assert again["cases"] == result["cases"]
+
+
+def test_what_is_not_2d_yet_is_refused_in_one_line_before_any_work(acdc_root, tmp_path, capsys):
+    """predict and the figures' panels are 3D only so far: a 2D model gets one line and exit 2, nothing written."""
+    from uamt_fast import predict
+
+    run = tmp_path / "run"
+    assert train.main(["--data", str(acdc_root), *TINY_2D, "--iterations", "2", "--stop-at", "2", "--out",
+                       str(run)]) == 0
+    capsys.readouterr()
+    scan = next((acdc_root.parent / "src").rglob("*_frame01.nii.gz"))
+    assert predict.main([str(run / "checkpoint.pt"), str(scan), "--out", str(tmp_path / "masks")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a 2D model (--dims 2)" in err, err
+    assert not (tmp_path / "masks").exists()
+    assert train.main(["--eval", str(run / "checkpoint.pt"), "--figures", str(tmp_path / "figs"),
+                       "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "panels are drawn for 3D models only" in err, err
+    # (--figures' folder is made at the start, to refuse an unwritable one before any work: it stays empty)
+    assert not list((tmp_path / "figs").glob("*")) and not list(run.glob("eval_*.json"))
