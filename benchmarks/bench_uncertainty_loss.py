@@ -15,14 +15,17 @@ Each GPU row has two numbers (``conftest.BenchSession.run``): the kernel time fr
 wall-clock per call, host included (what an eager caller pays).
 
 Problems: the paper's shapes T=8, C=2, 112x112x80 with B=2 (consistency on the unlabeled half, the
-trainer's default) and B=4 ("consistency on all"); three input kinds:
+trainer's default) and B=4 ("consistency on all"); and SSL4MIS's 2D ACDC step (``train.py --dims 2``, a
+24 x 1 x 256 x 256 input of 12 labeled + 12 unlabeled slices): T=8, C=4, 256x256 with B=12 (the unlabeled
+half, SSL4MIS's and the acdc preset's) and B=24 (all); three input kinds:
 
 - ``fp32``, ``bf16``: all three inputs contiguous in that dtype;
 - ``trainer``: what ``train.py`` hands the loss on CUDA. Under bf16 autocast the V-Net's last layer is
   a Conv3d, so the student, the teacher target and the T passes all arrive as bf16; with
   channels_last_3d (on by default on CUDA; cuDNN keeps the input's memory format) each crop is
   channels-last, the target and the passes are views (pass 0 and passes 1..T) of the one
-  (T+1, B, C, *S) teacher output, and the threshold is a 0-dim device tensor.
+  (T+1, B, C, *S) teacher output, and the threshold is a 0-dim device tensor. 2D: the U-Net's last layer
+  is a Conv2d, the slices channels_last.
 
 Modes ``fwd`` (a training forward: the student requires grad) and ``fwd+bwd``
 (``torch.autograd.grad`` of the loss w.r.t. the student, peak memory recorded).
@@ -39,10 +42,12 @@ import torch
 from benchmarks import measure
 from uamt_fast import reference
 
-T, C = 8, 2
-PAPER_SPATIAL = (112, 112, 80)
-TINY_SPATIAL = (16, 16, 8)  # --bench-tiny: wiring only (the fused rows may run in the interpreter)
-THRESHOLD = reference.uncertainty_threshold(3000, 6000)  # mid-run H: 0.75 ln2 < H < ln2
+T = 8
+# (classes, full-scale spatial shape, --bench-tiny's: wiring only, the fused rows may run in the interpreter) by
+# problem: the paper's 3D LA step and SSL4MIS's 2D ACDC step (code/train_uncertainty_aware_mean_teacher_2D.py:
+# --patch_size 256 256, num_classes 4, batch 24 of which --labeled_bs 12).
+PROBLEMS = {"3d": (2, (112, 112, 80), (16, 16, 8)), "2d": (4, (256, 256), (16, 16))}
+BATCHES = [("3d", 2), ("3d", 4), ("2d", 12), ("2d", 24)]  # (problem, B): the unlabeled half, and all
 INPUT_KINDS = {"fp32": torch.float32, "bf16": torch.bfloat16, "trainer": torch.bfloat16}
 
 _COMPILED = {}
@@ -57,47 +62,54 @@ def _compiled(fn):
     return _COMPILED[fn]
 
 
-def spatial(bench) -> tuple[int, ...]:
-    return TINY_SPATIAL if bench.tiny else PAPER_SPATIAL
+def spatial(bench, problem: str = "3d") -> tuple[int, ...]:
+    return PROBLEMS[problem][2 if bench.tiny else 1]
 
 
-def shape_name(batch: int, spatial_dims) -> str:
-    return f"T{T} B{batch} C{C} {'x'.join(map(str, spatial_dims))}"
+def shape_name(batch: int, spatial_dims, classes: int = 2) -> str:
+    return f"T{T} B{batch} C{classes} {'x'.join(map(str, spatial_dims))}"
 
 
-def make_inputs(batch: int, spatial_dims, kind: str, device, seed: int):
+def threshold(classes: int) -> float:
+    """Mid-run H of C classes: 0.75 ln C < H < ln C."""
+    return reference.uncertainty_threshold(3000, 6000, classes)
+
+
+def make_inputs(batch: int, spatial_dims, kind: str, device, seed: int, classes: int = 2):
     """(student, teacher, mc, threshold): student, teacher and T-pass logits that share a per-voxel
     signal, so the uncertainty map has structure and the mask keeps part of the voxels (neither empty
     nor full). ``kind``: a key of INPUT_KINDS (``trainer``: the layout described in the module docstring)."""
     g = torch.Generator(device=device).manual_seed(seed)
     dtype = INPUT_KINDS[kind]
-    shape = (batch, C, *spatial_dims)
+    shape = (batch, classes, *spatial_dims)
     base = 2.0 * torch.randn(shape, generator=g, device=device)
     passes = base + torch.randn((T + 1, *shape), generator=g, device=device)
     passes[0] = base + 0.5 * torch.randn(shape, generator=g, device=device)  # pass 0: the target
     student = base + 0.5 * torch.randn(shape, generator=g, device=device)
     if kind == "trainer":
-        cl = torch.channels_last_3d
+        cl = torch.channels_last_3d if len(spatial_dims) == 3 else torch.channels_last
         passes = passes.flatten(0, 1).to(dtype).contiguous(memory_format=cl).unflatten(0, (T + 1, batch))
         teacher, mc = passes[0], passes[1:]
         student = student.to(dtype).contiguous(memory_format=cl).requires_grad_()
-        return student, teacher, mc, torch.full((), THRESHOLD, device=device)
+        return student, teacher, mc, torch.full((), threshold(classes), device=device)
     passes = passes.to(dtype)
-    return student.to(dtype).requires_grad_(), passes[0].clone(), passes[1:].clone(), THRESHOLD
+    return student.to(dtype).requires_grad_(), passes[0].clone(), passes[1:].clone(), threshold(classes)
 
 
-def input_sets(bench, batch: int, kind: str) -> list[tuple]:
+def input_sets(bench, batch: int, kind: str, problem: str = "3d") -> list[tuple]:
     """Rotated input sets of one problem (together several times the L2 cache on a GPU), made once
     and shared by every row of that problem."""
     if kind == "trainer" and not (bench.cuda or bench.interpreted):
         pytest.skip("trainer rows: on the CPU train.py hands the loss fp32 contiguous tensors (no autocast, "
                     "no channels_last_3d), which the fp32 rows time already")
-    key = (batch, kind, spatial(bench), bench.device)
+    classes, shape = PROBLEMS[problem][0], spatial(bench, problem)
+    key = (batch, kind, shape, classes, bench.device)
     if key not in _INPUTS:
         _INPUTS.clear()  # one problem's inputs at a time: the paper-shape sets are hundreds of MB
-        first = make_inputs(batch, spatial(bench), kind, bench.device, seed=0)
+        first = make_inputs(batch, shape, kind, bench.device, seed=0, classes=classes)
         n = measure.rotation_count(_loss_bytes(*first[:3], backward=False), bench.device)
-        _INPUTS[key] = [first] + [make_inputs(batch, spatial(bench), kind, bench.device, seed=k) for k in range(1, n)]
+        _INPUTS[key] = [first] + [make_inputs(batch, shape, kind, bench.device, seed=k, classes=classes)
+                                  for k in range(1, n)]
     return _INPUTS[key]
 
 
@@ -122,11 +134,11 @@ def _op(provider: str, bench, wiring_row: bool, reference_fn, fused_name: str):
 @pytest.mark.parametrize("provider", ["reference", "compile", "fused"])
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("kind", list(INPUT_KINDS))
-@pytest.mark.parametrize("batch", [2, 4])
-def test_uncertainty_loss(benchmark, bench, batch, kind, mode, provider):
-    op = _op(provider, bench, batch == 2 and kind == "trainer", reference.uncertainty_consistency_loss,
+@pytest.mark.parametrize("problem, batch", BATCHES)
+def test_uncertainty_loss(benchmark, bench, problem, batch, kind, mode, provider):
+    op = _op(provider, bench, batch in (2, 12) and kind == "trainer", reference.uncertainty_consistency_loss,
              "uncertainty_consistency_loss")
-    sets = input_sets(bench, batch, kind)
+    sets = input_sets(bench, batch, kind, problem)
     nbytes = _loss_bytes(*sets[0][:3], backward=mode == "fwd+bwd")
     if mode == "fwd":
         def fn(s, t, mc, thr):
@@ -135,7 +147,7 @@ def test_uncertainty_loss(benchmark, bench, batch, kind, mode, provider):
         def fn(s, t, mc, thr):
             return torch.autograd.grad(op(s, t, mc, thr), s)
 
-    shape = shape_name(batch, spatial(bench))
+    shape = shape_name(batch, spatial(bench, problem), PROBLEMS[problem][0])
     bench.run(benchmark, group=f"loss {mode} {shape} {kind}", provider=provider, fn=fn, arg_sets=sets,
               bytes_moved=nbytes, baseline=provider != "fused", kernel=provider == "fused", kernel_time=True,
               peak=mode == "fwd+bwd", op="uncertainty_consistency_loss", mode=mode, batch=batch, dtype=kind,
@@ -144,14 +156,15 @@ def test_uncertainty_loss(benchmark, bench, batch, kind, mode, provider):
 
 @pytest.mark.parametrize("provider", ["reference", "compile", "fused"])
 @pytest.mark.parametrize("kind", list(INPUT_KINDS))
-@pytest.mark.parametrize("batch", [2, 4])
-def test_predictive_entropy(benchmark, bench, batch, kind, provider):
-    op = _op(provider, bench, batch == 2 and kind == "trainer", reference.predictive_entropy, "predictive_entropy")
-    sets = [(s[2],) for s in input_sets(bench, batch, kind)]
+@pytest.mark.parametrize("problem, batch", BATCHES)
+def test_predictive_entropy(benchmark, bench, problem, batch, kind, provider):
+    op = _op(provider, bench, batch in (2, 12) and kind == "trainer", reference.predictive_entropy,
+             "predictive_entropy")
+    sets = [(s[2],) for s in input_sets(bench, batch, kind, problem)]
     mc = sets[0][0]
     out_bytes = batch * mc[0, 0, 0].numel() * 4  # the (B, *S) fp32 uncertainty map
     nbytes = mc.numel() * mc.element_size() + out_bytes
-    shape = shape_name(batch, spatial(bench))
+    shape = shape_name(batch, spatial(bench, problem), PROBLEMS[problem][0])
     bench.run(benchmark, group=f"entropy {shape} {kind}", provider=provider, fn=op, arg_sets=sets,
               bytes_moved=nbytes, baseline=provider != "fused", kernel=provider == "fused", kernel_time=True,
               op="predictive_entropy", mode="fwd", batch=batch, dtype=kind, shape=shape)

@@ -4,6 +4,8 @@
     python -m benchmarks.train_step --data benchmarks/la_pack --json out.json
     python -m benchmarks.train_step --data LA_parts/part1 --data LA_parts/part2   # a data set in parts
     python -m benchmarks.train_step --cpu                               # wiring check: tiny shapes, CPU
+    python -m benchmarks.train_step --dims 2 --data /path/to/ACDC_prepared   # GPU, SSL4MIS's 2D ACDC step
+    python -m benchmarks.train_step --dims 2 --cpu                      # its wiring check (synthetic ACDC)
 
 All variants run in one process on the same device, the same crop size and the same cases:
 
@@ -36,6 +38,13 @@ graphs dynamo compiled for it. FLOPs per iteration come from
 forward and backward; the same model work as ours: 4 student crops forward + backward and 18
 teacher crop-passes forward) and are cross-checked on one eager iteration of ours. MFU is over the
 dense matmul rate measured in the same run (bf16 on a GPU, fp32 on a CPU).
+
+``--dims 2``: ``train.py --dims 2``'s step at SSL4MIS's 2D ACDC shape (code/train_uncertainty_aware_mean_teacher_
+2D.py: 12 labeled + 12 unlabeled 256 x 256 slices, a 24 x 1 x 256 x 256 student input, T = 8 teacher passes of
+the 12 unlabeled, C = 4, U-Net width 16) on a set prepared with ``--preset acdc`` (or any prepared set, sliced);
+``--cpu``: 32 x 32 slices, width 4, 2 + 2 slices, a synthetic ACDC set. Only our variants run: the reference
+rows replay the released 3D trainer (SSL4MIS's 2D trainer is not re-implemented here), and the analytic floor
+models the V-Net's convolutions, so neither is reported; FLOPs come from an eager variant of ours where one runs.
 """
 from __future__ import annotations
 
@@ -89,6 +98,10 @@ SAME_AS_OURS_ON_CPU = {  # --cpu: these would repeat "ours" exactly, so they are
     "ours -bf16": "train.py's bf16 autocast is CUDA-only",
     "reference+cudnn.benchmark": "no cuDNN on the CPU",
 }
+NOT_IN_2D = "the released trainer is 3D (SSL4MIS's 2D trainer is not re-implemented here)"
+# --dims 2: SSL4MIS's 2D ACDC step (see the module docstring); --cpu: wiring only
+SIZES_2D = dict(patch=(256, 256, 1), n_filters=16, batch_labeled=12, batch_unlabeled=12)
+CPU_SIZES_2D = dict(patch=(32, 32, 1), n_filters=4, batch_labeled=2, batch_unlabeled=2)
 
 
 def parse_args(argv=None):
@@ -97,7 +110,10 @@ def parse_args(argv=None):
                    "or a `python -m uamt_fast.data pack` folder; repeat it for a data set in parts; --cpu without "
                    "--data uses a synthetic set")
     p.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU: checks the wiring, not the speed")
-    p.add_argument("--labeled", type=int, default=16, help="labeled cases (the first of train.list), as in the paper")
+    p.add_argument("--labeled", type=int, default=None, help="labeled cases (the first of train.list): default 16 as "
+                   "in the paper; --dims 2: 14, the volumes of SSL4MIS's 7 labeled ACDC patients (--cpu: 2)")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=3,
+                   help="3: the paper's 3D step; 2: SSL4MIS's 2D ACDC step (only our variants; see above)")
     p.add_argument("--iters", type=int, default=None, help="timed iterations per variant (default 20 GPU / 2 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations per variant, the first one "
                    "timed as the time to first iteration (default 3 GPU / 1 CPU)")
@@ -120,6 +136,8 @@ def parse_args(argv=None):
     unknown = [v for v in args.variant_list if v not in known]
     if unknown:
         p.error(f"--variants: unknown {unknown}; expected a subset of {sorted(known)}")
+    if args.labeled is None:
+        args.labeled = 16 if args.dims == 3 else 2 if args.cpu else 14
     if args.cpu:
         args.iters, args.warmup = args.iters or 2, args.warmup or 1
         args.reference_iters = args.reference_iters or 2
@@ -274,28 +292,37 @@ def main(argv=None) -> int:
     print(f"compile cache {cache_root} ({'empty: the first compile is cold' if cache_was_empty else 'not empty'})")
     # Every variant adds cache entries to the same code objects (VNet.forward, student_losses, the blocks).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    sizes = CPU_SIZES if args.cpu else dict(patch=(112, 112, 80), n_filters=16)
-    roots = data_roots(args.data, args.cpu, workdir.name, "train_step")
+    if args.dims == 2:
+        sizes = CPU_SIZES_2D if args.cpu else SIZES_2D
+        roots = acdc_roots(args.data, args.cpu, workdir.name)
+    else:
+        sizes = CPU_SIZES if args.cpu else dict(patch=(112, 112, 80), n_filters=16)
+        roots = data_roots(args.data, args.cpu, workdir.name, "train_step")
     if roots is None:
         return 2
-    base_cfg = dict(data=roots, labeled=args.labeled, patch=sizes["patch"], n_filters=sizes["n_filters"],
-                    device=device.type, seed=1337, compile_cache=compile_cache)
+    base_cfg = dict(data=roots, labeled=args.labeled, device=device.type, seed=1337, compile_cache=compile_cache,
+                    **sizes)
+    if args.dims == 2:  # the set's classes (ACDC: 4), as train.py reads them from its record
+        base_cfg |= dict(dims=2, num_classes=(data.read_record(roots) or {}).get("num_classes") or 2)
     if args.cpu:  # on the CPU compile is off (minutes of inductor C++ compile) and channels_last is opt-in
         base_cfg |= dict(compile=False, channels_last=True)
     cfg0 = train_mod.Config(**base_cfg)
     cases = train_mod.load_split(cfg0, "train")
     labeled_ids, unlabeled_ids = data.semi_supervised_split([c.id for c in cases], cfg0.labeled)
-    h5_dir = release_h5_folder(roots, cases, workdir.name)
+    h5_dir = release_h5_folder(roots, cases, workdir.name) if args.dims == 3 else None
     print(f"{len(cases)} training cases ({len(labeled_ids)} labeled), crop {sizes['patch']}, n_filters "
-          f"{sizes['n_filters']}; reference reads h5 from {h5_dir}", flush=True)
+          f"{sizes['n_filters']}" + (f"; reference reads h5 from {h5_dir}" if h5_dir else
+                                     f", {sizes['batch_labeled']} + {sizes['batch_unlabeled']} slices a batch, "
+                                     f"{cfg0.num_classes} classes"), flush=True)
     env = measure.environment(device)  # from here on CUDA is initialised
     print(measure.environment_line(env), flush=True)
     rate = measure.matmul_tflops(device)
     print(f"dense matmul rate, same run: {rate:.3g} TFLOP/s ({'bf16 8192^3' if device.type == 'cuda' else 'fp32 1024^3'})",
           flush=True)
-    floor = step_floor(train_mod, cfg0, device, rate)
-    print(f"floor of the step (benchmarks/profile_step.py's model, copy {floor['copy_gbps']:.4g} GB/s): "
-          f"{floor['ms']:.2f} ms", flush=True)
+    floor = step_floor(train_mod, cfg0, device, rate) if args.dims == 3 else None
+    if floor:
+        print(f"floor of the step (benchmarks/profile_step.py's model, copy {floor['copy_gbps']:.4g} GB/s): "
+              f"{floor['ms']:.2f} ms", flush=True)
 
     rows, skipped, flops = [], [], {}
     compiled_before = not cache_was_empty  # a cache on disk: nothing compiles cold
@@ -305,9 +332,11 @@ def main(argv=None) -> int:
             skipped.append(name)
             print(f"  {name}: skipped (past --budget-s {args.budget_s:.0f})", flush=True)
             continue
-        if args.cpu and name in SAME_AS_OURS_ON_CPU:
+        why = NOT_IN_2D if args.dims == 2 and name in REFERENCES else SAME_AS_OURS_ON_CPU.get(name) if args.cpu \
+            else None
+        if why:
             skipped.append(name)
-            print(f"  {name}: skipped ({SAME_AS_OURS_ON_CPU[name]})", flush=True)
+            print(f"  {name}: skipped ({why})", flush=True)
             continue
         t = time.perf_counter()
         if name in REFERENCES:
@@ -335,6 +364,23 @@ def main(argv=None) -> int:
     return 0
 
 
+def acdc_roots(given: list, cpu: bool, workdir: str) -> list[str] | None:
+    """``--dims 2``'s data: the ``--data`` roots; with none, on the CPU a synthetic ACDC set prepared with
+    ``--preset acdc`` in ``workdir``, or None (after saying why) on the GPU, where the numbers need real slices."""
+    if given:
+        return list(given)
+    if not cpu:
+        print("train_step: --data is required on the GPU (--dims 2: a set prepared with --preset acdc)",
+              file=sys.stderr)
+        return None
+    from uamt_fast.data import acdc
+    from uamt_fast.data.prepare import prepare
+
+    acdc.write_synthetic(Path(workdir) / "acdc_source", "raw", shape=(48, 48, 4))
+    prepare(Path(workdir) / "acdc_source", Path(workdir) / "acdc", "acdc")
+    return [str(Path(workdir) / "acdc")]
+
+
 def step_floor(train_mod, cfg, device, rate: float) -> dict:
     """The analytic floor of ours' step (``profile_step.step_floor``: convs at the matmul rate or the copy
     bandwidth, whichever is slower, plus the other bytes), bf16 activations on a GPU, fp32 on a CPU."""
@@ -357,7 +403,7 @@ def summarize(rows, flops, rate, env, skipped, cases, labeled_ids, sizes, comple
         if model_flops:
             r["tflops"] = model_flops / (r["ms_per_iter"] * 1e-3) / 1e12
             r["mfu_pct"] = 100 * r["tflops"] / rate
-        r["pct_of_floor_speed"] = 100 * floor["ms"] / r["ms_per_iter"]
+        r["pct_of_floor_speed"] = 100 * floor["ms"] / r["ms_per_iter"] if floor else None
     return {"environment": env, "matmul_tflops": rate, "flops_per_iter": dict(flops), "rows": rows, "floor": floor,
             "skipped": list(skipped), "cases": len(cases), "labeled": len(labeled_ids), "complete": complete, **sizes}
 
@@ -367,7 +413,8 @@ def format_table(result: dict) -> str:
     lines = [f"train step, crop {result['patch']}, n_filters {result['n_filters']}, {result['cases']} cases; "
              f"FLOPs/iter: reference {_tf(flops.get('reference'))} TFLOP, ours eager {_tf(flops.get('ours_eager'))} TFLOP; "
              f"matmul rate {result['matmul_tflops']:.3g} TFLOP/s; torch threads "
-             f"{result['environment']['torch_threads']}; floor {result['floor']['ms']:.2f} ms/iter",
+             f"{result['environment']['torch_threads']}; floor "
+             f"{_f(result['floor'] and result['floor']['ms'], '.2f')} ms/iter",
              f"{'variant':<27} {'ms/iter':>9} {'it/s':>8} {'vs ref':>7} {'peak GiB':>9} {'TFLOP/s':>9} {'MFU %':>6} "
              f"{'%floor':>7} {'1st it s':>9} start"]
     for r in result["rows"]:

@@ -69,6 +69,25 @@ def test_downsampled_uncertainty_map_is_full_resolution(case):
     assert entropy.shape == case.image.shape and (entropy >= 0).all()
 
 
+def test_a_2d_models_panel_and_uncertainty_go_slice_by_slice(case, tmp_path):
+    """``slice_size`` set: the panel of a 2D U-Net is drawn (its masks slice by slice), and the uncertainty map is
+    the entropy of the slice-wise softmax (without dropout every pass is the same)."""
+    from uamt_fast.evaluation.slicewise import slicewise_predict
+    from uamt_fast.evaluation.uncertainty import predictive_entropy
+    from uamt_fast.nets.unet import UNet2D
+
+    torch.manual_seed(0)
+    net = UNet2D(num_classes=2, n_filters=2, dropout=False).eval()
+    entropy = figures.uncertainty_map(net, case.image, 2, patch=(16, 16, 1), slice_size=(16, 16))
+    torch.testing.assert_close(entropy, predictive_entropy(slicewise_predict(net, case.image, (16, 16), 2, 4)[1]))
+    assert figures.slice_size_of({"dims": 2, "patch": [16, 32, 1]}) == (16, 32)
+    assert figures.slice_size_of({"patch": [16, 32, 16]}) is None  # (a config from before --dims: the V-Net)
+    path = figures.case_panel({"2D": net}, case, tmp_path / "panel.png", patch=(16, 16, 1), passes=1, n_slices=2,
+                              slice_size=(16, 16))
+    assert read_png(path).shape[:2] == (round((2 * figures.PANEL_INCHES + figures.HEADER_INCHES) * figures.DPI),
+                                        round(3 * figures.PANEL_INCHES * figures.DPI))
+
+
 def test_axial_slices_lie_in_the_labeled_extent():
     label = np.zeros((4, 4, 50), np.uint8)
     label[1, 1, 10:31] = 1

@@ -11,8 +11,11 @@ of T MC-dropout passes, 0..ln 2) of the last checkpoint; the case id and a legen
 --cases`` picks test cases by id or as best / median / worst by the Dice of the last checkpoint
 (``uamt_fast.evaluation.selection``; those cost one evaluation of each candidate case); ``--first N``: among the first N.
 Predictions are the paper's sliding-window protocol on the full-resolution image (on the pooled image
-for ``downsample`` > 1 runs, upsampled back, as train.py's evaluation does). ``training_curves``: train.py's ``metrics.jsonl`` of one or
-more runs, overlaid: loss terms, lambda(t), threshold H(t), mask fraction, it/s.
+for ``downsample`` > 1 runs, upsampled back, as train.py's evaluation does); a 2D model's (``--dims 2``) are
+slice by slice, each Z slice resized to its ``patch[:2]`` and back, its uncertainty passes too
+(``inference.predict_volume``, the dispatch train.py's evaluation and predict share). ``training_curves``:
+train.py's ``metrics.jsonl`` of one or more runs, overlaid: loss terms, lambda(t), threshold H(t), mask
+fraction, it/s.
 
 matplotlib is an optional extra (``pip install 'uamt_fast[figures]'``); without it the functions raise
 ``ImportError`` naming that extra. Checkpoints are read with ``torch.load(weights_only=True)``.
@@ -65,21 +68,27 @@ def pyplot():
 
 
 # ----------------------------------------------------------------------------- predictions
+def slice_size_of(cfg: dict) -> tuple[int, int] | None:
+    """The slice size of a train.py config's model: ``patch[:2]`` for a 2D one (``dims`` 2), None for the V-Net."""
+    return tuple(cfg["patch"][:2]) if cfg.get("dims", 3) == 2 else None
+
+
 @torch.no_grad()
 def uncertainty_map(model, image, passes: int, *, patch, stride_xy: int = 18, stride_z: int = 4, downsample: int = 1,
-                    batch_size: int = 4, blend: str = "mean") -> torch.Tensor:
+                    batch_size: int = 4, blend: str = "mean", slice_size=None) -> torch.Tensor:
     """Predictive entropy ``-sum_c mu_c ln(mu_c + 1e-6)`` of the mean of ``passes`` MC-dropout predictions (X, Y, Z).
 
-    Each pass is a whole sliding-window prediction (``inference.sliding_window_predict``, the model's
-    ``num_classes``, 2 if it has none) with dropout on (batch norm in eval mode), so the map costs ``passes``
-    evaluations of the case; ``passes`` < 1 is refused (ValueError).
+    Each pass is a whole prediction of the case (``inference.predict_volume``: sliding windows, or slice by slice
+    for a 2D model, ``slice_size`` (h, w); the model's ``num_classes``, 2 if it has none) with dropout on (batch
+    norm in eval mode), so the map costs ``passes`` evaluations of the case; ``passes`` < 1 is refused (ValueError).
     """
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise ValueError(f"uncertainty_map: passes={passes!r}; expected an integer >= 1")
     model.eval()
-    args = (patch, stride_xy, stride_z, getattr(model, "num_classes", 2), batch_size, None, downsample, blend)
+    settings = inference.InferenceSettings(tuple(patch), stride_xy, stride_z, getattr(model, "num_classes", 2),
+                                           batch_size, None, downsample, blend, slice_size)
     with mc_dropout(model):
-        mean = sum(inference.sliding_window_predict(model, image, *args)[1] for _ in range(passes)) / passes
+        mean = sum(inference.predict_volume(model, image, settings)[1] for _ in range(passes)) / passes
     return uncertainty.predictive_entropy(mean)
 
 
@@ -93,7 +102,7 @@ def axial_slices(label: np.ndarray, n: int = 3) -> list[int]:
 # ----------------------------------------------------------------------------- figures
 @torch.no_grad()
 def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z: int = 4, downsample: int = 1,
-               passes: int = 8, n_slices: int = 3, batch_size: int = 4, blend: str = "mean") -> Path:
+               passes: int = 8, n_slices: int = 3, batch_size: int = 4, blend: str = "mean", slice_size=None) -> Path:
     """Write the Fig. 2 style panel of ``case`` (``.id``, ``.image``, ``.label``) for ``{name: model}`` to ``path``.
 
     Rows: ``n_slices`` axial slices. Columns: image, then per model the ground truth (red) and its
@@ -103,8 +112,8 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
     grid: the whole case id and the legend. The PNG is ``PANEL_INCHES * DPI`` pixels a cell (plus the
     ``HEADER_INCHES`` strip). The uncertainty map may show seams at window borders:
     each sliding window of each pass draws its own dropout masks (``blend="gaussian"`` fades them: the config's
-    ``blend``, as the evaluation combines the windows). Refused (ValueError): no models,
-    ``passes`` or ``n_slices`` < 1.
+    ``blend``, as the evaluation combines the windows). ``slice_size`` (h, w): 2D models, predicted slice by
+    slice (``inference.predict_volume``). Refused (ValueError): no models, ``passes`` or ``n_slices`` < 1.
     """
     plt = pyplot()
     if not models:
@@ -115,12 +124,12 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
     predictions = {}
     for name, model in models.items():  # (predictions as train.py evaluates them: at full resolution)
         model.eval()
-        predictions[name] = inference.sliding_window_predict(model, case.image, patch, stride_xy, stride_z,
-                                                             getattr(model, "num_classes", 2), batch_size,
-                                                             downsample=downsample, blend=blend)[0]
+        settings = inference.InferenceSettings(tuple(patch), stride_xy, stride_z, getattr(model, "num_classes", 2),
+                                               batch_size, None, downsample, blend, slice_size)
+        predictions[name] = inference.predict_volume(model, case.image, settings)[0]
     entropy = uncertainty_map(list(models.values())[-1], case.image, passes, patch=patch, stride_xy=stride_xy,
                               stride_z=stride_z, downsample=downsample, batch_size=batch_size,
-                              blend=blend).cpu().numpy()
+                              blend=blend, slice_size=slice_size).cpu().numpy()
 
     ignore = getattr(case, "ignore_label", None)
     ignored = None if ignore is None else np.asarray(case.label) == ignore
@@ -290,7 +299,8 @@ def write_panels(models: dict, cases, out_dir, cfg: dict, passes: int = 8) -> li
     return [case_panel(models, case, Path(out_dir) / f"panel-{case.id}.png", patch=tuple(cfg["patch"]),
                        stride_xy=cfg["eval_stride_xy"], stride_z=cfg["eval_stride_z"],
                        downsample=cfg.get("downsample", 1), passes=passes, batch_size=cfg.get("eval_batch", 4),
-                       blend=cfg.get("blend", "mean"))  # (a config from before --blend: the plain average)
+                       blend=cfg.get("blend", "mean"),  # (a config from before --blend: the plain average)
+                       slice_size=slice_size_of(cfg))  # (a 2D model: slice by slice, as train.py evaluated it)
             for case in cases]
 
 
@@ -351,9 +361,10 @@ def main(argv=None) -> int:
                 raise ValueError(f"--checkpoint {spec}: the name {name!r} is taken by an earlier --checkpoint; "
                                  "give each its own NAME=PATH")
             models[name], cfg, _ = checkpoints.load_vnet(path, flag="--checkpoint")
-            configs.append({k: tuple(cfg[k]) if k == "patch" else cfg[k] for k in PREDICTION_SETTINGS})
+            configs.append({k: tuple(cfg[k]) if k == "patch" else cfg[k] for k in PREDICTION_SETTINGS}
+                           | {"slice_size": slice_size_of(cfg)})  # (2D and 3D models predict differently)
         if any(c != configs[0] for c in configs):
-            raise ValueError(f"the checkpoints were trained with different {PREDICTION_SETTINGS}: {configs}")
+            raise ValueError(f"the checkpoints were trained with different {PREDICTION_SETTINGS} or dims: {configs}")
         ids = selection.test_ids(la_data.read_list(args.data, "test"), first=args.first)
         selection.check_picks(args.cases, ids, "--cases")
         ranked = any(p in selection.PICKS for p in args.cases)
@@ -363,7 +374,8 @@ def main(argv=None) -> int:
             rows = inference.evaluate(list(models.values())[-1], cases, patch_size=tuple(cfg["patch"]),
                                       stride_xy=cfg["eval_stride_xy"], stride_z=cfg["eval_stride_z"],
                                       batch_size=cfg.get("eval_batch", 4), downsample=cfg.get("downsample", 1),
-                                      blend=cfg.get("blend", "mean"))["cases"]
+                                      blend=cfg.get("blend", "mean"), slice_size=slice_size_of(cfg),
+                                      num_classes=cfg.get("num_classes") or 2)["cases"]  # (ACDC's 4, ...)
         for path in write_panels(models, selection.panel_cases(cases, rows, args.cases), args.out, cfg, args.passes):
             print(path)
     except (ValueError, OSError, ImportError) as e:  # (OSError: a folder that cannot be made or written; DataError)

@@ -1,7 +1,9 @@
 """``python -m uamt_fast.predict MODEL INPUT... --out DIR``: masks of new scans, in each scan's own geometry.
 
 MODEL is a train.py run folder (its ``student.pt``) or a checkpoint (``student.pt``, ``teacher.pt``,
-``checkpoint.pt``), read through ``uamt_fast.training.checkpoints`` only (weights-only, non-finite weights refused).
+``checkpoint.pt``), read through ``uamt_fast.training.checkpoints`` only (weights-only, non-finite weights refused),
+with its settings and its data's record (``uamt_fast.evaluation.prediction_model``): a 3D model (the V-Net) or a
+2D one (``train.py --dims 2``, SSL4MIS's U-Net).
 INPUT is any mix of NIfTI files, folders of them (an MSD / nnU-Net ``imagesTs``, or a raw folder holding one;
 nnU-Net channel files ``{case}_{XXXX}`` make one case), and the training layout's h5 cases (an
 ``mri_norm2.h5`` or ``cases/<id>.h5``, a case folder, or a data root: every case of it, in either layout).
@@ -19,7 +21,10 @@ For each scan, in the prepare -> train -> predict order of nnU-Net:
    through ``inference.sliding_window_predict``: the function ``train.py --eval`` scores, so the mask written
    for a test case is the argmax ``--eval`` scores (on a CPU, and on CUDA with ``--no-amp``; by default CUDA
    runs the forward under bf16 autocast, and ``--eval`` runs it in fp32). Windows are blended (mask and
-   uncertainty alike) as the model's config says, as ``--eval`` did; ``--blend`` overrides.
+   uncertainty alike) as the model's config says, as ``--eval`` did; ``--blend`` overrides. A 2D model
+   predicts slice by slice instead (``inference.predict_volume``: each Z slice of the preprocessed scan resized
+   to its ``patch[:2]`` and back, nearest, SSL4MIS's ACDC protocol, as ``--eval`` scores it; its MC-dropout
+   passes too), so a 3D NIfTI in gives a 3D mask out.
 3. **The inverse** (``uamt_fast.evaluation.geometry.to_input_grid``): each voxel of the input's grid is mapped
    through the input's affine to the world and back through the prepared grid's affine (the case record's
    ``affine_original`` and ``affine``: orientation, resampling and crop in one 4x4 map). Where that map is a
@@ -64,20 +69,15 @@ import numpy as np
 import torch
 
 import uamt_fast
-from uamt_fast.training import checkpoints
 from uamt_fast import cli, data, files, progress
-from uamt_fast.data import formats, planning, prepare
+from uamt_fast.data import DataError, formats, planning, prepare
 from uamt_fast.evaluation import inference, uncertainty
 from uamt_fast.evaluation.geometry import to_input_grid
+from uamt_fast.evaluation.prediction_model import Model, PredictError, channel_index, load_model_and_data
 from uamt_fast.evaluation.predictions_record import RECORD_FORMAT, RECORD_NAME, read_record, write_record
-from uamt_fast.data import DataError
 
 SPACING_FACTOR = 2.0  # without resampling, an input spacing more than 2x off the training data's is refused
 MAX_VOXELS = 1 << 30  # a header claiming more is refused before its data is read (4 GiB as float32)
-
-
-class PredictError(ValueError):
-    """A prediction that cannot run; the message is one line and names the file or flag."""
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -108,7 +108,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-amp", action="store_true", help="fp32 forward on CUDA too (as train.py --eval), not bf16")
     p.add_argument("--blend", choices=inference.BLENDS,
                    help="overlapping windows: mean (plain average, the paper's) | gaussian (Gaussian weights, "
-                   "sigma 1/8 of the window: fainter seams); default: the model's own, as --eval scored")
+                   "sigma 1/8 of the window: fainter seams); default: the model's own, as --eval scored (a 2D model: "
+                   "whole slices, nothing to blend)")
     p.add_argument("--max-voxels", type=cli.number(int, ">= 1"), default=MAX_VOXELS, metavar="N",
                    help="refuse a scan whose header claims more than N voxels, before reading it (default: 2^30)")
     p.add_argument("--overwrite", action="store_true", help="replace output files already in --out (never an input)")
@@ -128,95 +129,6 @@ def main(argv=None) -> int:
         message = files.describe(e) if isinstance(e, OSError) else str(e)
         print(f"predict: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
-
-
-# ----------------------------------------------------------------------------- the model and its data
-@dataclass
-class Model:
-    """The network and everything that decides how a scan reaches it."""
-
-    net: torch.nn.Module
-    config: dict
-    path: Path
-    patch: tuple[int, int, int]
-    stride_xy: int
-    stride_z: int
-    downsample: int
-    batch: int
-    num_classes: int
-    record: dict | None  # the prepared set's dataset.json; None: the LA release (no preprocessing)
-    roots: list[str]  # where the record was read ([] when none could be)
-    channel: int | None  # index of the input channel the model was prepared with, when known
-    blend: str = "mean"  # how overlapping windows are combined (inference.BLENDS)
-
-
-def load_model_and_data(args, device: torch.device) -> Model:
-    """MODEL (``checkpoints.load_vnet``, in eval mode) with its sliding-window settings, checked, and the record
-    of the data it was prepared on (``--data``, or the roots saved in its config; none for the LA release)."""
-    net, cfg, path = checkpoints.load_vnet(args.model, device, "MODEL")
-    net.eval()
-    if cfg.get("dims", 3) != 3:  # (the slice-wise path exists for --eval: inference.predict_volume; not wired here yet)
-        raise checkpoints.CheckpointError(f"MODEL {path}: a 2D model (--dims {cfg['dims']}); predict segments with 3D "
-                                          "models only so far (score a 2D model with train.py --eval)")
-    patch = cfg.get("patch", inference.PATCH_SIZE)
-    settings = {k: cfg.get(k, default) for k, default in (("eval_stride_xy", 18), ("eval_stride_z", 4),
-                                                         ("downsample", 1), ("eval_batch", 4))}
-    if not (isinstance(patch, (list, tuple)) and len(patch) == 3 and all(type(p) is int and p >= 16 for p in patch)) \
-            or not all(type(v) is int and v >= 1 for v in settings.values()) \
-            or settings["eval_stride_xy"] > min(patch[:2]) or settings["eval_stride_z"] > patch[2]:
-        raise checkpoints.CheckpointError(f"MODEL {path}: bad sliding-window settings in its config (patch "
-                                          f"{patch!r:.40}, {settings!r:.120})")
-    blend = args.blend or cfg.get("blend", "mean")  # the model's own (before --blend existed: mean), as --eval's
-    if blend not in inference.BLENDS:
-        raise checkpoints.CheckpointError(f"MODEL {path}: blend {blend!r} in its config is not one of "
-                                          f"{', '.join(inference.BLENDS)}")
-    saved = cfg.get("data") or []
-    roots = list(args.data or ([saved] if isinstance(saved, str) else saved))
-    record, found = None, []
-    if args.data or (roots and all(Path(r).is_dir() for r in roots)):  # --data given: it must be there
-        record, found = data.read_record(roots), roots
-    if record is not None:
-        if record["num_classes"] != net.num_classes:
-            raise PredictError(f"MODEL {path}: the model predicts {net.num_classes} classes, its data "
-                               f"({', '.join(found)}) has {record['num_classes']}")
-        if record.get("preset") not in prepare.PRESETS:
-            raise DataError(f"{Path(found[0]) / data.RECORD_NAME}: preset {record.get('preset')!r} is not one of "
-                            f"{sorted(prepare.PRESETS)}")
-    return Model(net, cfg, path, tuple(patch), settings["eval_stride_xy"], settings["eval_stride_z"],
-                 settings["downsample"], args.batch or settings["eval_batch"], net.num_classes or 2, record, found,
-                 args.channel if args.channel is not None else channel_index(record), blend)
-
-
-def channel_index(record: dict | None) -> int | None:
-    """The index of the record's input channel: from the source's dataset.json when it is still there, from a
-    channel that is an index ("0", "1": plain NIfTI folders), or from the suffix of the nnU-Net files read;
-    None when none tells (a multi-channel scan then needs --channel)."""
-    from uamt_fast.files import read_json
-
-    if record is None:
-        return None
-    name = str(record.get("channel", ""))
-    source = (record.get("source") or {}).get("path")
-    meta_file = Path(source) / "dataset.json" if source else None
-    try:  # (the source's description is a hint here: a moved, changed or unreadable one is no error)
-        meta = read_json(meta_file, "the data set description") if meta_file and meta_file.is_file() else {}
-    except ValueError:
-        meta = {}
-    names = meta.get("channel_names", meta.get("modality"))
-    if isinstance(names, dict):
-        hits = [k for k, v in names.items() if str(v).lower() == name.lower() and str(k).isdecimal()]
-        if len(hits) == 1:
-            return int(hits[0])
-    if name.isdecimal():
-        return int(name)
-    if (record.get("source") or {}).get("layout") != "nnunet":  # only nnU-Net names every file by its channel
-        return None
-    for case in (record.get("cases") or {}).values():
-        files = (case.get("files") or {}).get("image") or []
-        match = formats.CHANNEL_SUFFIX.match(formats.strip_ending(Path(files[0]).name)) if files else None
-        if match:
-            return int(match["channel"])
-    return None
 
 
 # ----------------------------------------------------------------------------- the inputs
@@ -375,10 +287,11 @@ def _check_spacing(path: Path, affine: np.ndarray, model: Model) -> None:
     if model.record is None:
         known = np.array([data.LA_SPACING])
     else:
-        ras = np.empty(3)
-        for axis, (world, _) in enumerate(nibabel.io_orientation(affine)):  # prepare orients to RAS first
-            ras[int(world)] = spacing[axis]
-        spacing = ras
+        if preset is None or preset.orientation is not None:  # prepare orients to RAS first (acdc: the file's axes)
+            ras = np.empty(3)
+            for axis, (world, _) in enumerate(nibabel.io_orientation(affine)):
+                ras[int(world)] = spacing[axis]
+            spacing = ras
         known = np.array([c["spacing"] for c in (model.record.get("cases") or {}).values() if c.get("spacing")])
         if not known.size:
             return
@@ -465,12 +378,14 @@ def _same_grid(affine: np.ndarray, shape) -> dict:
 
 # ----------------------------------------------------------------------------- inference
 def predict_image(model: Model, image: np.ndarray, passes: int | None, autocast) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(averaged softmax (C, X, Y, Z), predictive entropy (X, Y, Z) of ``passes`` MC-dropout passes or None)."""
-    args = (model.patch, model.stride_xy, model.stride_z, model.num_classes, model.batch, autocast, model.downsample)
-    probs = inference.sliding_window_predict(model.net, image, *args, blend=model.blend)[1]
+    """(averaged softmax (C, X, Y, Z), predictive entropy (X, Y, Z) of ``passes`` MC-dropout passes or None); a 2D
+    model's slice by slice (``inference.predict_volume`` dispatches on ``model.slice_size``)."""
+    probs = inference.predict_volume(model.net, image, model.settings(autocast))[1]
     if not passes:
         return probs, None
-    mean = uncertainty.mc_dropout_mean(model.net, image, passes, *args, blend=model.blend)  # blended as the mask
+    args = (model.patch, model.stride_xy, model.stride_z, model.num_classes, model.batch, autocast, model.downsample)
+    mean = uncertainty.mc_dropout_mean(model.net, image, passes, *args, blend=model.blend,  # blended as the mask
+                                       slice_size=model.slice_size)  # (a 2D model: its passes slice by slice)
     return probs, uncertainty.predictive_entropy(mean).clamp_(0.0, math.log(model.num_classes))
 
 
@@ -533,10 +448,15 @@ def predict_all(scans: list[Scan], model: Model, args, device: torch.device, out
     autocast = torch.bfloat16 if device.type == "cuda" and not args.no_amp else None
     run = {"model": str(model.path.resolve()), "config": model.config, "uamt_fast": uamt_fast.__version__,
            "started": _now(), "finished": None,
-           "settings": {"patch": list(model.patch), "eval_stride_xy": model.stride_xy, "eval_stride_z": model.stride_z,
+           "settings": {"dims": 3 if model.slice_size is None else 2, "patch": list(model.patch),
+                        # (a 2D model has no windows: its slices are resized to slice_size; no strides nor blend)
+                        "eval_stride_xy": model.stride_xy if model.slice_size is None else None,
+                        "eval_stride_z": model.stride_z if model.slice_size is None else None,
+                        "slice_size": None if model.slice_size is None else list(model.slice_size),
                         "downsample": model.downsample, "batch": model.batch, "num_classes": model.num_classes,
                         "device": str(device), "autocast": None if autocast is None else "bfloat16",
-                        "uncertainty_passes": args.uncertainty, "blend": model.blend,
+                        "uncertainty_passes": args.uncertainty,
+                        "blend": model.blend if model.slice_size is None else None,
                         "preprocessing": (f"prepare preset {model.record['preset']!r}, channel "
                                           f"{model.record.get('channel')!r}" if model.record else
                                           "none (the LA release layout)"), "data": model.roots}}
@@ -587,8 +507,8 @@ def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-__all__ = ["RECORD_FORMAT", "RECORD_NAME", "PredictError", "channel_index", "find_scans", "load_model_and_data", "main",
-           "make_parser", "predict_image", "run", "to_input_grid"]
+__all__ = ["RECORD_FORMAT", "RECORD_NAME", "Model", "PredictError", "channel_index", "find_scans",
+           "load_model_and_data", "main", "make_parser", "predict_image", "run", "to_input_grid"]
 
 
 if __name__ == "__main__":

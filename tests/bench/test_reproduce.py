@@ -1,4 +1,4 @@
-"""benchmarks/reproduce.py (the paper's tables) and the train.py parts it relies on: --method mt-dice,
+"""benchmarks/reproduce.py (the paper's tables, the ACDC rows) and the train.py parts it relies on: --method mt-dice,
 --data repeated, old configs with one data root."""
 import json
 import subprocess
@@ -11,6 +11,9 @@ import torch.nn.functional as F
 
 from uamt_fast import data, reference
 from uamt_fast.data import __main__ as data_cli  # python -m uamt_fast.data
+from uamt_fast.data import acdc
+from uamt_fast.data.acdc_split import PATIENTS
+from uamt_fast.data.prepare import prepare
 from uamt_fast.nets.vnet import VNet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,21 +91,86 @@ def test_cpu_reproduction_resumes_and_writes_the_table_with_the_paper_column(tmp
     assert (out / "figures" / "curves-uamt.png").is_file() and (out / "figures" / "panel-synth0018.png").is_file()
 
 
-def test_rows_and_arguments_are_checked(capsys):
+LA_ROWS = [k for k, r in reproduce.ROWS.items() if r.family == "la"]
+ACDC_ROWS = ["acdc-uamt-3", "acdc-uamt-7", "acdc-sup-3", "acdc-sup-7", "acdc-sup-all"]
+
+
+def test_rows_and_arguments_are_checked(tiny_root):
     with pytest.raises(ValueError, match=r"unknown \['nonsense'\]"):
         reproduce.parse_args(["--data", "x", "--rows", "uamt,nonsense"])
     with pytest.raises(ValueError):
         reproduce.parse_args(["--rows", "uamt"])
-    args = reproduce.parse_args(["--data", "x", "--cpu", "--", "--n-filters", "2"])
-    assert args.iterations == 200 and args.train_args == ["--n-filters", "2"] and args.row_list == list(reproduce.ROWS)
+    args = reproduce.parse_args(["--data", str(tiny_root), "--cpu", "--", "--n-filters", "2"])
+    assert args.iterations == 200 and args.train_args == ["--n-filters", "2"] and args.row_list == LA_ROWS
+
+
+@pytest.fixture(scope="module")
+def acdc_root(tmp_path_factory):
+    """``prepare --preset acdc`` of a synthetic raw ACDC folder: SSL4MIS's first 8 training patients (7 labeled,
+    1 unlabeled) and 1 test patient, 24 x 24 x 4 volumes."""
+    tmp = tmp_path_factory.mktemp("acdc_reproduce")
+    acdc.write_synthetic(tmp / "src", "raw", patients=(*PATIENTS["train"][:8], PATIENTS["test"][0]), shape=(24, 24, 4))
+    prepare(tmp / "src", tmp / "prepared", "acdc")
+    return tmp / "prepared"
+
+
+def test_a_call_takes_one_family_of_rows_and_its_data(acdc_root, tiny_root):
+    args = reproduce.parse_args(["--data", str(acdc_root), "--rows", "acdc"])
+    assert args.row_list == ACDC_ROWS and args.family == "acdc" and args.iterations == 30000  # the preset's
+    assert reproduce.parse_args(["--data", str(acdc_root), "--rows", "acdc-uamt-3", "--cpu"]).iterations == 300
+    with pytest.raises(ValueError, match=r"^--rows uamt,acdc-uamt-7: LA rows \(uamt\) need the LA release .* and ACDC "
+                                         r"rows \(acdc-uamt-7\) need a set prepared with .*--preset acdc; give one "
+                                         "family a call"):
+        reproduce.parse_args(["--data", str(acdc_root), "--rows", "uamt,acdc-uamt-7"])
+    with pytest.raises(ValueError, match=f"^--rows acdc-uamt-7: .*; --data {tiny_root} is the LA release"):
+        reproduce.parse_args(["--data", str(tiny_root), "--rows", "acdc-uamt-7"])
+    with pytest.raises(ValueError, match=f"^--rows all: .*; --data {acdc_root} is an ACDC set .*give --rows acdc$"):
+        reproduce.parse_args(["--data", str(acdc_root)])
+    command, _ = reproduce.train_command(reproduce.parse_args(
+        ["--data", str(acdc_root), "--rows", "acdc-sup-all", "--cpu", "--out", "/nonexistent"]), "acdc-sup-all", 0)
+    flags = " ".join(command)  # SSL4MIS's fully supervised batch (24 labeled, 0 unlabeled), halved on the CPU
+    assert "--method supervised --batch-labeled 24 --batch-unlabeled 0 --labeled-patients 70" in flags
+    assert flags.endswith("--patch 64 64 1 --threads 1 --batch-labeled 12")  # (train.py: the last flag wins)
+
+
+def test_the_acdc_table_prints_the_literature_values_and_dashes_for_the_unsourced(tmp_path):
+    finished_run(tmp_path, "acdc-uamt-3", eval_mean={"dice": 0.5, "jaccard": 0.4, "hd95": 9.0, "asd": 3.0,
+                                                     "hd95_mm": 20.0, "asd_mm": None})
+    table, problems = reproduce.markdown_table(tmp_path, ACDC_ROWS, 1, 30000, cpu=False)
+    header, lines = table.splitlines()[0], {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
+    assert not problems and header.count("| literature |") == 4 and "| 95HD mm | ASD mm |" in header
+    assert lines["acdc-uamt-3"].split(" | ")[5:15] == ["50.00", "46.04", "40.00", "35.97", "9.00", "20.08", "3.00",
+                                                       "7.75", "20.00", "—"]  # ours, literature; mm: ours only
+    assert lines["acdc-uamt-7"].split(" | ")[6:13:2] == ["81.65", "70.64", "6.88", "2.02"]
+    for row in ("acdc-sup-3", "acdc-sup-7", "acdc-sup-all"):  # no sourced value under this protocol
+        assert lines[row].split(" | ")[6:13:2] == ["—"] * 4
+    assert "CrossMatch" in table and "SSL4MIS" in table and "labeled / unlabeled: patients" in table
+
+
+@pytest.mark.slow
+def test_an_acdc_row_trains_at_cpu_scale_and_writes_the_table(acdc_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (as the LA run above: the reference math on the CPU)
+    out = tmp_path / "out"
+    argv = ["--data", str(acdc_root), "--rows", "acdc-uamt-7", "--cpu", "--iterations", "2", "--out", str(out),
+            "--", "--patch", "16", "16", "1", "--n-filters", "2", "--batch-labeled", "2", "--batch-unlabeled", "2",
+            "--mc-passes", "2", "--reference-ops"]
+    assert reproduce.main(argv) == 0, capsys.readouterr()
+    config = json.loads((out / "acdc-uamt-7" / "seed0" / "config.json").read_text())["config"]
+    assert (config["dims"], config["labeled_patients"], config["labeled"], config["iterations"]) == (2, 7, 14, 2)
+    evaluation = json.loads((out / "acdc-uamt-7" / "seed0" / "eval.json").read_text())
+    assert evaluation["source"]["settings"]["dims"] == 2 and len(evaluation["mean_per_class"]) == 3  # RV, Myo, LV
+    table = (out / "results.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| acdc-uamt-7 |"))
+    assert "| 1/1 |" in row and "| 81.65 |" in row and "| 2.02 |" in row and "reduced CPU scale" in table
+    assert "panels: not drawn for 2D models" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- broken run files
-def finished_run(out, row, model=None, eval_text=None):
+def finished_run(out, row, model=None, eval_text=None, eval_mean=None):
     """A finished run folder of ``row`` (seed 0) as train.py leaves it: eval.json, metrics.jsonl, student.pt."""
     folder = reproduce.run_dir(out, row, 0)
     folder.mkdir(parents=True)
-    mean = {"dice": 0.8, "jaccard": 0.7, "hd95": None, "asd": 2.0}  # None: train.py's strict JSON for NaN
+    mean = eval_mean or {"dice": 0.8, "jaccard": 0.7, "hd95": None, "asd": 2.0}  # None: strict JSON for NaN
     (folder / "eval.json").write_text(eval_text if eval_text is not None else json.dumps({"mean": mean}))
     (folder / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "lr": 0.01, "loss_ce": 0.5}) + "\n"
                                           + json.dumps({"iteration": 1, "train_seconds": 3.0}) + "\n")
@@ -201,7 +269,7 @@ def paper_rows() -> list[tuple[str, int, tuple]]:
 def test_the_table_prints_the_paper_value_of_every_row(tmp_path):
     rows = paper_rows()
     assert len(set(rows)) == 16  # 10 in Table 1, 7 in Table 2, UA-MT 16 + 64 in both (once in the fallback copy)
-    table, _ = reproduce.markdown_table(tmp_path, list(reproduce.ROWS), 1, 6000, cpu=False)
+    table, _ = reproduce.markdown_table(tmp_path, LA_ROWS, 1, 6000, cpu=False)
     assert "†" not in table and "not transcribed" not in table
     lines = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
     matched = set()
@@ -214,4 +282,4 @@ def test_the_table_prints_the_paper_value_of_every_row(tmp_path):
         matched.add(key)
         paper = lines[key].split(" | ")[6:13:2]  # the four paper columns
         assert paper == list(values), (key, paper, values)
-    assert matched == set(reproduce.ROWS)  # every row the runner trains has its paper values
+    assert matched == set(LA_ROWS)  # every LA row the runner trains has its paper values

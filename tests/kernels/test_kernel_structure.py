@@ -66,6 +66,10 @@ def _variants() -> list[dict]:
         v("entropy", "bf16", 2, 8, " channels_last", classes_last=True),
         v("loss_fwd", "fp32", 2, 8, " channels_last", classes_last=True),
         v("loss_fwd", "bf16", 3, 4, " channels_last", classes_last=True),  # C = 3: strided per-class loads
+        # SSL4MIS's 2D ACDC step (train.py --dims 2): C = 4, T = 8; bf16 channels_last on a GPU, fp32 contiguous
+        v("loss_fwd", "bf16", 4, 8, " channels_last", classes_last=True),
+        v("entropy", "bf16", 4, 8, " channels_last", classes_last=True),
+        v("loss_fwd", "fp32", 4, 8), v("entropy", "fp32", 4, 8),
         v("loss_fwd", "bf16", 2, 8, " fp32 student", student="fp32"),
         v("finalize", "fp32"),
         v("ema", "fp32"),

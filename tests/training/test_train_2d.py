@@ -1,7 +1,8 @@
 """train.py --dims 2: SSL4MIS's 2D UA-MT protocol (issue 25) on a tiny synthetic ACDC set prepared with
 ``--preset acdc``: the preset's defaults, --labeled-patients, the poly lr and the ln C threshold, the slice
 sampler and its augmentation (against numpy / scipy.ndimage, which SSL4MIS calls), the 4D teacher passes, a run
-that stops, resumes bit for bit and whose checkpoint rebuilds the 2D U-Net.
+that stops, resumes bit for bit and whose checkpoint rebuilds the 2D U-Net; predict and the --eval figures with
+that 2D model (slice by slice, the masks in the input's geometry).
 
 Tiny sizes throughout (24 x 24 x 4 volumes, U-Net n_filters 2, 16 x 16 slices, 4 iterations, one thread); the
 trainer's final evaluation is not run here (--stop-at at the last iteration: the slice-wise evaluation has its
@@ -76,6 +77,8 @@ def test_dims_2_takes_a_slice_patch():
         train.Config(dims=2, patch=(32, 32, 1), downsample=2)
     with pytest.raises(ValueError, match="--sync-bn is not available with --dims 2"):
         train.Config(dims=2, patch=(32, 32, 1), sync_bn=True)
+    with pytest.raises(ValueError, match="--blend gaussian: --dims 2 predicts whole slices"):
+        train.Config(dims=2, patch=(32, 32, 1), blend="gaussian")
 
 
 @pytest.mark.parametrize("iteration", [0, 1, 149, 150, 29999])
@@ -212,22 +215,62 @@ def test_a_2d_run_ends_with_the_slice_wise_evaluation_and_eval_repeats_it(acdc_r
     assert again["cases"] == result["cases"]
 
 
-def test_what_is_not_2d_yet_is_refused_in_one_line_before_any_work(acdc_root, tmp_path, capsys):
-    """predict and the figures' panels are 3D only so far: a 2D model gets one line and exit 2, nothing written."""
-    from uamt_fast import predict
-
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def run_2d(acdc_root, trainer_on_cpu_module, tmp_path_factory):
+    """The checkpoint.pt of a 2-iteration 2D run on the synthetic ACDC set (predict's and the figures' model)."""
+    run = tmp_path_factory.mktemp("run_2d")
     assert train.main(["--data", str(acdc_root), *TINY_2D, "--iterations", "2", "--stop-at", "2", "--out",
                        str(run)]) == 0
+    return run / "checkpoint.pt"
+
+
+def test_predict_with_a_2d_model_writes_slice_wise_masks_in_the_input_geometry(acdc_root, run_2d, tmp_path, capsys):
+    """A raw ACDC frame (3D NIfTI, an axis-permuted affine, 1.5 x 1.5 x 10 mm on the file's axes, which the acdc
+    preset keeps: the spacing check must not reorient them) through predict: prepare's min-max, then every Z
+    slice by the slice-wise protocol --eval scores; the mask and the uncertainty have the input's shape and
+    affine; predictions.json records the 2D settings. ``--blend gaussian`` (no windows to blend): one line."""
+    import json
+
+    import nibabel
+
+    from uamt_fast import predict
+    from uamt_fast.evaluation.predictions_record import RECORD_NAME
+
+    frame = next((acdc_root.parent / "src").rglob("patient011_frame01.nii.gz"))
+    out = tmp_path / "masks"
+    assert predict.main([str(run_2d), str(frame), "--out", str(out), "--uncertainty", "2", "--threads", "1"]) == 0
+    given = nibabel.load(str(frame))
+    written = {kind: nibabel.load(str(out / f"patient011_frame01{kind}.nii.gz")) for kind in ("", "_uncertainty")}
+    for image in written.values():
+        assert image.shape == given.shape and np.array_equal(image.affine, given.affine)
+    model, _, _ = checkpoints.load_vnet(run_2d)
+    prepared = data.load_case(str(acdc_root), "patient011_frame01").image  # (the frame's own grid: test_acdc.py)
+    expected = slicewise_predict(model.eval(), prepared, (16, 16), 4, 4)[0]
+    assert np.array_equal(np.asarray(written[""].dataobj), expected)
+    entropy = np.asarray(written["_uncertainty"].dataobj)
+    assert np.isfinite(entropy).all() and entropy.min() >= 0 and 0 < entropy.max() <= math.log(4) + 1e-6
+    settings = json.loads((out / RECORD_NAME).read_text())["runs"][0]["settings"]
+    assert (settings["dims"], settings["slice_size"], settings["blend"], settings["eval_stride_xy"]) == \
+        (2, [16, 16], None, None)
     capsys.readouterr()
-    scan = next((acdc_root.parent / "src").rglob("*_frame01.nii.gz"))
-    assert predict.main([str(run / "checkpoint.pt"), str(scan), "--out", str(tmp_path / "masks")]) == 2
+    assert predict.main([str(run_2d), str(frame), "--out", str(tmp_path / "b"), "--blend", "gaussian"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "a 2D model (--dims 2)" in err, err
-    assert not (tmp_path / "masks").exists()
-    assert train.main(["--eval", str(run / "checkpoint.pt"), "--figures", str(tmp_path / "figs"),
-                       "--threads", "1"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "panels are drawn for 3D models only" in err, err
-    # (--figures' folder is made at the start, to refuse an unwritable one before any work: it stays empty)
-    assert not list((tmp_path / "figs").glob("*")) and not list(run.glob("eval_*.json"))
+    assert err.count("\n") == 1 and "--blend gaussian" in err and "a 2D model (--dims 2)" in err, err
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.filterwarnings("ignore::uamt_fast.evaluation.metrics.EmptyMaskWarning")  # 2 iterations: classes missed
+def test_eval_figures_of_a_2d_model_draw_its_slice_wise_panels(acdc_root, run_2d, tmp_path, capsys):
+    """``--eval --figures`` of a 2D model: the panel of the picked case (its masks and uncertainty slice by slice,
+    which the 3D sliding windows could not give a 2D U-Net) and the run's curves; ``figures panels --cases best``
+    ranks the cases by the same slice-wise evaluation, with the model's 4 classes."""
+    from uamt_fast import figures
+
+    figs = tmp_path / "figs"
+    assert train.main(["--eval", str(run_2d), "--figures", str(figs), "--figures-cases", "patient011_frame02",
+                       "--figures-passes", "1", "--threads", "1"]) == 0
+    assert sorted(p.name for p in figs.iterdir()) == ["curves.png", "panel-patient011_frame02.png"]
+    assert "wrote " + str(figs / "panel-patient011_frame02.png") in capsys.readouterr().out
+    assert figures.main(["panels", "--data", str(acdc_root), "--checkpoint", str(run_2d), "--out",
+                         str(tmp_path / "best"), "--cases", "best", "--passes", "1"]) == 0, capsys.readouterr().err
+    assert len(list((tmp_path / "best").glob("panel-patient011_frame0*.png"))) == 1
