@@ -1,4 +1,4 @@
-"""benchmarks/train_step.py --dims 2: SSL4MIS's 2D ACDC step (issue 25), its CPU wiring on a synthetic ACDC set."""
+"""benchmarks/train_step.py --dims 2: SSL4MIS's 2D ACDC step, its CPU wiring on a synthetic ACDC set."""
 import json
 
 from benchmarks import train_step

@@ -1,4 +1,4 @@
-"""Your own data with no flags to learn first (issue 24): the hold-out drawn by prepare itself, a prepared set's
+"""Your own data with no flags to learn first: the hold-out drawn by prepare itself, a prepared set's
 own layout (``cases/<id>.h5``; the LA release's still read), --labeled from the data, errors that say when a value
 was a default, absolute data roots (predict from any folder), unlisted MSD images as unlabeled cases, the sources
 that need no prepare, brats2019's channel and merged classes, and a run that died before its first checkpoint.

@@ -1,4 +1,4 @@
-"""train.py --dims 2: SSL4MIS's 2D UA-MT protocol (issue 25) on a tiny synthetic ACDC set prepared with
+"""train.py --dims 2: SSL4MIS's 2D UA-MT protocol on a tiny synthetic ACDC set prepared with
 ``--preset acdc``: the preset's defaults, --labeled-patients, the poly lr and the ln C threshold, the slice
 sampler and its augmentation (against numpy / scipy.ndimage, which SSL4MIS calls), the 4D teacher passes, a run
 that stops, resumes bit for bit and whose checkpoint rebuilds the 2D U-Net; predict and the --eval figures with
