@@ -71,6 +71,7 @@ import torch
 import uamt_fast
 from uamt_fast import cli, data, files, progress
 from uamt_fast.data import DataError, formats, planning, prepare
+from uamt_fast.data.affine import ras_axes, voxel_sizes
 from uamt_fast.evaluation import inference, uncertainty
 from uamt_fast.evaluation.geometry import to_input_grid
 from uamt_fast.evaluation.prediction_model import Model, PredictError, channel_index, load_model_and_data
@@ -278,19 +279,16 @@ def _check_size(path: Path, shape, model: Model) -> None:
 
 def _check_spacing(path: Path, affine: np.ndarray, model: Model) -> None:
     """Without resampling the model sees the scan's own voxels: refuse a spacing far from its data's."""
-    import nibabel
-
     preset = planning.recorded_preset(model.record) if model.record else None  # (auto: the recorded plan's)
     if preset is not None and preset.spacing is not None:
         return  # resampled to the preset's spacing
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    spacing = voxel_sizes(affine)
     if model.record is None:
         known = np.array([data.LA_SPACING])
     else:
         if preset is None or preset.orientation is not None:  # prepare orients to RAS first (acdc: the file's axes)
             ras = np.empty(3)
-            for axis, (world, _) in enumerate(nibabel.io_orientation(affine)):
-                ras[int(world)] = spacing[axis]
+            ras[ras_axes(affine)] = spacing
             spacing = ras
         known = np.array([c["spacing"] for c in (model.record.get("cases") or {}).values() if c.get("spacing")])
         if not known.size:

@@ -13,6 +13,20 @@ MIN_VOXEL_MM = 1e-6  # a voxel size below this (1 nm) is a zero: no grid to orie
 MIN_ANGLE = 1e-6  # radians between two array axes' world directions below which they are one direction
 
 
+def voxel_sizes(affine) -> np.ndarray:
+    """The voxel size (mm) along each array axis: the lengths of the affine's first three columns."""
+    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(0))
+
+
+def ras_axes(affine) -> np.ndarray:
+    """For each array axis k, the RAS world axis it runs along (nibabel's ``io_orientation``): the position
+    ``Orientationd(axcodes="RAS")`` gives it, so ``sizes_ras[ras_axes(affine)] = sizes`` orders per-axis values
+    as they will be after orientation. Needs nibabel (the ``data`` extra)."""
+    from nibabel.orientations import io_orientation
+
+    return io_orientation(affine)[:, 0].astype(int)
+
+
 def check_affine(affine, where: str) -> np.ndarray:
     """``affine`` as a float64 4x4 array when it places a 3D grid in the world the way orientation (MONAI's
     Orientationd, nibabel's ``io_orientation``) and the inverse map need it: finite numbers, last row (0, 0, 0, 1),
@@ -30,7 +44,7 @@ def check_affine(affine, where: str) -> np.ndarray:
         raise DataError(f"{where} holds NaN or Inf: {a.tolist()}")
     if not np.array_equal(a[3], [0.0, 0.0, 0.0, 1.0]):
         raise DataError(f"{where} has last row {a[3].tolist()}; expected [0, 0, 0, 1]")
-    zooms = np.sqrt((a[:3, :3] ** 2).sum(0))
+    zooms = voxel_sizes(a)
     for axis, zoom in enumerate(zooms):
         if not zoom >= MIN_VOXEL_MM:
             raise DataError(f"{where} gives array axis {axis} a voxel size of {zoom:g} mm; every axis needs one > 0")
@@ -56,4 +70,4 @@ def check_affine(affine, where: str) -> np.ndarray:
     return a
 
 
-__all__ = ["MIN_ANGLE", "MIN_VOXEL_MM", "check_affine"]
+__all__ = ["MIN_ANGLE", "MIN_VOXEL_MM", "check_affine", "ras_axes", "voxel_sizes"]

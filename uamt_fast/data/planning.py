@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from uamt_fast.data.affine import ras_axes, voxel_sizes
 from uamt_fast.data.layout import DataError
 from uamt_fast.data.presets import PRESETS, Preset
 
@@ -47,11 +48,9 @@ def case_fingerprint(image: np.ndarray, affine: np.ndarray, label: np.ndarray | 
     """One case: ``spacing``, ``shape``, ``shape_after_crop`` (RAS axes, as ``Orientationd`` will order
     them), ``samples`` foreground intensities (label > 0, the ignore label left out) drawn with replacement
     (nnU-Net: a case with few foreground voxels weighs as much as one with many) and ``label_counts``."""
-    import nibabel
-
-    ras = nibabel.io_orientation(affine)[:, 0].astype(int)  # array axis k -> RAS axis ras[k]
+    ras = ras_axes(affine)  # array axis k -> RAS axis ras[k]
     spacing, shape, cropped = np.empty(3), np.empty(3, int), np.empty(3, int)
-    spacing[ras] = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+    spacing[ras] = voxel_sizes(affine)
     shape[ras] = image.shape
     nonzero = image != 0  # nnU-Net crop_to_nonzero (its hole filling changes no bounding box)
     for axis in range(3):

@@ -55,6 +55,7 @@ import numpy as np
 
 from uamt_fast import cli, files, progress
 from uamt_fast.data import acdc, formats, layout, planning
+from uamt_fast.data.affine import voxel_sizes
 from uamt_fast.data.layout import DataError
 from uamt_fast.data.output_folder import LISTS, OutputFolder
 from uamt_fast.data.presets import PRESETS, Preset
@@ -461,7 +462,7 @@ def transform_case(case: formats.SourceCase, plan: Plan) -> tuple[np.ndarray, np
               "orientation_original": "".join(nibabel.aff2axcodes(affine)),
               "orientation": p.orientation or "".join(nibabel.aff2axcodes(affine)),
               "affine_original": affine.tolist(), "shape_original": list(image.shape),
-              "spacing_original": _spacing(affine), "spacing": _spacing(final_affine),
+              "spacing_original": voxel_sizes(affine).tolist(), "spacing": voxel_sizes(final_affine).tolist(),
               "shape_resampled": shape_resampled, "crop_box": crop_box, "shape": list(out_image.shape),
               "affine": final_affine.tolist(), "intensity": intensity, "label_map": label_map}
     return out_image, out_label, record
@@ -530,10 +531,6 @@ def _write_case(out: Path, case_id: str, image: np.ndarray, label: np.ndarray | 
         files.atomic_write_h5(final, fill)
     except (OSError, files.FolderError) as e:
         raise DataError(f"{final}: cannot write it ({files.describe(e) if isinstance(e, OSError) else e})") from None
-
-
-def _spacing(affine: np.ndarray) -> list[float]:
-    return [float(s) for s in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))]
 
 
 def _rel(path: Path, root: Path) -> str:
