@@ -50,6 +50,11 @@ BAD_RECORDS = {
     "patch of two": (RECORD | {"train": {"patch": [96, 96]}}, "field train.patch is [96, 96]; expected 3 integers"),
     "stride a float": (RECORD | {"train": {"eval_stride_xy": 1.5}}, ("field train.eval_stride_xy is 1.5; expected an "
                                                                      "integer >= 1")),
+    "train field unknown": (RECORD | {"train": {"iteration": 5}}, "field train.iteration is 5; expected no such "
+                                                                  "field (train holds patch, eval_stride_xy"),
+    "protocol schedule": (RECORD | {"train": {"lr_schedule": "cosine"}}, ("field train.lr_schedule is 'cosine'; "
+                                                                          'expected "step" or "poly"')),
+    "protocol dims": (RECORD | {"train": {"dims": 1}}, "field train.dims is 1; expected 2 or 3"),
     "preset a number": (RECORD | {"preset": 3}, "field preset is 3; expected a string"),
     "labels a list": (RECORD | {"labels": ["background", "organ"]}, "field labels is ['background', 'organ']"),
     "source a string": (RECORD | {"source": "/data/src"}, "field source is '/data/src'"),

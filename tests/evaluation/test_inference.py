@@ -299,5 +299,10 @@ def test_format_table_lists_cases_in_percent_and_the_mean():
     assert lines[3].split() == ["empty", "0.00", "0.00", "nan", "nan"]
     assert lines[5].split() == ["mean", "(2)", "45.62", "41.95", "5.50", "1.75"]
     assert "1 case(s)" in lines[6]
+    per_class = {"1": result["mean"], "2": result["mean"]}
+    lines = format_table(result | {"mean_per_class": per_class, "class_names": {"1": "right ventricle"}}).splitlines()
+    assert lines[6].split() == ["class", "1", "right", "ventricle", "45.62", "41.95", "5.50", "1.75"]
+    assert lines[7].split() == ["class", "2", "45.62", "41.95", "5.50", "1.75"]  # (a class without a name)
+    assert len({len(line) for line in lines[:8] if not line.startswith("-")}) == 1  # the columns line up
     with pytest.raises(ValueError, match="result lacks"):
         format_table({"cases": []})

@@ -14,8 +14,9 @@ Two forms, told apart by ``formats.acdc_form`` (the raw one where SRC holds both
   SimpleITK's order of the NIfTI array, the image min-max'ed by code/dataloaders/acdc_data_processing.py) and
   ``data/slices/patientXXX_frameYY_slice_K.h5`` (2D); a volume whose file ``data/`` lacks is stacked from its
   slices in K order. ``transform_h5_case`` stores it transposed to (X, Y, Z): the raw form's array exactly. The
-  release keeps no voxel size, so its cases get 1 x 1 x 1 (metrics in voxels, as SSL4MIS's own are; the raw
-  form gives mm) and the record's ``split.spacing`` says so. SRC's ``train.list``, ``train_slices.list``,
+  release keeps no voxel size, so its cases record none: their metrics are in voxels only (as SSL4MIS's own
+  are; the raw form also gives mm), predict takes a NIfTI frame at any spacing, and the record's
+  ``split.spacing`` says so. SRC's ``train.list``, ``train_slices.list``,
   ``val.list`` and ``test.list``, where present, must agree with SSL4MIS's split.
 
 The split (``split``): SSL4MIS's by patient (``uamt_fast.data.acdc_split``) in its order: ``train.list`` its
@@ -44,7 +45,6 @@ PHASES = ("ED", "ES")  # case patientXXX_frame01, patientXXX_frame02
 CHANNEL = "MRI"
 VOLUME_FILE = re.compile(r"^patient\d{3}_frame\d{2}\.h5$")
 SLICE_FILE = re.compile(r"^(?P<volume>patient\d{3}_frame\d{2})_slice_(?P<slice>\d+)\.h5$")
-H5_SPACING = [1.0, 1.0, 1.0]  # SSL4MIS's h5 holds no voxel size: voxel units
 CLASSES = sorted(PRESETS["acdc"].labels.values())
 
 
@@ -100,7 +100,7 @@ def read_raw(src: Path) -> formats.Source:
         for k, (phase, frame) in enumerate(zip(PHASES, phase_frames(folder / "Info.cfg")), 1):
             stem = f"{folder.name}_frame{frame:02d}"
             what = f"the {phase} frame, Info.cfg's {phase}: {frame}"
-            image, label = _frame_file(folder, stem, what), _frame_file(folder, f"{stem}_gt", f"the label of {what}")
+            image, label = frame_file(folder, stem, what), frame_file(folder, f"{stem}_gt", f"the label of {what}")
             cases.append(formats.SourceCase(f"{folder.name}_frame{k:02d}", "labeled", (image,), label))
     source = formats.Source(src, "acdc-raw", [CHANNEL], None, cases)
     source.notes.append(f"{src}: ACDC's raw form; each patient's ED frame is case patientXXX_frame01 and its ES frame "
@@ -131,7 +131,8 @@ def phase_frames(info: Path) -> tuple[int, int]:
     return frames[0], frames[1]
 
 
-def _frame_file(folder: Path, stem: str, what: str) -> Path:
+def frame_file(folder: Path, stem: str, what: str) -> Path:
+    """``folder``'s ``{stem}.nii.gz`` (or ``.nii``); refused in one line naming it and ``what`` it is if absent."""
     for ending in formats.NIFTI_ENDINGS:
         if (folder / f"{stem}{ending}").is_file():
             return folder / f"{stem}{ending}"
@@ -226,7 +227,7 @@ def split(source: formats.Source, held: bool) -> tuple[dict, dict[str, str]]:
               "train_order": "SSL4MIS's train.list, patient by patient: --labeled-patients N labels the first N",
               "labeled_slices": {str(k): v for k, v in LABELED_SLICES.items()},
               "spacing": ("each case's NIfTI header (mm)" if source.layout == "acdc-raw" else
-                          "none in SSL4MIS's h5 release: 1 x 1 x 1, metrics in voxels"),
+                          "none in SSL4MIS's h5 release: metrics in voxels only"),
               **({"frames": frames} if frames else {})}
     roles = {i: role for name, role in (("train", "labeled"), ("val", "val"), ("test", "test")) for i in order[name]}
     return record, roles
@@ -284,7 +285,7 @@ def transform_h5_case(case: formats.SourceCase, role: str, src: Path) -> tuple[n
     record = {"role": role, "files": {"image": read, "label": label_file},
               "sha256": {name: files.sha256(p) for name, p in zip(read, case.images)},
               "axes_original": "(Z, Y, X), SSL4MIS's h5 order; stored transposed to (X, Y, Z)",
-              "shape_original": shape, "spacing_original": H5_SPACING, "spacing": H5_SPACING, "shape": shape,
+              "shape_original": shape, "shape": shape,  # (no spacing: the release keeps none)
               "affine_original": identity, "affine": identity, "crop_box": [[0, s] for s in shape],
               "intensity": intensity, "label_map": {str(v): v for v in CLASSES}}
     return np.ascontiguousarray(image), label, record
@@ -366,6 +367,6 @@ def synthetic_frame(shape, end_diastole: bool, rng: np.random.Generator) -> tupl
     return image, label
 
 
-__all__ = ["CHANNEL", "CLASSES", "H5_SPACING", "PHASES", "SOURCE", "SYNTHETIC_PATIENTS", "is_h5_case",
+__all__ = ["CHANNEL", "CLASSES", "PHASES", "SOURCE", "SYNTHETIC_PATIENTS", "frame_file", "is_h5_case",
            "labeled_cases", "min_max", "phase_frames", "read_h5", "read_raw", "read_source", "split", "split_lists",
            "synthetic_frame", "transform_h5_case", "volume_ids", "write_synthetic"]

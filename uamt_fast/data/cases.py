@@ -33,14 +33,15 @@ from uamt_fast.data.record import case_spacing, read_record
 @dataclass(frozen=True)
 class Case:
     """One scan in memory: ``image`` float32 (X, Y, Z), normalized; ``label`` uint8 (X, Y, Z) in 0..C-1, or
-    None for an unlabeled case (its label was never read, or never existed); ``spacing`` in mm per axis;
+    None for an unlabeled case (its label was never read, or never existed); ``spacing`` in mm per axis (None: the
+    source kept none, so distances are scored in voxels only);
     ``ignore_label``: the label value of voxels that are not annotated (``IGNORE_LABEL``, where the data set's
     record declares one), which no loss or metric counts; None: every voxel is annotated."""
 
     id: str
     image: np.ndarray
     label: np.ndarray | None
-    spacing: tuple = LA_SPACING
+    spacing: tuple | None = LA_SPACING
     ignore_label: int | None = None
 
     def __post_init__(self):  # cheap structural checks; value checks happen where data is read

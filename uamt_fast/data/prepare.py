@@ -166,7 +166,7 @@ def _record(plan: Plan, source: formats.Source, src: Path, cases, records: dict)
               **({} if plan.ignore is None else {"ignore_label": layout.IGNORE_LABEL}),  # not annotated: no class
               "channel": plan.channel_name,
               "train": {"patch": list(p.patch), "eval_stride_xy": p.stride_xy, "eval_stride_z": p.stride_z,
-                        "batch_labeled": p.batch_labeled, "batch_unlabeled": p.batch_unlabeled},
+                        "batch_labeled": p.batch_labeled, "batch_unlabeled": p.batch_unlabeled, **p.protocol},
               **({} if plan.data_plan is None else {"plan": plan.data_plan}),  # --preset auto: what and how
               "source": {"path": str(src.resolve()), "layout": source.layout}, "split": plan.split,
               "cases": {c.id: records[c.id] for c in cases}}

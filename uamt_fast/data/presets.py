@@ -9,7 +9,7 @@ checks only). Each preset cites, beside it, the code it follows.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class Preset:
     split: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (train, test) case numbers, in order
     drop: tuple[int, ...] = ()  # case numbers never used
     orientation: str | None = "RAS"  # the stored axes (MONAI Orientationd axcodes); None: the file's own axes
+    protocol: dict = field(default_factory=dict)  # the benchmark's training settings beyond patch, strides and
+    # batch (train.py Config fields: PROTOCOL_FIELDS), recorded with them in dataset.json's "train"
 
 
 # MC-Net's NIH Pancreas-CT split (ycwu1997/MC-Net MC-Net/data/Pancreas/train.list @39a5086, in its order: the
@@ -78,9 +80,15 @@ PRESETS = {
     # the last one, as ACDC stores them; SSL4MIS keeps SimpleITK's (Z, Y, X) of the same array). Slices at
     # 256 x 256, batch 24 with 12 labeled: train_uncertainty_aware_mean_teacher_2D.py (--patch_size, --batch_size,
     # --labeled_bs); patch (256, 256, 1) is one slice, so a stride equals it. Split: uamt_fast.data.acdc_split.
+    # The protocol, same script: --max_iterations 30000, lr_ = base_lr * (1 - iter_num / max_iterations) ** 0.9,
+    # --consistency_rampup 200 over iter_num // 150 (T = 8, noise clamp(N(0, 0.1^2), +-0.2), ema 0.99, SGD 0.01,
+    # momentum 0.9, weight decay 1e-4 are train.py's defaults already); 7 labeled patients, the benchmark's
+    # main row (its --labeled_num default, 136, counts slices: the same 7 patients).
     "acdc": Preset(spacing=None, intensity={"kind": "minmax"}, crop=None, channel=None,
                    labels={"background": 0, "RV": 1, "Myo": 2, "LV": 3}, foreground=False, patch=(256, 256, 1),
-                   stride_xy=256, stride_z=1, batch_labeled=12, batch_unlabeled=12, orientation=None),
+                   stride_xy=256, stride_z=1, batch_labeled=12, batch_unlabeled=12, orientation=None,
+                   protocol={"dims": 2, "iterations": 30000, "lr_schedule": "poly", "consistency_rampup": 200.0,
+                             "consistency_period": 150, "labeled_patients": 7}),
     # Only canonical orientation and the input checks; classes from the source's labels; patch and strides are
     # train.py's defaults (Config.patch, eval_stride_xy, eval_stride_z).
     "none": Preset(spacing=None, intensity={"kind": "none"}, crop=None, channel=None, labels=None, foreground=False,

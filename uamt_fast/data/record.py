@@ -1,7 +1,7 @@
 """The record of a prepared set: the ``dataset.json`` that ``prepare`` writes into every root, read and checked.
 
 It holds the format (``RECORD_FORMAT``), ``num_classes``, ``labels``, the input ``channel``, the ``ignore_label``,
-the training settings (``train``: patch, strides, batch), the ``plan`` of ``--preset auto`` (``planning``), the
+the training settings (``train``: patch, strides, batch and a benchmark's protocol, ``TRAIN_FIELDS``), the ``plan`` of ``--preset auto`` (``planning``), the
 ``source`` folder and per case its geometry (``cases``: spacing, shape, affine, ...). The LA release has none:
 then there are 2 classes at 0.625 mm. Records written before ``plan`` and the batch settings existed read as
 before (both are optional, except ``plan`` for an ``auto`` record).
@@ -23,6 +23,29 @@ from uamt_fast.data.layout import (
     check_case_id,
 )
 from uamt_fast.data.planning import check_plan
+
+
+def _number(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+# The fields of a record's "train" (train.py Config fields: a flag given on the command line wins), each with
+# what it must be: patch, sliding-window strides and batch (every preset and plan), and a benchmark's protocol
+# (presets.Preset.protocol: acdc's SSL4MIS settings).
+TRAIN_FIELDS = {
+    "patch": (lambda v: isinstance(v, list) and len(v) == 3 and all(type(p) is int and p >= 1 for p in v),
+              "3 integers >= 1"),
+    "eval_stride_xy": (lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+    "eval_stride_z": (lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+    "batch_labeled": (lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+    "batch_unlabeled": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+    "dims": (lambda v: type(v) is int and v in (2, 3), "2 or 3"),
+    "iterations": (lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+    "lr_schedule": (lambda v: v in ("step", "poly"), '"step" or "poly"'),
+    "consistency_rampup": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "consistency_period": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+    "labeled_patients": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+}
 
 
 def read_record(roots) -> dict | None:
@@ -55,8 +78,7 @@ def read_record(roots) -> dict | None:
 def _check_record(record: dict, path: Path) -> None:
     """The fields of a prepared set's record that train.py and predict read, each of its type and shape, or a
     one-line DataError naming the file and the field: ``preset``, ``channel`` (strings), ``labels`` ({name: int}),
-    ``train`` (``patch``: 3 ints, ``eval_stride_xy`` / ``eval_stride_z``: ints >= 1, ``batch_labeled`` >= 1,
-    ``batch_unlabeled`` >= 0), ``plan`` (required when ``preset`` is "auto": ``planning.check_plan``),
+    ``train`` (only ``TRAIN_FIELDS``, each as that table says), ``plan`` (required when ``preset`` is "auto": ``planning.check_plan``),
     ``source`` (``path``, ``layout``: strings) and per case of ``cases`` ({id: {...}}): ``spacing`` (3 mm values
     in (0, 1000)), ``shape`` / ``shape_original`` (3 ints >= 1), ``affine`` / ``affine_original``
     (``affine.check_affine``: a singular or non-finite one would stop predict's map back after the inference)
@@ -78,11 +100,12 @@ def _check_record(record: dict, path: Path) -> None:
     settings = record.get("train", {})
     if not isinstance(settings, dict):
         refuse("train", settings, 'an object {"patch": [x, y, z], "eval_stride_xy": n, "eval_stride_z": n}')
-    if "patch" in settings and not sizes(settings["patch"], 1, math.inf, (int,)):
-        refuse("train.patch", settings["patch"], "3 integers >= 1")
-    for key, low in (("eval_stride_xy", 1), ("eval_stride_z", 1), ("batch_labeled", 1), ("batch_unlabeled", 0)):
-        if key in settings and not (type(settings[key]) is int and settings[key] >= low):
-            refuse(f"train.{key}", settings[key], f"an integer >= {low}")
+    for key, value in settings.items():
+        if key not in TRAIN_FIELDS:
+            refuse(f"train.{key}", value, f"no such field (train holds {', '.join(TRAIN_FIELDS)})")
+        valid, expected = TRAIN_FIELDS[key]
+        if not valid(value):
+            refuse(f"train.{key}", value, expected)
     if "plan" in record or record.get("preset") == "auto":  # predict rebuilds an auto set's preprocessing from it
         check_plan(record.get("plan"), str(path))
     source = record.get("source", {})
@@ -124,14 +147,17 @@ def num_classes(roots) -> int:
     return 2 if record is None else record["num_classes"]
 
 
-def case_spacing(record: dict | None, case_id: str) -> tuple:
-    """The voxel spacing (mm) of a case as stored: the record's, or the LA release's 0.625 mm."""
-    spacing = ((record or {}).get("cases") or {}).get(case_id, {}).get("spacing")
-    if spacing is None:
+def case_spacing(record: dict | None, case_id: str) -> tuple | None:
+    """The voxel spacing (mm) of a case as stored: the record's; the LA release's 0.625 mm for a case of the
+    release (no record); None where a prepared set's source kept none (SSL4MIS's ACDC h5): no mm metrics."""
+    if record is None:
         return LA_SPACING
+    spacing = (record.get("cases") or {}).get(case_id, {}).get("spacing")
+    if spacing is None:
+        return None
     if len(spacing) != 3 or not all(isinstance(s, (int, float)) and 0 < s < 1e3 for s in spacing):
         raise DataError(f"{RECORD_NAME}: case {case_id}: bad spacing {spacing!r}; expected 3 positive mm values")
     return tuple(float(s) for s in spacing)
 
 
-__all__ = ["case_spacing", "input_folders", "num_classes", "read_record"]
+__all__ = ["TRAIN_FIELDS", "case_spacing", "input_folders", "num_classes", "read_record"]

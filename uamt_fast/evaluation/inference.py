@@ -348,11 +348,13 @@ def evaluate(
 
 
 def format_table(result: dict) -> str:
-    """The ``evaluate`` result as a text table like the paper's: Dice %, Jaccard %, 95HD and ASD (voxels)."""
+    """The ``evaluate`` result as a text table like the paper's: Dice %, Jaccard %, 95HD and ASD (voxels); with
+    more than 2 classes a line a class, named by ``result["class_names"]`` ({"1": "RV", ...}) where present."""
     missing = [k for k in ("cases", "mean", "nan_cases") if k not in result]
     if missing:
         raise ValueError(f"format_table: result lacks {missing}; expected the output of evaluate()/summarize()")
-    width = max([len("case")] + [len(str(row.get("case", ""))) for row in result["cases"]] + [len("mean (000)")])
+    width = max([len("case")] + [len(str(row.get("case", ""))) for row in result["cases"]] + [len("mean (000)")]
+                + [len(f"class {c} {name}") for c, name in result.get("class_names", {}).items()])
     header = f"{'case':<{width}}  {'Dice(%)':>8}  {'Jaccard(%)':>10}  {'95HD(vox)':>9}  {'ASD(vox)':>8}"
 
     def line(name: str, m: dict) -> str:
@@ -364,8 +366,9 @@ def format_table(result: dict) -> str:
     lines = [header, "-" * len(header)]
     lines += [line(str(row.get("case", i)), row) for i, row in enumerate(result["cases"])]
     lines += ["-" * len(header), line(f"mean ({len(result['cases'])})", result["mean"])]
+    names = result.get("class_names", {})  # (the data set's label names, where it has them)
     for c, m in result.get("mean_per_class", {}).items():  # more than 2 classes: each class's mean too
-        lines.append(line(f"class {c}", m))
+        lines.append(line(f"class {c}" + (f" {names[c]}" if c in names else ""), m))
     if "hd95_mm" in result["mean"]:
         lines.append(f"{'mean, mm':<{width}}  {'':>8}  {'':>10}  {result['mean']['hd95_mm']:>9.2f}  "
                      f"{result['mean']['asd_mm']:>8.2f}")

@@ -3,7 +3,7 @@ the data's classes and splits, the device, and ``build``: model, EMA teacher, op
 
 ``--dims 3`` builds the V-Net and ``TwoStreamSampler``'s 3D crops; ``--dims 2`` SSL4MIS's 2D U-Net
 (``uamt_fast.nets.unet.UNet2D``) and ``SliceSampler``'s slices, with channels_last (never channels_last_3d).
-A data set prepared with a preset of ``PRESET_TRAINING`` (``acdc``) brings that preset's training protocol."""
+A data set prepared with a benchmark preset that has a protocol (``acdc``) brings that protocol too."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +15,7 @@ import torch
 import uamt_fast
 from uamt_fast import cli, data, files
 from uamt_fast.data import acdc
+from uamt_fast.data.presets import PRESETS
 from uamt_fast.data.sampling import SliceSampler
 from uamt_fast.evaluation import selection
 from uamt_fast.training import checkpoints, distributed, run_folder
@@ -59,7 +60,8 @@ def make_config(given: dict) -> tuple[Config, dict | None]:
     preset = (data.read_record(given["data"]) or {}).get("preset") if given.get("data") else None
     origins = ({name: "the default" for name in CONFIG_FIELDS} | {name: "the --demo size" for name in demo}
                | {name: f"the data set's {data.RECORD_NAME}" for name in brought}
-               | {name: f"the {preset} preset's protocol" for name in PRESET_TRAINING.get(preset, {})})
+               | {name: f"the {preset} preset's protocol" for name in preset_protocol(given.get("data"))
+                  if name in brought})
     cfg = Config(**(demo | brought | given), origins={k: v for k, v in origins.items() if k not in given})
     if cfg.data and not cfg.eval:  # (--eval takes the checkpoint's own)
         resolve_labeled(cfg)
@@ -133,29 +135,20 @@ def load_split(cfg: Config, split: str):
     return [data.downsample(c, cfg.downsample) for c in data.load_cases(cfg.data, ids)]
 
 
-# The training protocol a preset's data set brings beyond dataset.json's ``train`` (patch, strides, batch), by the
-# record's preset name. acdc: SSL4MIS's 2D UA-MT, HiLab-git/SSL4MIS @06df604 code/train_uncertainty_aware_mean_
-# teacher_2D.py (--max_iterations 30000, lr_ = base_lr * (1 - iter_num / max_iterations) ** 0.9,
-# --consistency_rampup 200 over iter_num // 150, T = 8, noise clamp(N(0, 0.1^2), +-0.2), ema 0.99, SGD 0.01,
-# momentum 0.9, weight decay 1e-4: the last five are train.py's defaults already); 7 labeled patients, the
-# benchmark's main row (its --labeled_num default, 136, counts slices: the same 7 patients).
-PRESET_TRAINING = {
-    "acdc": {"dims": 2, "iterations": 30000, "lr_schedule": "poly", "consistency_rampup": 200.0,
-             "consistency_period": 150, "labeled_patients": 7},
-}
-
-
 def data_settings(roots) -> dict:
-    """The settings a prepared data set brings (prepare's dataset.json: its class count, and its preset's or
-    auto plan's patch, sliding-window strides and batch; a record older than the batch fields has none; and
-    ``PRESET_TRAINING``'s protocol of its preset); flags given on the command line win. None for the LA release."""
+    """The settings a prepared data set brings: its class count and its record's ``train`` (the preset's or the
+    auto plan's patch, sliding-window strides and batch; a benchmark preset's protocol too, as acdc's SSL4MIS
+    settings: ``uamt_fast.data.presets``); flags given on the command line win. None for the LA release."""
     record = data.read_record(roots) if roots else None
     if record is None:
         return {}
-    train_settings = record.get("train") or {}
-    settings = {k: train_settings[k] for k in ("patch", "eval_stride_xy", "eval_stride_z", "batch_labeled",
-                                               "batch_unlabeled") if k in train_settings}
-    return settings | PRESET_TRAINING.get(record.get("preset"), {}) | {"num_classes": record["num_classes"]}
+    return dict(record.get("train") or {}) | {"num_classes": record["num_classes"]}
+
+
+def preset_protocol(roots) -> dict:
+    """The protocol fields of the data's preset (``Preset.protocol``, e.g. acdc's dims, iterations, ...)."""
+    preset = (data.read_record(roots) or {}).get("preset") if roots else None
+    return PRESETS[preset].protocol if preset in PRESETS else {}
 
 
 def resolve_classes(cfg: Config) -> None:
@@ -278,5 +271,5 @@ def compile_cache(folder: str) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
 
 
-__all__ = ["PRESET_TRAINING", "build", "compile_cache", "data_settings", "labeled_from_patients", "load_split",
-           "make_config", "pick_device", "resolve_classes", "resolve_labeled", "saved_config"]
+__all__ = ["build", "compile_cache", "data_settings", "labeled_from_patients", "load_split",
+           "make_config", "pick_device", "preset_protocol", "resolve_classes", "resolve_labeled", "saved_config"]

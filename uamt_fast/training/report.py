@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import uamt_fast
-from uamt_fast import files
+from uamt_fast import data, files
 from uamt_fast.evaluation import inference
 from uamt_fast.nets.vnet import VNet
 from uamt_fast.training import distributed
@@ -54,6 +54,9 @@ def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.j
     result = distributed.gather_evaluation(world, result, cases)
     if not world.main:
         return result
+    labels = (data.read_record(cfg.data) or {}).get("labels") if cfg.data else None
+    if labels and "mean_per_class" in result:  # the per-class lines by the data set's names ("1": "RV")
+        result["class_names"] = {str(v): name for name, v in labels.items() if str(v) in result["mean_per_class"]}
     print(inference.format_table(result))
     print(f"evaluated {len(cases)} cases in {time.perf_counter() - t0:.1f} s")
     result["source"] = {
