@@ -573,3 +573,77 @@ def test_every_input_is_checked_before_anything_is_written(la_model, tmp_path, c
     assert not out.exists()
     assert run(la_model, good, "--out", out, "--max-voxels", "100") == 2
     assert "more than --max-voxels 100" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- ACDC's raw layout
+def _acdc_raw(tmp: Path) -> Path:
+    """Synthetic raw ACDC: patient099 in training/ (ES frame 4), patient101 in testing/ (ES frame 6), with an
+    extra cine frame (patient099_frame02) that is neither ED nor ES, and the 4D stub that must never be read."""
+    from uamt_fast.data import acdc
+
+    root = acdc.write_synthetic(tmp / "acdc", "raw", patients=(99, 101), shape=(24, 24, 4))
+    patient = root / "training" / "patient099"
+    (patient / "patient099_frame02.nii.gz").write_bytes((patient / "patient099_frame01.nii.gz").read_bytes())
+    return root
+
+
+def test_acdc_patient_folder_gives_the_ed_and_es_frames_of_its_info_cfg(tmp_path):
+    patient = _acdc_raw(tmp_path) / "training" / "patient099"
+    scans = predict.find_scans([patient])
+    assert [(s.id, s.kind, [f.name for f in s.files]) for s in scans] == [
+        ("patient099_frame01", "nifti", ["patient099_frame01.nii.gz"]),
+        ("patient099_frame04", "nifti", ["patient099_frame04.nii.gz"])]  # not frame02, no _gt, no _4d
+
+
+def test_a_folder_of_acdc_patient_folders_gives_every_patients_frames_sorted(tmp_path):
+    root = _acdc_raw(tmp_path)
+    both = ["patient099_frame01", "patient099_frame04", "patient101_frame01", "patient101_frame06"]
+    assert [s.id for s in predict.find_scans([root])] == both  # the download's root: training/ and testing/
+    assert [s.id for s in predict.find_scans([root / "testing"])] == both[2:]
+    assert [f.parent.name for s in predict.find_scans([root]) for f in s.files] == ["patient099"] * 2 + ["patient101"] * 2
+
+
+def test_an_acdc_frame_that_info_cfg_names_but_the_folder_lacks_is_one_line(tmp_path):
+    patient = _acdc_raw(tmp_path) / "training" / "patient099"
+    (patient / "patient099_frame04.nii.gz").unlink()
+    with pytest.raises(data.DataError, match=r"patient099_frame04\.nii\.gz: missing \(the ES frame, Info.cfg's ES: 4\)"):
+        predict.find_scans([patient.parent])
+
+
+@pytest.fixture(scope="module")
+def acdc_2d(tmp_path_factory, trainer_on_cpu_module) -> SimpleNamespace:
+    """A 2-iteration 2D U-Net run on a synthetic raw ACDC folder prepared with ``--preset acdc``, and that folder."""
+    from uamt_fast.data import acdc
+
+    tmp = tmp_path_factory.mktemp("acdc_2d")
+    src = acdc.write_synthetic(tmp / "src", "raw", patients=(99, 38, 50, 11), shape=(24, 24, 4))
+    prepare.prepare(src, tmp / "prepared", "acdc")
+    assert train.main(["--data", str(tmp / "prepared"), "--n-filters", "2", "--patch", "16", "16", "1",
+                       "--batch-labeled", "2", "--batch-unlabeled", "2", "--labeled-patients", "1", "--iterations", "2",
+                       "--stop-at", "2", "--no-compile", "--device", "cpu", "--threads", "1", "--log-every", "2",
+                       "--save-every", "2", "--out", str(tmp / "run")]) == 0
+    return SimpleNamespace(src=src, model=tmp / "run" / "checkpoint.pt")
+
+
+def test_predict_on_an_acdc_root_writes_each_ed_and_es_frame_in_its_geometry(acdc_2d, tmp_path):
+    out = tmp_path / "masks"
+    assert run(acdc_2d.model, acdc_2d.src, "--out", out, "--threads", "1") == 0  # (the 4D stubs unread)
+    frames = sorted(acdc_2d.src.glob("training/*/patient???_frame??.nii.gz"))
+    assert len(frames) == 8 and sorted(p.name for p in out.glob("*.nii.gz")) == [f.name for f in frames]
+    for frame in frames:
+        mask, written = load(out / frame.name)
+        given = nibabel.load(str(frame))
+        assert mask.shape == given.shape and np.array_equal(written.affine, given.affine)
+    record = json.loads((out / "predictions.json").read_text())
+    assert [c["inputs"][0]["file"] for c in record["cases"]] == [str(f.resolve()) for f in frames]
+
+
+@pytest.mark.parametrize("name, why", [("patient011_frame01_gt.nii.gz", "a label (ACDC's _gt file), not a frame"),
+                                       ("patient011_4d.nii.gz", "ACDC's 4D cine, not a frame")])
+def test_an_acdc_label_or_cine_named_as_input_is_refused_in_one_line(acdc_2d, tmp_path, capsys, name, why):
+    patient = acdc_2d.src / "training" / "patient011"
+    out = tmp_path / "out"
+    assert run(acdc_2d.model, patient / "patient011_frame01.nii.gz", patient / name, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"INPUT {patient / name}: {why}" in err, err
+    assert not out.exists()

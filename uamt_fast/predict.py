@@ -5,8 +5,9 @@ MODEL is a train.py run folder (its ``student.pt``) or a checkpoint (``student.p
 with its settings and its data's record (``uamt_fast.evaluation.prediction_model``): a 3D model (the V-Net) or a
 2D one (``train.py --dims 2``, SSL4MIS's U-Net).
 INPUT is any mix of NIfTI files, folders of them (an MSD / nnU-Net ``imagesTs``, or a raw folder holding one;
-nnU-Net channel files ``{case}_{XXXX}`` make one case), and the training layout's h5 cases (an
-``mri_norm2.h5`` or ``cases/<id>.h5``, a case folder, or a data root: every case of it, in either layout).
+nnU-Net channel files ``{case}_{XXXX}`` make one case), ACDC's raw layout (``find_scans``: a patient folder, a
+folder of them, the download's root), and the training layout's h5 cases (an ``mri_norm2.h5`` or
+``cases/<id>.h5``, a case folder, or a data root: every case of it, in either layout).
 
 For each scan, in the prepare -> train -> predict order of nnU-Net:
 
@@ -59,6 +60,7 @@ import datetime
 import gzip
 import math
 import os
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -70,7 +72,7 @@ import torch
 
 import uamt_fast
 from uamt_fast import cli, data, files, progress
-from uamt_fast.data import DataError, formats, planning, prepare
+from uamt_fast.data import DataError, acdc, formats, planning, prepare
 from uamt_fast.data.affine import ras_axes, voxel_sizes
 from uamt_fast.evaluation import inference, uncertainty
 from uamt_fast.evaluation.geometry import to_input_grid
@@ -79,6 +81,7 @@ from uamt_fast.evaluation.predictions_record import RECORD_FORMAT, RECORD_NAME, 
 
 SPACING_FACTOR = 2.0  # without resampling, an input spacing more than 2x off the training data's is refused
 MAX_VOXELS = 1 << 30  # a header claiming more is refused before its data is read (4 GiB as float32)
+ACDC_FILE = re.compile(r"^(?P<patient>patient\d{3})_(?:frame\d{2}(?P<label>_gt)?|(?P<cine>4d))\.nii(?:\.gz)?$")
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -147,12 +150,22 @@ class Scan:
 
 
 def find_scans(inputs) -> list[Scan]:
-    """Every case named by the INPUT arguments, in the order given (a folder's cases sorted)."""
+    """Every case named by the INPUT arguments, in the order given (a folder's cases sorted).
+
+    ACDC's raw layout: a patient folder (one holding ``Info.cfg``) gives the ED and the ES frame its Info.cfg
+    names (``acdc.phase_frames``, as ``prepare --preset acdc`` reads them; the other frame files, if any, are not
+    taken), each case named after its file (``patient001_frame12``); a folder of patient folders (``training/``,
+    ``testing/``, the download's root: ``formats.acdc_patient_folders``) gives every patient's, sorted. Labels
+    (``_gt``) and the 4D cine (``_4d``) are never scans: named as an INPUT, they are refused."""
     scans: list[Scan] = []
     loose: dict[Path, list[Path]] = {}  # NIfTI files given one by one, by folder (channel files make one case)
     for text in inputs:
         path = Path(text)
         if path.is_file() and path.name.endswith(formats.NIFTI_ENDINGS):
+            if (acdc_file := ACDC_FILE.match(path.name)) and (acdc_file["label"] or acdc_file["cine"]):
+                raise PredictError(f"INPUT {path}: " + ("a label (ACDC's _gt file)" if acdc_file["label"] else
+                                   "ACDC's 4D cine") + ", not a frame; give a patientXXX_frameYY image or its "
+                                   "patient folder (its ED and ES frames)")
             loose.setdefault(path.parent, []).append(path)
         elif path.is_file() and path.suffix == ".h5":
             scans.append(_h5_scan(path))
@@ -164,6 +177,10 @@ def find_scans(inputs) -> list[Scan]:
             scans += [_h5_scan(f) for f in cases]
         elif path.is_dir() and (path / data.H5_NAME).is_file():
             scans.append(_h5_scan(path / data.H5_NAME))
+        elif path.is_dir() and (path / "Info.cfg").is_file():  # an ACDC patient folder
+            scans += _acdc_frames(path)
+        elif path.is_dir() and (patients := formats.acdc_patient_folders(path)):  # training/, testing/, the root
+            scans += sorted((s for folder in patients for s in _acdc_frames(folder)), key=lambda s: s.id)
         elif path.is_dir():
             folder = path / "imagesTs" if (path / "dataset.json").is_file() and (path / "imagesTs").is_dir() else path
             files = formats.nifti_files(folder)
@@ -188,6 +205,19 @@ def find_scans(inputs) -> list[Scan]:
 def _nifti_scans(files: list[Path], folder: Path) -> list[Scan]:
     grouped = formats.group_channels(files, folder)  # the rule prepare reads sources by
     return [Scan(case_id, "nifti", paths) for case_id, paths in grouped.items()]
+
+
+def _acdc_frames(folder: Path) -> list[Scan]:
+    """The ED and ES frame files of an ACDC patient folder, by frame number (``find_scans``)."""
+    frames = acdc.phase_frames(folder / "Info.cfg")
+    patients = sorted({m["patient"] for f in formats.nifti_files(folder) if (m := ACDC_FILE.match(f.name))})
+    if len(patients) != 1:
+        raise PredictError(f"INPUT {folder}: an ACDC patient folder (it holds Info.cfg) with " + (
+            f"the files of patients {', '.join(patients)}; keep one a folder" if patients else
+            "no patientXXX_frameYY.nii.gz frame files"))
+    images = [acdc.frame_file(folder, f"{patients[0]}_frame{frame:02d}", f"the {phase} frame, Info.cfg's {phase}: "
+                              f"{frame}") for phase, frame in sorted(zip(acdc.PHASES, frames), key=lambda p: p[1])]
+    return [Scan(formats.strip_ending(image.name), "nifti", (image,)) for image in images]
 
 
 def _h5_scan(path: Path) -> Scan:
@@ -347,7 +377,7 @@ def read_scan(scan: Scan, model: Model) -> Loaded:
         if saved.get("affine") is not None and list(saved.get("shape", [])) == list(case.image.shape):
             affine = np.asarray(saved["affine"], np.float64)
         else:
-            affine = np.diag([*data.case_spacing(record, scan.id), 1.0])
+            affine = np.diag([*(data.case_spacing(record, scan.id) or (1.0, 1.0, 1.0)), 1.0])  # (none kept: voxels)
         return Loaded(scan, case.image, _same_grid(affine, case.image.shape), None, inputs, None)
     import nibabel
 

@@ -17,6 +17,7 @@ near a minute on a shared 2-core machine:
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -80,6 +81,7 @@ def test_ranks_agree_and_a_2_rank_step_is_the_single_process_step_over_both_rank
     # --sync-bn: as one batch norm over both ranks' crops to fp32 rounding (~2e-5 after 16 conv + BN layers on
     # logits of ~1), where per-rank statistics are off by ~1
     assert result["sync_bn_max_diff"] < 1e-4 * result["logits_max"] and result["local_bn_differs"] > 0.1, result
+    assert result["sync_bn_2d_max_diff"] < 1e-4 and result["local_bn_2d_differs"] > 1e-2, result
     assert result["nonfinite"] == [[5, 2, 1], [5, 2, 1]]  # (iteration, term, rank) on both ranks
     assert result["mismatch"][0] == result["mismatch"][1] and "teacher weights of rank 1" in result["mismatch"][0]
     assert "iteration 7" in result["mismatch"][0]
@@ -93,6 +95,7 @@ def _rank_main(data_root: str, out: str) -> int:
     import uamt_fast.ops.ema
     from uamt_fast.training import distributed
     from uamt_fast import reference
+    from uamt_fast.nets.unet import UNet2D
     from uamt_fast.nets.vnet import VNet
 
     world = distributed.setup("cpu", 60)
@@ -179,6 +182,15 @@ def _rank_main(data_root: str, out: str) -> int:
     distributed.local_batch_norm_(synced)
     result["local_bn_differs"] = float((synced(seen[world.rank]["batches"][0][0]).detach()
                                         - y_whole[4 * world.rank: 4 * world.rank + 4]).abs().max())
+    # --sync-bn of the 2D U-Net (--dims 2): the same, on slices
+    torch.manual_seed(5)
+    unet, slices = UNet2D(num_classes=4, n_filters=2, dropout=False), torch.rand(2, 3, 1, 32, 32)
+    slices[1] = 3 * slices[1] + 1  # (the ranks' slices differ in their statistics)
+    synced_2d = distributed.sync_batch_norm_(copy.deepcopy(unet))
+    y = torch.cat(gather(synced_2d(slices[world.rank]).detach()))
+    result["sync_bn_2d_max_diff"] = float((y - unet(slices.flatten(0, 1)).detach()).abs().max())
+    result["local_bn_2d_differs"] = float((distributed.local_batch_norm_(synced_2d)(slices[world.rank]).detach()
+                                           - y[3 * world.rank: 3 * world.rank + 3]).abs().max())
 
     # the evaluation's shares: every rank takes rank 0's weights and BN statistics (each rank's last forward
     # moved its own running statistics)

@@ -75,8 +75,6 @@ def test_dims_2_takes_a_slice_patch():
         train.Config(dims=4)
     with pytest.raises(ValueError, match="--downsample 2: --dims 2 resizes every slice"):
         train.Config(dims=2, patch=(32, 32, 1), downsample=2)
-    with pytest.raises(ValueError, match="--sync-bn is not available with --dims 2"):
-        train.Config(dims=2, patch=(32, 32, 1), sync_bn=True)
     with pytest.raises(ValueError, match="--blend gaussian: --dims 2 predicts whole slices"):
         train.Config(dims=2, patch=(32, 32, 1), blend="gaussian")
 

@@ -140,8 +140,6 @@ class Config:
         if self.dims == 2 and self.blend != "mean":  # (slices have no overlapping windows to blend)
             raise ValueError(f"{self.setting('blend')}: --dims 2 predicts whole slices, no overlapping windows to "
                              "blend; drop it")
-        if self.dims == 2 and self.sync_bn:  # (training.distributed converts the V-Net's GhostBatchNorm3d only)
-            raise ValueError("--sync-bn is not available with --dims 2 yet: drop it (batch norm per rank)")
         if self.batch_unlabeled < 1 and self.method != "supervised":
             raise ValueError(f"--batch-unlabeled must be >= 1 for --method {self.method}; got {self.batch_unlabeled}")
         # (--dims 2 evaluates whole slices resized to the patch: no windows, the strides are not used)

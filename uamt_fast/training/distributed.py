@@ -40,7 +40,7 @@ if dist.is_available():  # (a torch built without distributed has no torch.distr
     import torch.distributed.nn
 
 from uamt_fast.training import checkpoints
-from uamt_fast.nets.ghost_norm import GhostBatchNorm3d
+from uamt_fast.nets.ghost_norm import GhostBatchNorm2d, GhostBatchNorm3d
 from uamt_fast.evaluation.metrics import summarize
 from uamt_fast.training.state import Parts
 
@@ -176,11 +176,12 @@ def wrap(world: World, parts: Parts, sync_bn: bool = False):
     return nn.parallel.DistributedDataParallel(parts.student, device_ids=ids)
 
 
-class SyncGhostBatchNorm3d(GhostBatchNorm3d):
+class SyncGhostBatchNorm:
     """Ghost batch norm whose per-group statistics (training mode) are combined over all ranks: each of the G
     groups is normalised by the mean and variance of that group's crops on every rank. The all-reduce is
     differentiable, so the student's gradients are those of one batch norm over the global batch. Eval mode
-    (running statistics) is plain batch norm and needs no other rank."""
+    (running statistics) is plain batch norm and needs no other rank. Any spatial rank: mixed into
+    ``SyncGhostBatchNorm2d`` (the 2D U-Net) and ``SyncGhostBatchNorm3d`` (the V-Net)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not dist.is_initialized():
@@ -208,6 +209,17 @@ class SyncGhostBatchNorm3d(GhostBatchNorm3d):
         return y.flatten(0, 1).to(x.dtype)
 
 
+class SyncGhostBatchNorm2d(SyncGhostBatchNorm, GhostBatchNorm2d):
+    """``SyncGhostBatchNorm`` of ``GhostBatchNorm2d``."""
+
+
+class SyncGhostBatchNorm3d(SyncGhostBatchNorm, GhostBatchNorm3d):
+    """``SyncGhostBatchNorm`` of ``GhostBatchNorm3d``."""
+
+
+SYNC_OF = {GhostBatchNorm2d: SyncGhostBatchNorm2d, GhostBatchNorm3d: SyncGhostBatchNorm3d}  # (class swaps)
+
+
 def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     every = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(every, t.contiguous())
@@ -218,16 +230,15 @@ def sync_batch_norm_(model: nn.Module) -> nn.Module:
     """Every ghost batch norm of ``model`` takes its statistics over all ranks (class swap: same parameters,
     buffers and state-dict keys)."""
     for m in model.modules():
-        if type(m) is GhostBatchNorm3d:
-            m.__class__ = SyncGhostBatchNorm3d
+        m.__class__ = SYNC_OF.get(type(m), type(m))
     return model
 
 
 def local_batch_norm_(model: nn.Module) -> nn.Module:
     """Undo ``sync_batch_norm_`` (before an evaluation or figures that run on one rank only)."""
+    local = {sync: ghost for ghost, sync in SYNC_OF.items()}
     for m in model.modules():
-        if type(m) is SyncGhostBatchNorm3d:
-            m.__class__ = GhostBatchNorm3d
+        m.__class__ = local.get(type(m), type(m))
     return model
 
 
@@ -371,7 +382,7 @@ def comm_failure_line(world: World, e: BaseException) -> str:
 
 
 __all__ = ["World", "SINGLE", "OtherRankFailed", "RankMismatch", "launched", "env_rank", "setup", "close", "rank_seed",
-           "describe", "lr_factor", "summary_line", "wrap", "SyncGhostBatchNorm3d", "sync_batch_norm_",
+           "describe", "lr_factor", "summary_line", "wrap", "SYNC_OF", "SyncGhostBatchNorm", "SyncGhostBatchNorm2d", "SyncGhostBatchNorm3d", "sync_batch_norm_",
            "local_batch_norm_", "first_nonfinite", "mean_over_ranks", "checksum", "check_same_weights", "rank_state",
            "gather_rank_states", "check_world_size", "restore_rank", "from_rank0_", "shard", "gather_evaluation", "NoLog",
            "is_comm_failure", "comm_failure_line"]
