@@ -108,6 +108,11 @@ def test_training_curves_from_metrics_jsonl(tmp_path):
     image = read_png(path)
     assert image.shape[:2] == (round(2 * 2.8 * figures.DPI), round(3 * 3.6 * figures.DPI))
     assert_not_blank(image)
+    with (run / "metrics.jsonl").open("a") as f:  # --val-every's lines: a third row with their curve
+        f.write("".join(json.dumps({"iteration": i, "val_dice": i / 50, "val_dice_RV": i / 60}) + "\n"
+                        for i in (20, 40)))
+    image = read_png(figures.training_curves({"run": run}, tmp_path / "curves-val.png"))
+    assert image.shape[:2] == (round(3 * 2.8 * figures.DPI), round(3 * 3.6 * figures.DPI))
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         figures.read_metrics(tmp_path)
 

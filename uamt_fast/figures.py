@@ -51,6 +51,7 @@ CURVES = (  # (title, metrics.jsonl keys, log scale)
     ("uncertainty threshold H(t)", ("threshold",), False),
     ("mask fraction (voxels kept)", ("mask_fraction",), False),
     ("speed (it/s)", ("it_per_s",), False),
+    ("val Dice (--val-every; curves only)", ("val_dice",), False),  # (drawn only for runs that logged it)
 )
 
 
@@ -254,25 +255,32 @@ def save_figure(plt, fig, path, top: float = 1.0) -> Path:
 
 
 def read_metrics(path) -> list[dict]:
-    """The per-log-interval lines of a train.py ``metrics.jsonl`` (the final speed line left out)."""
+    """The per-log-interval lines of a train.py ``metrics.jsonl`` and its --val-every lines (the final speed line
+    left out)."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl at {path}")
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in lines if "lr" in r]
-    if not rows:
+    rows = [r for r in lines if "lr" in r or "val_dice" in r]
+    if not any("lr" in r for r in rows):
         raise ValueError(f"{path}: no training log lines (a run logs every --log-every iterations)")
     return rows
 
 
 def training_curves(runs: dict, path) -> Path:
-    """Write the training curves of ``{name: run folder or metrics.jsonl}`` (overlaid) to ``path``: a 2 x 3 grid."""
+    """Write the training curves of ``{name: run folder or metrics.jsonl}`` (overlaid) to ``path``: a 2 x 3 grid
+    (3 x 3 with a --val-every curve)."""
     plt = pyplot()
     logs = {name: read_metrics(p) for name, p in runs.items()}
-    fig, axes = plt.subplots(2, 3, figsize=(3 * 3.6, 2 * 2.8), dpi=DPI)
-    for ax, (title, keys, log) in zip(axes.flat, CURVES):
+    validated = any("val_dice" in r for rows in logs.values() for r in rows)
+    curves = [c for c in CURVES if c[1] != ("val_dice",) or validated]
+    rows = -(-len(curves) // 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(3 * 3.6, rows * 2.8), dpi=DPI)
+    for ax in axes.flat[len(curves):]:
+        ax.axis("off")
+    for ax, (title, keys, log) in zip(axes.flat, curves):
         for name, rows in logs.items():
             for key in keys:
                 points = [(r["iteration"], r[key]) for r in rows if key in r]

@@ -56,7 +56,7 @@ from uamt_fast.training.config import (  # noqa: F401
     make_parser,
     parse_args,
 )
-from uamt_fast.training.report import evaluate, log_line
+from uamt_fast.training.report import evaluate, log_line, validation_line
 from uamt_fast.training.state import Parts
 from uamt_fast.training.step import TERMS, phase, schedule, student_losses, teacher_passes, train_step  # noqa: F401
 
@@ -180,6 +180,7 @@ def assemble(cfg: Config, run: Run, resume_state: dict | None, held: contextlib.
     parts = build(cfg, rank=run.world.rank)
     parts.data_split = split
     parts.test_cases = load_split(cfg, "test")
+    parts.val_cases = load_split(cfg, "val") if cfg.val_every else []
     start = 0
     if resume_state is not None:
         start = checkpoints.restore_training(parts, resume_state, run.out / "checkpoint.pt")
@@ -270,6 +271,11 @@ def train(parts: Parts, run: Run, start: int, held: contextlib.ExitStack) -> str
             n_window, t_log = 0, time.perf_counter()
         else:
             console.update(done)
+        if cfg.val_every and done % cfg.val_every == 0 and world.main:  # curves only: no checkpoint is picked
+            line = validation_line(parts.student, cfg, parts.val_cases, done)
+            log.write(line)
+            console.write(f"iter {done}/{cfg.iterations} | val Dice {line['val_dice']:.4f} ({len(parts.val_cases)} "
+                          f"cases, {line['val_seconds']:.1f} s)")
         if done % cfg.save_every == 0 and done < cfg.iterations:
             guard.save(done)
         if stop or done == cfg.stop_at:

@@ -12,6 +12,7 @@ score identically; only the raw form knows the voxel size, so only its eval.json
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -88,3 +89,39 @@ def test_a_model_trained_on_the_h5_form_predicts_a_raw_frame_at_its_own_spacing(
     for c in CLASSES:
         p, t = predicted == int(c), truth == int(c)
         assert 2 * np.sum(p & t) / (np.sum(p) + np.sum(t)) > 0.6, c
+
+
+def test_val_every_logs_val_curves_and_changes_nothing_else(runs, tmp_path, capsys):
+    """--val-every scores SSL4MIS's val patient into metrics.jsonl (curves only): the training lines, the
+    checkpoint and the final evaluation are those of the run without it, bit for bit."""
+    root = runs["raw"][0]
+    out = tmp_path / "run"
+    assert train.main(["--data", str(root), *REDUCED, "--val-every", "50", "--out", str(out)]) == 0
+    assert "iter 50/100 | val Dice" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [line for line in lines if "val_dice" in line]
+    assert [line["iteration"] for line in val] == [50, 100]
+    assert set(val[-1]) == {"iteration", "val_dice", "val_hd95", "val_dice_RV", "val_dice_Myo", "val_dice_LV",
+                            "val_seconds"}
+    assert val[-1]["val_dice"] == pytest.approx(np.mean([val[-1][f"val_dice_{n}"] for n in CLASSES.values()]))
+    assert val[-1]["val_dice"] > 0.6  # (the val patient, never the test one)
+    without = [json.loads(line) for line in (root.parent / "run_raw" / "metrics.jsonl").read_text().splitlines()]
+    speed = {"it_per_s", "train_seconds"}
+    assert [{k: v for k, v in line.items() if k not in speed} for line in lines if "val_dice" not in line] == \
+        [{k: v for k, v in line.items() if k not in speed} for line in without]
+    assert json.loads((out / "eval.json").read_text())["mean"] == runs["raw"][1]["mean"]
+
+
+def test_val_every_without_a_val_list_or_with_a_test_case_in_it_is_one_line(runs, tmp_path, capsys):
+    root = runs["raw"][0]
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    (copy / "val.list").unlink()
+    assert train.main(["--data", str(copy), *REDUCED, "--val-every", "50", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--val-every 50: case list not found:" in err and "val.list" in err and "\n" not in err
+    (copy / "val.list").write_text("patient011_frame01\n")  # SSL4MIS's test patient
+    assert train.main(["--data", str(copy), *REDUCED, "--val-every", "50", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "case patient011_frame01 is in both val.list and test.list" in err and "\n" not in err
+    assert not (tmp_path / "a" / "checkpoint.pt").exists() and not (tmp_path / "b" / "checkpoint.pt").exists()

@@ -78,7 +78,8 @@ def read_record(roots) -> dict | None:
 def _check_record(record: dict, path: Path) -> None:
     """The fields of a prepared set's record that train.py and predict read, each of its type and shape, or a
     one-line DataError naming the file and the field: ``preset``, ``channel`` (strings), ``labels`` ({name: int}),
-    ``train`` (only ``TRAIN_FIELDS``, each as that table says), ``plan`` (required when ``preset`` is "auto": ``planning.check_plan``),
+    ``train`` (only ``TRAIN_FIELDS``, each as that table says), ``plan`` (required when ``preset`` is "auto":
+    ``planning.check_plan``),
     ``source`` (``path``, ``layout``: strings) and per case of ``cases`` ({id: {...}}): ``spacing`` (3 mm values
     in (0, 1000)), ``shape`` / ``shape_original`` (3 ints >= 1), ``affine`` / ``affine_original``
     (``affine.check_affine``: a singular or non-finite one would stop predict's map back after the inference)

@@ -121,12 +121,15 @@ def _norm(v):
 
 # ----------------------------------------------------------------------------- data
 def load_split(cfg: Config, split: str):
-    """Cases of ``split`` read once ("unlabeled": prepare's unlabeled.list, images only; "test": only those of
-    --cases / --first, the --figures-cases picks checked against them before any work); training cases are
-    downsampled once (test cases stay at full resolution: ``evaluate`` scores full-resolution labels)."""
+    """Cases of ``split`` read once ("unlabeled": prepare's unlabeled.list, images only; "val": ``val_ids``;
+    "test": only those of --cases / --first, the --figures-cases picks checked against them before any work);
+    training cases are downsampled once (test and val cases stay at full resolution: ``evaluate`` scores
+    full-resolution labels)."""
     if split == "unlabeled":
         return [data.downsample(c, cfg.downsample) for c in
                 data.load_cases(cfg.data, data.read_unlabeled(cfg.data), labeled=False)]
+    if split == "val":
+        return data.load_cases(cfg.data, val_ids(cfg))
     ids = data.read_list(cfg.data, split)
     if split == "test":
         ids = selection.test_ids(ids, cfg.cases, cfg.first)
@@ -157,6 +160,19 @@ def resolve_classes(cfg: Config) -> None:
     if cfg.num_classes not in (0, classes):
         raise ValueError(f"--num-classes {cfg.num_classes}: the data ({', '.join(cfg.data)}) has {classes} classes")
     cfg.num_classes = classes
+
+
+def val_ids(cfg: Config) -> list[str]:
+    """The ids of the data's val.list (--val-every: scored for curves only), none of them a test case."""
+    try:
+        ids, test = data.read_list(cfg.data, "val"), set(data.read_list(cfg.data, "test"))
+    except data.DataError as e:
+        raise ValueError(f"{cfg.setting('val_every')}: {e} (prepare --preset acdc writes SSL4MIS's val.list)") from None
+    shared = [i for i in ids if i in test]
+    if shared:
+        raise ValueError(f"{cfg.setting('val_every')}: case {shared[0]} is in both val.list and test.list of "
+                         f"{', '.join(cfg.data)}; a test case is never scored before the end")
+    return ids
 
 
 # ----------------------------------------------------------------------------- model, optimizer, sampler
@@ -271,5 +287,5 @@ def compile_cache(folder: str) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
 
 
-__all__ = ["build", "compile_cache", "data_settings", "labeled_from_patients", "load_split",
-           "make_config", "pick_device", "preset_protocol", "resolve_classes", "resolve_labeled", "saved_config"]
+__all__ = ["build", "compile_cache", "data_settings", "labeled_from_patients", "load_split", "make_config",
+           "pick_device", "preset_protocol", "resolve_classes", "resolve_labeled", "saved_config", "val_ids"]

@@ -102,6 +102,7 @@ class Config:
     eval_stride_xy: int = 18  # sliding-window stride in the axial plane (paper: 18)
     eval_stride_z: int = 4  # sliding-window stride along the last axis (paper: 4)
     eval_batch: int = 4  # windows per forward in the evaluation
+    val_every: int = 0  # score the data's val.list every N iterations into metrics.jsonl (val_dice, per class): curves only, never a checkpoint choice (SSL4MIS scores its val every 200); 0: never
     blend: str = "mean"  # overlapping windows of the evaluation (and of predict, by default): mean (the paper's plain average) | gaussian (MONAI's / nnU-Net's weights, sigma 1/8 of the window: fainter seams at window borders)
     # torchrun (uamt_fast/distributed.py; no effect without it)
     sync_bn: bool = False  # batch-norm statistics over all ranks' crops (default: per rank, each rank's batch alone)
@@ -161,7 +162,7 @@ RANGES = {
     "lr": "(0, 1000]", "lr_step": ">= 1", "momentum": "[0, 1)", "weight_decay": "[0, 1]", "ema_decay": "[0, 1]",
     "consistency": "[0, 1000]", "consistency_rampup": "[0, 1000000]", "consistency_period": ">= 0",
     "mc_passes": "[1, 1024]", "noise_std": "[0, 1000]", "noise_clip": "[0, 1000]", "teacher_chunks": "[1, 1025]",
-    "threads": "[0, 4096]",
+    "threads": "[0, 4096]", "val_every": ">= 0",
     "seed": f"[0, {2**63 - 1}]", "log_every": ">= 1", "save_every": ">= 1", "stop_at": ">= 0",
     "eval_stride_xy": ">= 1", "eval_stride_z": ">= 1", "eval_batch": "[1, 4096]", "dist_timeout": "[1, 86400]",
 }
@@ -192,7 +193,7 @@ DEMO_DATA = {"n_train": 12, "n_test": 4, "shape": (48, 48, 32), "seed": 0}
 DEMO_DATA_DIR = "demo_data"  # the --demo data set, inside the run folder
 # On --resume these may differ from the saved config; everything else must match (same run).
 RESUME_OVERRIDABLE = {"data", "resume", "out", "device", "compile", "compile_mode", "compile_blocks", "compile_cache",
-                      "cudnn_benchmark", "log_every", "save_every", "stop_at",
+                      "cudnn_benchmark", "log_every", "save_every", "stop_at", "val_every",
                       "eval_stride_xy", "eval_stride_z", "eval_batch", "blend", "data_device", "threads",
                       "figures", "figures_cases", "figures_passes", "cases", "first", "tensorboard", "dist_timeout"}
 EVAL_ONLY = {"cases", "first", "figures_cases"}  # --eval takes these from its command line, never from the checkpoint

@@ -11,6 +11,7 @@ from pathlib import Path
 import uamt_fast
 from uamt_fast import data, files
 from uamt_fast.evaluation import inference
+from uamt_fast.nets.unet import UNet2D
 from uamt_fast.nets.vnet import VNet
 from uamt_fast.training import distributed
 from uamt_fast.training.config import Config
@@ -26,7 +27,37 @@ def log_line(line: dict, iterations: int) -> str:
     return text + f" | {line['it_per_s']:.2f} it/s"
 
 
-def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.json", checkpoint: str | None = None,
+def score(model: VNet | UNet2D, cfg: Config, cases) -> dict:
+    """``inference.evaluate`` of ``cases`` with the run's settings (windows, strides, blend; a --dims 2 model
+    slice by slice), printing nothing; the model's train / eval modes are restored after."""
+    return inference.evaluate(model, cases, patch_size=cfg.patch, stride_xy=cfg.eval_stride_xy,
+                              stride_z=cfg.eval_stride_z, batch_size=cfg.eval_batch, downsample=cfg.downsample,
+                              num_classes=cfg.num_classes or 2, blend=cfg.blend,
+                              slice_size=tuple(cfg.patch[:2]) if cfg.dims == 2 else None)  # 2D: slice by slice
+
+
+def class_names(cfg: Config) -> dict[str, str]:
+    """``{"1": "RV", ...}``: the data set's label names by value (its record's ``labels``; none for the LA
+    release), background left out."""
+    labels = (data.read_record(cfg.data) or {}).get("labels") if cfg.data else None
+    return {str(v): name for name, v in (labels or {}).items() if v != 0}
+
+
+def validation_line(model: VNet | UNet2D, cfg: Config, cases, done: int) -> dict:
+    """The metrics.jsonl line of --val-every after ``done`` iterations: the student's mean Dice and 95HD on the
+    val cases, and each class's Dice (``val_dice_<name>``), scored as the test cases are at the end. For the
+    curves only: nothing reads it to pick a checkpoint."""
+    t0 = time.perf_counter()
+    result = score(model, cfg, cases)
+    line = {"iteration": done, "val_dice": result["mean"]["dice"], "val_hd95": result["mean"]["hd95"]}
+    names = class_names(cfg)
+    for c, metrics in result.get("mean_per_class", {}).items():
+        line[f"val_dice_{names.get(c, c)}"] = metrics["dice"]
+    return files.json_safe(line | {"val_seconds": time.perf_counter() - t0})
+
+
+def evaluate(model: VNet | UNet2D, cfg: Config, cases, out_dir: Path, name: str = "eval.json",
+             checkpoint: str | None = None,
              world: distributed.World = distributed.SINGLE) -> dict:
     """The paper's sliding-window protocol on ``cases`` (full resolution; a --dims 2 model: every slice resized to
     ``cfg.patch[:2]`` and back, SSL4MIS's ACDC protocol); prints the table and writes it to
@@ -46,17 +77,13 @@ def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.j
     t0 = time.perf_counter()
     distributed.from_rank0_(world, model)  # torchrun: every rank scores the saved weights and BN statistics
     mine = distributed.shard(world, cases)
-    result = inference.evaluate(model, mine, patch_size=cfg.patch, stride_xy=cfg.eval_stride_xy,
-                                stride_z=cfg.eval_stride_z, batch_size=cfg.eval_batch, downsample=cfg.downsample,
-                                num_classes=cfg.num_classes or 2, blend=cfg.blend,
-                                slice_size=tuple(cfg.patch[:2]) if cfg.dims == 2 else None,  # 2D: slice by slice
-                                ) if mine or not world.enabled else None
+    result = score(model, cfg, mine) if mine or not world.enabled else None
     result = distributed.gather_evaluation(world, result, cases)
     if not world.main:
         return result
-    labels = (data.read_record(cfg.data) or {}).get("labels") if cfg.data else None
-    if labels and "mean_per_class" in result:  # the per-class lines by the data set's names ("1": "RV")
-        result["class_names"] = {str(v): name for name, v in labels.items() if str(v) in result["mean_per_class"]}
+    names = class_names(cfg)
+    if names and "mean_per_class" in result:  # the per-class lines by the data set's names ("1": "RV")
+        result["class_names"] = {c: name for c, name in names.items() if c in result["mean_per_class"]}
     print(inference.format_table(result))
     print(f"evaluated {len(cases)} cases in {time.perf_counter() - t0:.1f} s")
     result["source"] = {
@@ -70,4 +97,4 @@ def evaluate(model: VNet, cfg: Config, cases, out_dir: Path, name: str = "eval.j
     return result
 
 
-__all__ = ["evaluate", "log_line"]
+__all__ = ["class_names", "evaluate", "log_line", "score", "validation_line"]

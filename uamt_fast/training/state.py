@@ -26,6 +26,7 @@ class Parts:
     teacher_forward: Callable  # the teacher, or its torch.compile'd version
     memory_format: torch.memory_format = torch.contiguous_format
     test_cases: list[Case] = field(default_factory=list)
+    val_cases: list[Case] = field(default_factory=list)  # --val-every: the data's val.list (curves only)
     data_split: dict | None = None  # data.split_fingerprint of cfg.data, saved in checkpoints
     ddp: torch.nn.Module | None = None  # under torchrun: the student in DistributedDataParallel (train_step's forward)
     lr_factor: float = 1.0  # --lr-scale linear under torchrun: the world size
