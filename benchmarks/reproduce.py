@@ -409,9 +409,10 @@ def problems_text(problems) -> str:
 
 # ----------------------------------------------------------------------------- figures
 def write_figures(args) -> list[str]:
-    """The curves of each row and the panels of each row's first finished seed; returns the problems (one
-    line each): a row whose metrics.jsonl or student.pt cannot be read (e.g. refused by the weights-only
-    loader) is left out of its figure, the others are drawn."""
+    """The curves of each row and the panels of each row's first finished seed (``figures.write_panels``, as
+    train.py --figures draws them: a 2D model's slice by slice); returns the problems (one line each): a row whose
+    metrics.jsonl or student.pt cannot be read (e.g. refused by the weights-only loader) is left out of its
+    figure, the others are drawn."""
     try:
         from uamt_fast.training import checkpoints
         from uamt_fast import data, figures
@@ -431,10 +432,7 @@ def write_figures(args) -> list[str]:
             except (OSError, ValueError) as e:
                 problems.append(f"figures: no curves for {row}: {e}")
             firsts[row] = next(iter(finished.values())) / "student.pt"
-    if ROWS[args.row_list[0]].family != "la":  # (uamt_fast.figures' panels slide 3D windows: 2D models not yet)
-        print("  panels: not drawn for 2D models yet (the training curves are)", flush=True)
-        return problems
-    models, cfg = {}, None
+    models, cfg = {}, None  # (one family a call: the rows' models are all V-Nets or all 2D U-Nets)
     for row, path in firsts.items():
         try:
             models[row], cfg, _ = checkpoints.load_vnet(path)

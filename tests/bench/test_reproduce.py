@@ -1,5 +1,6 @@
 """benchmarks/reproduce.py (the paper's tables, the ACDC rows) and the train.py parts it relies on: --method mt-dice,
 --data repeated, old configs with one data root."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uamt_fast import data, reference
+from uamt_fast import data, figures, reference
 from uamt_fast.data import __main__ as data_cli  # python -m uamt_fast.data
 from uamt_fast.data import acdc
 from uamt_fast.data.acdc_split import PATIENTS
@@ -148,12 +149,12 @@ def test_the_acdc_table_prints_the_literature_values_and_dashes_for_the_unsource
 
 
 @pytest.mark.slow
-def test_an_acdc_row_trains_at_cpu_scale_and_writes_the_table(acdc_root, tmp_path, capsys, monkeypatch):
+def test_an_acdc_row_trains_at_cpu_scale_and_writes_the_table_and_its_panel(acdc_root, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (as the LA run above: the reference math on the CPU)
     out = tmp_path / "out"
     argv = ["--data", str(acdc_root), "--rows", "acdc-uamt-7", "--cpu", "--iterations", "2", "--out", str(out),
-            "--", "--patch", "16", "16", "1", "--n-filters", "2", "--batch-labeled", "2", "--batch-unlabeled", "2",
-            "--mc-passes", "2", "--reference-ops"]
+            "--figures-cases", "1", "--", "--patch", "16", "16", "1", "--n-filters", "2", "--batch-labeled", "2",
+            "--batch-unlabeled", "2", "--mc-passes", "2", "--reference-ops"]
     assert reproduce.main(argv) == 0, capsys.readouterr()
     config = json.loads((out / "acdc-uamt-7" / "seed0" / "config.json").read_text())["config"]
     assert (config["dims"], config["labeled_patients"], config["labeled"], config["iterations"]) == (2, 7, 14, 2)
@@ -162,7 +163,13 @@ def test_an_acdc_row_trains_at_cpu_scale_and_writes_the_table(acdc_root, tmp_pat
     table = (out / "results.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| acdc-uamt-7 |"))
     assert "| 1/1 |" in row and "| 81.65 |" in row and "| 2.02 |" in row and "reduced CPU scale" in table
-    assert "panels: not drawn for 2D models" in capsys.readouterr().out
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    test_id = data.read_list(acdc_root, "test")[0]  # (--figures-cases 1)
+    drawn = {p.name: p.stat().st_size for p in (out / "figures").iterdir()}
+    assert sorted(drawn) == ["curves-acdc-uamt-7.png", f"panel-{test_id}.png"] and all(drawn.values()), drawn
+    width = int.from_bytes((out / "figures" / f"panel-{test_id}.png").read_bytes()[16:20], "big")  # PNG IHDR
+    assert width == round(figures.PANEL_INCHES * figures.DPI * 3)  # image | the row's prediction | uncertainty
 
 
 # ----------------------------------------------------------------------------- broken run files
