@@ -93,7 +93,8 @@ def test_cpu_reproduction_resumes_and_writes_the_table_with_the_paper_column(tmp
 
 
 LA_ROWS = [k for k, r in reproduce.ROWS.items() if r.family == "la"]
-ACDC_ROWS = ["acdc-uamt-3", "acdc-uamt-7", "acdc-sup-3", "acdc-sup-7", "acdc-sup-all"]
+ACDC_ROWS = ["acdc-uamt-3", "acdc-uamt-7", "acdc-uamt-3-ln2", "acdc-uamt-7-ln2", "acdc-sup-3", "acdc-sup-7",
+             "acdc-sup-all"]
 
 
 def test_rows_and_arguments_are_checked(tiny_root):
@@ -132,6 +133,9 @@ def test_a_call_takes_one_family_of_rows_and_its_data(acdc_root, tiny_root):
     flags = " ".join(command)  # SSL4MIS's fully supervised batch (24 labeled, 0 unlabeled), halved on the CPU
     assert "--method supervised --batch-labeled 24 --batch-unlabeled 0 --labeled-patients 70" in flags
     assert flags.endswith("--patch 64 64 1 --threads 1 --batch-labeled 12")  # (train.py: the last flag wins)
+    command, _ = reproduce.train_command(reproduce.parse_args(
+        ["--data", str(acdc_root), "--rows", "acdc-uamt-7-ln2", "--out", "/nonexistent"]), "acdc-uamt-7-ln2", 0)
+    assert "--labeled-patients 7 --threshold-bound ln-2" in " ".join(command)  # SSL4MIS's bound, as published
 
 
 def test_the_acdc_table_prints_the_literature_values_and_dashes_for_the_unsourced(tmp_path):
@@ -142,10 +146,12 @@ def test_the_acdc_table_prints_the_literature_values_and_dashes_for_the_unsource
     assert not problems and header.count("| literature |") == 4 and "| 95HD mm | ASD mm |" in header
     assert lines["acdc-uamt-3"].split(" | ")[5:15] == ["50.00", "46.04", "40.00", "35.97", "9.00", "20.08", "3.00",
                                                        "7.75", "20.00", "—"]  # ours, literature; mm: ours only
-    assert lines["acdc-uamt-7"].split(" | ")[6:13:2] == ["81.65", "70.64", "6.88", "2.02"]
+    for row in ("acdc-uamt-7", "acdc-uamt-7-ln2"):
+        assert lines[row].split(" | ")[6:13:2] == ["81.65", "70.64", "6.88", "2.02"]
     for row in ("acdc-sup-3", "acdc-sup-7", "acdc-sup-all"):  # no sourced value under this protocol
         assert lines[row].split(" | ")[6:13:2] == ["—"] * 4
     assert "CrossMatch" in table and "SSL4MIS" in table and "labeled / unlabeled: patients" in table
+    assert "ramps to ln 2 for 4 classes" in table
 
 
 @pytest.mark.slow

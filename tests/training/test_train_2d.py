@@ -10,6 +10,7 @@ own tests in tests/evaluation/).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -90,6 +91,8 @@ def test_poly_lr_consistency_ramp_and_threshold_on_ln_c(iteration):
     assert weight == pytest.approx(0.1 * math.exp(-5 * (1 - (iteration // 150) / 200) ** 2), rel=1e-12)
     ramp = math.exp(-5 * (1 - iteration / 30000) ** 2)
     assert threshold == pytest.approx((0.75 + 0.25 * ramp) * math.log(4), rel=1e-12)
+    ssl4mis = train.Config(**{**dataclasses.asdict(cfg), "threshold_bound": "ln-2"})  # the bound as published
+    assert train.schedule(ssl4mis, iteration)[2] == pytest.approx((0.75 + 0.25 * ramp) * math.log(2), rel=1e-12)
     assert train.schedule(train.Config(), 2600)[0] == pytest.approx(0.001)  # --lr-schedule step: unchanged
 
 

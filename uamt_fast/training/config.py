@@ -77,6 +77,7 @@ class Config:
     mc_passes: int = 8  # T stochastic teacher passes for the uncertainty
     noise_std: float = 0.1  # teacher input noise clamp(N(0, std^2), -clip, clip)
     noise_clip: float = 0.2  # clip of the teacher input noise
+    threshold_bound: str = "ln-c"  # where the uncertainty threshold ramps to: ln-c (ln C, the largest entropy of C classes: the paper's) | ln-2 (SSL4MIS's 2D UA-MT whatever C, as the published ACDC numbers were made: to compare with them)
     # speed (each can be switched off alone, for benchmarks/train_step.py)
     device: str = "auto"  # auto | cuda | cpu
     teacher_chunks: int = 1  # forward calls for the T+1 teacher passes: 1 = one batch of (T+1)*B; T+1 = released
@@ -180,7 +181,7 @@ CHOICES = {"method": ("uamt", "mt", "mt-dice", "supervised"), "consistency_on": 
            "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
            "sgd": ("auto", "fused", "foreach", "loop"), "device": ("auto", "cuda", "cpu"),
            "data_device": ("auto", "cuda", "cpu"), "lr_scale": ("none", "linear"), "blend": BLENDS,
-           "lr_schedule": ("step", "poly")}
+           "lr_schedule": ("step", "poly"), "threshold_bound": ("ln-c", "ln-2")}
 
 
 LA_LABELED = 16  # --labeled's default for the LA release (no dataset.json): the paper's 16 of 80 (20%)

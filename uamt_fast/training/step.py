@@ -79,12 +79,14 @@ def schedule(cfg: Config, iteration: int) -> tuple[float, float, float]:
     The threshold ramps to ln C, the largest entropy of C classes, for any C. SSL4MIS's 2D UA-MT
     (train_uncertainty_aware_mean_teacher_2D.py @06df604) multiplies by np.log(2) whatever its num_classes: on
     ACDC (C = 4, entropies up to ln 4) its mask keeps only voxels below 0.52 .. 0.69 nats, half the range this
-    bound allows; we correct it (the reported UA-MT ACDC numbers come from that code).
+    bound allows; we correct it. The reported UA-MT ACDC numbers come from that code, so ``--threshold-bound
+    ln-2`` keeps its bound, to compare like with like.
     """
     lr = poly_learning_rate(iteration, cfg.lr, cfg.iterations) if cfg.lr_schedule == "poly" else \
         reference.learning_rate(iteration, cfg.lr, cfg.lr_step)
     weight = reference.consistency_weight(iteration, cfg.consistency, cfg.consistency_rampup, cfg.consistency_period)
-    return lr, weight, reference.uncertainty_threshold(iteration, cfg.iterations, cfg.num_classes or 2)
+    bound_classes = 2 if cfg.threshold_bound == "ln-2" else cfg.num_classes or 2  # (ln 2: SSL4MIS's bound)
+    return lr, weight, reference.uncertainty_threshold(iteration, cfg.iterations, bound_classes)
 
 
 def poly_learning_rate(iteration: int, base_lr: float, iterations: int, power: float = 0.9) -> float:
