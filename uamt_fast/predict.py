@@ -6,7 +6,9 @@ with its settings and its data's record (``uamt_fast.evaluation.prediction_model
 2D one (``train.py --dims 2``, SSL4MIS's U-Net).
 INPUT is any mix of NIfTI files, folders of them (an MSD / nnU-Net ``imagesTs``, or a raw folder holding one;
 nnU-Net channel files ``{case}_{XXXX}`` make one case), ACDC's raw layout (``find_scans``: a patient folder, a
-folder of them, the download's root), and the training layout's h5 cases (an ``mri_norm2.h5`` or
+folder of them, the download's root), SSL4MIS's preprocessed ACDC volumes (``patientXXX_frameYY.h5``, a folder
+of them or the release's root: read as ``prepare --preset acdc`` stores them, the outputs in the file's (Z, Y, X)
+order, voxel for voxel with its label), and the training layout's h5 cases (an ``mri_norm2.h5`` or
 ``cases/<id>.h5``, a case folder, or a data root: every case of it, in either layout).
 
 For each scan, in the prepare -> train -> predict order of nnU-Net:
@@ -141,7 +143,7 @@ class Scan:
     """One case to predict: the file read (and the channel of a 4D file), every file of the case, its kind."""
 
     id: str
-    kind: str  # "nifti" | "h5"
+    kind: str  # "nifti" | "h5" (the training layout's) | "ssl4mis-h5" (SSL4MIS's ACDC volume: (Z, Y, X))
     files: tuple[Path, ...]  # all files of the case (nnU-Net: one per channel)
     image: Path | None = None  # the file read (set by check_scan)
     channel: int | None = None  # index into the last axis of a 4D NIfTI file
@@ -177,6 +179,8 @@ def find_scans(inputs) -> list[Scan]:
             scans += [_h5_scan(f) for f in cases]
         elif path.is_dir() and (path / data.H5_NAME).is_file():
             scans.append(_h5_scan(path / data.H5_NAME))
+        elif path.is_dir() and (volumes := acdc.h5_volume_files(path)):  # SSL4MIS's release, or its data/
+            scans += [_h5_scan(f) for f in volumes]
         elif path.is_dir() and (path / "Info.cfg").is_file():  # an ACDC patient folder
             scans += _acdc_frames(path)
         elif path.is_dir() and (patients := formats.acdc_patient_folders(path)):  # training/, testing/, the root
@@ -222,13 +226,13 @@ def _acdc_frames(folder: Path) -> list[Scan]:
 
 def _h5_scan(path: Path) -> Scan:
     case_id, root = data.case_of_file(path, f"INPUT {path}")  # (a root when the file sits in a root's layout)
-    return Scan(case_id, "h5", (path,), root=root)
+    return Scan(case_id, "ssl4mis-h5" if acdc.is_h5_volume(path, root is not None) else "h5", (path,), root=root)
 
 
 def check_scan(scan: Scan, model: Model, max_voxels: int = MAX_VOXELS) -> None:
     """Headers only, before any work: a 3D volume of the model's one channel, at a spacing the model can take,
     of at most ``max_voxels`` voxels."""
-    if scan.kind == "h5":
+    if scan.kind in ("h5", "ssl4mis-h5"):
         scan.image = scan.files[0]
         try:
             with h5py.File(scan.image, "r") as f:
@@ -240,7 +244,7 @@ def check_scan(scan: Scan, model: Model, max_voxels: int = MAX_VOXELS) -> None:
             raise PredictError(f"INPUT {scan.image}: " + ("no dataset 'image'" if shape is None else
                                f"image of shape {shape}; the model reads 3D volumes (X, Y, Z)"))
         _check_voxel_count(scan.image, shape, max_voxels)
-        _check_size(scan.image, shape, model)
+        _check_size(scan.image, shape[::-1] if scan.kind == "ssl4mis-h5" else shape, model)
         if scan.root is not None and scan.root.is_dir():
             data.read_record(scan.root)  # its data set's record (the case's affine), checked before any work
         return
@@ -295,6 +299,9 @@ def check_values(scan: Scan) -> None:
     comes after a prediction). An h5 case gets its layout's full check (``data.read_h5_case``)."""
     if scan.kind == "h5":
         data.read_h5_case(scan.id, scan.image, labeled=False)
+        return
+    if scan.kind == "ssl4mis-h5":
+        acdc.read_h5_volume(scan.image)
         return
     image, _ = formats.read_volume(scan.image, scan.channel)
     if not np.issubdtype(image.dtype, np.number) or not np.isfinite(image).all():
@@ -379,6 +386,12 @@ def read_scan(scan: Scan, model: Model) -> Loaded:
         else:
             affine = np.diag([*(data.case_spacing(record, scan.id) or (1.0, 1.0, 1.0)), 1.0])  # (none kept: voxels)
         return Loaded(scan, case.image, _same_grid(affine, case.image.shape), None, inputs, None)
+    if scan.kind == "ssl4mis-h5":  # prepare's (X, Y, Z) min-max'ed grid; the outputs in the file's (Z, Y, X)
+        image = acdc.read_h5_volume(scan.image)
+        geometry = {"affine_original": acdc.H5_AXES.tolist(), "shape_original": list(image.shape[::-1]),
+                    "affine": np.eye(4).tolist(), "shape": list(image.shape)}
+        return Loaded(scan, image, geometry, None, inputs, {"axes_original": "(Z, Y, X), SSL4MIS's h5 order",
+                                                            "intensity": "min-max, as prepare --preset acdc"})
     import nibabel
 
     header = nibabel.load(str(scan.image)).header

@@ -125,3 +125,29 @@ def test_val_every_without_a_val_list_or_with_a_test_case_in_it_is_one_line(runs
     err = capsys.readouterr().err.strip()
     assert "case patient011_frame01 is in both val.list and test.list" in err and "\n" not in err
     assert not (tmp_path / "a" / "checkpoint.pt").exists() and not (tmp_path / "b" / "checkpoint.pt").exists()
+
+
+def test_predict_reads_ssl4mis_h5_volumes_in_their_own_axes(runs, tmp_path):
+    """SSL4MIS's volume files are (Z, Y, X): predict reads them as prepare stores them and writes each mask in the
+    file's own order, so it lines up voxel for voxel with the file's label (read as-is, slices along X, the
+    masks would not: the mistake this test guards)."""
+    import h5py
+    import nibabel
+
+    from uamt_fast import predict
+
+    source = runs["h5"][0].parent / "src_h5"
+    out = tmp_path / "masks"
+    assert predict.main([str(runs["h5"][0].parent / "run_h5"), str(source), "--out", str(out), "--device", "cpu"]) == 0
+    volumes = sorted(f"{p.stem}.nii.gz" for p in (source / "data").glob("*.h5"))
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == volumes and len(volumes) == 12  # 6 patients, 2 frames
+    with h5py.File(source / "data" / "patient011_frame02.h5", "r") as f:
+        truth = np.asarray(f["label"])
+    predicted = np.asarray(nibabel.load(str(out / "patient011_frame02.nii.gz")).dataobj)
+    assert predicted.shape == truth.shape == (6, 32, 32)
+    for c in CLASSES:
+        p, t = predicted == int(c), truth == int(c)
+        assert 2 * np.sum(p & t) / (np.sum(p) + np.sum(t)) > 0.6, c
+    record = json.loads((out / "predictions.json").read_text())
+    entry = next(e for e in record["cases"] if e["case"] == "patient011_frame02")
+    assert entry["preprocessing"]["axes_original"].startswith("(Z, Y, X)")

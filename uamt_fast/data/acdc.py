@@ -244,6 +244,48 @@ def min_max(image: np.ndarray, where) -> tuple[np.ndarray, dict]:
     return scaled, {"kind": "minmax", "min": lo, "max": hi, "range": [0.0, 1.0]}
 
 
+# SSL4MIS's h5 arrays are (Z, Y, X): array index (z, y, x) is voxel (x, y, z) of the stored (X, Y, Z) volume, the
+# affine of an h5 volume's own array onto that volume's grid (no voxel size: the release keeps none)
+H5_AXES = np.array([[0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+def h5_image(image: np.ndarray, where) -> tuple[np.ndarray, dict]:
+    """An SSL4MIS (Z, Y, X) image as prepare stores it, (X, Y, Z) float32 min-max'ed, and its intensity record;
+    DataError naming ``where`` unless it is all finite real numbers."""
+    if not (np.issubdtype(image.dtype, np.number) and not np.iscomplexobj(image) and np.isfinite(image).all()):
+        raise DataError(f"{where}: the image is not all finite real numbers (dtype {image.dtype})")
+    return min_max(image.transpose(2, 1, 0), where)
+
+
+def is_h5_volume(path: Path, in_data_root: bool) -> bool:
+    """A volume file of SSL4MIS's release (``patientXXX_frameYY.h5``, outside a data root's layout: a prepared
+    set's ``cases/`` holds the same names in (X, Y, Z))."""
+    return not in_data_root and VOLUME_FILE.match(Path(path).name) is not None
+
+
+def h5_volume_files(folder: Path) -> list[Path]:
+    """The volume files of SSL4MIS's release in ``folder`` or in its ``data/`` (the release's root), sorted."""
+    for where in (Path(folder), Path(folder) / "data"):
+        found = sorted(f for f in where.glob("*.h5") if VOLUME_FILE.match(f.name)) if where.is_dir() else []
+        if found:
+            return found
+    return []
+
+
+def read_h5_volume(path: Path) -> np.ndarray:
+    """The image of one SSL4MIS volume file on the grid prepare stores it on (``h5_image``), for predict."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if not isinstance(f.get("image"), h5py.Dataset) or f["image"].ndim != 3:
+                raise DataError(f"{path}: no 3D 'image' dataset; SSL4MIS's volume files hold image (Z, Y, X)")
+            image = np.asarray(f["image"])
+    except OSError as e:
+        raise DataError(f"{path}: unreadable h5 file ({e})") from None
+    return h5_image(image, path)[0]
+
+
 def is_h5_case(case: formats.SourceCase) -> bool:
     """A case of SSL4MIS's h5 form (``transform_h5_case`` prepares it), not a NIfTI one."""
     return case.images[0].suffix == ".h5"
@@ -271,13 +313,11 @@ def transform_h5_case(case: formats.SourceCase, role: str, src: Path) -> tuple[n
         raise DataError(f"{where}: image and label shapes {sorted(shapes)}; expected one "
                         f"{'(Z, Y, X)' if rank == 3 else '(Y, X)'} shape for both")
     image, label = (np.stack([pair[k] for pair in arrays]) if rank == 2 else arrays[0][k] for k in (0, 1))
-    if not (np.issubdtype(image.dtype, np.number) and not np.iscomplexobj(image) and np.isfinite(image).all()):
-        raise DataError(f"{where}: the image is not all finite real numbers (dtype {image.dtype})")
     known = np.isin(label, CLASSES)
     if not known.all():
         raise DataError(f"{where}: label values {np.unique(label[~known])[:5].tolist()} are not ACDC's classes "
                         f"{CLASSES}")
-    image, intensity = min_max(image.transpose(2, 1, 0), where)
+    image, intensity = h5_image(image, where)
     label = np.ascontiguousarray(label.transpose(2, 1, 0), np.uint8)
     read = [str(p.relative_to(src)) for p in case.images]
     shape, identity = list(image.shape), np.eye(4).tolist()
@@ -367,6 +407,7 @@ def synthetic_frame(shape, end_diastole: bool, rng: np.random.Generator) -> tupl
     return image, label
 
 
-__all__ = ["CHANNEL", "CLASSES", "PHASES", "SOURCE", "SYNTHETIC_PATIENTS", "frame_file", "is_h5_case",
-           "labeled_cases", "min_max", "phase_frames", "read_h5", "read_raw", "read_source", "split", "split_lists",
-           "synthetic_frame", "transform_h5_case", "volume_ids", "write_synthetic"]
+__all__ = ["CHANNEL", "CLASSES", "H5_AXES", "PHASES", "SOURCE", "SYNTHETIC_PATIENTS", "frame_file", "h5_image",
+           "h5_volume_files", "is_h5_case", "is_h5_volume", "labeled_cases", "min_max", "phase_frames", "read_h5", "read_h5_volume",
+           "read_raw", "read_source", "split", "split_lists", "synthetic_frame", "transform_h5_case", "volume_ids",
+           "write_synthetic"]
