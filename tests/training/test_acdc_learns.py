@@ -151,3 +151,13 @@ def test_predict_reads_ssl4mis_h5_volumes_in_their_own_axes(runs, tmp_path):
     record = json.loads((out / "predictions.json").read_text())
     entry = next(e for e in record["cases"] if e["case"] == "patient011_frame02")
     assert entry["preprocessing"]["axes_original"].startswith("(Z, Y, X)")
+
+
+@pytest.mark.parametrize("form, words", [("raw", "ACDC patient folders"), ("h5", "SSL4MIS ACDC h5 files (data/*.h5)")])
+def test_a_source_folder_given_to_train_says_how_to_prepare_it(runs, form, words, tmp_path, capsys):
+    source = runs[form][0].parent / f"src_{form}"
+    assert train.main(["--data", str(source), *REDUCED, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--data {source}: {words}, not the training layout; prepare it first: python -m uamt_fast.data " \
+           f"prepare {source} OUT --preset acdc" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()

@@ -112,8 +112,7 @@ def _refuse_ready_layout(src: Path) -> None:
     line that says so, not as "no NIfTI images", which would send the user looking for some."""
     form = acdc_form(src)
     if form is not None:
-        raise DataError(f"{src}: {'ACDC patient folders' if form == 'raw' else 'SSL4MIS ACDC h5 files (data/*.h5)'}; "
-                        "prepare it with --preset acdc")
+        raise DataError(f"{src}: {ACDC_FORMS[form]}; prepare it with --preset acdc")
     if (src / layout.IMAGES_DIR).is_dir() or (src / "train.list").is_file():
         raise DataError(f"{src}: the LA release's h5 layout (train.list, '{layout.IMAGES_DIR}'), which needs no "
                         f"prepare: train.py --data {src} reads it as it is")
@@ -420,6 +419,21 @@ def acdc_form(src: Path) -> str | None:
     return "h5" if h5 else None
 
 
+ACDC_FORMS = {"raw": "ACDC patient folders", "h5": "SSL4MIS ACDC h5 files (data/*.h5)"}  # (acdc_form's, in words)
+
+
+def unprepared_source(root: Path) -> str | None:
+    """What ``root`` holds, in words with the command that prepares it, when it is a source ``prepare`` reads
+    rather than the training layout (ACDC's two forms, NIfTI images: for train.py's one-line refusal), else None."""
+    form = acdc_form(root)
+    if form is not None:
+        return f"{ACDC_FORMS[form]}, not the training layout; prepare it first: python -m uamt_fast.data prepare " \
+               f"{root} OUT --preset acdc"
+    if nifti_files(root) or nifti_files(root / "imagesTr"):
+        return f"NIfTI images, not the training layout; prepare it first: python -m uamt_fast.data prepare {root} OUT"
+    return None
+
+
 def nifti_files(folder: Path) -> list[Path]:
     """The NIfTI files (``.nii``, ``.nii.gz``) of ``folder``, sorted, hidden files left out; none if it is no folder."""
     return [p for p in visible_files(folder) if p.name.endswith(NIFTI_ENDINGS)]
@@ -463,6 +477,6 @@ def read_volume(path: Path, channel: int | None = None) -> tuple[np.ndarray, np.
     return array, check_affine(img.affine, f"{path}: the NIfTI affine (sform / qform / pixdim)")
 
 
-__all__ = ["ACDC_PATIENT", "ACDC_RAW_FOLDERS", "CHANNEL_SUFFIX", "NIFTI_ENDINGS", "Source", "SourceCase",
-           "acdc_form", "acdc_patient_folders", "check_affine", "group_channels", "nifti_files", "read_source",
-           "read_volume", "strip_ending", "visible_files"]
+__all__ = ["ACDC_FORMS", "ACDC_PATIENT", "ACDC_RAW_FOLDERS", "CHANNEL_SUFFIX", "NIFTI_ENDINGS", "Source",
+           "SourceCase", "acdc_form", "acdc_patient_folders", "check_affine", "group_channels", "nifti_files",
+           "read_source", "read_volume", "strip_ending", "unprepared_source", "visible_files"]

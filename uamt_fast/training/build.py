@@ -14,7 +14,7 @@ import torch
 
 import uamt_fast
 from uamt_fast import cli, data, files
-from uamt_fast.data import acdc
+from uamt_fast.data import acdc, formats
 from uamt_fast.data.presets import PRESETS
 from uamt_fast.data.sampling import SliceSampler
 from uamt_fast.evaluation import selection
@@ -33,6 +33,9 @@ def make_config(given: dict) -> tuple[Config, dict | None]:
     say "--patch 112 112 80 (the default)"); --labeled 0 becomes the data's default (``resolve_labeled``)."""
     if given.get("data"):
         given = given | {"data": [os.path.abspath(root) for root in given["data"]]}
+        for root in given["data"]:  # a source folder given for a prepared one: say what prepares it
+            if not (Path(root) / "train.list").is_file() and (source := formats.unprepared_source(Path(root))):
+                raise ValueError(f"--data {root}: {source}")
     if given.get("resume"):
         if given.get("overwrite"):
             raise ValueError("--resume continues a run and --overwrite would discard it: give one of them")
