@@ -453,7 +453,8 @@ def write_figures(args) -> list[str]:
         return problems
     try:
         ids = data.read_list(args.data, "test")[: args.figures_cases or None]
-        for path in figures.write_panels(models, data.load_cases(args.data, ids), out / "figures", cfg):
+        for path in figures.write_panels(models, data.load_cases(args.data, ids), out / "figures", cfg,
+                                         class_names=data.label_names(args.data)):
             print(f"  {path}", flush=True)
     except (OSError, ValueError) as e:
         problems.append(f"figures: no panels: {e}")

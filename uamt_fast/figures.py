@@ -103,7 +103,8 @@ def axial_slices(label: np.ndarray, n: int = 3) -> list[int]:
 # ----------------------------------------------------------------------------- figures
 @torch.no_grad()
 def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z: int = 4, downsample: int = 1,
-               passes: int = 8, n_slices: int = 3, batch_size: int = 4, blend: str = "mean", slice_size=None) -> Path:
+               passes: int = 8, n_slices: int = 3, batch_size: int = 4, blend: str = "mean", slice_size=None,
+               class_names: dict | None = None) -> Path:
     """Write the Fig. 2 style panel of ``case`` (``.id``, ``.image``, ``.label``) for ``{name: model}`` to ``path``.
 
     Rows: ``n_slices`` axial slices. Columns: image, then per model the ground truth (red) and its
@@ -114,7 +115,8 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
     ``HEADER_INCHES`` strip). The uncertainty map may show seams at window borders:
     each sliding window of each pass draws its own dropout masks (``blend="gaussian"`` fades them: the config's
     ``blend``, as the evaluation combines the windows). ``slice_size`` (h, w): 2D models, predicted slice by
-    slice (``inference.predict_volume``). Refused (ValueError): no models, ``passes`` or ``n_slices`` < 1.
+    slice (``inference.predict_volume``). ``class_names`` name the legend's classes (``draw_legend``). Refused
+    (ValueError): no models, ``passes`` or ``n_slices`` < 1.
     """
     plt = pyplot()
     if not models:
@@ -140,7 +142,7 @@ def case_panel(models: dict, case, path, *, patch, stride_xy: int = 18, stride_z
     fig, axes = plt.subplots(len(slices), columns, figsize=(PANEL_INCHES * columns, height), dpi=DPI, squeeze=False)
     fig.suptitle(f"case {case.id}", x=0.01, y=1 - 0.5 * HEADER_INCHES / height, ha="left", va="center", fontsize=9)
     classes = getattr(list(models.values())[-1], "num_classes", 2)
-    draw_legend(plt, fig, classes, ("ground truth", "prediction"), height)
+    draw_legend(plt, fig, classes, ("ground truth", "prediction"), height, class_names)
     for row, z in enumerate(slices):
         image, label = case.image[:, :, z].T, case.label[:, :, z].T  # x to the right, y down
         if ignored is not None:  # not-annotated voxels (nnU-Net's ignore label): background, and not scored
@@ -228,17 +230,18 @@ def draw_outlines(ax, maps: dict, classes: int) -> None:
                 ax.contour(inside, levels=[0.5], colors=color, linewidths=LINE_WIDTH, linestyles=style)
 
 
-def draw_legend(plt, fig, classes: int, kinds, height: float) -> None:
+def draw_legend(plt, fig, classes: int, kinds, height: float, class_names: dict | None = None) -> None:
     """The legend of ``draw_outlines`` in the header strip of ``fig`` (``height`` inches tall): two classes, one
     entry a map of ``kinds`` in its colour; more, one entry a map of ``kinds`` in its line style (gray) and one a
-    foreground class in its colour, "class 1" .. "class C-1"."""
+    foreground class in its colour, named by ``class_names`` ({"1": "RV"}, the data set's) or "class 1" ..
+    "class C-1"."""
     if classes == 2:
         handles = [plt.Line2D([], [], color=COLORS[k], linewidth=LINE_WIDTH, label=k) for k in kinds]
     else:
         handles = [plt.Line2D([], [], color="gray", linewidth=LINE_WIDTH, linestyle=outline_style(k, 1, classes)[1],
                               label=k) for k in kinds]
         handles += [plt.Line2D([], [], color=outline_style("ground truth", c, classes)[0], linewidth=3,
-                               label=f"class {c}") for c in range(1, classes)]
+                               label=(class_names or {}).get(str(c), f"class {c}")) for c in range(1, classes)]
     fig.legend(handles=handles, loc="center right", bbox_to_anchor=(0.99, 1 - 0.5 * HEADER_INCHES / height),
                ncol=min(len(handles), 6), fontsize=8, frameon=False)
 
@@ -298,7 +301,8 @@ def training_curves(runs: dict, path) -> Path:
 
 
 # ----------------------------------------------------------------------------- checkpoints and the command line
-def write_panels(models: dict, cases, out_dir, cfg: dict, passes: int = 8) -> list[Path]:
+def write_panels(models: dict, cases, out_dir, cfg: dict, passes: int = 8, class_names: dict | None = None
+                 ) -> list[Path]:
     """``case_panel`` for each case into ``out_dir/panel-<id>.png``; sizes and strides from a train.py config.
     Case ids must be plain names (``uamt_fast.data.check_case_id``): ``a/b`` or ``../x`` would leave ``out_dir``."""
     cases = list(cases)
@@ -308,7 +312,8 @@ def write_panels(models: dict, cases, out_dir, cfg: dict, passes: int = 8) -> li
                        stride_xy=cfg["eval_stride_xy"], stride_z=cfg["eval_stride_z"],
                        downsample=cfg.get("downsample", 1), passes=passes, batch_size=cfg.get("eval_batch", 4),
                        blend=cfg.get("blend", "mean"),  # (a config from before --blend: the plain average)
-                       slice_size=slice_size_of(cfg))  # (a 2D model: slice by slice, as train.py evaluated it)
+                       slice_size=slice_size_of(cfg),  # (a 2D model: slice by slice, as train.py evaluated it)
+                       class_names=class_names)
             for case in cases]
 
 
@@ -384,7 +389,8 @@ def main(argv=None) -> int:
                                       batch_size=cfg.get("eval_batch", 4), downsample=cfg.get("downsample", 1),
                                       blend=cfg.get("blend", "mean"), slice_size=slice_size_of(cfg),
                                       num_classes=cfg.get("num_classes") or 2)["cases"]  # (ACDC's 4, ...)
-        for path in write_panels(models, selection.panel_cases(cases, rows, args.cases), args.out, cfg, args.passes):
+        for path in write_panels(models, selection.panel_cases(cases, rows, args.cases), args.out, cfg, args.passes,
+                                 la_data.label_names(args.data)):
             print(path)
     except (ValueError, OSError, ImportError) as e:  # (OSError: a folder that cannot be made or written; DataError)
         print(f"error: {e}", file=sys.stderr)

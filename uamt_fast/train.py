@@ -368,7 +368,8 @@ def write_figures(model: VNet | UNet2D, cfg: Config, cases, result: dict, run_di
     out = Path(cfg.figures)
     name = "UA-MT" if cfg.method == "uamt" else cfg.method
     picked = selection.panel_cases(cases, result["cases"], cfg.figures_cases)
-    for path in figures.write_panels({name: model}, picked, out, dataclasses.asdict(cfg), cfg.figures_passes):
+    for path in figures.write_panels({name: model}, picked, out, dataclasses.asdict(cfg), cfg.figures_passes,
+                                     data.label_names(cfg.data)):
         print(f"wrote {path}")
     if (run_dir / "metrics.jsonl").is_file():
         print(f"wrote {figures.training_curves({run_dir.name: run_dir}, out / 'curves.png')}")

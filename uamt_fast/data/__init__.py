@@ -51,7 +51,7 @@ from uamt_fast.data.layout import (
     split_fingerprint,
 )
 from uamt_fast.data.packing import pack_case, pack_dataset, quantize, split_into_parts
-from uamt_fast.data.record import case_spacing, input_folders, num_classes, read_record
+from uamt_fast.data.record import case_spacing, input_folders, label_names, num_classes, read_record
 from uamt_fast.data.sampling import TwoStreamSampler, semi_supervised_split
 from uamt_fast.data.synthetic import write_synthetic_la
 
@@ -60,7 +60,7 @@ __all__ = [
     "RECORD_FORMAT", "RECORD_NAME", "SPLITS",
     "Case", "DataError", "TwoStreamSampler",
     "as_roots", "case_file", "case_of_file", "case_places", "case_spacing", "check_affine", "check_case_id",
-    "downsample", "find_case", "input_folders", "load_case", "load_cases", "make_folder", "make_subfolder",
+    "downsample", "find_case", "input_folders", "label_names", "load_case", "load_cases", "make_folder", "make_subfolder",
     "num_classes", "pack_case", "pack_dataset", "padding", "prepared_case_path", "quantize", "read_h5_case",
     "read_list", "read_packed", "read_record", "read_splits", "read_unlabeled", "release_case_folder",
     "root_case_files", "rot_flip_crop", "semi_supervised_split", "split_fingerprint", "split_into_parts",

@@ -148,6 +148,13 @@ def num_classes(roots) -> int:
     return 2 if record is None else record["num_classes"]
 
 
+def label_names(roots) -> dict[str, str]:
+    """``{"1": "RV", ...}``: the foreground classes' names by label value (the record's ``labels``), for tables
+    and legends; none for the LA release or a record without labels."""
+    labels = (read_record(roots) or {}).get("labels") if roots else None
+    return {str(v): name for name, v in (labels or {}).items() if v != 0}
+
+
 def case_spacing(record: dict | None, case_id: str) -> tuple | None:
     """The voxel spacing (mm) of a case as stored: the record's; the LA release's 0.625 mm for a case of the
     release (no record); None where a prepared set's source kept none (SSL4MIS's ACDC h5): no mm metrics."""
@@ -161,4 +168,4 @@ def case_spacing(record: dict | None, case_id: str) -> tuple | None:
     return tuple(float(s) for s in spacing)
 
 
-__all__ = ["TRAIN_FIELDS", "case_spacing", "input_folders", "num_classes", "read_record"]
+__all__ = ["TRAIN_FIELDS", "case_spacing", "input_folders", "label_names", "num_classes", "read_record"]

@@ -36,13 +36,6 @@ def score(model: VNet | UNet2D, cfg: Config, cases) -> dict:
                               slice_size=tuple(cfg.patch[:2]) if cfg.dims == 2 else None)  # 2D: slice by slice
 
 
-def class_names(cfg: Config) -> dict[str, str]:
-    """``{"1": "RV", ...}``: the data set's label names by value (its record's ``labels``; none for the LA
-    release), background left out."""
-    labels = (data.read_record(cfg.data) or {}).get("labels") if cfg.data else None
-    return {str(v): name for name, v in (labels or {}).items() if v != 0}
-
-
 def validation_line(model: VNet | UNet2D, cfg: Config, cases, done: int) -> dict:
     """The metrics.jsonl line of --val-every after ``done`` iterations: the student's mean Dice and 95HD on the
     val cases, and each class's Dice (``val_dice_<name>``), scored as the test cases are at the end. For the
@@ -50,7 +43,7 @@ def validation_line(model: VNet | UNet2D, cfg: Config, cases, done: int) -> dict
     t0 = time.perf_counter()
     result = score(model, cfg, cases)
     line = {"iteration": done, "val_dice": result["mean"]["dice"], "val_hd95": result["mean"]["hd95"]}
-    names = class_names(cfg)
+    names = data.label_names(cfg.data)
     for c, metrics in result.get("mean_per_class", {}).items():
         line[f"val_dice_{names.get(c, c)}"] = metrics["dice"]
     return files.json_safe(line | {"val_seconds": time.perf_counter() - t0})
@@ -81,7 +74,7 @@ def evaluate(model: VNet | UNet2D, cfg: Config, cases, out_dir: Path, name: str 
     result = distributed.gather_evaluation(world, result, cases)
     if not world.main:
         return result
-    names = class_names(cfg)
+    names = data.label_names(cfg.data)
     if names and "mean_per_class" in result:  # the per-class lines by the data set's names ("1": "RV")
         result["class_names"] = {c: name for c, name in names.items() if c in result["mean_per_class"]}
     print(inference.format_table(result))
@@ -97,4 +90,4 @@ def evaluate(model: VNet | UNet2D, cfg: Config, cases, out_dir: Path, name: str 
     return result
 
 
-__all__ = ["class_names", "evaluate", "log_line", "score", "validation_line"]
+__all__ = ["evaluate", "log_line", "score", "validation_line"]
