@@ -68,7 +68,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
@@ -234,15 +233,9 @@ def check_scan(scan: Scan, model: Model, max_voxels: int = MAX_VOXELS) -> None:
     of at most ``max_voxels`` voxels."""
     if scan.kind in ("h5", "ssl4mis-h5"):
         scan.image = scan.files[0]
-        try:
-            with h5py.File(scan.image, "r") as f:
-                dataset = f.get("image")
-                shape = dataset.shape if isinstance(dataset, h5py.Dataset) else None
-        except OSError as e:
-            raise DataError(f"INPUT {scan.image}: unreadable HDF5 file ({e})") from None
-        if shape is None or len(shape) != 3:
-            raise PredictError(f"INPUT {scan.image}: " + ("no dataset 'image'" if shape is None else
-                               f"image of shape {shape}; the model reads 3D volumes (X, Y, Z)"))
+        shape = data.h5_shapes(scan.image, ("image",))["image"]  # (refuses links to other files, huge claims)
+        if len(shape) != 3:
+            raise PredictError(f"INPUT {scan.image}: image of shape {shape}; the model reads 3D volumes (X, Y, Z)")
         _check_voxel_count(scan.image, shape, max_voxels)
         _check_size(scan.image, shape[::-1] if scan.kind == "ssl4mis-h5" else shape, model)
         if scan.root is not None and scan.root.is_dir():

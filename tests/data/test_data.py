@@ -109,6 +109,48 @@ def test_missing_or_truncated_case_files_raise_naming_the_file(tmp_path):
         data.load_cases(tmp_path, ["c1"])
 
 
+def h5_pointing_elsewhere(path, how: str, secret) -> None:
+    """An h5 case whose 'image' reads another file: a link to it, a virtual dataset over it, its raw bytes as
+    external storage, or a soft link (which may lead to any of them)."""
+    with h5py.File(path, "w") as f:
+        f["label"] = GOOD_LABEL
+        if how == "external link":
+            f["image"] = h5py.ExternalLink(str(secret), "/image")
+        elif how == "soft link":
+            f["hidden"] = GOOD_IMAGE
+            f["image"] = h5py.SoftLink("/hidden")
+        elif how == "virtual":
+            layout = h5py.VirtualLayout(shape=GOOD_IMAGE.shape, dtype=np.float32)
+            layout[...] = h5py.VirtualSource(str(secret), "image", shape=GOOD_IMAGE.shape)
+            f.create_virtual_dataset("image", layout)
+        else:  # external raw storage: the dataset's bytes are the secret file's
+            f.create_dataset("image", GOOD_IMAGE.shape, np.float32, external=[(str(secret), 0, GOOD_IMAGE.nbytes)])
+
+
+@pytest.mark.parametrize("how, words", [("external link", "'image' is a link (ExternalLink), not a dataset of this file"),
+                                        ("soft link", "'image' is a link (SoftLink), not a dataset of this file"),
+                                        ("virtual", "dataset 'image' keeps its data in other files"),
+                                        ("external storage", "dataset 'image' keeps its data in other files")])
+def test_an_h5_case_whose_data_lie_in_another_file_is_refused_unread(tmp_path, how, words):
+    secret = tmp_path / "secret.h5"
+    with h5py.File(secret, "w") as f:
+        f["image"] = np.full(GOOD_IMAGE.shape, 7.0, np.float32)
+    path = write_case(tmp_path / "root", "c1", image=GOOD_IMAGE, label=GOOD_LABEL)
+    h5_pointing_elsewhere(path, how, secret)
+    with pytest.raises(DataError, match=re.escape(f"{path}: {words}")):
+        data.load_case(tmp_path / "root", "c1")
+    with pytest.raises(DataError, match=re.escape(f"{path}: {words}")):
+        data.h5_shapes(path, ("image",))  # predict's header check too
+
+
+def test_an_h5_dataset_claiming_too_many_elements_is_refused_before_reading(tmp_path, monkeypatch):
+    monkeypatch.setattr("uamt_fast.data.cases.MAX_H5_ELEMENTS", GOOD_IMAGE.size - 1)
+    path = write_case(tmp_path, "c1", image=GOOD_IMAGE, label=GOOD_LABEL)
+    with pytest.raises(DataError, match=re.escape(f"{path}: dataset 'image' claims shape (4, 5, 6) = 120 elements, "
+                                                  "more than 119; not read")):
+        data.load_case(tmp_path, "c1")
+
+
 def test_truncated_packed_case_raises_naming_the_file(synthetic_root, tmp_path):
     data.pack_dataset(synthetic_root, tmp_path, case_ids=["synth0000"])
     path = tmp_path / data.IMAGES_DIR / "synth0000" / data.PACKED_NAME

@@ -19,7 +19,16 @@ data.load_case(...)``):
 from __future__ import annotations
 
 from uamt_fast.data.augmentation import padding, rot_flip_crop
-from uamt_fast.data.cases import Case, downsample, load_case, load_cases, read_h5_case, read_packed
+from uamt_fast.data.cases import (
+    Case,
+    downsample,
+    h5_shapes,
+    load_case,
+    load_cases,
+    read_h5_arrays,
+    read_h5_case,
+    read_packed,
+)
 from uamt_fast.data.affine import check_affine
 from uamt_fast.data.layout import (
     CASE_SUFFIX,
@@ -60,8 +69,8 @@ __all__ = [
     "RECORD_FORMAT", "RECORD_NAME", "SPLITS",
     "Case", "DataError", "TwoStreamSampler",
     "as_roots", "case_file", "case_of_file", "case_places", "case_spacing", "check_affine", "check_case_id",
-    "downsample", "find_case", "input_folders", "label_names", "load_case", "load_cases", "make_folder", "make_subfolder",
-    "num_classes", "pack_case", "pack_dataset", "padding", "prepared_case_path", "quantize", "read_h5_case",
+    "downsample", "find_case", "h5_shapes", "input_folders", "label_names", "load_case", "load_cases", "make_folder", "make_subfolder",
+    "num_classes", "pack_case", "pack_dataset", "padding", "prepared_case_path", "quantize", "read_h5_arrays", "read_h5_case",
     "read_list", "read_packed", "read_record", "read_splits", "read_unlabeled", "release_case_folder",
     "root_case_files", "rot_flip_crop", "semi_supervised_split", "split_fingerprint", "split_into_parts",
     "write_synthetic_la",

@@ -37,6 +37,7 @@ import numpy as np
 from uamt_fast import files
 from uamt_fast.data import formats
 from uamt_fast.data.acdc_split import LABELED_SLICES, PATIENTS
+from uamt_fast.data.cases import read_h5_arrays
 from uamt_fast.data.layout import DataError
 from uamt_fast.data.presets import PRESETS
 
@@ -274,15 +275,9 @@ def h5_volume_files(folder: Path) -> list[Path]:
 
 def read_h5_volume(path: Path) -> np.ndarray:
     """The image of one SSL4MIS volume file on the grid prepare stores it on (``h5_image``), for predict."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            if not isinstance(f.get("image"), h5py.Dataset) or f["image"].ndim != 3:
-                raise DataError(f"{path}: no 3D 'image' dataset; SSL4MIS's volume files hold image (Z, Y, X)")
-            image = np.asarray(f["image"])
-    except OSError as e:
-        raise DataError(f"{path}: unreadable h5 file ({e})") from None
+    image = read_h5_arrays(path, ("image",))["image"]
+    if image.ndim != 3:
+        raise DataError(f"{path}: image of shape {image.shape}; SSL4MIS's volume files hold image (Z, Y, X)")
     return h5_image(image, path)[0]
 
 
@@ -294,19 +289,8 @@ def is_h5_case(case: formats.SourceCase) -> bool:
 def transform_h5_case(case: formats.SourceCase, role: str, src: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """One case of the h5 form read (its volume file, or its slices stacked), checked, transposed (Z, Y, X) ->
     (X, Y, Z) and min-max'ed, writing nothing: ``(image float32, label uint8, the case's record)``."""
-    import h5py
-
     where = case.images[0] if len(case.images) == 1 else case.images[0].parent / f"{case.id}_slice_*.h5"
-    arrays = []
-    for path in case.images:
-        try:
-            with h5py.File(path, "r") as f:
-                missing = [key for key in ("image", "label") if key not in f]
-                if missing:
-                    raise DataError(f"{path}: no '{missing[0]}' dataset; SSL4MIS's h5 files hold image and label")
-                arrays.append((np.asarray(f["image"]), np.asarray(f["label"])))
-        except OSError as e:
-            raise DataError(f"{path}: unreadable h5 file ({e})") from None
+    arrays = [tuple(read_h5_arrays(path, ("image", "label")).values()) for path in case.images]
     rank = 3 if len(case.images) == 1 else 2
     shapes = {a.shape for pair in arrays for a in pair}
     if len(shapes) != 1 or len(next(iter(shapes))) != rank:

@@ -90,14 +90,51 @@ def read_h5_case(case_id: str, path, labeled: bool = True) -> Case:
 
 
 def _read_h5(path: Path, labeled: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    arrays = read_h5_arrays(path, ("image", "label") if labeled else ("image",))
+    return arrays["image"], arrays.get("label")
+
+
+# An h5 dataset may keep its data outside its file (an external link, a virtual dataset, external raw storage):
+# reading it would read, or block on, whatever file it names. A case file's datasets are plain ones of its own.
+MAX_H5_ELEMENTS = 1 << 30  # a dataset claiming more is refused before its data is read (4 GiB as float32)
+
+
+def _own_dataset(f: h5py.File, name: str, path: Path) -> h5py.Dataset:
+    link = f.get(name, getlink=True)
+    if link is None:
+        raise DataError(f"{path}: no dataset '{name}' (found {sorted(f.keys())})")
+    if not isinstance(link, h5py.HardLink):  # (resolving a soft or external link may open another file)
+        raise DataError(f"{path}: '{name}' is a link ({type(link).__name__}), not a dataset of this file; not read")
+    dataset = f[name]
+    if not isinstance(dataset, h5py.Dataset):
+        raise DataError(f"{path}: '{name}' is a {type(dataset).__name__}, not a dataset")
+    if dataset.is_virtual or dataset.external:
+        raise DataError(f"{path}: dataset '{name}' keeps its data in other files (a virtual dataset or external "
+                        "storage); not read")
+    if dataset.size > MAX_H5_ELEMENTS:
+        raise DataError(f"{path}: dataset '{name}' claims shape {dataset.shape} = {dataset.size:,} elements, more "
+                        f"than {MAX_H5_ELEMENTS:,}; not read")
+    return dataset
+
+
+def h5_shapes(path, names) -> dict[str, tuple]:
+    """The shapes of the datasets ``names`` of an h5 file, from its header (checked as ``read_h5_arrays``)."""
+    return _h5(Path(path), names, lambda d: d.shape)
+
+
+def read_h5_arrays(path, names) -> dict[str, np.ndarray]:
+    """The datasets ``names`` of an h5 file, each read whole; a one-line DataError naming the file and the dataset
+    if one is missing, is not a plain dataset of this file (any link but a hard one, a virtual dataset, external
+    storage) or claims more than ``MAX_H5_ELEMENTS`` elements (before any data is read), or the file is
+    unreadable."""
+    return _h5(Path(path), names, lambda d: d[()])
+
+
+def _h5(path: Path, names, take) -> dict:
     try:
         with h5py.File(path, "r") as f:
-            arrays = []
-            for name in ("image", "label") if labeled else ("image",):
-                if not isinstance(f.get(name), h5py.Dataset):
-                    raise DataError(f"{path}: no dataset '{name}' (found {sorted(f.keys())})")
-                arrays.append(f[name][()])
-            return arrays[0], (arrays[1] if labeled else None)
+            datasets = {name: _own_dataset(f, name, path) for name in names}  # (all checked before any is read)
+            return {name: take(d) for name, d in datasets.items()}
     except OSError as e:  # truncated or corrupt files (h5py raises OSError for both)
         raise DataError(f"{path}: unreadable HDF5 file ({e})") from e
 
@@ -183,4 +220,5 @@ def downsample(case: Case, k: int) -> Case:
     return dataclasses.replace(case, image=image, label=label.numpy())
 
 
-__all__ = ["Case", "downsample", "load_case", "load_cases", "read_h5_case", "read_packed"]
+__all__ = ["MAX_H5_ELEMENTS", "Case", "downsample", "h5_shapes", "load_case", "load_cases", "read_h5_arrays",
+           "read_h5_case", "read_packed"]
