@@ -161,3 +161,16 @@ def test_a_source_folder_given_to_train_says_how_to_prepare_it(runs, form, words
     assert f"--data {source}: {words}, not the training layout; prepare it first: python -m uamt_fast.data " \
            f"prepare {source} OUT --preset acdc" in err and "\n" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_set_prepared_before_the_protocol_was_recorded_still_brings_it(runs, tmp_path):
+    from uamt_fast.training.build import make_config
+
+    copy = tmp_path / "old"
+    shutil.copytree(runs["raw"][0], copy)
+    record = json.loads((copy / data.RECORD_NAME).read_text())
+    record["train"] = {k: record["train"][k] for k in ("patch", "eval_stride_xy", "eval_stride_z", "batch_labeled",
+                                                       "batch_unlabeled")}  # as the first acdc preset wrote it
+    (copy / data.RECORD_NAME).write_text(json.dumps(record))
+    cfg, _ = make_config({"data": [str(copy)], "labeled_patients": 2})
+    assert (cfg.dims, cfg.iterations, cfg.lr_schedule, cfg.consistency_period) == (2, 30000, "poly", 150)

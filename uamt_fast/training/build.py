@@ -148,7 +148,9 @@ def data_settings(roots) -> dict:
     record = data.read_record(roots) if roots else None
     if record is None:
         return {}
-    return dict(record.get("train") or {}) | {"num_classes": record["num_classes"]}
+    protocol = PRESETS[record["preset"]].protocol if record.get("preset") in PRESETS else {}
+    # (the preset's protocol first: a set prepared before it was recorded in "train" still brings it)
+    return protocol | dict(record.get("train") or {}) | {"num_classes": record["num_classes"]}
 
 
 def preset_protocol(roots) -> dict:
