@@ -86,6 +86,7 @@ LONGEST_FILES = ("training/test_end_to_end.py",  # 63 s
                  "training/test_distributed.py",  # 48 s
                  "training/test_run_safety.py",  # 39 s
                  "training/test_hardening.py",  # 28 s
+                 "training/test_acdc_learns.py",  # 25 s
                  "ops/test_uncertainty_loss.py",  # 24 s
                  "bench/test_reproduce.py",  # 21 s
                  "data/test_prepare.py")  # 20 s
