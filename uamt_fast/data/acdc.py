@@ -392,6 +392,6 @@ def synthetic_frame(shape, end_diastole: bool, rng: np.random.Generator) -> tupl
 
 
 __all__ = ["CHANNEL", "CLASSES", "H5_AXES", "PHASES", "SOURCE", "SYNTHETIC_PATIENTS", "frame_file", "h5_image",
-           "h5_volume_files", "is_h5_case", "is_h5_volume", "labeled_cases", "min_max", "phase_frames", "read_h5", "read_h5_volume",
-           "read_raw", "read_source", "split", "split_lists", "synthetic_frame", "transform_h5_case", "volume_ids",
-           "write_synthetic"]
+           "h5_volume_files", "is_h5_case", "is_h5_volume", "labeled_cases", "min_max", "phase_frames", "read_h5",
+           "read_h5_volume", "read_raw", "read_source", "split", "split_lists", "synthetic_frame", "transform_h5_case",
+           "volume_ids", "write_synthetic"]

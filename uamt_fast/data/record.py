@@ -1,10 +1,11 @@
 """The record of a prepared set: the ``dataset.json`` that ``prepare`` writes into every root, read and checked.
 
 It holds the format (``RECORD_FORMAT``), ``num_classes``, ``labels``, the input ``channel``, the ``ignore_label``,
-the training settings (``train``: patch, strides, batch and a benchmark's protocol, ``TRAIN_FIELDS``), the ``plan`` of ``--preset auto`` (``planning``), the
-``source`` folder and per case its geometry (``cases``: spacing, shape, affine, ...). The LA release has none:
-then there are 2 classes at 0.625 mm. Records written before ``plan`` and the batch settings existed read as
-before (both are optional, except ``plan`` for an ``auto`` record).
+the training settings (``train``: patch, strides, batch and a benchmark's protocol, ``TRAIN_FIELDS``), the
+``plan`` of ``--preset auto`` (``planning``), the ``source`` folder and per case its geometry (``cases``:
+spacing, shape, affine, ...). The LA release has none: then there are 2 classes at 0.625 mm. Records written
+before ``plan`` and the batch settings existed read as before (both are optional, except ``plan`` for an
+``auto`` record).
 """
 from __future__ import annotations
 

@@ -382,7 +382,7 @@ def comm_failure_line(world: World, e: BaseException) -> str:
 
 
 __all__ = ["World", "SINGLE", "OtherRankFailed", "RankMismatch", "launched", "env_rank", "setup", "close", "rank_seed",
-           "describe", "lr_factor", "summary_line", "wrap", "SYNC_OF", "SyncGhostBatchNorm", "SyncGhostBatchNorm2d", "SyncGhostBatchNorm3d", "sync_batch_norm_",
-           "local_batch_norm_", "first_nonfinite", "mean_over_ranks", "checksum", "check_same_weights", "rank_state",
-           "gather_rank_states", "check_world_size", "restore_rank", "from_rank0_", "shard", "gather_evaluation", "NoLog",
-           "is_comm_failure", "comm_failure_line"]
+           "describe", "lr_factor", "summary_line", "wrap", "SYNC_OF", "SyncGhostBatchNorm", "SyncGhostBatchNorm2d",
+           "SyncGhostBatchNorm3d", "sync_batch_norm_", "local_batch_norm_", "first_nonfinite", "mean_over_ranks",
+           "checksum", "check_same_weights", "rank_state", "gather_rank_states", "check_world_size", "restore_rank",
+           "from_rank0_", "shard", "gather_evaluation", "NoLog", "is_comm_failure", "comm_failure_line"]
