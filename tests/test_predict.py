@@ -600,13 +600,23 @@ def test_a_folder_of_acdc_patient_folders_gives_every_patients_frames_sorted(tmp
     both = ["patient099_frame01", "patient099_frame04", "patient101_frame01", "patient101_frame06"]
     assert [s.id for s in predict.find_scans([root])] == both  # the download's root: training/ and testing/
     assert [s.id for s in predict.find_scans([root / "testing"])] == both[2:]
-    assert [f.parent.name for s in predict.find_scans([root]) for f in s.files] == ["patient099"] * 2 + ["patient101"] * 2
+    assert [f.parent.name for s in predict.find_scans([root]) for f in s.files] == \
+        ["patient099"] * 2 + ["patient101"] * 2
+
+
+def test_a_flat_folder_of_acdc_files_leaves_out_labels_and_cine_and_says_so(tmp_path, capsys):
+    patient = _acdc_raw(tmp_path) / "training" / "patient099"
+    (patient / "Info.cfg").unlink()  # frames copied out without it: the generic folder reading
+    assert [s.id for s in predict.find_scans([patient])] == ["patient099_frame01", "patient099_frame02",
+                                                             "patient099_frame04"]  # every frame, no _gt, no _4d
+    assert f"INPUT {patient}: left out 3 ACDC label (_gt) and 4D cine (_4d) file(s)" in capsys.readouterr().out
 
 
 def test_an_acdc_frame_that_info_cfg_names_but_the_folder_lacks_is_one_line(tmp_path):
     patient = _acdc_raw(tmp_path) / "training" / "patient099"
     (patient / "patient099_frame04.nii.gz").unlink()
-    with pytest.raises(data.DataError, match=r"patient099_frame04\.nii\.gz: missing \(the ES frame, Info.cfg's ES: 4\)"):
+    with pytest.raises(data.DataError,
+                       match=r"patient099_frame04\.nii\.gz: missing \(the ES frame, Info.cfg's ES: 4\)"):
         predict.find_scans([patient.parent])
 
 

@@ -95,7 +95,8 @@ def make_parser() -> argparse.ArgumentParser:
                 epilog="example: python -m uamt_fast.predict runs/uamt imagesTs --out masks --uncertainty 8")
     p.add_argument("model", metavar="MODEL", help="a train.py run folder (its student.pt) or a checkpoint file")
     p.add_argument("inputs", metavar="INPUT", nargs="+",
-                   help="NIfTI files, folders of them (imagesTs), h5 cases (mri_norm2.h5, a case folder, a data root)")
+                   help="NIfTI files, folders of them (imagesTs), ACDC patient folders (their ED and ES frames) or a "
+                   "folder of them, h5 cases (mri_norm2.h5, a case folder, a data root), SSL4MIS's ACDC h5 volumes")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--data", action="append", metavar="DIR",
                    help="the model's prepared data set (its dataset.json gives the preprocessing); default: the data "
@@ -187,6 +188,11 @@ def find_scans(inputs) -> list[Scan]:
         elif path.is_dir():
             folder = path / "imagesTs" if (path / "dataset.json").is_file() and (path / "imagesTs").is_dir() else path
             files = formats.nifti_files(folder)
+            not_frames = [f for f in files if (m := ACDC_FILE.match(f.name)) and (m["label"] or m["cine"])]
+            if not_frames:  # (ACDC files without their Info.cfg: the labels and the cine are no scans)
+                print(f"INPUT {path}: left out {len(not_frames)} ACDC label (_gt) and 4D cine (_4d) file(s), e.g. "
+                      f"{not_frames[0].name}", flush=True)
+                files = [f for f in files if f not in not_frames]
             if not files:
                 raise PredictError(f"INPUT {path}: no NIfTI images (.nii, .nii.gz) or h5 cases in it")
             scans += _nifti_scans(files, folder)
