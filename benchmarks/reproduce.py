@@ -141,7 +141,8 @@ ACDC_NOTE = ("Literature: UA-MT under SSL4MIS's ACDC protocol (3 and 7 labeled p
               "patients, 40 volumes), as reproduced in the ACDC tables of the CrossMatch README (AiEson/CrossMatch) "
               "and OPMatch's; 95HD and ASD in voxels there. Those numbers come from SSL4MIS's code, whose "
               "uncertainty threshold ramps to ln 2 for 4 classes: the -ln2 rows keep that bound, the others ramp to "
-              "ln 4. Supervised rows: no sourced value (—).")
+              "ln 4; and SSL4MIS's test script scores the checkpoint its trainer kept by val Dice, where ours are "
+              "final checkpoints. Supervised rows: no sourced value (—).")
 
 
 @dataclass(frozen=True)
