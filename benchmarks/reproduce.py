@@ -385,9 +385,24 @@ def mean_std(xs) -> str:
     return f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
 
 
-def markdown_table(out: Path, rows, seeds: int, iterations: int, cpu: bool) -> tuple[str, list[str]]:
+def unlabeled_in(data_roots, row: Row) -> str:
+    """The row's unlabeled count as the data hold it (ACDC: patients; LA: scans), shown beside the benchmark's
+    where they differ (a subset, a CPU pack); the benchmark's alone without data or for a supervised row."""
+    if not data_roots or row.unlabeled == "0":
+        return row.unlabeled
+    from uamt_fast import data
+
+    ids = data.read_list(data_roots, "train") + data.read_unlabeled(data_roots)
+    units = len(dict.fromkeys(i.split("_frame")[0] for i in ids)) if row.family == "acdc" else len(ids)
+    here = max(units - row.labeled, 0)
+    return row.unlabeled if str(here) == row.unlabeled else f"{here} (benchmark: {row.unlabeled})"
+
+
+def markdown_table(out: Path, rows, seeds: int, iterations: int, cpu: bool,
+                   data_roots=None) -> tuple[str, list[str]]:
     """The results.md text, and the problems it reports (one line each; see ``collect``). ``rows`` are of one
-    family (``parse_args``): its published values' column and note, ACDC's distances in mm too."""
+    family (``parse_args``): its published values' column and note, ACDC's distances in mm too; with
+    ``data_roots``, the unlabeled counts of those data (``unlabeled_in``)."""
     family = FAMILIES[ROWS[rows[0]].family] if rows else FAMILIES["la"]
     extra = MM_METRICS if family.millimetres else ()
     header = ["row", "method", "labeled", "unlabeled", "seeds"]
@@ -399,7 +414,8 @@ def markdown_table(out: Path, rows, seeds: int, iterations: int, cpu: bool) -> t
         row, v = ROWS[key], collect(out, key, seeds, extra)
         problems += v["problems"]
         unreadable = f" ({v['unreadable']} unreadable, see below)" if v["unreadable"] else ""
-        cells = [key, row.name, str(row.labeled), row.unlabeled, f"{v['seeds']}/{seeds}{unreadable}"]
+        cells = [key, row.name, str(row.labeled), unlabeled_in(data_roots, row),
+                 f"{v['seeds']}/{seeds}{unreadable}"]
         for i, (metric, _, _) in enumerate(METRICS):
             cells += [mean_std(v[metric]), "—" if row.paper[i] is None else f"{row.paper[i]:.2f}"]
         cells += [mean_std(v[metric]) for metric, _, _ in extra]
@@ -472,7 +488,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results = [] if args.table_only else run_all(args)
-    table, problems = markdown_table(out, args.row_list, args.seeds, args.iterations, args.cpu)
+    table, problems = markdown_table(out, args.row_list, args.seeds, args.iterations, args.cpu, args.data)
     failed = [r for r in results if r["rc"] != 0]
     table += problems_text([f"{r['row']} seed {r['seed']} FAILED (exit {r['rc']}"
                             + (f", GPU {r['gpu']}" if r.get("gpu") else "") + f"); log {r['log']}" for r in failed])
