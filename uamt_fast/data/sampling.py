@@ -54,15 +54,11 @@ class TwoStreamSampler:
         self.patch = tuple(int(p) for p in patch_size)
         if len(self.patch) != 3 or min(self.patch) < 1:
             raise DataError(f"patch_size {tuple(patch_size)}: need 3 positive sizes")
-        if batch_labeled < 1 or batch_unlabeled < 0:
-            raise DataError(f"batch_labeled={batch_labeled} must be >= 1 and batch_unlabeled={batch_unlabeled} >= 0")
+        self._check_streams(labeled, unlabeled, batch_labeled, batch_unlabeled)
         names = {"patch_size": f"patch_size {self.patch}", "batch_labeled": f"batch_labeled={batch_labeled}",
                  **(names or {})}
         if len(labeled) < batch_labeled:
             raise DataError(f"{len(labeled)} labeled cases cannot fill {names['batch_labeled']}")
-        if (batch_unlabeled > 0) != (len(unlabeled) > 0):
-            raise DataError(f"batch_unlabeled={batch_unlabeled} with {len(unlabeled)} unlabeled cases: "
-                            f"give unlabeled cases exactly when batch_unlabeled >= 1")
         cases = list(labeled) + list(unlabeled)
         in_plane = max(max(c.image.shape[:2]) for c in cases)  # rot90 swaps the in-plane axes
         largest = (in_plane, in_plane, max(c.image.shape[2] for c in cases))
@@ -72,15 +68,29 @@ class TwoStreamSampler:
         self.batch_labeled, self.batch_unlabeled = batch_labeled, batch_unlabeled
         self.n_labeled = len(labeled)
         self.batches_per_epoch = len(labeled) // batch_labeled
-        self.device = torch.device(device)
         self.ids = [c.id for c in cases]
-        self.images = [torch.from_numpy(c.image).to(self.device) for c in cases]  # converted once, kept resident
+        self._keep_resident(cases, device)
+        self._start_streams(seed)
+
+    @staticmethod
+    def _check_streams(labeled: list[Case], unlabeled: list[Case], batch_labeled: int, batch_unlabeled: int) -> None:
+        """What both samplers require of their two streams: the batch sizes in range, unlabeled cases exactly when
+        ``batch_unlabeled`` >= 1, and a label for every labeled case."""
+        if batch_labeled < 1 or batch_unlabeled < 0:
+            raise DataError(f"batch_labeled={batch_labeled} must be >= 1 and batch_unlabeled={batch_unlabeled} >= 0")
+        if (batch_unlabeled > 0) != (len(unlabeled) > 0):
+            raise DataError(f"batch_unlabeled={batch_unlabeled} with {len(unlabeled)} unlabeled cases: "
+                            f"give unlabeled cases exactly when batch_unlabeled >= 1")
         unlabeled_only = [c.id for c in labeled if c.label is None]
         if unlabeled_only:
             raise DataError(f"cases {unlabeled_only[:5]} have no label and cannot be labeled cases")
-        # (a case read without its label, from unlabeled.list, gives rows of -1: there is nothing to log)
+
+    def _keep_resident(self, cases: list[Case], device) -> None:
+        """The volumes and labels as tensors on ``device``, converted once (a case read without its label, from
+        unlabeled.list, has None: its rows are -1, there is nothing to log)."""
+        self.device = torch.device(device)
+        self.images = [torch.from_numpy(c.image).to(self.device) for c in cases]
         self.labels = [None if c.label is None else torch.from_numpy(c.label).to(self.device) for c in cases]
-        self._start_streams(seed)
 
     def _start_streams(self, seed: int) -> None:
         self.generator = torch.Generator().manual_seed(seed)
@@ -173,20 +183,11 @@ class SliceSampler(TwoStreamSampler):
         size = tuple(int(p) for p in patch_size)
         if not (len(size) == 2 or (len(size) == 3 and size[2] == 1)) or min(size) < 1:
             raise DataError(f"patch_size {tuple(patch_size)}: need 2 positive sizes (or X, Y, 1)")
-        if batch_labeled < 1 or batch_unlabeled < 0:
-            raise DataError(f"batch_labeled={batch_labeled} must be >= 1 and batch_unlabeled={batch_unlabeled} >= 0")
+        self._check_streams(labeled, unlabeled, batch_labeled, batch_unlabeled)
         names = {"batch_labeled": f"batch_labeled={batch_labeled}", **(names or {})}
-        if (batch_unlabeled > 0) != (len(unlabeled) > 0):
-            raise DataError(f"batch_unlabeled={batch_unlabeled} with {len(unlabeled)} unlabeled cases: "
-                            f"give unlabeled cases exactly when batch_unlabeled >= 1")
-        unlabeled_only = [c.id for c in labeled if c.label is None]
-        if unlabeled_only:
-            raise DataError(f"cases {unlabeled_only[:5]} have no label and cannot be labeled cases")
         cases = list(labeled) + list(unlabeled)
         self.patch = size[:2]
-        self.device = torch.device(device)
-        self.images = [torch.from_numpy(c.image).to(self.device) for c in cases]  # converted once, kept resident
-        self.labels = [None if c.label is None else torch.from_numpy(c.label).to(self.device) for c in cases]
+        self._keep_resident(cases, device)
         self.slices = [(v, z) for v, c in enumerate(cases) for z in range(c.image.shape[-1])]  # (volume, slice)
         self.ids = [f"{cases[v].id}_slice_{z + 1}" for v, z in self.slices]
         self.n_labeled = sum(c.image.shape[-1] for c in labeled)
