@@ -157,8 +157,8 @@ def read_h5(src: Path) -> formats.Source:
         cases.append(formats.SourceCase(case_id, "labeled", paths, paths[0]))  # (image and label in each file)
     source = formats.Source(src, "acdc-h5", [CHANNEL], None, cases)
     stacked = sum(len(c.images) > 1 for c in cases)
-    source.notes.append(f"{src}: SSL4MIS's h5 form; it keeps no voxel size, so the cases get 1 x 1 x 1 (metrics in "
-                        "voxels, as SSL4MIS scores; prepare the raw form for mm)"
+    source.notes.append(f"{src}: SSL4MIS's h5 form; it keeps no voxel size, so the cases record none (metrics in "
+                        "voxels only, as SSL4MIS scores; prepare the raw form for mm)"
                         + (f"; {stacked} volume(s) stacked from data/slices (no data/<id>.h5)" if stacked else ""))
     _note_outside(source, sorted(found - in_split), "volume(s)")
     return source
