@@ -62,7 +62,6 @@ import datetime
 import gzip
 import math
 import os
-import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -82,7 +81,6 @@ from uamt_fast.evaluation.predictions_record import RECORD_FORMAT, RECORD_NAME, 
 
 SPACING_FACTOR = 2.0  # without resampling, an input spacing more than 2x off the training data's is refused
 MAX_VOXELS = 1 << 30  # a header claiming more is refused before its data is read (4 GiB as float32)
-ACDC_FILE = re.compile(r"^(?P<patient>patient\d{3})_(?:frame\d{2}(?P<label>_gt)?|(?P<cine>4d))\.nii(?:\.gz)?$")
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -164,9 +162,8 @@ def find_scans(inputs) -> list[Scan]:
     for text in inputs:
         path = Path(text)
         if path.is_file() and path.name.endswith(formats.NIFTI_ENDINGS):
-            if (acdc_file := ACDC_FILE.match(path.name)) and (acdc_file["label"] or acdc_file["cine"]):
-                raise PredictError(f"INPUT {path}: " + ("a label (ACDC's _gt file)" if acdc_file["label"] else
-                                   "ACDC's 4D cine") + ", not a frame; give a patientXXX_frameYY image or its "
+            if what := acdc.not_a_frame(path):
+                raise PredictError(f"INPUT {path}: {what}, not a frame; give a patientXXX_frameYY image or its "
                                    "patient folder (its ED and ES frames)")
             loose.setdefault(path.parent, []).append(path)
         elif path.is_file() and path.suffix == ".h5":
@@ -188,7 +185,7 @@ def find_scans(inputs) -> list[Scan]:
         elif path.is_dir():
             folder = path / "imagesTs" if (path / "dataset.json").is_file() and (path / "imagesTs").is_dir() else path
             files = formats.nifti_files(folder)
-            not_frames = [f for f in files if (m := ACDC_FILE.match(f.name)) and (m["label"] or m["cine"])]
+            not_frames = [f for f in files if acdc.not_a_frame(f)]
             if not_frames:  # (ACDC files without their Info.cfg: the labels and the cine are no scans)
                 print(f"INPUT {path}: left out {len(not_frames)} ACDC label (_gt) and 4D cine (_4d) file(s), e.g. "
                       f"{not_frames[0].name}", flush=True)
@@ -219,7 +216,7 @@ def _nifti_scans(files: list[Path], folder: Path) -> list[Scan]:
 def _acdc_frames(folder: Path) -> list[Scan]:
     """The ED and ES frame files of an ACDC patient folder, by frame number (``find_scans``)."""
     frames = acdc.phase_frames(folder / "Info.cfg")
-    patients = sorted({m["patient"] for f in formats.nifti_files(folder) if (m := ACDC_FILE.match(f.name))})
+    patients = sorted({m["patient"] for f in formats.nifti_files(folder) if (m := acdc.NIFTI_FILE.match(f.name))})
     if len(patients) != 1:
         raise PredictError(f"INPUT {folder}: an ACDC patient folder (it holds Info.cfg) with " + (
             f"the files of patients {', '.join(patients)}; keep one a folder" if patients else
@@ -420,12 +417,13 @@ def _same_grid(affine: np.ndarray, shape) -> dict:
 def predict_image(model: Model, image: np.ndarray, passes: int | None, autocast) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(averaged softmax (C, X, Y, Z), predictive entropy (X, Y, Z) of ``passes`` MC-dropout passes or None); a 2D
     model's slice by slice (``inference.predict_volume`` dispatches on ``model.slice_size``)."""
-    probs = inference.predict_volume(model.net, image, model.settings(autocast))[1]
+    settings = model.settings(autocast)
+    probs = inference.predict_volume(model.net, image, settings)[1]
     if not passes:
         return probs, None
-    args = (model.patch, model.stride_xy, model.stride_z, model.num_classes, model.batch, autocast, model.downsample)
-    mean = uncertainty.mc_dropout_mean(model.net, image, passes, *args, blend=model.blend,  # blended as the mask
-                                       slice_size=model.slice_size)  # (a 2D model: its passes slice by slice)
+    s = settings  # (the mask's settings: its passes blended, or for a 2D model taken slice by slice, as the mask)
+    mean = uncertainty.mc_dropout_mean(model.net, image, passes, s.patch_size, s.stride_xy, s.stride_z, s.num_classes,
+                                       s.batch_size, s.autocast_dtype, s.downsample, s.blend, s.slice_size)
     return probs, uncertainty.predictive_entropy(mean).clamp_(0.0, math.log(model.num_classes))
 
 

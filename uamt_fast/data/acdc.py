@@ -46,6 +46,8 @@ PHASES = ("ED", "ES")  # case patientXXX_frame01, patientXXX_frame02
 CHANNEL = "MRI"
 VOLUME_FILE = re.compile(r"^patient\d{3}_frame\d{2}\.h5$")
 SLICE_FILE = re.compile(r"^(?P<volume>patient\d{3}_frame\d{2})_slice_(?P<slice>\d+)\.h5$")
+# The raw form's NIfTI files: a frame, its label (_gt) or the 4D cine (_4d)
+NIFTI_FILE = re.compile(r"^(?P<patient>patient\d{3})_(?:frame\d{2}(?P<label>_gt)?|(?P<cine>4d))\.nii(?:\.gz)?$")
 CLASSES = sorted(PRESETS["acdc"].labels.values())
 
 
@@ -130,6 +132,14 @@ def phase_frames(info: Path) -> tuple[int, int]:
     if frames[0] == frames[1]:
         raise DataError(f"{info}: ED and ES are both frame {frames[0]}; expected two frames")
     return frames[0], frames[1]
+
+
+def not_a_frame(path: Path) -> str | None:
+    """What an ACDC NIfTI file that is no frame is (a label, the 4D cine), in words; None for any other file."""
+    match = NIFTI_FILE.match(Path(path).name)
+    if match is None or not (match["label"] or match["cine"]):
+        return None
+    return "a label (ACDC's _gt file)" if match["label"] else "ACDC's 4D cine"
 
 
 def frame_file(folder: Path, stem: str, what: str) -> Path:
@@ -391,7 +401,7 @@ def synthetic_frame(shape, end_diastole: bool, rng: np.random.Generator) -> tupl
     return image, label
 
 
-__all__ = ["CHANNEL", "CLASSES", "H5_AXES", "PHASES", "SOURCE", "SYNTHETIC_PATIENTS", "frame_file", "h5_image",
-           "h5_volume_files", "is_h5_case", "is_h5_volume", "labeled_cases", "min_max", "phase_frames", "read_h5",
-           "read_h5_volume", "read_raw", "read_source", "split", "split_lists", "synthetic_frame", "transform_h5_case",
-           "volume_ids", "write_synthetic"]
+__all__ = ["CHANNEL", "CLASSES", "H5_AXES", "NIFTI_FILE", "PHASES", "SOURCE", "SYNTHETIC_PATIENTS", "frame_file",
+           "h5_image", "h5_volume_files", "is_h5_case", "is_h5_volume", "labeled_cases", "min_max", "not_a_frame",
+           "phase_frames", "read_h5", "read_h5_volume", "read_raw", "read_source", "split", "split_lists",
+           "synthetic_frame", "transform_h5_case", "volume_ids", "write_synthetic"]
