@@ -12,7 +12,7 @@ import torch
 from uamt_fast.data.augmentation import padding, rot_flip_2d, rot_flip_crop, rotate_nearest
 from uamt_fast.data.cases import Case
 from uamt_fast.data.layout import DataError
-from uamt_fast.evaluation.slicewise import zoom_indices  # (the evaluation's resize: SSL4MIS zooms alike in both)
+from uamt_fast.evaluation.slicewise import apply_zoom, zoom_map  # (the evaluation's resize: SSL4MIS's too)
 
 
 def semi_supervised_split(train_ids, labeled: int, name: str | None = None) -> tuple[list[str], list[str]]:
@@ -171,8 +171,8 @@ class SliceSampler(TwoStreamSampler):
     slice goes through RandomGenerator: with p 0.5 rot90 by k ~ U{0..3} then a flip along a ~ U{0, 1}, else a
     rotation by an angle ~ U{-20..19} degrees (np.random.randint(-20, 20)) with nearest-voxel sampling and zeros
     outside, image and label alike (``uamt_fast.data.augmentation``); then both are resized to the patch,
-    nearest voxel (scipy's zoom order 0, SSL4MIS's for the image too: ``slicewise.zoom_indices``, the evaluation's
-    map, kept on the device per slice shape so that a batch never waits for the device). All draws come from one
+    nearest voxel (scipy's zoom order 0, SSL4MIS's for the image too: ``slicewise.zoom_map``, the evaluation's
+    map, kept on the device per slice shape). All draws come from one
     CPU generator.
     ``next()`` -> (images float32 (B, 1, X, Y), labels int64 (B, X, Y)); ``last_case_ids`` names the rows
     ``<case id>_slice_<k>``, k from 1 (SSL4MIS's slice file names).
@@ -214,16 +214,12 @@ class SliceSampler(TwoStreamSampler):
         return planes[0], planes[1] if label is not None else None
 
     def resize(self, plane: torch.Tensor) -> torch.Tensor:
-        """``slicewise.zoom_nearest(plane, patch)``: scipy's order-0 zoom (0 where scipy writes its cval), from
-        index maps made on the host once per slice shape (zoom_nearest's own check for cval entries would wait
-        for the device on every slice)."""
+        """``slicewise.zoom_nearest(plane, patch)``: scipy's order-0 zoom (0 where scipy writes its cval), its
+        ``zoom_map`` made once per slice shape and kept on the device."""
         shape = tuple(plane.shape)
         if shape not in self.zoom_maps:
-            rows, cols = (zoom_indices(n, o) for n, o in zip(shape, self.patch))  # CPU tensors: -1 = cval
-            keep = (rows >= 0)[:, None] & (cols >= 0)[None, :]
-            self.zoom_maps[shape] = tuple(t.to(self.device) for t in (rows.clamp(min=0), cols.clamp(min=0), keep))
-        rows, cols, keep = self.zoom_maps[shape]
-        return torch.where(keep, plane.index_select(0, rows).index_select(1, cols), plane.new_zeros(()))
+            self.zoom_maps[shape] = zoom_map(shape, self.patch, self.device)
+        return apply_zoom(plane, self.zoom_maps[shape])
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self._indices()

@@ -61,19 +61,30 @@ def zoom_indices(size_in: int, size_out: int, device: torch.device | str | None 
     return index.masked_fill_(coordinate > size_in - 1, -1)  # map_coordinate, NI_EXTEND_CONSTANT: cval
 
 
+def zoom_map(shape: Sequence[int], size: Sequence[int],
+             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, cols, keep)`` of scipy's order-0 zoom of an (H, W) = ``shape`` plane to (h, w) = ``size``: the
+    input row and column each output one copies (``zoom_indices``, clamped to the input), and where the output
+    keeps it (False where scipy writes its cval); on ``device``, for ``apply_zoom``."""
+    rows, cols = (zoom_indices(int(n), int(o), device) for n, o in zip(shape, size))
+    keep = (rows >= 0)[:, None] & (cols >= 0)[None, :]
+    return rows.clamp(min=0), cols.clamp(min=0), keep
+
+
+def apply_zoom(x: torch.Tensor, zoom: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+               fill: float = 0.0) -> torch.Tensor:
+    """``x`` (..., H, W) resized by a ``zoom_map``, ``fill`` where scipy writes its cval; no host-device sync."""
+    rows, cols, keep = zoom
+    return torch.where(keep, x.index_select(-2, rows).index_select(-1, cols), x.new_full((), fill))
+
+
 def zoom_nearest(x: torch.Tensor, size: Sequence[int], fill: float = 0.0) -> torch.Tensor:
     """``x`` (..., H, W) resized to (..., h, w) = ``size`` as ``scipy.ndimage.zoom(x2d, (h / H, w / W), order=0)``
     resizes each (H, W) plane (the module docstring), ``fill`` where scipy writes its cval 0; same dtype and
     device as ``x``. A size equal to the input's returns the values unchanged (scipy's zoom factor 1)."""
     if x.dim() < 2:
         raise ValueError(f"zoom_nearest: expected a tensor (..., H, W), got shape {tuple(x.shape)}")
-    h, w = (int(s) for s in size)
-    rows, cols = zoom_indices(x.shape[-2], h, x.device), zoom_indices(x.shape[-1], w, x.device)
-    out = x.index_select(-2, rows.clamp(min=0)).index_select(-1, cols.clamp(min=0))
-    if (rows < 0).any() or (cols < 0).any():
-        out[..., rows < 0, :] = fill
-        out[..., :, cols < 0] = fill
-    return out
+    return apply_zoom(x, zoom_map(x.shape[-2:], size, x.device), fill)
 
 
 @torch.no_grad()  # not inference_mode: callers may still update the returned probs in place
@@ -129,4 +140,5 @@ def slicewise_predict(model: nn.Module, image: np.ndarray | torch.Tensor, slice_
     return labels, probs
 
 
-__all__ = ["SLICE_SIZE", "autocast_context", "model_device", "slicewise_predict", "zoom_indices", "zoom_nearest"]
+__all__ = ["SLICE_SIZE", "apply_zoom", "autocast_context", "model_device", "slicewise_predict", "zoom_indices",
+           "zoom_map", "zoom_nearest"]
