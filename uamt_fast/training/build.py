@@ -57,13 +57,13 @@ def make_config(given: dict) -> tuple[Config, dict | None]:
                              f"of a run (allowed: {', '.join(sorted(RESUME_OVERRIDABLE))})")
         return Config(**(saved | given | {"out": given["resume"], "resume": given["resume"]})), state
     demo = DEMO if given.get("demo") else {}
-    brought = data_settings(given.get("data"))
+    record = data.read_record(given["data"]) if given.get("data") else None
+    brought = data_settings(record)
     if "labeled" in given and "labeled_patients" not in given:  # --labeled N replaces a preset's patient count
         brought.pop("labeled_patients", None)
-    preset = (data.read_record(given["data"]) or {}).get("preset") if given.get("data") else None
     origins = ({name: "the default" for name in CONFIG_FIELDS} | {name: "the --demo size" for name in demo}
                | {name: f"the data set's {data.RECORD_NAME}" for name in brought}
-               | {name: f"the {preset} preset's protocol" for name in preset_protocol(given.get("data"))
+               | {name: f"the {record['preset']} preset's protocol" for name in preset_protocol(record)
                   if name in brought})
     cfg = Config(**(demo | brought | given), origins={k: v for k, v in origins.items() if k not in given})
     if cfg.data and not cfg.eval:  # (--eval takes the checkpoint's own)
@@ -141,21 +141,20 @@ def load_split(cfg: Config, split: str):
     return [data.downsample(c, cfg.downsample) for c in data.load_cases(cfg.data, ids)]
 
 
-def data_settings(roots) -> dict:
-    """The settings a prepared data set brings: its class count and its record's ``train`` (the preset's or the
+def data_settings(record: dict | None) -> dict:
+    """The settings a prepared data set's record brings: its class count and its ``train`` (the preset's or the
     auto plan's patch, sliding-window strides and batch; a benchmark preset's protocol too, as acdc's SSL4MIS
-    settings: ``uamt_fast.data.presets``); flags given on the command line win. None for the LA release."""
-    record = data.read_record(roots) if roots else None
+    settings: ``uamt_fast.data.presets``); flags given on the command line win. None for the LA release (no
+    record)."""
     if record is None:
         return {}
-    protocol = PRESETS[record["preset"]].protocol if record.get("preset") in PRESETS else {}
     # (the preset's protocol first: a set prepared before it was recorded in "train" still brings it)
-    return protocol | dict(record.get("train") or {}) | {"num_classes": record["num_classes"]}
+    return preset_protocol(record) | dict(record.get("train") or {}) | {"num_classes": record["num_classes"]}
 
 
-def preset_protocol(roots) -> dict:
-    """The protocol fields of the data's preset (``Preset.protocol``, e.g. acdc's dims, iterations, ...)."""
-    preset = (data.read_record(roots) or {}).get("preset") if roots else None
+def preset_protocol(record: dict | None) -> dict:
+    """The protocol fields of the record's preset (``Preset.protocol``, e.g. acdc's dims, iterations, ...)."""
+    preset = (record or {}).get("preset")
     return PRESETS[preset].protocol if preset in PRESETS else {}
 
 

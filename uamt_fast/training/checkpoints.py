@@ -91,8 +91,8 @@ def load_weights(model: torch.nn.Module, weights, path, flag: str = "checkpoint"
     expected = model.state_dict()
     missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
     if missing or unexpected:
-        raise CheckpointError(f"{flag} {path}: '{what}' does not fit this {type(model).__name__}: {len(missing)} missing tensors "
-                              f"{missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}")
+        raise CheckpointError(f"{flag} {path}: '{what}' does not fit this {type(model).__name__}: {len(missing)} "
+                              f"missing tensors {missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}")
     for k, v in expected.items():
         if weights[k].shape != v.shape:
             raise CheckpointError(f"{flag} {path}: '{what}' tensor {k} has shape {tuple(weights[k].shape)}, "
@@ -216,6 +216,5 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:200]
 
 
-__all__ = ["CheckpointError", "read", "config_of", "load_weights", "first_nonfinite", "load_vnet", "network_class", "network_of",
-           "TRAINING_KEYS",
-           "training_state", "restore_training", "restore_streams", "check_same_data"]
+__all__ = ["CheckpointError", "read", "config_of", "load_weights", "first_nonfinite", "load_vnet", "network_class",
+           "network_of", "TRAINING_KEYS", "training_state", "restore_training", "restore_streams", "check_same_data"]
