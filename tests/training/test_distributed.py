@@ -319,7 +319,7 @@ def test_reproduce_spreads_the_runs_over_the_devices_each_child_seeing_one(tmp_p
 
     from benchmarks import reproduce
 
-    seen, lock, running, peak = [], threading.Lock(), {}, {}
+    seen, lock, running, peak = [], threading.Condition(), {}, {}
 
     def fake_child(command, stdout, stderr, env, cwd):  # a train.py child: records its env, one of them fails
         gpu = env["CUDA_VISIBLE_DEVICES"]
@@ -327,7 +327,11 @@ def test_reproduce_spreads_the_runs_over_the_devices_each_child_seeing_one(tmp_p
             running[gpu] = running.get(gpu, 0) + 1
             peak[gpu] = max(peak.get(gpu, 0), running[gpu])
             seen.append((gpu, command[command.index("--seed") + 1]))
-        time.sleep(0.3)
+            lock.notify_all()
+            # The first 4 children (2 devices x --parallel 2) stay until all 4 run, so the peak does not depend
+            # on how fast a loaded machine starts threads (a fixed sleep did); a runner that let fewer run at once
+            # leaves them waiting the 10 s out, and the peaks below fail.
+            lock.wait_for(lambda: len(seen) > 4 or sum(running.values()) == 4, timeout=10)
         with lock:
             running[gpu] -= 1
         return 1 if command[command.index("--seed") + 1] == str(reproduce.SEED0 + 2) and "bayes-8" in str(command) \
