@@ -279,8 +279,8 @@ def training_curves(runs: dict, path) -> Path:
     logs = {name: read_metrics(p) for name, p in runs.items()}
     validated = any("val_dice" in r for rows in logs.values() for r in rows)
     curves = [c for c in CURVES if c[1] != ("val_dice",) or validated]
-    rows = -(-len(curves) // 3)
-    fig, axes = plt.subplots(rows, 3, figsize=(3 * 3.6, rows * 2.8), dpi=DPI)
+    grid_rows = -(-len(curves) // 3)
+    fig, axes = plt.subplots(grid_rows, 3, figsize=(3 * 3.6, grid_rows * 2.8), dpi=DPI)
     for ax in axes.flat[len(curves):]:
         ax.axis("off")
     for ax, (title, keys, log) in zip(axes.flat, curves):

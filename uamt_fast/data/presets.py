@@ -32,7 +32,7 @@ class Preset:
     drop: tuple[int, ...] = ()  # case numbers never used
     orientation: str | None = "RAS"  # the stored axes (MONAI Orientationd axcodes); None: the file's own axes
     protocol: dict = field(default_factory=dict)  # the benchmark's training settings beyond patch, strides and
-    # batch (train.py Config fields: PROTOCOL_FIELDS), recorded with them in dataset.json's "train"
+    # batch (train.py Config fields, each checked by record.TRAIN_FIELDS), recorded with them in dataset.json's "train"
 
 
 # MC-Net's NIH Pancreas-CT split (ycwu1997/MC-Net MC-Net/data/Pancreas/train.list @39a5086, in its order: the

@@ -230,7 +230,8 @@ def sync_batch_norm_(model: nn.Module) -> nn.Module:
     """Every ghost batch norm of ``model`` takes its statistics over all ranks (class swap: same parameters,
     buffers and state-dict keys)."""
     for m in model.modules():
-        m.__class__ = SYNC_OF.get(type(m), type(m))
+        if type(m) in SYNC_OF:
+            m.__class__ = SYNC_OF[type(m)]
     return model
 
 
@@ -238,7 +239,8 @@ def local_batch_norm_(model: nn.Module) -> nn.Module:
     """Undo ``sync_batch_norm_`` (before an evaluation or figures that run on one rank only)."""
     local = {sync: ghost for ghost, sync in SYNC_OF.items()}
     for m in model.modules():
-        m.__class__ = local.get(type(m), type(m))
+        if type(m) in local:
+            m.__class__ = local[type(m)]
     return model
 
 
